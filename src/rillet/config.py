@@ -1,0 +1,63 @@
+"""Engine and server configuration: frozen dataclasses, validated once.
+
+This is the only module that reads the environment (``RILLET_*`` variables), so nothing
+changes behaviour at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rillet.errors import ModelLoadError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load the model and run the engine.
+
+    ``model=None`` serves the bundled SmolLM2-135M-Instruct. The KV cache is sized from
+    ``kv_cache_memory_bytes`` unless ``num_kv_blocks`` pins it (tests use that to force
+    preemption). ``max_num_batched_tokens`` is the per-step token budget that bounds how
+    long one step (and so every stream's inter-token gap) can take while prompts prefill.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    seed: int | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"{name} must be positive")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ModelLoadError("max_model_len must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ModelLoadError("num_kv_blocks must be positive")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> EngineConfig:
+        """Defaults, then ``RILLET_MODEL`` / ``RILLET_DTYPE`` / ``RILLET_DEVICE``, then overrides."""
+        values: dict[str, object] = {}
+        for field_name, var in (
+            ("model", "RILLET_MODEL"),
+            ("dtype", "RILLET_DTYPE"),
+            ("device", "RILLET_DEVICE"),
+        ):
+            if os.environ.get(var):
+                values[field_name] = os.environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,119 @@
+"""One exception family, one table.
+
+Every error a client can trigger is a :class:`RilletError` subclass that knows its
+``error_type`` (the stable string TGI's clients dispatch on), its HTTP status and its
+gRPC status code. Front doors never invent statuses of their own: they look them up here,
+and the Python client mirrors the same table in ``rillet.client.errors``.
+
+This module imports nothing from rillet, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+
+class RilletError(Exception):
+    """Base of every error rillet raises on purpose.
+
+    ``error_type``, ``http_status`` and ``grpc_code`` are class-level facts; ``message``
+    is what the client sees.
+    """
+
+    error_type: str = "generation"
+    http_status: int = 500
+    grpc_code: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_tgi(self) -> dict[str, str]:
+        """TGI's error body: ``{"error": ..., "error_type": ...}``."""
+        return {"error": self.message, "error_type": self.error_type}
+
+
+class ValidationError(RilletError):
+    """The request is malformed or asks for something the server cannot do (TGI 422)."""
+
+    error_type = "validation"
+    http_status = 422
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class OverloadedError(RilletError):
+    """Too many requests in flight; refused at once, never queued (TGI 429)."""
+
+    error_type = "overloaded"
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str = "Model is overloaded") -> None:
+        super().__init__(message)
+
+
+class GenerationError(RilletError):
+    """The engine failed while producing tokens for this request (TGI 424)."""
+
+    error_type = "generation"
+    http_status = 424
+    grpc_code = "INTERNAL"
+
+
+class IncompleteGenerationError(RilletError):
+    """The stream ended without a final answer, e.g. on shutdown (TGI 500)."""
+
+    error_type = "incomplete_generation"
+    http_status = 500
+    grpc_code = "UNAVAILABLE"
+
+
+class AuthenticationError(RilletError):
+    """Missing or wrong API key (401)."""
+
+    error_type = "authentication"
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class NotFoundError(RilletError):
+    """Unknown route or model name (404)."""
+
+    error_type = "not_found"
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class PayloadTooLargeError(RilletError):
+    """Request body over the size limit (413)."""
+
+    error_type = "validation"
+    http_status = 413
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ModelLoadError(RilletError):
+    """A model could not be loaded: missing path, broken file, unsupported architecture.
+
+    Raised at start-up (or when a test builds an engine), never in answer to a request.
+    """
+
+    error_type = "model_load"
+    http_status = 500
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class EngineDeadError(GenerationError):
+    """The engine thread died; every open stream receives this and new requests get it too."""
+
+
+#: error_type -> HTTP status, for code that only has the string (the client, logs, metrics).
+HTTP_STATUS_BY_ERROR_TYPE: dict[str, int] = {
+    cls.error_type: cls.http_status
+    for cls in (
+        ValidationError,
+        OverloadedError,
+        GenerationError,
+        IncompleteGenerationError,
+        AuthenticationError,
+        NotFoundError,
+    )
+}

@@ -1,0 +1,117 @@
+"""Attention over a paged KV cache, for a flat batch of mixed decodes and prefill chunks.
+
+Layout of one step's batch (built by the model runner): the first ``num_decode_tokens``
+rows are decodes, one token per sequence; then each prefill chunk's rows, contiguous.
+Each layer's cache is a pair of tensors ``[num_slots, num_kv_heads, head_dim]`` where
+slot = block_id * block_size + offset, so a block table maps to slot ids by arithmetic.
+
+Decodes run as one batched SDPA over gathered, padded contexts: the GQA group is folded
+into the query-length axis (``[D, kv_heads, group, head_dim]``) so no K/V head is copied
+``group`` times. Prefill chunks run one SDPA each; a chunk with no cached prefix uses its
+own fresh K/V with a causal mask and never touches the cache for reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens (a whole prompt, a chunk of it, or a recompute).
+
+    ``context_slot_ids`` lists the cache slots of the whole context up to the end of this
+    chunk; it is None when the chunk starts at position 0, which allows plain causal
+    attention over the chunk's own K/V. ``mask`` is the boolean [query_len, context_len]
+    "may attend" matrix for the cached case.
+    """
+
+    query_start: int
+    query_len: int
+    context_slot_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, built once and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    num_decode_tokens: int = 0
+    decode_slot_ids: torch.Tensor | None = None  # [D, max_context] cache slots, padded
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_context] bool, True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def allocate_kv_caches(
+    num_layers: int,
+    num_slots: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[KVCache]:
+    """One (key, value) pair of zeroed cache tensors per layer."""
+    shape = (num_slots, num_kv_heads, head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(num_layers)
+    ]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. Shapes: q [T, H, d], k/v [T, Hkv, d].
+
+    Returns [T, H, d].
+    """
+    key_cache, value_cache = cache
+    key_cache.index_copy_(0, meta.slot_mapping, k)
+    value_cache.index_copy_(0, meta.slot_mapping, v)
+
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        assert meta.decode_slot_ids is not None and meta.decode_mask is not None
+        q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
+        k_ctx = key_cache[meta.decode_slot_ids].transpose(1, 2)  # [D, Hkv, L, d]
+        v_ctx = value_cache[meta.decode_slot_ids].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, scale=scale
+        )
+        out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        q_c = q[rows].transpose(0, 1)  # [H, Lq, d]
+        if chunk.context_slot_ids is None:
+            k_c, v_c = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=group > 1
+            )
+        else:
+            k_c = key_cache[chunk.context_slot_ids].transpose(0, 1)  # [Hkv, L, d]
+            v_c = value_cache[chunk.context_slot_ids].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q_c, k_c, v_c, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
+            )
+        out[rows] = o.transpose(0, 1)
+    return out
