@@ -1,0 +1,122 @@
+"""Build an EngineCore from an EngineConfig: load files, size the KV cache, wire the parts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from rillet.config import EngineConfig
+from rillet.engine.core import EngineCore
+from rillet.engine.model_runner import ModelRunner
+from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.errors import ModelLoadError
+from rillet.models.config import ModelConfig
+from rillet.models.llama import LlamaForCausalLM
+from rillet.models.loader import load_model_files
+from rillet.tokenizer import Tokenizer
+
+log = logging.getLogger("rillet.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Served context when the model allows more; keeps RoPE tables and prompts bounded.
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class EngineParts:
+    core: EngineCore
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    model_name: str
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # fp32 on CPU keeps greedy output identical to the reference implementation;
+        # bf16 on accelerators.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[name]
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def build_engine(config: EngineConfig) -> EngineParts:
+    """Load the model named by ``config`` and return a ready EngineCore with its tokenizer."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    files = load_model_files(config.model)
+    cfg = files.config
+    max_model_len = min(
+        config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings
+    )
+    if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
+        log.warning(
+            "max_model_len %d exceeds the model's %d positions; using %d",
+            config.max_model_len,
+            cfg.max_position_embeddings,
+            max_model_len,
+        )
+    num_blocks = config.num_kv_blocks or max(
+        1, config.kv_cache_memory_bytes // (kv_bytes_per_token(cfg, dtype) * config.block_size)
+    )
+    if num_blocks * config.block_size < max_model_len:
+        raise ModelLoadError(
+            f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+            f"sequence of max_model_len={max_model_len}; raise the KV budget or lower it"
+        )
+
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg, dtype=dtype)
+    model.load_weights(files.weights())
+    model.eval()
+
+    eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+        ),
+        eos_token_ids=eos_ids,
+    )
+    runner = ModelRunner(
+        model, num_blocks, config.block_size, device, eos_token_ids=eos_ids, seed=config.seed
+    )
+    log.info(
+        "loaded %s: %d layers, %s on %s, %d KV blocks of %d tokens, context %d",
+        files.name,
+        cfg.num_layers,
+        str(dtype).removeprefix("torch."),
+        device,
+        num_blocks,
+        config.block_size,
+        max_model_len,
+    )
+    return EngineParts(
+        core=EngineCore(runner, scheduler, max_model_len),
+        tokenizer=files.tokenizer,
+        model_config=cfg,
+        model_name=files.name,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        device=device,
+    )

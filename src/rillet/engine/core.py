@@ -1,0 +1,107 @@
+"""EngineCore: the synchronous heart. ``step()`` = schedule -> run -> update -> deltas.
+
+Token ids only: no text, no JSON, no asyncio. The async engine owns the thread this runs
+on and is the only caller, so nothing here needs a lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rillet.engine.model_runner import ModelRunner, StepResult
+from rillet.engine.request import Request
+from rillet.engine.scheduler import Scheduler
+from rillet.errors import ValidationError
+from rillet.protocol import EngineRequest, FinishReason, TokenDelta
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters since start (tests and /metrics read them)."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class EngineCore:
+    """Continuous batching over one model. Requests join and leave at every step."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+        self.counters = EngineCounters()
+
+    def add_request(self, request: EngineRequest) -> None:
+        num_prompt = len(request.prompt_token_ids)
+        room = self.max_model_len - num_prompt
+        if num_prompt == 0 or room <= 0:
+            raise ValidationError(
+                f"`inputs` must have less than {self.max_model_len} tokens. Given: {num_prompt}"
+            )
+        wanted = request.params.max_new_tokens
+        self.scheduler.add_request(
+            Request(
+                request_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                params=request.params,
+                arrival_time=request.arrival_time,
+                max_new_tokens=room if wanted is None else min(wanted, room),
+            )
+        )
+
+    def abort_request(self, request_id: str) -> None:
+        """Free everything the request holds, now. Unknown or finished ids are ignored."""
+        self.scheduler.abort_request(request_id)
+        self.runner.release(request_id)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> None:
+        """End a request the front half decided is done (a stop string matched)."""
+        self.scheduler.finish_request(request_id, reason)
+        self.runner.release(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[TokenDelta]:
+        """Run one engine step and return a delta for every request it advanced or finished."""
+        scheduled = self.scheduler.schedule()
+        self.counters.num_preemptions += len(scheduled.preempted)
+        if scheduled.is_empty:
+            return []
+        result = self.runner.execute(scheduled)
+        updated = self.scheduler.update_from_output(scheduled, result.sampled)
+        self._count(scheduled.scheduled, result)
+        return [self._delta(request, result) for request in updated]
+
+    def _count(self, scheduled: list, result: StepResult) -> None:  # type: ignore[type-arg]
+        c = self.counters
+        c.num_steps += 1
+        for s in scheduled:
+            c.num_computed_tokens += s.num_new_tokens
+            prompt_end = s.request.num_prompt_tokens
+            c.num_prompt_tokens_computed += max(
+                0, min(s.start_position + s.num_new_tokens, prompt_end) - s.start_position
+            )
+        c.num_generated_tokens += len(result.sampled)
+
+    def _delta(self, request: Request, result: StepResult) -> TokenDelta:
+        rid = request.request_id
+        delta = TokenDelta(
+            request_id=rid,
+            new_token_ids=[result.sampled[rid]] if rid in result.sampled else [],
+            finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+        if rid in result.logprobs:
+            delta.logprobs = [result.logprobs[rid]]
+        if rid in result.top_logprobs:
+            delta.top_logprobs = [result.top_logprobs[rid]]
+        if rid in result.prompt_logprobs:
+            delta.prompt_logprobs = result.prompt_logprobs[rid]
+        if request.finish_reason is not None:
+            self.runner.release(rid)
+        return delta

@@ -1,0 +1,212 @@
+"""Turn one scheduled step into tensors, run the model, sample. The only owner of torch state.
+
+Batch layout, matching ``models.attention``: decode rows first (one token each), then each
+multi-token chunk's rows. Rows that end a request's known tokens sample a token; for the
+rest (partial prefill chunks) only the KV cache is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rillet.engine.request import Request
+from rillet.engine.sampler import Sampler, SamplingRow
+from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.models.attention import (
+    AttentionMetadata,
+    KVCache,
+    PrefillChunk,
+    allocate_kv_caches,
+)
+from rillet.models.llama import LlamaForCausalLM
+from rillet.protocol import TopLogprob
+
+
+@dataclass
+class StepResult:
+    """What the model produced this step, keyed by request id (only requests that sampled)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, float] = field(default_factory=dict)
+    top_logprobs: dict[str, list[TopLogprob]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Holds the model, its paged KV cache and the sampler; ``execute`` runs one step."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        eos_token_ids: frozenset[int] = frozenset(),
+        seed: int | None = None,
+    ) -> None:
+        cfg = model.config
+        self.eos_token_ids = tuple(sorted(eos_token_ids))
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.kv_caches: list[KVCache] = allocate_kv_caches(
+            cfg.num_layers,
+            num_blocks * block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            model.dtype,
+            device,
+        )
+        self.sampler = Sampler(device=device, seed=seed)
+        self._generators: dict[str, torch.Generator | None] = {}
+        # Prompt logits are kept per request until its prompt is fully computed, so
+        # prompt logprobs work across chunked prefill.
+        self._prompt_logprob_parts: dict[str, list[float | None]] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (generator, partial prompt logprobs)."""
+        self._generators.pop(request_id, None)
+        self._prompt_logprob_parts.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        # Single-token rows (decodes) go first: attention batches them in one call.
+        scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, slots = self._flat_inputs(scheduled)
+        meta = self._attention_metadata(scheduled, slots)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        result = StepResult()
+        row_ends = _row_ends(scheduled)
+        self._collect_prompt_logprobs(scheduled, hidden, row_ends, result)
+        samplers = [i for i, s in enumerate(scheduled) if s.samples]
+        if not samplers:
+            return result
+        rows_index = torch.tensor([row_ends[i] - 1 for i in samplers], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows_index))
+        rows = [self._sampling_row(scheduled[i].request) for i in samplers]
+        out = self.sampler(logits, rows)
+        for j, i in enumerate(samplers):
+            rid = scheduled[i].request.request_id
+            result.sampled[rid] = out.token_ids[j]
+            if out.logprobs is not None:
+                result.logprobs[rid] = out.logprobs[j]
+            if out.top_logprobs is not None and out.top_logprobs[j]:
+                result.top_logprobs[rid] = out.top_logprobs[j]
+        return result
+
+    def _flat_inputs(
+        self, scheduled: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        bs = self.block_size
+        for s in scheduled:
+            req, start, end = s.request, s.start_position, s.start_position + s.num_new_tokens
+            ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+        dev = self.device
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(slots, dtype=torch.long, device=dev),
+        )
+
+    def _context_slots(self, requests: list[Request], context_lens: list[int]) -> torch.Tensor:
+        """[N, max(context_lens)] cache slots of each request's first context_lens tokens."""
+        bs = self.block_size
+        max_len = max(context_lens)
+        num_blocks = (max_len + bs - 1) // bs
+        table = torch.tensor(
+            [r.block_ids[:num_blocks] + [0] * (num_blocks - len(r.block_ids)) for r in requests],
+            dtype=torch.long,
+            device=self.device,
+        )
+        offsets = torch.arange(bs, device=self.device)
+        return (table.unsqueeze(-1) * bs + offsets).view(len(requests), -1)[:, :max_len]
+
+    def _attention_metadata(
+        self, scheduled: list[ScheduledRequest], slots: torch.Tensor
+    ) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=slots)
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        if decodes:
+            lens = [s.start_position + 1 for s in decodes]
+            meta.num_decode_tokens = len(decodes)
+            meta.decode_slot_ids = self._context_slots([s.request for s in decodes], lens)
+            width = meta.decode_slot_ids.shape[1]
+            lens_t = torch.tensor(lens, device=self.device)
+            mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+            meta.decode_mask = mask.view(len(decodes), 1, 1, width)
+        row = len(decodes)
+        for s in scheduled[len(decodes) :]:
+            chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)
+            if s.start_position > 0:
+                context_len = s.start_position + s.num_new_tokens
+                chunk.context_slot_ids = self._context_slots([s.request], [context_len])[0]
+                q_pos = torch.arange(s.start_position, context_len, device=self.device)
+                k_pos = torch.arange(context_len, device=self.device)
+                chunk.mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+            meta.prefills.append(chunk)
+            row += s.num_new_tokens
+        return meta
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        rid = req.request_id
+        if rid not in self._generators:
+            self._generators[rid] = Sampler.make_generator(req.params.seed, self.device)
+        suppress: tuple[int, ...] = ()
+        if req.num_output_tokens < req.params.min_tokens:
+            # min_tokens forbids every token that would end the request early.
+            suppress = (*self.eos_token_ids, *req.params.stop_token_ids)
+        return SamplingRow(
+            params=req.params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            generator=self._generators[rid],
+            suppress_token_ids=suppress,
+        )
+
+    def _collect_prompt_logprobs(
+        self,
+        scheduled: list[ScheduledRequest],
+        hidden: torch.Tensor,
+        row_ends: list[int],
+        result: StepResult,
+    ) -> None:
+        """Logprob of each prompt token given the ones before it, gathered chunk by chunk."""
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if not req.params.prompt_logprobs or s.start_position >= req.num_prompt_tokens:
+                continue
+            rid = req.request_id
+            parts = self._prompt_logprob_parts.setdefault(rid, [None])
+            num_prompt = req.num_prompt_tokens
+            end = min(s.start_position + s.num_new_tokens, num_prompt)
+            # The row at position p predicts prompt token p + 1.
+            first_row = row_ends[i] - s.num_new_tokens
+            positions = range(s.start_position, min(end, num_prompt - 1))
+            if len(positions) > 0:
+                rows = torch.arange(len(positions), device=self.device) + first_row
+                targets = torch.tensor(
+                    req.prompt_token_ids[positions.start + 1 : positions.stop + 1],
+                    device=self.device,
+                )
+                logits = self.model.compute_logits(hidden.index_select(0, rows))
+                logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1))
+                parts.extend(logprobs.squeeze(1).tolist())
+            if end == num_prompt:
+                result.prompt_logprobs[rid] = self._prompt_logprob_parts.pop(rid)
+
+
+def _row_ends(scheduled: list[ScheduledRequest]) -> list[int]:
+    ends, total = [], 0
+    for s in scheduled:
+        total += s.num_new_tokens
+        ends.append(total)
+    return ends
