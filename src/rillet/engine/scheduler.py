@@ -1,0 +1,298 @@
+"""Continuous batching over a per-step token budget (tokens, not phases).
+
+Each request has ``num_computed_tokens`` and ``num_tokens``; every step gives it
+``min(num_tokens - num_computed_tokens, remaining budget)`` tokens. A whole prompt, a chunk
+of a long prompt, a recompute after preemption and a single decode token are all that one
+rule, so chunked prefill and prefix caching need no special phase.
+
+Order within a step: running requests first (decodes before multi-token chunks, so a long
+prompt never stalls the streams already flowing), then waiting requests FCFS while the
+budget, ``max_num_seqs`` and the KV blocks allow. When blocks run out for a running request,
+the most recently arrived unscheduled running request is preempted by recompute: its blocks
+are freed and it goes back to the front of the queue with its tokens intact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.request import Request, RequestStatus
+from rillet.errors import ValidationError
+from rillet.protocol import FinishReason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits and KV-cache shape. Raises ValueError when inconsistent."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_blocks: int = 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.block_size <= 0 or self.num_blocks <= 0:
+            raise ValueError("block_size and num_blocks must be positive")
+        # Otherwise the newest decodes could be starved of budget by older ones every step.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        # One request of max_model_len must fit on its own, or preemption could loop forever.
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"KV cache holds {self.num_blocks * self.block_size} tokens, "
+                f"less than max_model_len={self.max_model_len}"
+            )
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: positions ``start_position`` .. ``+ num_new_tokens``."""
+
+    request: Request
+    num_new_tokens: int
+    start_position: int
+    # Fixed at schedule time: after update_from_output appends the sampled token, the
+    # request's num_tokens moves on, but this chunk still was the sampling one.
+    _samples: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._samples = self.start_position + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the last known token, so a token is sampled."""
+        return self._samples
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs. ``scheduled`` is in batch order: single-token decodes first.
+
+    ``finished_request_ids`` lists requests that ended since the previous step (aborts,
+    stop strings, stop conditions) so the model runner can drop per-request state.
+    """
+
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides which tokens of which requests run each step; tracks when requests finish."""
+
+    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()):
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting: deque[Request] = deque()
+        #: Sorted by arrival (the order of add_request), so the last entry is the first
+        #: candidate for preemption even after preempted requests come back.
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}
+        self._arrival_rank: dict[str, int] = {}
+        self._next_rank = itertools.count()
+        self._finished_ids: list[str] = []
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def request_ids(self) -> list[str]:
+        """Ids of every unfinished request, running and waiting."""
+        return list(self._requests)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (FCFS). The engine validates lengths first; this re-checks."""
+        if request.request_id in self._requests:
+            raise ValidationError(f"request id {request.request_id!r} is already in use")
+        if not 0 < request.num_tokens <= self.config.max_model_len:
+            raise ValidationError(
+                f"prompt must have between 1 and {self.config.max_model_len} tokens"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._arrival_rank[request.request_id] = next(self._next_rank)
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finish a waiting or running request with ABORT; frees its blocks at once."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        self.finish_request(request_id, FinishReason.ABORT)
+        return request
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> None:
+        """End a request from outside the step (abort, stop string found by the front end)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Free and forget a request that is already out of the running/waiting queues."""
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.block_manager.free(request)
+        del self._requests[request.request_id]
+        del self._arrival_rank[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first, then admissions unless preempting."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        done: set[str] = set()
+        bm = self.block_manager
+
+        # Decodes (one token left) before chunks; arrival order within each group.
+        for request in sorted(self.running, key=_is_chunk):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, num_new, done, preempted):
+                continue
+            bm.allocate(request, num_new, [])
+            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            done.add(request.request_id)
+            budget -= num_new
+
+        # Admitting while preempting would just shuffle blocks between requests.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed_ids, num_hit = bm.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if not bm.can_allocate(request, num_new, computed_ids):
+                break
+            bm.allocate(request, num_new, computed_ids)
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: self._arrival_rank[r.request_id])
+            scheduled.append(ScheduledRequest(request, num_new, num_hit))
+            budget -= num_new
+
+        scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # stable: decodes first
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, preempted, finished)
+
+    def _make_room(
+        self, request: Request, num_new: int, done: set[str], preempted: list[Request]
+    ) -> bool:
+        """Preempt until ``request`` fits; False when ``request`` itself had to go.
+
+        Victims are the most recently arrived running requests not yet scheduled this
+        step (already scheduled ones hold blocks the batch needs), ending with ``request``.
+        """
+        while not self.block_manager.can_allocate(request, num_new, []):
+            victim = next(r for r in reversed(self.running) if r.request_id not in done)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance every scheduled request; append sampled tokens; finish stopped requests.
+
+        ``sampled`` maps request id -> token id for every scheduled request whose chunk
+        ``samples``. Returns the requests that got a token this step, in scheduled order
+        (finished ones have ``finish_reason`` set and are already freed).
+        """
+        updated: list[Request] = []
+        stopped: list[tuple[Request, FinishReason]] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished from outside between schedule() and now
+            request.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(request)
+            if not item.samples:
+                continue
+            token_id = sampled[request.request_id]
+            request.append_token(token_id)
+            reason = self._check_stop(request, token_id)
+            if reason is not None:
+                stopped.append((request, reason))
+            updated.append(request)
+        if stopped:
+            finished = {id(r) for r, _ in stopped}
+            self.running = [r for r in self.running if id(r) not in finished]
+            for request, reason in stopped:
+                self._finish(request, reason)
+        return updated
+
+    def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
+        params = request.params
+        if request.num_output_tokens >= request.max_new_tokens:
+            return FinishReason.LENGTH
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.EOS_TOKEN
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP_SEQUENCE
+        if request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+
+def _is_chunk(request: Request) -> bool:
+    """Sort key putting decodes (exactly one token to compute) before multi-token chunks."""
+    return request.num_tokens - request.num_computed_tokens > 1
