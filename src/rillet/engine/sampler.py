@@ -1,0 +1,325 @@
+"""Logits -> token ids for a whole batch, in tensor ops.
+
+One call per engine step, one row per request that samples this step. The pipeline is
+penalties (repetition, frequency, presence) -> suppression -> greedy argmax, and for sampled
+rows temperature -> top-k -> top-p -> typical-p -> min-p -> draw. Each stage runs only when
+some row needs it, so the common all-greedy / all-default step is an argmax.
+
+Reported logprobs are those of the model's *raw* distribution (log-softmax of the logits
+before penalties, temperature and filters), as vLLM's default ``raw_logprobs`` and close to
+what TGI reports: they say what the model believed, independent of how we then chose.
+
+Seeded rows are batch invariant: every sampled row draws its own V exponential variates from
+its own generator (``argmax(p / q)`` with ``q ~ Exp(1)`` samples from ``p``), so a request's
+draws never depend on its neighbours. Unseeded rows share the sampler's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rillet.protocol import TopLogprob
+from rillet.sampling import SamplingParams
+
+#: Temperatures below this sample as greedy: dividing by them would overflow float32, and the
+#: distribution is argmax in all but name (vLLM draws the same line).
+MIN_TEMPERATURE = 1e-5
+_NEG_INF = float("-inf")
+#: Prompt logprobs are computed in chunks of rows so a long prompt never needs a full float32
+#: [P, V] copy at once.
+_PROMPT_CHUNK = 256
+#: How many of the best tokens top-p looks at before falling back to a full sort.
+_TOP_P_CANDIDATES = 256
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one request for this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    #: Per-request generator seeded from ``params.seed``; None -> the sampler's shared one.
+    generator: torch.Generator | None = None
+    #: Ids forbidden this step (EOS / stop ids while fewer than ``min_tokens`` were produced).
+    suppress_token_ids: frozenset[int] | tuple[int, ...] = ()
+
+
+@dataclass
+class SamplerOutput:
+    """One step's choices, in row order."""
+
+    token_ids: list[int]
+    #: Raw-distribution logprob of each sampled token; None when no row asked for logprobs.
+    logprobs: list[float] | None = None
+    #: Per row, its ``top_logprobs`` most likely tokens (descending); [] for rows that did
+    #: not ask; None when no row asked.
+    top_logprobs: list[list[TopLogprob]] | None = None
+
+
+def _is_sampled(params: SamplingParams) -> bool:
+    return params.temperature >= MIN_TEMPERATURE
+
+
+def _unique_ids(
+    rows: Sequence[int], id_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct (row, token id) pairs with their counts; ids outside [0, V) are dropped.
+
+    Penalties touch only these entries, so their cost follows the number of ids, not B x V.
+    """
+    lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.long, device=device)
+    row_idx = torch.tensor(rows, dtype=torch.long, device=device).repeat_interleave(lengths)
+    tok_idx = torch.tensor([t for ids in id_lists for t in ids], dtype=torch.long, device=device)
+    # Stop ids come from clients; a bad one must not crash the step, so it is ignored.
+    valid = (tok_idx >= 0) & (tok_idx < vocab_size)
+    keys, counts = torch.unique(row_idx[valid] * vocab_size + tok_idx[valid], return_counts=True)
+    return keys // vocab_size, keys % vocab_size, counts
+
+
+def _row_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def penalized_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """A float32 copy of ``logits`` [B, V] with penalties and suppression applied."""
+    x = logits.to(torch.float32, copy=True)
+    vocab, dev = x.shape[1], x.device
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        # HF semantics: every id seen in prompt or output, once, regardless of count.
+        ids = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep]
+        r_idx, t_idx, _ = _unique_ids(rep, ids, vocab, dev)
+        penalty = _row_tensor([r.params.repetition_penalty for r in rows], dev).squeeze(1)[r_idx]
+        seen = x[r_idx, t_idx]
+        x[r_idx, t_idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    additive = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
+    ]
+    if additive:
+        # OpenAI semantics: over generated ids only, by count (frequency) and once (presence).
+        ids = [rows[i].output_token_ids for i in additive]
+        r_idx, t_idx, counts = _unique_ids(additive, ids, vocab, dev)
+        freq = _row_tensor([r.params.frequency_penalty for r in rows], dev).squeeze(1)[r_idx]
+        presence = _row_tensor([r.params.presence_penalty for r in rows], dev).squeeze(1)[r_idx]
+        x[r_idx, t_idx] -= freq * counts.to(torch.float32) + presence
+    supp = [i for i, r in enumerate(rows) if r.suppress_token_ids]
+    if supp:
+        ids = [list(rows[i].suppress_token_ids) for i in supp]
+        r_idx, t_idx, _ = _unique_ids(supp, ids, vocab, dev)
+        kept = x[r_idx, t_idx]
+        x[r_idx, t_idx] = _NEG_INF
+        # Suppressing every finite token would leave nothing to sample: give such a row its
+        # logits back rather than produce NaNs (it cannot happen with EOS-only suppression).
+        supp_idx = torch.tensor(supp, dtype=torch.long, device=dev)
+        empty = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+        empty[supp_idx] = torch.isneginf(x.index_select(0, supp_idx).amax(dim=1))
+        restore = empty[r_idx]
+        if bool(restore.any()):
+            x[r_idx[restore], t_idx[restore]] = kept[restore]
+    return x
+
+
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p, typical-p and min-p, on float32 ``logits`` [N, V].
+
+    Returns a new tensor where removed tokens are -inf. Every filter keeps at least one
+    finite token: top-k, top-p and min-p always keep the most likely one, typical-p keeps its
+    most typical one (HF's TypicalLogitsWarper semantics, which may drop the argmax).
+    """
+    vocab = logits.shape[1]
+    dev = logits.device
+    fmax = torch.finfo(torch.float32).max
+    # Clamp so a huge temperature gives ~0 (uniform over finite tokens), never -inf/inf = NaN.
+    temps = _row_tensor([p.temperature for p in params], dev).clamp_(MIN_TEMPERATURE, fmax)
+    x = logits / temps
+
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        k_max = max(ks)
+        top_vals = x.topk(k_max, dim=1).values
+        k_t = torch.tensor(ks, dtype=torch.long, device=dev).unsqueeze(1)
+        threshold = top_vals.gather(1, (k_t - 1).clamp_(min=0))
+        threshold.masked_fill_(k_t == 0, _NEG_INF)
+        # `<` keeps ties with the k-th value, as HF's TopKLogitsWarper does.
+        x = x.masked_fill(x < threshold, _NEG_INF)
+
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        idx = torch.tensor(nucleus, dtype=torch.long, device=dev)
+        top_p = _row_tensor([params[i].top_p for i in nucleus], dev)
+        rows = x.index_select(0, idx)
+        x[idx] = rows.masked_fill(rows < _top_p_bound(rows, top_p), _NEG_INF)
+
+    typical = [i for i, p in enumerate(params) if p.typical_p < 1.0]
+    if typical:
+        idx = torch.tensor(typical, dtype=torch.long, device=dev)
+        mass = _row_tensor([params[i].typical_p for i in typical], dev)
+        x[idx] = _typical_filter(x[idx], mass)
+
+    if any(p.min_p > 0.0 for p in params):
+        # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p): no softmax needed, and
+        # min_p = 0 gives a -inf bound that keeps everything.
+        log_min_p = _row_tensor([p.min_p for p in params], dev).log()
+        bound = x.amax(dim=1, keepdim=True) + log_min_p
+        x = x.masked_fill(x < bound, _NEG_INF)
+    return x
+
+
+def _top_p_bound(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest logit of the nucleus: the most likely tokens whose mass before
+    them is < top_p (so the one that crosses top_p is kept, as in HF's TopPLogitsWarper).
+
+    A full sort of V logits is slow on CPU (~3 ms a row at V=49k), and the nucleus is
+    usually short, so look at the best ``_TOP_P_CANDIDATES`` first and sort fully only the
+    rows whose candidates do not reach top_p.
+    """
+    log_z = x.logsumexp(dim=1, keepdim=True)
+    width = min(_TOP_P_CANDIDATES, x.shape[1])
+    best = x.topk(width, dim=1).values  # sorted, descending
+    bound, covered = _prefix_bound(best, log_z, top_p)
+    if not bool(covered.all()):
+        rest = (~covered).nonzero().squeeze(1)
+        full = x.index_select(0, rest).sort(dim=1, descending=True).values
+        bound[rest] = _prefix_bound(full, log_z[rest], top_p[rest])[0]
+    return bound
+
+
+def _prefix_bound(
+    sorted_x: torch.Tensor, log_z: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nucleus bound, whether the prefix's mass reaches top_p) for descending ``sorted_x``."""
+    probs = (sorted_x - log_z).exp()
+    cum = probs.cumsum(dim=1)
+    mass_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # exact and non-decreasing
+    # The first token is always kept, so rounding with a tiny top_p cannot empty a row.
+    size = (mass_before < top_p).sum(dim=1, keepdim=True).clamp_(min=1)
+    return sorted_x.gather(1, size - 1), cum[:, -1:].squeeze(1) >= top_p.squeeze(1)
+
+
+def _typical_filter(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.): keep the tokens whose surprisal is closest
+    to the entropy, up to ``mass`` of probability."""
+    logp = x.log_softmax(dim=1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1, keepdim=True)
+    distance = (-logp - entropy).abs()  # -inf tokens get +inf: they sort last
+    sorted_d, order = distance.sort(dim=1)
+    cum = p.gather(1, order).cumsum(dim=1)
+    last = (cum < mass).sum(dim=1, keepdim=True).clamp_(max=x.shape[1] - 1)
+    return x.masked_fill(distance > sorted_d.gather(1, last), _NEG_INF)
+
+
+class Sampler:
+    """Chooses the next token of every row; stateless apart from the shared generator."""
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    @staticmethod
+    def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+        """A generator for one request's draws, or None (use the shared one) without a seed."""
+        if seed is None:
+            return None
+        return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Pick one token per row of ``logits`` [B, V] (any float dtype)."""
+        params = [r.params for r in rows]
+        want_lp = any(p.logprobs or p.top_logprobs > 0 for p in params)
+        out = SamplerOutput(token_ids=[])
+        if want_lp:
+            log_z = torch.logsumexp(logits.float(), dim=1)
+            out.top_logprobs = self._top_logprobs(logits, log_z, params)
+
+        x = penalized_logits(logits, rows)
+        token_ids = x.argmax(dim=1)  # greedy rows: exactly argmax, ties to the lowest id
+        sampled = [i for i, p in enumerate(params) if _is_sampled(p)]
+        if sampled:
+            idx = torch.tensor(sampled, dtype=torch.long, device=x.device)
+            filtered = filter_logits(x[idx], [params[i] for i in sampled])
+            token_ids[idx] = self._draw(filtered, [rows[i].generator for i in sampled])
+
+        out.token_ids = token_ids.tolist()
+        if want_lp:
+            chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1).float()
+            out.logprobs = (chosen - log_z).tolist()
+        return out
+
+    def _draw(
+        self, filtered: torch.Tensor, generators: Sequence[torch.Generator | None]
+    ) -> torch.Tensor:
+        probs = filtered.softmax(dim=1)
+        uniform = torch.empty_like(probs)
+        shared = []
+        for j, g in enumerate(generators):
+            if g is None:
+                shared.append(j)
+            else:
+                # Exactly V draws per step from the row's own generator: batch invariant.
+                uniform[j].uniform_(generator=g)
+        if shared:
+            idx = torch.tensor(shared, dtype=torch.long, device=probs.device)
+            fresh = torch.empty((len(shared), probs.shape[1]), device=probs.device)
+            uniform[idx] = fresh.uniform_(generator=self.generator)
+        # -log(U) ~ Exp(1), and argmax(p / Exp(1)) samples from p (the exponential race).
+        # uniform_ is ~7x cheaper than exponential_ on CPU. U == 0 gives +inf: p / inf = 0,
+        # that token simply cannot win.
+        race = uniform.log_().neg_()
+        return (probs / race).argmax(dim=1)
+
+    @staticmethod
+    def _top_logprobs(
+        logits: torch.Tensor, log_z: torch.Tensor, params: Sequence[SamplingParams]
+    ) -> list[list[TopLogprob]]:
+        result: list[list[TopLogprob]] = [[] for _ in params]
+        asking = [i for i, p in enumerate(params) if p.top_logprobs > 0]
+        if not asking:
+            return result
+        n_max = min(max(params[i].top_logprobs for i in asking), logits.shape[1])
+        idx = torch.tensor(asking, dtype=torch.long, device=logits.device)
+        values, ids = logits[idx].float().topk(n_max, dim=1)
+        values -= log_z[idx].unsqueeze(1)
+        for j, i in enumerate(asking):
+            n = params[i].top_logprobs
+            pairs = zip(ids[j, :n].tolist(), values[j, :n].tolist(), strict=True)
+            result[i] = [TopLogprob(token_id=t, logprob=lp) for t, lp in pairs]
+        return result
+
+    def prompt_logprobs_for(self, logits: torch.Tensor, target_ids: Sequence[int]) -> list[float]:
+        """Logprob of ``target_ids[i]`` under the raw distribution of ``logits[i]`` ([N, V])."""
+        if logits.shape[0] < len(target_ids):
+            raise ValueError(f"{len(target_ids)} targets but only {logits.shape[0]} logit rows")
+        result: list[float] = []
+        for start in range(0, len(target_ids), _PROMPT_CHUNK):
+            chunk = logits[start : start + _PROMPT_CHUNK].float()
+            targets = torch.tensor(
+                target_ids[start : start + _PROMPT_CHUNK], dtype=torch.long, device=logits.device
+            )
+            rows = chunk[: targets.shape[0]]
+            chosen = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
+            result.extend((chosen - torch.logsumexp(rows, dim=1)).tolist())
+        return result
+
+    def prompt_logprobs(
+        self, logits: torch.Tensor, prompt_token_ids: list[int]
+    ) -> list[float | None]:
+        """Per prompt token, its logprob given the tokens before it; ``None`` for the first.
+
+        ``logits`` [P, V] (or [P - 1, V]) holds the model's output at each prompt position:
+        row ``i`` predicts token ``i + 1``, so the last row (if present) is unused.
+        """
+        if not prompt_token_ids:
+            return []
+        tail = self.prompt_logprobs_for(logits, prompt_token_ids[1:])
+        return [None, *tail]
