@@ -210,8 +210,7 @@ def test_default_filters_keep_a_negligible_tail() -> None:
     assert torch.isfinite(filtered[1]).sum() == 1
 
 
-def test_top_p_beyond_the_candidate_window_matches_reference() -> None:
-    # A flat row over a large vocabulary has a nucleus wider than the top-256 shortcut.
+def test_wide_nucleus_over_a_larger_vocabulary_matches_reference() -> None:
     logits = _logits(3, seed=13, vocab=1000)
     logits[0] *= 0.1
     params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.9), SamplingParams(top_p=0.999)]
@@ -290,7 +289,7 @@ def test_logprobs_are_raw_and_top_logprobs_sorted() -> None:
     assert out.logprobs is not None and out.top_logprobs is not None
     for i, t in enumerate(out.token_ids):
         assert out.logprobs[i] == pytest.approx(raw[i, t].item(), abs=1e-5)
-    assert out.top_logprobs[1] == []
+    assert out.top_logprobs[1] == []  # did not ask, while others did
     for i, n in [(0, 3), (2, 20), (3, 1)]:
         top = out.top_logprobs[i]
         assert len(top) == n
@@ -301,6 +300,9 @@ def test_logprobs_are_raw_and_top_logprobs_sorted() -> None:
         for t in top:
             assert t.logprob == pytest.approx(raw[i, t.token_id].item(), abs=1e-5)
     assert out.top_logprobs[0][0].token_id == out.token_ids[0]
+
+    only = Sampler(seed=0)(logits[:1], [_row(SamplingParams(temperature=0.0, logprobs=True))])
+    assert only.top_logprobs is None and only.logprobs == pytest.approx([raw[0].max().item()])
 
 
 def test_prompt_logprobs() -> None:
@@ -351,3 +353,15 @@ def test_sampling_frequencies_match_the_distribution(seed: int | None) -> None:
     # 4 degrees of freedom: P(chi2 > 25) ~ 5e-5, and the seeds make this deterministic anyway.
     assert chi2 < 25.0
     assert set(counts) == set(range(5))
+
+
+def test_runs_under_inference_mode_on_half_precision_logits() -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.8, typical_p=0.9, min_p=0.01, seed=4)
+    logits = _logits(3, seed=14).to(torch.bfloat16)
+    rows = [_row(params, [1, 2], [3]), _row(SamplingParams(temperature=0.0)), _row(params)]
+    with torch.inference_mode():
+        out = Sampler(seed=0)(logits, rows)
+    assert out.token_ids[1] == int(logits[1].argmax())
+    kept = _ref_kept(logits[2].float().tolist(), params)
+    assert out.token_ids[2] in kept
+    assert out.logprobs is None and out.top_logprobs is None

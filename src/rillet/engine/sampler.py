@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rillet.protocol import TopLogprob
@@ -31,8 +32,6 @@ _NEG_INF = float("-inf")
 #: Prompt logprobs are computed in chunks of rows so a long prompt never needs a full float32
 #: [P, V] copy at once.
 _PROMPT_CHUNK = 256
-#: How many of the best tokens top-p looks at before falling back to a full sort.
-_TOP_P_CANDIDATES = 256
 
 
 @dataclass
@@ -171,35 +170,30 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return x
 
 
+def _sorted_desc(x: torch.Tensor) -> torch.Tensor:
+    """Each row's values, descending. On CPU numpy's SIMD sort of values alone is ~25x faster
+    than ``torch.sort`` (2.5 ms vs 60+ ms for 16 x 49k), and we never need the indices."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-x.numpy(), axis=1))
+    return x.sort(dim=1, descending=True).values
+
+
+def _argsort(x: torch.Tensor) -> torch.Tensor:
+    """Ascending argsort of each row (numpy on CPU: ~8x faster than ``torch.sort``)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.argsort(x.numpy(), axis=1))
+    return x.argsort(dim=1)
+
+
 def _top_p_bound(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per row, the smallest logit of the nucleus: the most likely tokens whose mass before
-    them is < top_p (so the one that crosses top_p is kept, as in HF's TopPLogitsWarper).
-
-    A full sort of V logits is slow on CPU (~3 ms a row at V=49k), and the nucleus is
-    usually short, so look at the best ``_TOP_P_CANDIDATES`` first and sort fully only the
-    rows whose candidates do not reach top_p.
-    """
-    log_z = x.logsumexp(dim=1, keepdim=True)
-    width = min(_TOP_P_CANDIDATES, x.shape[1])
-    best = x.topk(width, dim=1).values  # sorted, descending
-    bound, covered = _prefix_bound(best, log_z, top_p)
-    if not bool(covered.all()):
-        rest = (~covered).nonzero().squeeze(1)
-        full = x.index_select(0, rest).sort(dim=1, descending=True).values
-        bound[rest] = _prefix_bound(full, log_z[rest], top_p[rest])[0]
-    return bound
-
-
-def _prefix_bound(
-    sorted_x: torch.Tensor, log_z: torch.Tensor, top_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nucleus bound, whether the prefix's mass reaches top_p) for descending ``sorted_x``."""
-    probs = (sorted_x - log_z).exp()
-    cum = probs.cumsum(dim=1)
+    them is < top_p (so the one that crosses top_p is kept, as in HF's TopPLogitsWarper)."""
+    sorted_x = _sorted_desc(x)
+    cum = (sorted_x - x.logsumexp(dim=1, keepdim=True)).exp_().cumsum_(dim=1)
     mass_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # exact and non-decreasing
     # The first token is always kept, so rounding with a tiny top_p cannot empty a row.
     size = (mass_before < top_p).sum(dim=1, keepdim=True).clamp_(min=1)
-    return sorted_x.gather(1, size - 1), cum[:, -1:].squeeze(1) >= top_p.squeeze(1)
+    return sorted_x.gather(1, size - 1)
 
 
 def _typical_filter(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -209,10 +203,10 @@ def _typical_filter(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1, keepdim=True)
     distance = (-logp - entropy).abs()  # -inf tokens get +inf: they sort last
-    sorted_d, order = distance.sort(dim=1)
+    order = _argsort(distance)
     cum = p.gather(1, order).cumsum(dim=1)
     last = (cum < mass).sum(dim=1, keepdim=True).clamp_(max=x.shape[1] - 1)
-    return x.masked_fill(distance > sorted_d.gather(1, last), _NEG_INF)
+    return x.masked_fill(distance > distance.gather(1, order.gather(1, last)), _NEG_INF)
 
 
 class Sampler:
@@ -240,15 +234,20 @@ class Sampler:
         out = SamplerOutput(token_ids=[])
         if want_lp:
             log_z = torch.logsumexp(logits.float(), dim=1)
-            out.top_logprobs = self._top_logprobs(logits, log_z, params)
+            if any(p.top_logprobs > 0 for p in params):
+                out.top_logprobs = self._top_logprobs(logits, log_z, params)
 
         x = penalized_logits(logits, rows)
-        token_ids = x.argmax(dim=1)  # greedy rows: exactly argmax, ties to the lowest id
         sampled = [i for i, p in enumerate(params) if _is_sampled(p)]
-        if sampled:
+        generators = [rows[i].generator for i in sampled]
+        if len(sampled) == len(rows) > 0:  # the whole batch samples: no gather / scatter
+            token_ids = self._draw(filter_logits(x, params), generators)
+        else:
+            token_ids = x.argmax(dim=1)  # greedy: exactly argmax, ties to the lowest id
+        if 0 < len(sampled) < len(rows):
             idx = torch.tensor(sampled, dtype=torch.long, device=x.device)
             filtered = filter_logits(x[idx], [params[i] for i in sampled])
-            token_ids[idx] = self._draw(filtered, [rows[i].generator for i in sampled])
+            token_ids[idx] = self._draw(filtered, generators)
 
         out.token_ids = token_ids.tolist()
         if want_lp:
@@ -261,17 +260,16 @@ class Sampler:
     ) -> torch.Tensor:
         probs = filtered.softmax(dim=1)
         uniform = torch.empty_like(probs)
-        shared = []
+        shared = [j for j, g in enumerate(generators) if g is None]
+        if len(shared) == len(generators):
+            uniform.uniform_(generator=self.generator)
+        elif shared:
+            idx = torch.tensor(shared, dtype=torch.long, device=probs.device)
+            uniform[idx] = uniform[idx].uniform_(generator=self.generator)
         for j, g in enumerate(generators):
-            if g is None:
-                shared.append(j)
-            else:
+            if g is not None:
                 # Exactly V draws per step from the row's own generator: batch invariant.
                 uniform[j].uniform_(generator=g)
-        if shared:
-            idx = torch.tensor(shared, dtype=torch.long, device=probs.device)
-            fresh = torch.empty((len(shared), probs.shape[1]), device=probs.device)
-            uniform[idx] = fresh.uniform_(generator=self.generator)
         # -log(U) ~ Exp(1), and argmax(p / Exp(1)) samples from p (the exponential race).
         # uniform_ is ~7x cheaper than exponential_ on CPU. U == 0 gives +inf: p / inf = 0,
         # that token simply cannot win.
@@ -284,8 +282,6 @@ class Sampler:
     ) -> list[list[TopLogprob]]:
         result: list[list[TopLogprob]] = [[] for _ in params]
         asking = [i for i, p in enumerate(params) if p.top_logprobs > 0]
-        if not asking:
-            return result
         n_max = min(max(params[i].top_logprobs for i in asking), logits.shape[1])
         idx = torch.tensor(asking, dtype=torch.long, device=logits.device)
         values, ids = logits[idx].float().topk(n_max, dim=1)
