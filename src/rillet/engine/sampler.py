@@ -9,9 +9,9 @@ Reported logprobs are those of the model's *raw* distribution (log-softmax of th
 before penalties, temperature and filters), as vLLM's default ``raw_logprobs`` and close to
 what TGI reports: they say what the model believed, independent of how we then chose.
 
-Seeded rows are batch invariant: every sampled row draws its own V exponential variates from
-its own generator (``argmax(p / q)`` with ``q ~ Exp(1)`` samples from ``p``), so a request's
-draws never depend on its neighbours. Unseeded rows share the sampler's generator.
+Seeded rows are batch invariant: every sampled row draws its own V uniforms per step from
+its own generator (``argmax(p / q)`` with ``q = -log U ~ Exp(1)`` samples from ``p``), so a
+request's draws never depend on its neighbours. Unseeded rows share the sampler's generator.
 """
 
 from __future__ import annotations
