@@ -1,0 +1,213 @@
+"""Read a GGUF file as HF-named tensors and a :class:`ModelConfig`.
+
+Three things differ from an HF checkpoint, and each is undone here:
+- names: ``blk.3.attn_q.weight`` is ``model.layers.3.self_attn.q_proj.weight``;
+- storage: tensors may be quantized (Q4_1, Q8_0, K-quants...); ``gguf.quants.dequantize``
+  turns them into float32, while F16/BF16/F32 keep their dtype;
+- layout: llama.cpp's converter permutes the rows of Llama's q/k projections (its rotary
+  implementation pairs adjacent dimensions, HF pairs the two halves), so they are permuted back.
+Shapes need no transposition: GGUF lists dimensions fastest-first (``ne``), and the reader
+already exposes the data in C order, i.e. HF's ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from rillet.errors import ModelLoadError
+from rillet.models.config import ModelConfig
+
+#: GGUF ``general.architecture`` -> does llama.cpp permute its q/k rows?
+GGUF_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False}
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+#: Tensors we knowingly skip: Llama-3.1 ``rope_freqs`` (per-dimension rope factors). rillet takes
+#: rope scaling from metadata only, so such files run with unscaled rope at long context.
+IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
+
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """Open (memory-map) a GGUF file; a corrupt or truncated file is a ModelLoadError."""
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader fails with ValueError, IndexError, struct errors...
+        raise ModelLoadError(
+            f"cannot read GGUF file {path}: {exc} (truncated or corrupt?)"
+        ) from exc
+
+
+def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every metadata key as a plain Python value (str, int, float, bool or list)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception as exc:
+            raise ModelLoadError(f"GGUF metadata field {key!r} is unreadable: {exc}") from exc
+    return meta
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The HF parameter name of GGUF tensor ``name``, or None if it has no HF counterpart."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    match = _BLOCK_NAME.fullmatch(name)
+    if match is None or match.group(2) not in _BLOCK:
+        return None
+    layer, part, suffix = match.groups()
+    return f"model.layers.{layer}.{_BLOCK[part]}.{suffix}"
+
+
+def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -> ModelConfig:
+    """The ModelConfig a GGUF file describes; unsupported or incomplete files raise."""
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported architecture {arch!r} in GGUF file: rillet serves "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+
+    def need(key: str) -> Any:
+        value = meta.get(f"{arch}.{key}")
+        if value is None:
+            raise ModelLoadError(f"GGUF file lacks metadata key '{arch}.{key}'")
+        return value
+
+    shapes = {t.name: [int(d) for d in t.shape] for t in tensors}
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+    if not isinstance(kv_heads, int):
+        raise ModelLoadError("GGUF per-layer attention.head_count_kv is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    # The embedding may be padded past the token list; the model's size is the embedding's.
+    vocab = shapes.get("token_embd.weight", [0, len(tokens)])[-1]
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type") in ("linear", "yarn"):
+        scaling = {
+            "rope_type": meta[f"{arch}.rope.scaling.type"],
+            "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0)),
+        }
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=str(arch),
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim or hidden // heads),
+        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias="blk.0.attn_q.bias" in shapes,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+    )
+
+
+def check_tensor_names(tensors: Sequence[ReaderTensor]) -> None:
+    """Refuse a file with tensors we would otherwise drop silently (another architecture's)."""
+    unknown = [
+        t.name for t in tensors if t.name not in IGNORED_TENSORS and gguf_to_hf_name(t.name) is None
+    ]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ModelLoadError(f"GGUF file has tensors rillet cannot place: {shown}")
+
+
+def generation_defaults_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling defaults recorded in ``general.sampling.*``, under generation_config names."""
+    return {name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta}
+
+
+def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor in HF's shape: float32, or the file's float dtype."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    data = tensor.data
+    try:
+        if qtype == GGMLQuantizationType.F32:
+            out = torch.from_numpy(np.array(data, dtype=np.float32))
+        elif qtype == GGMLQuantizationType.F16:
+            out = torch.from_numpy(np.array(data, dtype=np.float16))
+        elif qtype == GGMLQuantizationType.BF16:
+            # Keep bf16 as bf16: reinterpret the raw bytes rather than widen through float32.
+            out = torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)))
+        return out.reshape(shape)
+    except NotImplementedError as exc:
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} uses {qtype.name}, which rillet cannot dequantize"
+        ) from exc
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"tensor {tensor.name!r} ({qtype.name}) is malformed: {exc}") from exc
+
+
+def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's ``permute``: per head, rows (pair, half) -> (half, pair)."""
+    rows = weight.shape[0]
+    if rows % (2 * num_heads):
+        raise ModelLoadError(
+            f"q/k projection with {rows} rows does not split into {num_heads} heads"
+        )
+    per_head = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return per_head.transpose(1, 2).reshape(weight.shape)
+
+
+def iter_gguf_weights(
+    reader: GGUFReader, config: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` one tensor at a time, so only one is dequantized at once."""
+    permuted = GGUF_ARCHITECTURES[config.architecture]
+    for tensor in reader.tensors:
+        name = gguf_to_hf_name(tensor.name)
+        if name is None:
+            continue
+        weight = dequantize_tensor(tensor)
+        if permuted and ".self_attn.q_proj." in name:
+            weight = unpermute_rope_rows(weight, config.num_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            weight = unpermute_rope_rows(weight, config.num_kv_heads)
+        yield name, weight

