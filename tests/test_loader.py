@@ -182,7 +182,11 @@ def to_gguf_name(hf_name: str) -> str:
 
 
 def write_gguf(
-    path: Path, state: dict[str, torch.Tensor], arch: str = "llama", tied: bool = False
+    path: Path,
+    state: dict[str, torch.Tensor],
+    arch: str = "llama",
+    tied: bool = False,
+    temperature: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``state`` as llama.cpp would; returns the float values stored per GGUF name."""
     writer = gguf.GGUFWriter(path, arch)
@@ -201,6 +205,8 @@ def write_gguf(
     writer.add_token_types(TOKEN_TYPES)
     writer.add_token_merges([])
     writer.add_eos_token_id(257)
+    if temperature is not None:
+        writer.add_float32("general.sampling.temp", temperature)
     stored: dict[str, np.ndarray] = {}
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
@@ -234,8 +240,9 @@ def transformers_gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_llama_gguf(tmp_path: Path, tied: bool) -> None:
     state = tiny_state_dict()
-    write_gguf(tmp_path / "tiny.gguf", state, tied=tied)
+    write_gguf(tmp_path / "tiny.gguf", state, tied=tied, temperature=0.5)
     loaded = load_model_files(str(tmp_path / "tiny.gguf"))
+    assert loaded.generation_defaults == {"temperature": 0.5}
     cfg = loaded.config
     assert cfg.architecture == "llama" and cfg.tie_word_embeddings == tied
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (LAYERS, HIDDEN, 128)

@@ -2,34 +2,22 @@
 
 :class:`Tokenizer` wraps a ``tokenizers.Tokenizer`` (the Rust fast tokenizer HF ships as
 ``tokenizer.json``) and adds what a server needs around it: BOS/EOS ids, which ids are special,
-and chat-template rendering in a sandboxed jinja2 environment configured like transformers'.
-It is built from an HF folder or from GGUF metadata (see :mod:`rillet.tokenizer_gguf`).
+and the model's chat template (rendered by :mod:`rillet.chat_template`). It is built from an
+HF folder or from GGUF metadata (see :mod:`rillet.tokenizer_gguf`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from rillet.chat_template import CHATML_TEMPLATE, ChatTemplate
 from rillet.errors import ModelLoadError, ValidationError
 from rillet.tokenizer_gguf import build_gguf_backend
-
-#: Used when the model ships no chat template (ChatML, as SmolLM2/Qwen2 use).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -74,9 +62,11 @@ class Tokenizer:
                 if self.eos_token_ids
                 else None,
             }
-        names = dict(special_tokens)
-        self.special_tokens: dict[str, str] = {k: v for k, v in names.items() if v is not None}
-        self._template: jinja2.Template | None = None
+        #: The names templates see (``bos_token``, ``eos_token``, ...), None ones left out.
+        self.special_tokens: dict[str, str] = {
+            k: v for k, v in special_tokens.items() if v is not None
+        }
+        self._template = ChatTemplate(self.chat_template)
 
     # --- ids ---------------------------------------------------------------------------------
 
@@ -109,28 +99,12 @@ class Tokenizer:
     ) -> str:
         """Render ``messages`` with the model's chat template, as transformers would.
 
-        ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts, which
-        are concatenated with no separator (as TGI does). ``extra`` reaches the template as
-        variables (``tools``, ``documents``, ...). A template error is a ValidationError.
+        ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts
+        (joined with no separator). ``extra`` reaches the template as variables (``tools``,
+        ``documents``, ...) and overrides ``bos_token`` & co. Any failure is a ValidationError.
         """
-        variables: dict[str, Any] = {"tools": None, "documents": None, **self.special_tokens}
-        variables.update(extra)
-        variables["messages"] = [_flatten_message(m) for m in messages]
-        variables["add_generation_prompt"] = add_generation_prompt
-        try:
-            return self._compiled_template().render(**variables)
-        except jinja2.TemplateError as exc:
-            raise ValidationError(f"chat template error: {exc}") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise ValidationError(f"chat template failed on these messages: {exc}") from exc
-
-    def _compiled_template(self) -> jinja2.Template:
-        if self._template is None:
-            try:
-                self._template = _chat_environment().from_string(self.chat_template)
-            except jinja2.TemplateError as exc:
-                raise ValidationError(f"the model's chat template is invalid: {exc}") from exc
-        return self._template
+        variables = {**self.special_tokens, **extra}
+        return self._template.render(messages, add_generation_prompt, variables)
 
     # --- constructors --------------------------------------------------------------------------
 
@@ -181,13 +155,9 @@ class Tokenizer:
         eos_ids += _id_list(meta.get("tokenizer.ggml.eom_token_id"))
         tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
         names: dict[str, str | None] = {}
-        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown")):
+        for name, key in zip(_SPECIAL_NAMES, ("bos", "eos", "unknown", "padding"), strict=True):
             tid = meta.get(f"tokenizer.ggml.{key}_token_id")
             names[name] = tokens[int(tid)] if tid is not None and 0 <= tid < len(tokens) else None
-        pad = meta.get("tokenizer.ggml.padding_token_id")
-        names["pad_token"] = (
-            tokens[int(pad)] if pad is not None and 0 <= pad < len(tokens) else None
-        )
         template = meta.get("tokenizer.chat_template")
         return cls(
             backend,
@@ -196,61 +166,6 @@ class Tokenizer:
             chat_template=str(template) if template else None,
             special_tokens=names,
         )
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """Accept transformers' ``{% generation %}...{% endgeneration %}`` markers as no-ops."""
-
-    tags = {"generation"}  # noqa: RUF012 -- jinja2 declares it a plain set
-
-    def parse(self, parser: Any) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return list(parser.parse_statements(("name:endgeneration",), drop_needle=True))
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # jinja2's own tojson HTML-escapes '<' and '&'; chat templates expect plain JSON.
-    return json.dumps(
-        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _chat_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _flatten_message(message: Any) -> dict[str, Any]:
-    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-        raise ValidationError("each message must be an object with a string 'role'")
-    content = message.get("content")
-    if not isinstance(content, list):
-        return dict(message)
-    texts: list[str] = []
-    for part in content:
-        if isinstance(part, Mapping) and part.get("type") == "text":
-            texts.append(str(part.get("text") or ""))
-        else:
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ValidationError(f"unsupported content part {kind!r}: this model reads text only")
-    return {**message, "content": "".join(texts)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
