@@ -1,0 +1,93 @@
+"""Prometheus metrics for one app, in a registry of its own (tests build several apps)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class EngineStatsLike(Protocol):
+    """The part of ``AsyncEngine.stats()`` the gauges read."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+class ServerMetrics:
+    """Every series ``/metrics`` exposes.
+
+    Engine gauges are read from ``engine.stats()`` at scrape time, so they are exact when
+    scraped (a disconnect that aborted a request shows as ``rillet_requests_running 0``).
+    Per-request series are fed by the request tracker as outputs arrive.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge(
+            "rillet_requests_running", "Requests in the engine's running batch", registry=r
+        )
+        self.waiting = Gauge(
+            "rillet_requests_waiting", "Requests queued in the engine scheduler", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "rillet_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r
+        )
+        self.in_flight = Gauge(
+            "rillet_requests_in_flight",
+            "Admitted generation requests (what --max-concurrent-requests limits)",
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "rillet_time_to_first_token_seconds",
+            "From arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "rillet_inter_token_latency_seconds",
+            "Gap between consecutive generated tokens of one request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "rillet_request_duration_seconds",
+            "End-to-end latency of a generation request",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "rillet_request_queue_seconds",
+            "From arrival until the engine accepted the request (admission, parsing, "
+            "tokenization); time in the scheduler's queue is part of time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "rillet_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generated_tokens = Counter(
+            "rillet_generated_tokens", "Tokens generated (streamed or returned)", registry=r
+        )
+        self.requests = Counter(
+            "rillet_requests",
+            "Generation requests by route and outcome (success, cancelled, or the error_type)",
+            labelnames=("route", "outcome"),
+            registry=r,
+        )
+
+    def render(self, stats: EngineStatsLike, num_in_flight: int) -> bytes:
+        """The Prometheus text exposition, with gauges refreshed from ``stats``."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.in_flight.set(num_in_flight)
+        return generate_latest(self.registry)

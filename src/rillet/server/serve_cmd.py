@@ -1,0 +1,169 @@
+"""``rillet serve``: load the model, bind, print how to reach it, serve, drain on a signal.
+
+Shutdown on SIGINT/SIGTERM: the listening socket closes at once (new connections are
+refused, new requests on open connections get 503), streams in flight get
+``--shutdown-grace`` seconds to finish, then the engine stops, which ends the rest with an
+in-band error event; a second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shlex
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+if TYPE_CHECKING:
+    from rillet.server.state import ServerState
+
+log = logging.getLogger("rillet.server")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``serve`` (imports nothing heavy: torch loads only when it runs)."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over the TGI and OpenAI HTTP APIs",
+        description="Serve a model over HTTP: TGI (/generate, /generate_stream, /) and "
+        "OpenAI (/v1/chat/completions, /v1/completions) with token streaming.",
+    )
+    p.add_argument("--model", help="model folder or .gguf file (default: bundled SmolLM2-135M)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 instead of --host")
+    p.add_argument("--grpc-port", type=int, default=8001, help="reserved for the gRPC server")
+    p.add_argument("--served-model-name", help="model name shown in /info and responses")
+    p.add_argument("--max-concurrent-requests", type=int, default=128)
+    p.add_argument("--max-input-tokens", type=int)
+    p.add_argument("--max-total-tokens", type=int)
+    p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
+    p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds streams may run on after SIGINT/SIGTERM")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rillet.config import EngineConfig
+    from rillet.engine.async_engine import AsyncEngine
+    from rillet.errors import RilletError
+    from rillet.server.app import create_app
+    from rillet.server.config import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        server_config = ServerConfig(
+            host="0.0.0.0" if args.expose else args.host,
+            port=args.port,
+            grpc_port=args.grpc_port,
+            served_model_name=args.served_model_name,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_input_tokens=args.max_input_tokens,
+            max_total_tokens=args.max_total_tokens,
+            api_key=args.api_key,
+            keep_alive_interval_s=args.keep_alive_interval,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+        engine_config = EngineConfig.from_env(
+            model=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_total_tokens,
+            max_num_batched_tokens=args.max_batch_tokens,
+            num_threads=args.threads,
+        )
+        with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
+            engine = AsyncEngine.from_config(engine_config)
+        app = create_app(engine, server_config)
+    except (RilletError, ValueError, OSError) as exc:
+        print(f"rillet serve: {exc}", file=sys.stderr)
+        return 1
+
+    uv_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+    )
+    try:
+        sock = uv_config.bind_socket()
+    except SystemExit:  # uvicorn reports bind errors itself, then exits
+        return 1
+    _print_banner(app.state.rillet, sock)
+    server = _DrainingServer(uv_config, app.state.rillet)
+    # uvicorn re-raises the SIGINT it handled once it is done: that is our normal exit.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server with a drain step before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # refuse new connections while we drain
+        grace = self.state.config.shutdown_grace_s
+        log.info("draining: up to %.0fs for requests in flight", grace)
+        await self.state.drain(grace, give_up=lambda: self.force_exit)
+        await super().shutdown(sockets)
+
+
+def _print_banner(state: ServerState, sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
+    shown = "127.0.0.1" if host == "0.0.0.0" else host
+    url = f"http://{shown}:{port}"
+    body = '{"inputs":"Write a haiku about rivers.","parameters":{"max_new_tokens":48}}'
+    auth = ""
+    if state.config.api_key:
+        auth = f" -H {shlex.quote('Authorization: Bearer ' + state.config.api_key)}"
+    print(f"rillet: serving {state.model_name} on {url} (bound to {host}:{port})", flush=True)
+    print(f"  TGI:    {url}/generate_stream   OpenAI: {url}/v1   metrics: {url}/metrics")
+    print("  try:", flush=True)
+    print(
+        f"  curl -N {url}/generate_stream -H 'Content-Type: application/json'{auth} "
+        f"-d {shlex.quote(body)}",
+        flush=True,
+    )
+
+
+class _Progress:
+    """Elapsed seconds on one line while the model loads (plain start/done lines off a tty)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._done = threading.Event()
+        self._start = time.monotonic()
+        self._tty = sys.stderr.isatty()
+
+    def __enter__(self) -> _Progress:
+        print(f"rillet: {self.what}...", file=sys.stderr, flush=True)
+        if self._tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        took = time.monotonic() - self._start
+        status = "failed" if exc[0] is not None else "done"
+        print(f"\rrillet: {self.what}: {status} in {took:.1f}s", file=sys.stderr, flush=True)
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.5):
+            took = time.monotonic() - self._start
+            print(f"\r  {took:5.1f}s", end="", file=sys.stderr, flush=True)

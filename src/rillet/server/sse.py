@@ -1,0 +1,207 @@
+"""Streaming responses: SSE framing, keep-alive, in-band errors, and disconnect -> cancel.
+
+Framing is what TGI (axum 0.7) and vLLM put on the wire, byte for byte:
+``data: <compact json>\\n\\n``, LF only, no ``event:`` names, a bare ``:\\n\\n`` comment as
+keep-alive. :class:`StreamResponse` is the server's one place for cancellation: it watches
+the connection while it streams, and a client that goes away cancels the producer, whose
+``CancelledError``/``GeneratorExit`` reaches ``AsyncEngine.generate`` and aborts the request
+in the engine before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from rillet.errors import GenerationError, RilletError
+
+log = logging.getLogger("rillet.server")
+
+T = TypeVar("T")
+
+KEEP_ALIVE = b":\n\n"
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+#: vLLM clamps logprobs to this so ``-inf`` never reaches JSON.
+MIN_LOGPROB = -9999.0
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 characters kept as they are (serde_json's output)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sse_event(obj: Any) -> bytes:
+    """One SSE event: a single ``data:`` line (compact JSON has no raw newlines)."""
+    return b"data: " + dumps(obj).encode() + b"\n\n"
+
+
+def clean_logprob(value: float | None) -> float | None:
+    """A JSON-safe logprob: NaN -> null (TGI's first prefill token), -inf -> -9999."""
+    if value is None or math.isnan(value):
+        return None
+    return max(float(value), MIN_LOGPROB)
+
+
+class ClientGone(Exception):
+    """The client disconnected before a non-streaming answer was ready."""
+
+
+ErrorChunks = Callable[[RilletError], Sequence[bytes]]
+
+
+class StreamResponse(Response):
+    """Streams ``chunks`` and stops the moment the client disconnects.
+
+    * A keep-alive chunk goes out whenever ``keep_alive_interval`` passes without a chunk
+      (for SSE; ``keep_alive=None`` for plain text).
+    * A :class:`RilletError` raised by ``chunks`` after the headers went out becomes the
+      route's in-band error (``error_chunks``); any other exception is logged and sent as a
+      generation error. Then the body ends.
+    * ``on_close`` runs exactly once when the response is over, however it ended (finished,
+      failed, disconnected, never started): that is where admission permits are returned.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        error_chunks: ErrorChunks,
+        on_close: Callable[[], None] | None = None,
+        media_type: str = "text/event-stream",
+        keep_alive: bytes | None = KEEP_ALIVE,
+        keep_alive_interval: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.error_chunks = error_chunks
+        self.on_close = on_close
+        self.keep_alive = keep_alive
+        self.keep_alive_interval = keep_alive_interval
+        self.status_code = 200
+        self.background = None
+        all_headers = dict(SSE_HEADERS) if media_type == "text/event-stream" else {}
+        all_headers.update(headers or {})
+        # Set verbatim: Starlette would append "; charset=utf-8" to a text/* media type,
+        # and TGI sends a bare `text/event-stream`.
+        all_headers["content-type"] = media_type
+        self.media_type = None
+        self.init_headers(all_headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streamer = asyncio.ensure_future(self._stream(send))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not streamer.done():
+                log.info("client disconnected mid-stream; aborting its request")
+        finally:
+            for task in (streamer, watcher):
+                task.cancel()
+            await asyncio.wait({streamer, watcher})
+            with contextlib.suppress(Exception):
+                await _aclose(self.chunks)
+            if self.on_close is not None:
+                self.on_close()
+        if not streamer.cancelled() and streamer.exception() is not None:
+            # The transport failed under us (e.g. a reset): the client is gone either way.
+            log.info("stream ended by transport error: %r", streamer.exception())
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        # aclosing: if we are cancelled mid-send, the wrapper still cancels its pending read.
+        async with closing(self._with_keep_alive()) as chunks:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _with_keep_alive(self) -> AsyncIterator[bytes]:
+        """The chunks, with keep-alives in the gaps and errors turned into in-band events.
+
+        Each ``__anext__`` runs as a task we can wait on with a timeout *without* cancelling
+        it (``wait_for`` would cancel the producer and so abort the request).
+        """
+        iterator = self.chunks
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({pending}, timeout=self.keep_alive_interval)
+                if not done:
+                    if self.keep_alive is not None:
+                        yield self.keep_alive
+                    continue
+                finished, pending = pending, None
+                try:
+                    chunk = finished.result()
+                except StopAsyncIteration:
+                    return
+                except RilletError as exc:
+                    for error_chunk in self.error_chunks(exc):
+                        yield error_chunk
+                    return
+                except Exception as exc:
+                    log.exception("stream failed")
+                    for error_chunk in self.error_chunks(GenerationError(f"{exc}")):
+                        yield error_chunk
+                    return
+                if chunk:  # an empty chunk would end a chunked body early
+                    yield chunk
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.wait({pending})
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+@contextlib.asynccontextmanager
+async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """``contextlib.aclosing`` for anything typed as an AsyncIterator (closed if it can be).
+
+    Closing deterministically matters: an abandoned ``AsyncEngine.generate`` only aborts its
+    engine request when closed, and the garbage collector may take its time.
+    """
+    try:
+        yield iterator
+    finally:
+        await _aclose(iterator)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it, raise ClientGone.
+
+    For non-streaming routes: cancelling the task that iterates ``AsyncEngine.generate``
+    aborts the request in the engine, exactly as a streaming disconnect does.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.wait({task, watcher})
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()

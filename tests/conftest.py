@@ -1,0 +1,32 @@
+"""Shared fixtures: real ``rillet serve`` processes on loopback with the bundled model.
+
+* ``server``: default options. Session-scoped: started once, on first use.
+* ``limited_server``: ``--max-concurrent-requests 1 --api-key LIMITED_API_KEY``, for 429
+  and auth tests (generation requests to it need ``LIMITED_AUTH``; both constants live in
+  ``server_process.py``).
+
+Other tests that need their own options call ``start_server([...])`` from
+``tests/server_process.py`` and ``stop()`` the handle when done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from server_process import LIMITED_API_KEY, ServerHandle, start_server
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    handle = start_server()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def limited_server() -> Iterator[ServerHandle]:
+    handle = start_server(["--max-concurrent-requests", "1", "--api-key", LIMITED_API_KEY])
+    yield handle
+    handle.stop()

@@ -1,0 +1,96 @@
+"""Run a real ``python -m rillet serve`` for tests (stdlib only, so any venv can use it).
+
+``start_server(extra_args)`` starts the bundled model on 127.0.0.1 with ``--port 0`` (the
+server picks a free port and prints it, so there is no race for ports), waits until
+``/health`` answers 200, and returns a :class:`ServerHandle`; ``handle.stop()`` sends
+SIGTERM and waits. The server's output goes to a log file, shown when it fails to start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The ``limited_server`` fixture's key and the header that carries it.
+LIMITED_API_KEY = "test-key"
+LIMITED_AUTH = {"Authorization": f"Bearer {LIMITED_API_KEY}"}
+
+_BANNER = re.compile(r"serving .* on (http://[\d.]+:\d+)")
+
+
+@dataclass
+class ServerHandle:
+    """A running server: ``url`` has no trailing slash."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(
+    extra_args: Sequence[str] = (),
+    *,
+    python: str = sys.executable,
+    timeout: float = 240.0,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+) -> ServerHandle:
+    """Start ``rillet serve`` with ``extra_args`` and wait until it is healthy."""
+    fd, log_name = tempfile.mkstemp(prefix="rillet-serve-", suffix=".log")
+    args = ["--host", "127.0.0.1", "--port", "0", "--threads", str(threads), *extra_args]
+    with os.fdopen(fd, "wb") as log_file:
+        proc = subprocess.Popen(
+            [python, "-m", "rillet", "serve", *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    handle = ServerHandle("", proc, Path(log_name), args)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rillet serve exited with {proc.returncode}:\n{handle.log()}")
+            if not handle.url:
+                match = _BANNER.search(handle.log())
+                handle.url = match.group(1) if match else ""
+            if handle.url and _healthy(handle.url):
+                return handle
+            time.sleep(0.2)
+        raise RuntimeError(f"rillet serve not healthy after {timeout}s:\n{handle.log()}")
+    except BaseException:
+        handle.stop(timeout=5)
+        raise
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False

@@ -1,0 +1,220 @@
+"""Unit tests of the server's pure parts: SSE framing, the streaming response (keep-alive,
+in-band errors, disconnect -> producer cancelled), the error table's two shapes, and the
+lenient request schemas. No model, no sockets: a plain ASGI receive/send pair drives the
+response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from rillet.errors import OverloadedError, ValidationError
+from rillet.server.errors import error_response, openai_error_events, tgi_error_events
+from rillet.server.schemas import ChatCompletionRequest, GenerateRequest, stop_list
+from rillet.server.sse import (
+    DONE,
+    KEEP_ALIVE,
+    ClientGone,
+    StreamResponse,
+    cancel_on_disconnect,
+    clean_logprob,
+    sse_event,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def test_event_is_one_compact_data_line_with_lf_framing() -> None:
+    event = sse_event({"text": "é\n", "n": [1, 2], "x": None})
+    assert event == b'data: {"text":"\xc3\xa9\\n","n":[1,2],"x":null}\n\n'
+    assert event.count(b"\n") == 2 and b"\r" not in event
+    assert DONE == b"data: [DONE]\n\n" and KEEP_ALIVE == b":\n\n"
+
+
+def test_logprobs_are_json_safe() -> None:
+    assert clean_logprob(float("nan")) is None
+    assert clean_logprob(float("-inf")) == -9999.0
+    assert clean_logprob(-0.5) == -0.5 and clean_logprob(None) is None
+
+
+class Wire:
+    """An ASGI peer: records what the app sends; ``receive`` blocks until ``hang_up()``."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def hang_up(self) -> None:
+        self.gone.set()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent[1:])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.sent[0]["headers"]}
+
+
+async def run(response: StreamResponse, wire: Wire) -> None:
+    await response({"type": "http"}, wire.receive, wire.send)  # type: ignore[arg-type]
+
+
+def make(chunks: AsyncIterator[bytes], closed: list[int], **kwargs: Any) -> StreamResponse:
+    return StreamResponse(
+        chunks, error_chunks=tgi_error_events, on_close=lambda: closed.append(1), **kwargs
+    )
+
+
+async def test_stream_sends_headers_chunks_and_ends_the_body() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield sse_event({"a": 1})
+        yield b""  # dropped: an empty chunk would end a chunked body
+        yield sse_event({"a": 2})
+
+    wire, closed = Wire(), []
+    await run(make(chunks(), closed), wire)
+    assert wire.sent[0]["status"] == 200
+    assert wire.headers["content-type"] == "text/event-stream"
+    assert wire.headers["cache-control"] == "no-cache"
+    assert wire.headers["x-accel-buffering"] == "no"
+    assert wire.body == b'data: {"a":1}\n\ndata: {"a":2}\n\n'
+    assert wire.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert len(wire.sent) == 4 and closed == [1]
+
+
+async def test_keep_alive_comments_fill_a_silent_wait() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.3)  # a request waiting in the queue or prefilling
+        yield sse_event({"a": 1})
+
+    wire, closed = Wire(), []
+    await run(make(chunks(), closed, keep_alive_interval=0.02), wire)
+    body = wire.body
+    assert body.startswith(KEEP_ALIVE) and body.endswith(b'data: {"a":1}\n\n')
+    assert set(body.removesuffix(b'data: {"a":1}\n\n').split(KEEP_ALIVE)) == {b""}
+
+
+async def test_errors_after_the_first_byte_are_in_band() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield sse_event({"a": 1})
+        raise OverloadedError()
+
+    wire, closed = Wire(), []
+    await run(make(chunks(), closed), wire)
+    events = wire.body.split(b"\n\n")
+    assert json.loads(events[1].removeprefix(b"data: ")) == {
+        "error": "Model is overloaded",
+        "error_type": "overloaded",
+    }
+    assert events[2:] == [b""] and closed == [1]
+
+
+async def test_unexpected_exceptions_become_generation_errors() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        raise RuntimeError("boom")
+        yield b""
+
+    wire = Wire()
+    response = StreamResponse(chunks(), error_chunks=openai_error_events)
+    await run(response, wire)
+    first, done, _ = wire.body.split(b"\n\n")
+    error = json.loads(first.removeprefix(b"data: "))["error"]
+    assert error["type"] == "generation" and "boom" in error["message"]
+    assert done + b"\n\n" == DONE
+
+
+async def test_disconnect_cancels_the_producer_and_closes_once() -> None:
+    cancelled = asyncio.Event()
+    first_sent = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield sse_event({"a": 1})
+            first_sent.set()
+            await asyncio.Event().wait()  # the engine is still generating
+            yield b"never"
+        finally:
+            cancelled.set()
+
+    wire, closed = Wire(), []
+    task = asyncio.ensure_future(run(make(chunks(), closed, keep_alive_interval=60), wire))
+    await first_sent.wait()
+    wire.hang_up()
+    await asyncio.wait_for(task, 5)
+    assert cancelled.is_set() and closed == [1]
+    assert b"never" not in wire.body
+
+
+async def test_cancel_on_disconnect_returns_or_cancels() -> None:
+    class FakeRequest:
+        def __init__(self, wire: Wire) -> None:
+            self.receive = wire.receive
+
+    wire = Wire()
+    assert await cancel_on_disconnect(FakeRequest(wire), asyncio.sleep(0, "ok")) == "ok"  # type: ignore[arg-type]
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    pending = asyncio.ensure_future(cancel_on_disconnect(FakeRequest(wire), work()))  # type: ignore[arg-type]
+    await started.wait()
+    wire.hang_up()
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(pending, 5)
+    assert cancelled.is_set()
+
+
+def test_error_shapes_per_route_family() -> None:
+    exc = ValidationError("`inputs` cannot be empty")
+    tgi = error_response(exc, "/generate")
+    assert tgi.status_code == 422
+    assert json.loads(tgi.body) == {
+        "error": "Input validation error: `inputs` cannot be empty",
+        "error_type": "validation",
+    }
+    oai = error_response(exc, "/v1/chat/completions")
+    assert oai.status_code == 400
+    assert json.loads(oai.body)["error"] == {
+        "message": "`inputs` cannot be empty",
+        "type": "validation",
+        "param": None,
+        "code": 400,
+    }
+    busy = error_response(OverloadedError(), "/v1/completions")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert json.loads(busy.body)["error"]["message"] == "Model is overloaded"
+    assert tgi_error_events(exc)[-1] != DONE and openai_error_events(exc)[-1] == DONE
+
+
+def test_schemas_are_lenient() -> None:
+    body = GenerateRequest.model_validate(
+        {"inputs": "x", "parameters": {"stop": "a", "top_k": None, "unknown": 1}, "extra": []}
+    )
+    assert body.parameters is not None and stop_list(body.parameters.stop) == ["a"]
+    chat = ChatCompletionRequest.model_validate(
+        {
+            "model": "https://example.com/any",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "logprobs": None,
+            "stream_options": {},
+            "ignore_eos": True,
+        }
+    )
+    assert chat.stream_options is not None and chat.stream_options.include_usage is True
