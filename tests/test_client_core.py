@@ -22,6 +22,7 @@ from rillet.client import (
     AsyncClient,
     BadRequestError,
     Client,
+    ClientError,
     GenerationError,
     IncompleteGenerationError,
     NotFoundError,
@@ -79,7 +80,7 @@ def _stream_answer(body: bytes) -> Callable[[httpx.Request], httpx.Response]:
         (424, {"error": "failed", "error_type": "generation"}, GenerationError),
         (500, {"error": "cut", "error_type": "incomplete_generation"}, IncompleteGenerationError),
         (422, {"error": "bad template", "error_type": "template_error"}, ValidationError),
-        (400, {"error": {"message": "bad", "type": "BadRequestError", "code": 400}}, BadRequestError),
+        (400, {"error": {"message": "bad", "type": "BadRequest", "code": 400}}, BadRequestError),
         (422, {"error": {"message": "bad", "type": "validation"}}, ValidationError),
         (404, {"detail": "Not Found"}, NotFoundError),
         (502, "Bad Gateway", UnknownError),
@@ -87,7 +88,9 @@ def _stream_answer(body: bytes) -> Callable[[httpx.Request], httpx.Response]:
         (None, {"error": "boom", "error_type": "overloaded"}, OverloadedError),
     ],
 )
-def test_error_type_wins_then_status(status: int | None, payload: Any, cls: type) -> None:
+def test_error_type_wins_then_status(
+    status: int | None, payload: Any, cls: type[ClientError]
+) -> None:
     error = parse_error(status, payload)
     assert type(error) is cls
     assert error.status_code == status

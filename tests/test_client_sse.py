@@ -12,7 +12,7 @@ from rillet.client.sse import ServerSentEvent, SSEDecoder, aiter_events, iter_ev
 # What a TGI server puts on the wire, with a keep-alive comment, a 3-byte UTF-8 character
 # and a 4-byte emoji that chunking will split.
 TGI_STREAM = (
-    b': keep-alive\n\n'
+    b": keep-alive\n\n"
     b'data: {"token":{"text":" \xe2\x82\xac"}}\n\n'
     b'data:{"token":{"text":"\xf0\x9f\xa4\x97"}}\n\n'
 )
@@ -89,8 +89,7 @@ def test_bom_is_dropped_only_at_the_start() -> None:
 
 def test_event_id_and_retry_fields() -> None:
     events = _parse(
-        "event: delta\nid: 7\nretry: 1500\ndata: a\n\n"
-        "id: bad\x00id\nretry: soon\ndata: b\n\n"
+        "event: delta\nid: 7\nretry: 1500\ndata: a\n\nid: bad\x00id\nretry: soon\ndata: b\n\n"
     )
     assert events == [
         ServerSentEvent(data="a", event="delta", id="7", retry=1500),

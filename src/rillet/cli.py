@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from rillet import __version__
 
 #: Modules that register a subcommand, in help order. Add ``chat``/``generate``/``bench`` here.
-COMMAND_MODULES: tuple[str, ...] = ("rillet.server.serve_cmd",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "rillet.server.serve_cmd",
+    "rillet.client.chat_cli",
+    "rillet.client.generate_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,190 @@
+"""``rillet chat`` and ``rillet generate`` driven as a person would: in a real terminal (pty).
+
+Keys go through the terminal's line discipline, so Enter is ``\\r`` and Ctrl-C is ``\\x03``,
+which the kernel turns into SIGINT for the chat process, exactly as in a terminal emulator.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from rillet.client import Client
+from server_process import ServerHandle
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+STATS = r"\[(\d+) tokens, [\d.]+ tokens/s(?:, prompt (\d+) tokens)?\]"
+CTRL_C = "\x03"
+
+
+class Terminal:
+    """A command running on a pseudo-terminal, with what it printed so far."""
+
+    def __init__(self, argv: list[str]) -> None:
+        env = {**os.environ, "TERM": "dumb"}  # no colours or bracketed-paste escapes
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: its controlling terminal is the pty
+            os.execvpe(argv[0], argv, env)
+        self.pid, self.fd = pid, fd
+        self.transcript = ""
+        self._seen = 0
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def expect(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """Wait until ``pattern`` appears in output not matched before; returns the match."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern, re.DOTALL)
+        while True:
+            match = regex.search(self.transcript, self._seen)
+            if match:
+                self._seen = match.end()
+                return match
+            ready, _, _ = select.select([self.fd], [], [], max(0, deadline - time.monotonic()))
+            chunk = self._read() if ready else b""
+            if not chunk:
+                why = "timed out" if not ready else "the program ended"
+                raise AssertionError(f"{why} waiting for {pattern!r}; got:\n{self.transcript}")
+            # The terminal turns "\n" into "\r\n"; undo it so patterns stay readable.
+            self.transcript += chunk.decode(errors="replace").replace("\r\n", "\n")
+
+    def _read(self) -> bytes:
+        try:
+            return os.read(self.fd, 4096)
+        except OSError:  # EIO: the other side of the pty is gone
+            return b""
+
+    def wait(self, timeout: float = 30) -> int:
+        """The exit code, once the program has ended."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            self._read()  # keep draining so the program never blocks on a full pty
+            time.sleep(0.05)
+        raise AssertionError(f"still running; output:\n{self.transcript}")
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+@pytest.fixture
+def chat(server: ServerHandle) -> Iterator[Terminal]:
+    argv = [sys.executable, "-m", "rillet", "chat", "--url", server.url]
+    terminal = Terminal([*argv, "--max-tokens", "12", "--temperature", "0"])
+    yield terminal
+    terminal.kill()
+
+
+def _running(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(r"^rillet_requests_running (\S+)$", text, re.MULTILINE)
+    assert match, text
+    return float(match.group(1))
+
+
+def _wait_running(url: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while _running(url) != value:
+        assert time.monotonic() < deadline, f"rillet_requests_running stuck at {_running(url)}"
+        time.sleep(0.05)
+
+
+def _turn(terminal: Terminal, line: str) -> tuple[str, int, int]:
+    """Type one message; returns (reply text, reply tokens, prompt tokens) from the screen."""
+    terminal.expect(r">>> ")
+    terminal.type(line + "\r")
+    match = terminal.expect(re.escape(line) + r"\n(.*?)\n" + STATS + r"\n")
+    return match.group(1), int(match.group(2)), int(match.group(3) or 0)
+
+
+def test_chat_keeps_the_conversation_and_ctrl_c_stops_a_reply(
+    chat: Terminal, server: ServerHandle
+) -> None:
+    first_line, second_line = "My name is Ada.", "What is my name?"
+    first, first_tokens, first_prompt = _turn(chat, first_line)
+    second, _, second_prompt = _turn(chat, second_line)
+    assert first and second
+
+    # The second request carried the first turn: the server counted its tokens...
+    assert second_prompt > first_prompt + first_tokens
+    # ...and (greedy) replied exactly what it replies to that whole conversation.
+    history = [
+        {"role": "user", "content": first_line},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": second_line},
+    ]
+    with Client(server.url) as client:
+        again = client.chat(history, max_tokens=12, temperature=0).choices[0].message.content
+    assert second == again
+
+    # Third turn: a long reply, stopped with Ctrl-C once it is under way.
+    chat.expect(r">>> ")
+    chat.type("/set max_tokens 400\r")
+    chat.expect(r"\[max_tokens = 400\]")
+    chat.expect(r">>> ")
+    chat.type("Count from 1 to 200, separated by commas.\r")
+    chat.expect(r"separated by commas\.\n.*\d")  # the first tokens are on screen
+    assert _running(server.url) == 1
+    chat.type(CTRL_C)
+    chat.expect(r"\[stopped\] " + STATS)
+    _wait_running(server.url, 0)  # the server aborted the generation
+
+    # The chat goes on, with the stopped reply in the conversation.
+    chat.expect(r">>> ")
+    chat.type("/set max_tokens 8\r")
+    _, _, fourth_prompt = _turn(chat, "Thanks!")
+    assert fourth_prompt > second_prompt
+    chat.expect(r">>> ")
+    chat.type(CTRL_C)  # Ctrl-C at the prompt leaves
+    assert chat.wait() == 0
+
+
+def test_chat_reports_an_unreachable_server_and_goes_on() -> None:
+    terminal = Terminal([sys.executable, "-m", "rillet", "chat", "--url", "http://127.0.0.1:9"])
+    try:
+        terminal.expect(r">>> ")
+        terminal.type("hello\r")
+        terminal.expect(r"error: cannot reach http://127\.0\.0\.1:9")
+        terminal.expect(r">>> ")
+        terminal.type("\x04")  # Ctrl-D at the prompt leaves too
+        assert terminal.wait() == 0
+    finally:
+        terminal.kill()
+
+
+def test_generate_streams_to_stdout_and_ctrl_c_aborts(server: ServerHandle) -> None:
+    prompt = "Count from 1 to 200, separated by commas."
+    argv = [sys.executable, "-m", "rillet", "generate", prompt, "--url", server.url]
+    with subprocess.Popen([*argv, "--max-new-tokens", "400"], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.read1(64)  # type: ignore[attr-defined]
+        assert first and proc.poll() is None  # output arrives while it is still generating
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    _wait_running(server.url, 0)
+
+    short = subprocess.run(
+        [*argv, "--max-new-tokens", "8"], capture_output=True, text=True, timeout=60
+    )
+    with Client(server.url) as client:
+        expected = client.generate(prompt, max_new_tokens=8).generated_text
+    assert short.returncode == 0 and short.stdout == expected + "\n"
