@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 import pydantic
 
+from rillet import __version__
 from rillet.client.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -118,8 +119,6 @@ def _chat_body(messages: Messages, parameters: ChatParameters, *, stream: bool) 
 
 def request_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
     """Headers sent with every request."""
-    from rillet import __version__
-
     result = {"user-agent": f"rillet-client/{__version__}", "accept": "application/json"}
     if api_key is not None:
         result["authorization"] = f"Bearer {api_key}"
@@ -179,7 +178,7 @@ class StreamReader(Generic[T]):
             if event.data == "[DONE]":
                 self.finished = True
                 continue
-            payload = _loads(event.data.encode())
+            payload = _loads(event.data)
             if isinstance(payload, dict) and payload.get("error") is not None:
                 raise parse_error(None, payload)
             item = _validate(self._call, payload)
@@ -240,12 +239,11 @@ def transport_errors() -> Iterator[None]:
         raise APIConnectionError(f"connection failed: {exc!r}") from exc
 
 
-def _loads(content: bytes) -> Any:
+def _loads(content: bytes | str) -> Any:
     try:
         return json.loads(content)
     except ValueError as exc:
-        snippet = content[:200].decode("utf-8", errors="replace")
-        raise ProtocolError(f"invalid JSON from server: {snippet!r}") from exc
+        raise ProtocolError(f"invalid JSON from server: {content[:200]!r}") from exc
 
 
 def _validate(call: Call[T], payload: Any) -> T:

@@ -4,6 +4,9 @@ Each method builds a :class:`~rillet.client._core.Call`, moves bytes, and hands 
 the core; the two classes differ only in ``await``. Streaming methods return generators: the
 request is sent on the first ``next()``, and closing the generator early (``break``,
 ``.close()``, Ctrl-C) closes the connection, which makes the server abort the generation.
+(CPython closes a sync generator as soon as a ``break`` drops it; an async generator left
+by ``break`` is closed later by the event loop, so wrap it in ``contextlib.aclosing`` when
+the abort must happen at once.)
 """
 
 from __future__ import annotations

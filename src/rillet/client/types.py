@@ -163,23 +163,14 @@ class Usage(_Model):
     total_tokens: int
 
 
-class ChatChoice(_Model):
+class _ChatChoiceBase(_Model):
     index: int = 0
-    message: ChatMessage
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletion(_Model):
-    """A whole chat reply (``chat(..., stream=False)``)."""
-
-    id: str = ""
-    object: str = "chat.completion"
-    created: int = 0
-    model: str = ""
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+class ChatChoice(_ChatChoiceBase):
+    message: ChatMessage
 
 
 class ChatDelta(_Model):
@@ -187,23 +178,30 @@ class ChatDelta(_Model):
     content: str | None = None
 
 
-class ChatChunkChoice(_Model):
-    index: int = 0
+class ChatChunkChoice(_ChatChoiceBase):
     delta: ChatDelta
-    finish_reason: str | None = None
-    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(_Model):
-    """One chunk of a streamed chat reply. The usage chunk has ``choices == []``."""
-
+class _ChatReplyBase(_Model):
     id: str = ""
-    object: str = "chat.completion.chunk"
     created: int = 0
     model: str = ""
-    choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_ChatReplyBase):
+    """A whole chat reply (``chat(..., stream=False)``)."""
+
+    object: str = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class ChatCompletionChunk(_ChatReplyBase):
+    """One chunk of a streamed chat reply. The usage chunk has ``choices == []``."""
+
+    object: str = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
 
 
 class ChatParameters(TypedDict, total=False):
