@@ -50,26 +50,38 @@ class _Answer:
         self.text_offset = len(plan.echo)
 
     def envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created,
-                "model": self.state.model_name, **fields}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.state.model_name,
+            **fields,
+        }
 
     def choice(self, text: str, tokens: list[GeneratedToken], finish: str | None) -> dict[str, Any]:
         logprobs = self.logprobs(tokens) if self.plan.logprobs else None
         if self.chat:
-            return {"index": 0, "delta": {"content": text}, "logprobs": logprobs,
-                    "finish_reason": finish}  # fmt: skip
+            return {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def logprobs(self, tokens: list[GeneratedToken]) -> dict[str, Any]:
         decode = self.state.engine.tokenizer.decode
         raw = [decode([t.id], skip_special_tokens=False) for t in tokens]
         if self.chat:  # {"content": [{token, logprob, bytes, top_logprobs}]}
-            return {"content": [
-                {"token": text, "logprob": clean_logprob(t.logprob), "bytes": list(text.encode()),
-                 "top_logprobs": [{"token": a.text, "logprob": clean_logprob(a.logprob),
-                                   "bytes": list(a.text.encode())} for a in t.top]}
-                for t, text in zip(tokens, raw, strict=True)
-            ]}  # fmt: skip
+            return {
+                "content": [
+                    {
+                        **_logprob_entry(text, t.logprob),
+                        "top_logprobs": [_logprob_entry(a.text, a.logprob) for a in t.top],
+                    }
+                    for t, text in zip(tokens, raw, strict=True)
+                ]
+            }
         offsets = []  # completions' legacy shape
         for t in tokens:
             offsets.append(self.text_offset)
@@ -82,8 +94,15 @@ class _Answer:
         }
 
     def usage(self, num_prompt: int, num_generated: int) -> dict[str, int]:
-        return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
-                "total_tokens": num_prompt + num_generated}  # fmt: skip
+        return {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": num_generated,
+            "total_tokens": num_prompt + num_generated,
+        }
+
+
+def _logprob_entry(text: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": text, "logprob": clean_logprob(logprob), "bytes": list(text.encode())}
 
 
 async def _events(answer: _Answer, tracker: RequestTracker) -> AsyncIterator[bytes]:
@@ -160,6 +179,11 @@ async def completions(request: Request) -> Response:
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     state = state_of(request)
-    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "rillet",
-            "max_model_len": state.max_total_tokens}  # fmt: skip
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "rillet",
+        "max_model_len": state.max_total_tokens,
+    }
     return {"object": "list", "data": [card]}

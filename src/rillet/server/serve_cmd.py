@@ -48,8 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
-    p.add_argument("--shutdown-grace", type=float, default=10.0,
-                   help="seconds streams may run on after SIGINT/SIGTERM")  # fmt: skip
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds streams may run on after SIGINT/SIGTERM",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 

@@ -44,8 +44,12 @@ def token_json(state: ServerState, token: GeneratedToken | GeneratedTopToken) ->
     text = token.text
     if token.special and not text:
         text = state.engine.tokenizer.decode([token.id], skip_special_tokens=False)
-    return {"id": token.id, "text": text, "logprob": clean_logprob(token.logprob),
-            "special": token.special}  # fmt: skip
+    return {
+        "id": token.id,
+        "text": text,
+        "logprob": clean_logprob(token.logprob),
+        "special": token.special,
+    }
 
 
 def _prefill_json(tokens: list[PromptToken] | None) -> list[dict[str, Any]]:

@@ -1,0 +1,178 @@
+"""What must hold whatever clients do: bad bodies get 4xx JSON on every route, a disconnect
+aborts the request in the engine, tokens reach ``curl -N`` one by one, and the Ray Serve
+tutorial's plain-text client streams."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import requests
+
+from server_process import ServerHandle
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+EOS_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+TGI_ROUTES = ["/generate", "/generate_stream", "/", "/tokenize"]
+OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions"]
+MALFORMED: list[bytes] = [
+    b"",
+    b"{",
+    b"\xff\xfe{}",
+    b"null",
+    b"[]",
+    b'"inputs"',
+    b"{}",
+    b'{"inputs": 5}',
+    b'{"inputs": "x", "parameters": {"max_new_tokens": "many"}}',
+    b'{"inputs": "x", "parameters": []}',
+    b'{"messages": "hi", "prompt": ["a", "b"]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}], "prompt": []}',
+]
+#: Well-formed but out of range for every generation route (/tokenize ignores parameters).
+INVALID_VALUES = (
+    b'{"messages": [], "prompt": "x", "inputs": "x", "max_tokens": -1, "parameters": '
+    b'{"max_new_tokens": -1}}'
+)
+
+
+def metric(server: ServerHandle, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("route", TGI_ROUTES + OPENAI_ROUTES)
+def test_malformed_bodies_get_4xx_json_in_the_route_format(
+    server: ServerHandle, route: str
+) -> None:
+    bodies = [*MALFORMED, b"x" * 2_000_001]
+    if route != "/tokenize":
+        bodies.append(INVALID_VALUES)
+    for body in bodies:
+        response = httpx.post(server.url + route, content=body, timeout=30)
+        assert 400 <= response.status_code < 500, (route, body[:80], response.text)
+        error = response.json()["error"]
+        if route.startswith("/v1/"):
+            assert isinstance(error["message"], str) and error["code"] == response.status_code
+        else:
+            assert isinstance(error, str) and response.json()["error_type"] == "validation"
+        if len(body) > 2_000_000:
+            assert response.status_code == 413
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_fields_nulls_and_any_content_type_are_accepted(server: ServerHandle) -> None:
+    tgi = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 2, "top_k": null, "x": 1}, "y": 2}'
+    response = httpx.post(
+        server.url + "/generate", content=tgi, headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 200, response.text
+    chat = {
+        "model": "http://x/y",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "logprobs": None,
+        "stream_options": None,
+        "z": {},
+    }
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat).status_code == 200
+    assert httpx.get(server.url + "/nope").json()["error_type"] == "not_found"
+
+
+def _long_request(route: str) -> dict[str, Any]:
+    if route == "/generate_stream":
+        return {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
+    return {
+        "prompt": "Count: one, two,",
+        "max_tokens": 4000,
+        "ignore_eos": True,
+        "stream": route.endswith("stream"),
+    }
+
+
+@pytest.mark.parametrize("route", ["/generate_stream", "/v1/completions"])
+def test_disconnect_mid_stream_aborts_the_engine_request(server: ServerHandle, route: str) -> None:
+    before = metric(server, 'rillet_requests_total{outcome="cancelled",route="generate_stream"}')
+    body = _long_request(route) | {"stream": True}
+    with httpx.stream("POST", server.url + route, json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):  # a few tokens: the request is running in the engine
+            next(line for line in lines if line.startswith("data:"))
+        assert metric(server, "rillet_requests_running") == 1
+    # 4000 tokens would take minutes; the abort frees the slot right away.
+    assert wait_for(lambda: metric(server, "rillet_requests_running") == 0)
+    assert wait_for(lambda: metric(server, "rillet_requests_in_flight") == 0)
+    if route == "/generate_stream":
+        after = metric(server, 'rillet_requests_total{outcome="cancelled",route="generate_stream"}')
+        assert after == before + 1
+
+
+def test_disconnect_while_waiting_for_a_non_stream_answer_aborts(server: ServerHandle) -> None:
+    body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/generate", json=body, timeout=httpx.Timeout(60, read=1.5))
+    assert wait_for(lambda: metric(server, "rillet_requests_running") == 0)
+    assert metric(server, "rillet_requests_in_flight") == 0
+
+
+def test_curl_gets_tokens_one_by_one(server: ServerHandle) -> None:
+    body = '{"inputs":"Count: one, two,","parameters":{"max_new_tokens":24}}'
+    cmd = [
+        "curl",
+        "-N",
+        "-sS",
+        f"{server.url}/generate_stream",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    arrivals: list[tuple[float, bytes]] = []
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        arrivals.append((time.monotonic(), chunk))
+    assert proc.wait(30) == 0
+    raw = b"".join(c for _, c in arrivals)
+    assert raw.count(b"data: ") == 24
+    assert len(arrivals) >= 12  # separate reads, not one burst
+    first_event = next(t for t, c in arrivals if b"data: " in c)
+    last_event = arrivals[-1][0]
+    # The first token arrives in the first half of the stream's life, not with the last one.
+    assert first_event - start < (last_event - start) / 2
+
+
+def test_ray_serve_tutorial_client_streams_plain_text(server: ServerHandle) -> None:
+    # The tutorial's client: POST with the prompt in the query, no body (quoted here: "+").
+    response = requests.post(f"{server.url}/?prompt={quote(EOS_PROMPT)}", stream=True, timeout=60)
+    response.raise_for_status()
+    chunks = list(response.iter_content(chunk_size=None, decode_unicode=True))
+    assert response.headers["content-type"].startswith("text/plain")
+    expected = httpx.post(
+        server.url + "/generate",
+        json={"inputs": EOS_PROMPT, "parameters": {"max_new_tokens": 128}},
+        timeout=60,
+    ).json()["generated_text"]
+    assert "".join(chunks) == expected and len(chunks) > 1
