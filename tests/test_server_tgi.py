@@ -71,6 +71,15 @@ def test_generate_stream_events_end_with_eos_and_details(server: ServerHandle) -
     assert answer["details"]["prefill"] == [] and "top_tokens" not in answer["details"]
 
 
+def test_one_event_per_token_even_inside_a_utf8_character(server: ServerHandle) -> None:
+    body = {"inputs": "Here are some emojis: 😀 🎉 🚀", "parameters": {"max_new_tokens": 12}}
+    events = stream(server, "/generate_stream", body)
+    texts = [e["token"]["text"] for e in events]
+    assert len(events) == 12 and "" in texts  # each emoji spans several byte tokens
+    assert "".join(texts) == events[-1]["generated_text"]
+    assert "\ufffd" not in "".join(texts[:-1])
+
+
 def test_compat_route_dispatches_on_stream(server: ServerHandle) -> None:
     params = {"max_new_tokens": 6, "details": True}
     array = post(server, "/", {"inputs": PROMPT, "parameters": params}).json()

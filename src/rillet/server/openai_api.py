@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from rillet.errors import RilletError
 from rillet.protocol import GeneratedToken, RequestOutput
 from rillet.server.body import parse_json, parse_model, read_body, require_api_key
 from rillet.server.errors import openai_error_events
@@ -133,15 +132,11 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
     state = state_of(request)
     raw = parse_json(await read_body(request))
     tracker = state.track(route)
-    try:
+    with tracker.preparing():
         if chat:
             plan = plan_chat(state, parse_model(ChatCompletionRequest, raw))
         else:
             plan = plan_completion(state, parse_model(CompletionRequest, raw))
-    except RilletError as exc:
-        tracker.fail(exc)
-        tracker.close()
-        raise
     answer = _Answer(state, plan, chat)
     if plan.stream:
         return StreamResponse(

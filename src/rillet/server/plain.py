@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from rillet.errors import RilletError, ValidationError
+from rillet.errors import ValidationError
 from rillet.protocol import EngineRequest
 from rillet.sampling import SamplingParams
 from rillet.server.generation import outputs
@@ -26,16 +26,12 @@ DEFAULT_MAX_NEW_TOKENS = 128
 def plain_stream(request: Request, prompt: str) -> StreamResponse:
     state = state_of(request)
     tracker = state.track("plain")
-    try:
+    with tracker.preparing():
         raw_limit = request.query_params.get("max_new_tokens", str(DEFAULT_MAX_NEW_TOKENS))
         if not raw_limit.isdigit():
             raise ValidationError("`max_new_tokens` must be a positive integer")
         params = SamplingParams(max_new_tokens=int(raw_limit), temperature=0.0)
         engine_request = state.engine.make_request(prompt, params)
-    except RilletError as exc:
-        tracker.fail(exc)
-        tracker.close()
-        raise
     return StreamResponse(
         _chunks(state, engine_request, tracker),
         # text/plain has no error event: the body just ends (the failure is logged).

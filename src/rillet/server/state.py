@@ -9,9 +9,10 @@ and gives the permit back exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,18 @@ class RequestTracker:
 
     def fail(self, error: RilletError) -> None:
         self.outcome = error.error_type
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Wrap the work between admission and handing the tracker to a response: if it
+        fails (a client error, or a bug), the failure is recorded and the permit returned."""
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, RilletError):
+                self.fail(exc)
+            self.close()
+            raise
 
     def failing(self, render: Callable[[RilletError], list[bytes]]) -> ErrorChunks:
         """``render`` (a route's in-band error format) that also records the failure."""

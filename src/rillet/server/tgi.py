@@ -17,7 +17,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from rillet import __version__
-from rillet.errors import RilletError
 from rillet.protocol import GeneratedToken, GeneratedTopToken, PromptToken
 from rillet.server.body import parse_json, parse_model, read_body, require_api_key
 from rillet.server.errors import tgi_error_events
@@ -86,12 +85,8 @@ async def _start(request: Request, route: str, body: GenerateRequest, stream: bo
     """Admit, validate, then answer: a stream, or the whole generation as JSON."""
     state = state_of(request)
     tracker = state.track(route)
-    try:
+    with tracker.preparing():
         plan = plan_tgi(state, body, stream=stream, full_text_default=route == "compat")
-    except RilletError as exc:
-        tracker.fail(exc)
-        tracker.close()
-        raise
     if stream:
         return StreamResponse(
             _stream_events(state, plan, tracker),
