@@ -1,6 +1,7 @@
 """Shared fixtures: real ``rillet serve`` processes on loopback with the bundled model.
 
 * ``server``: default options. Session-scoped: started once, on first use.
+* ``tiny_model_dir``: a tiny random-weight Llama as an HF folder (``fixtures_models.py``).
 * ``limited_server``: ``--max-concurrent-requests 1 --api-key LIMITED_API_KEY``, for 429
   and auth tests (generation requests to it need ``LIMITED_AUTH``; both constants live in
   ``server_process.py``).
@@ -15,7 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from fixtures_models import tiny_model_dir
 from server_process import LIMITED_API_KEY, ServerHandle, start_server
+
+__all__ = ["tiny_model_dir"]
 
 
 @pytest.fixture(scope="session")

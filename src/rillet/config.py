@@ -50,7 +50,7 @@ class EngineConfig:
 
     @classmethod
     def from_env(cls, **overrides: object) -> EngineConfig:
-        """Defaults, then ``RILLET_MODEL`` / ``RILLET_DTYPE`` / ``RILLET_DEVICE``, then overrides."""
+        """Defaults, then ``RILLET_MODEL``/``RILLET_DTYPE``/``RILLET_DEVICE``, then overrides."""
         values: dict[str, object] = {}
         for field_name, var in (
             ("model", "RILLET_MODEL"),

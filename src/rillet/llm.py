@@ -50,10 +50,11 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Run every prompt to completion; results come back in prompt order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompt_list: list[str | Sequence[int]] = (
+            [prompts] if isinstance(prompts, str) else list(prompts)
+        )
         if params is None or isinstance(params, SamplingParams):
-            params_list = [params or SamplingParams()] * len(prompts)
+            params_list = [params or SamplingParams()] * len(prompt_list)
         else:
             params_list = list(params)
         requests = [
@@ -64,7 +65,7 @@ class LLM:
                 prompt,
                 p,
             )
-            for prompt, p in zip(prompts, params_list, strict=True)
+            for prompt, p in zip(prompt_list, params_list, strict=True)
         ]
         processor = OutputProcessor(self.tokenizer)
         results = {r.request_id: Completion(r.request_id, r.prompt_token_ids) for r in requests}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from rillet.sampling import SamplingParams
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a request stopped. Values are TGI's wire strings; OpenAI maps them to stop/length."""
 
     LENGTH = "length"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from rillet.config import EngineConfig
 from rillet.engine.builder import EngineParts, build_engine
-from rillet.engine.collector import RequestCollector
+from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.inputs import build_request
 from rillet.engine.output_processor import OutputProcessor
 from rillet.errors import (
@@ -67,7 +67,6 @@ class AsyncEngine:
         self._processor = OutputProcessor(parts.tokenizer)
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._collectors: dict[str, RequestCollector] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
@@ -167,23 +166,26 @@ class AsyncEngine:
     def _ensure_started(self) -> None:
         if self._thread is not None:
             return
-        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="rillet-engine", daemon=True)
         self._thread.start()
 
     def _send(self, kind: str, payload: object) -> None:
         self._commands.put((kind, payload))
 
-    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """On the event loop: put each output into its collector (if still listening)."""
+    def _post(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """From the engine thread: hand each item to its collector on the collector's loop.
+
+        Collectors remember their own loop, so one engine can serve streams from several
+        event loops (e.g. successive ``asyncio.run`` calls) without losing outputs.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestCollector, Item]]] = {}
         for rid, item in items:
             collector = self._collectors.get(rid)
             if collector is not None:
-                collector.put(item)
-
-    def _post(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        if items and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, items)
+                by_loop.setdefault(collector.loop, []).append((collector, item))
+        for loop, batch in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, batch)
 
     def _run(self) -> None:
         try:
@@ -199,8 +201,8 @@ class AsyncEngine:
     def _drain_commands(self, block: bool) -> None:
         pending: list[tuple[str, RequestOutput | BaseException]] = []
         try:
-            kind, payload = self._commands.get(timeout=_IDLE_POLL_S) if block else (
-                self._commands.get_nowait()
+            kind, payload = (
+                self._commands.get(timeout=_IDLE_POLL_S) if block else (self._commands.get_nowait())
             )
             while True:
                 self._apply(kind, payload, pending)
@@ -244,3 +246,8 @@ class AsyncEngine:
             self.core.abort_request(rid)
             self._processor.drop(rid)
         self._post([(rid, error) for rid in failed])
+
+
+def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:
+    for collector, item in batch:
+        collector.put(item)

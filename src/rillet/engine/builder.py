@@ -62,9 +62,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
     dtype = resolve_dtype(config.dtype, device)
     files = load_model_files(config.model)
     cfg = files.config
-    max_model_len = min(
-        config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings
-    )
+    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
         log.warning(
             "max_model_len %d exceeds the model's %d positions; using %d",

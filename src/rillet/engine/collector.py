@@ -16,11 +16,12 @@ Item = RequestOutput | BaseException
 
 
 class RequestCollector:
-    __slots__ = ("_item", "_ready")
+    __slots__ = ("_item", "_ready", "loop")
 
     def __init__(self) -> None:
         self._item: Item | None = None
         self._ready = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
 
     def put(self, item: Item) -> None:
         if self._item is None or isinstance(item, BaseException):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.request import Request
-from rillet.engine.scheduler import Scheduler
+from rillet.engine.scheduler import ScheduledRequest, Scheduler
 from rillet.errors import ValidationError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
 
@@ -77,7 +77,7 @@ class EngineCore:
         self._count(scheduled.scheduled, result)
         return [self._delta(request, result) for request in updated]
 
-    def _count(self, scheduled: list, result: StepResult) -> None:  # type: ignore[type-arg]
+    def _count(self, scheduled: list[ScheduledRequest], result: StepResult) -> None:
         c = self.counters
         c.num_steps += 1
         for s in scheduled:

@@ -36,7 +36,9 @@ def build_request(
         ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     else:
         ids = list(prompt)
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        if any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in ids
+        ):
             raise ValidationError(f"prompt token ids must be integers in [0, {vocab_size})")
     if not ids:
         raise ValidationError("`inputs` cannot be empty")

@@ -41,7 +41,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a parsed HF ``config.json``; raise ModelLoadError if unsupported."""
-        archs = list(cfg.get("architectures") or []) + [cfg.get("model_type", "")]
+        archs = [*(cfg.get("architectures") or []), cfg.get("model_type", "")]
         if not any(a in LLAMA_FAMILY for a in archs):
             raise ModelLoadError(
                 f"unsupported architecture {archs[0] if archs[0] else 'unknown'!r}: "

