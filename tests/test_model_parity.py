@@ -37,16 +37,19 @@ def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir
     reference = theirs(ids[None]).logits[0]
     cfg = ours.config
     caches = allocate_kv_caches(
-        cfg.num_layers, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
+        cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
     )
 
     got = []
     meta = AttentionMetadata(slot_mapping=torch.arange(9), prefills=[PrefillChunk(0, 9)])
     got.append(ours.compute_logits(ours(ids[:9], torch.arange(9), caches, meta)))
-    q, k = torch.arange(9, 15), torch.arange(15)
+    # Blocks 0 and 1 hold positions 0-31; the mask hides everything past each query.
+    q, k = torch.arange(9, 15), torch.arange(16)
     meta = AttentionMetadata(
         slot_mapping=q,
-        prefills=[PrefillChunk(0, 6, context_slot_ids=k, mask=k[None] <= q[:, None])],
+        prefills=[
+            PrefillChunk(0, 6, context_block_ids=torch.tensor([0]), mask=k[None] <= q[:, None])
+        ],
     )
     got.append(ours.compute_logits(ours(ids[9:15], q, caches, meta)))
     for pos in range(15, 21):
@@ -54,7 +57,7 @@ def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir
         meta = AttentionMetadata(
             slot_mapping=torch.tensor([pos]),
             num_decode_tokens=1,
-            decode_slot_ids=torch.arange(width)[None],
+            decode_block_ids=torch.tensor([[0, 1]]),
             decode_mask=(torch.arange(width) <= pos).view(1, 1, 1, width),
         )
         got.append(ours.compute_logits(ours(ids[pos : pos + 1], torch.tensor([pos]), caches, meta)))

@@ -53,7 +53,8 @@ class ModelRunner:
         self.device = device
         self.kv_caches: list[KVCache] = allocate_kv_caches(
             cfg.num_layers,
-            num_blocks * block_size,
+            num_blocks,
+            block_size,
             cfg.num_kv_heads,
             cfg.head_dim,
             model.dtype,
@@ -117,18 +118,18 @@ class ModelRunner:
             torch.tensor(slots, dtype=torch.long, device=dev),
         )
 
-    def _context_slots(self, requests: list[Request], context_lens: list[int]) -> torch.Tensor:
-        """[N, max(context_lens)] cache slots of each request's first context_lens tokens."""
+    def _block_table(self, requests: list[Request], context_lens: list[int]) -> torch.Tensor:
+        """[N, max blocks] ids of the blocks holding each request's first context_lens tokens.
+
+        Rows are padded with block 0; the mask hides whatever the padding holds.
+        """
         bs = self.block_size
-        max_len = max(context_lens)
-        num_blocks = (max_len + bs - 1) // bs
-        table = torch.tensor(
+        num_blocks = (max(context_lens) + bs - 1) // bs
+        return torch.tensor(
             [r.block_ids[:num_blocks] + [0] * (num_blocks - len(r.block_ids)) for r in requests],
             dtype=torch.long,
             device=self.device,
         )
-        offsets = torch.arange(bs, device=self.device)
-        return (table.unsqueeze(-1) * bs + offsets).view(len(requests), -1)[:, :max_len]
 
     def _attention_metadata(
         self, scheduled: list[ScheduledRequest], slots: torch.Tensor
@@ -138,8 +139,8 @@ class ModelRunner:
         if decodes:
             lens = [s.start_position + 1 for s in decodes]
             meta.num_decode_tokens = len(decodes)
-            meta.decode_slot_ids = self._context_slots([s.request for s in decodes], lens)
-            width = meta.decode_slot_ids.shape[1]
+            meta.decode_block_ids = self._block_table([s.request for s in decodes], lens)
+            width = meta.decode_block_ids.shape[1] * self.block_size
             lens_t = torch.tensor(lens, device=self.device)
             mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
             meta.decode_mask = mask.view(len(decodes), 1, 1, width)
@@ -148,9 +149,10 @@ class ModelRunner:
             chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)
             if s.start_position > 0:
                 context_len = s.start_position + s.num_new_tokens
-                chunk.context_slot_ids = self._context_slots([s.request], [context_len])[0]
+                chunk.context_block_ids = self._block_table([s.request], [context_len])[0]
+                width = chunk.context_block_ids.shape[0] * self.block_size
                 q_pos = torch.arange(s.start_position, context_len, device=self.device)
-                k_pos = torch.arange(context_len, device=self.device)
+                k_pos = torch.arange(width, device=self.device)
                 chunk.mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
             meta.prefills.append(chunk)
             row += s.num_new_tokens

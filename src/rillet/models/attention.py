@@ -2,11 +2,14 @@
 
 Layout of one step's batch (built by the model runner): the first ``num_decode_tokens``
 rows are decodes, one token per sequence; then each prefill chunk's rows, contiguous.
-Each layer's cache is a pair of tensors ``[num_slots, num_kv_heads, head_dim]`` where
-slot = block_id * block_size + offset, so a block table maps to slot ids by arithmetic.
+Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+new tokens are written through the flat view ``[num_slots, ...]`` with
+slot = block_id * block_size + offset.
 
-Decodes run as one batched SDPA over gathered, padded contexts: the GQA group is folded
-into the query-length axis (``[D, kv_heads, group, head_dim]``) so no K/V head is copied
+Contexts are read by gathering whole blocks (``index_select`` over the block axis: a few
+large contiguous copies instead of one small copy per token), padded to a whole number
+of blocks and masked. Decodes run as one batched SDPA: the GQA group is folded into the
+query-length axis (``[D, kv_heads, group, head_dim]``) so no K/V head is copied
 ``group`` times. Prefill chunks run one SDPA each; a chunk with no cached prefix uses its
 own fresh K/V with a causal mask and never touches the cache for reading.
 """
@@ -25,15 +28,15 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class PrefillChunk:
     """One sequence's run of new tokens (a whole prompt, a chunk of it, or a recompute).
 
-    ``context_slot_ids`` lists the cache slots of the whole context up to the end of this
+    ``context_block_ids`` lists the blocks of the whole context up to the end of this
     chunk; it is None when the chunk starts at position 0, which allows plain causal
-    attention over the chunk's own K/V. ``mask`` is the boolean [query_len, context_len]
-    "may attend" matrix for the cached case.
+    attention over the chunk's own K/V. ``mask`` is the boolean
+    [query_len, num_context_blocks * block_size] "may attend" matrix for the cached case.
     """
 
     query_start: int
     query_len: int
-    context_slot_ids: torch.Tensor | None = None
+    context_block_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
 
@@ -43,21 +46,22 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode_tokens: int = 0
-    decode_slot_ids: torch.Tensor | None = None  # [D, max_context] cache slots, padded
-    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_context] bool, True = attend
+    decode_block_ids: torch.Tensor | None = None  # [D, max_blocks] block tables, padded
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size], True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 def allocate_kv_caches(
     num_layers: int,
-    num_slots: int,
+    num_blocks: int,
+    block_size: int,
     num_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[KVCache]:
     """One (key, value) pair of zeroed cache tensors per layer."""
-    shape = (num_slots, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return [
         (
             torch.zeros(shape, dtype=dtype, device=device),
@@ -80,8 +84,8 @@ def paged_attention(
     Returns [T, H, d].
     """
     key_cache, value_cache = cache
-    key_cache.index_copy_(0, meta.slot_mapping, k)
-    value_cache.index_copy_(0, meta.slot_mapping, v)
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
 
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -90,10 +94,10 @@ def paged_attention(
 
     num_decodes = meta.num_decode_tokens
     if num_decodes:
-        assert meta.decode_slot_ids is not None and meta.decode_mask is not None
+        assert meta.decode_block_ids is not None and meta.decode_mask is not None
         q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        k_ctx = key_cache[meta.decode_slot_ids].transpose(1, 2)  # [D, Hkv, L, d]
-        v_ctx = value_cache[meta.decode_slot_ids].transpose(1, 2)
+        k_ctx = _gather_blocks(key_cache, meta.decode_block_ids)  # [D, Hkv, L, d]
+        v_ctx = _gather_blocks(value_cache, meta.decode_block_ids)
         o = F.scaled_dot_product_attention(
             q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, scale=scale
         )
@@ -102,16 +106,24 @@ def paged_attention(
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         q_c = q[rows].transpose(0, 1)  # [H, Lq, d]
-        if chunk.context_slot_ids is None:
+        if chunk.context_block_ids is None:
             k_c, v_c = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=group > 1
             )
         else:
-            k_c = key_cache[chunk.context_slot_ids].transpose(0, 1)  # [Hkv, L, d]
-            v_c = value_cache[chunk.context_slot_ids].transpose(0, 1)
+            k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])[0]  # [Hkv, L, d]
+            v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])[0]
             o = F.scaled_dot_product_attention(
                 q_c, k_c, v_c, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
             )
         out[rows] = o.transpose(0, 1)
     return out
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[N, max_blocks] block ids -> [N, kv_heads, max_blocks * block_size, head_dim] view."""
+    num_seqs, num_blocks = block_ids.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, block_ids.reshape(-1))
+    return blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)

@@ -1,0 +1,159 @@
+"""Arguments and entry point shared by ``rillet bench`` and ``python bench/serve.py``.
+
+Output: one JSON object per level on stdout (and appended to ``--out``), a progress bar
+and a summary table on stderr. Exit code 0 when every level ran without errors, 1 when
+some requests failed or were cut by a time cap, 2 when the run could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rillet.benchmark.workload import BenchConfig
+
+DESCRIPTION = (
+    "Closed-loop load generator for any OpenAI-compatible streaming endpoint: TTFT, "
+    "inter-token latency, tokens/s and errors at each concurrency level."
+)
+EXAMPLE = """example:
+  rillet bench --url http://127.0.0.1:8080 --model smollm2 --concurrency 1,4,16,64 \\
+      --max-tokens 128 --out bench/out/rillet.jsonl --plot bench/out/rillet.png
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the benchmark's options on ``parser`` (imports nothing heavy)."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLE
+    add = parser.add_argument
+    add("--url", default="http://127.0.0.1:8080", help="server base URL (a /v1 suffix is fine)")
+    add("--model", default="smollm2", help="the request's model field")
+    add("--api", choices=["chat", "completions"], default="chat", help="OpenAI route to load")
+    add("--concurrency", default="1,4,16,64", help="comma-separated levels (default: 1,4,16,64)")
+    add("--max-tokens", type=int, default=128, help="output tokens per request (default: 128)")
+    add("--requests-per-level", type=int, help="requests per level (default: max(8, 4 x C))")
+    add("--temperature", type=float, default=0.0)
+    add("--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos")
+    add(
+        "--no-usage",
+        dest="include_usage",
+        action="store_false",
+        help="do not ask for stream_options.include_usage (tokens are then counted as deltas)",
+    )
+    add("--extra-body", default="{}", help="JSON object merged into every request body")
+    add("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    add(
+        "--level-timeout",
+        type=float,
+        default=300.0,
+        help="seconds per level: then in-flight requests are cancelled (default: 300)",
+    )
+    add("--warmup", type=int, default=1, help="untimed requests before the levels (default: 1)")
+    add("--no-keepalive", dest="keepalive", action="store_false", help="new connection per request")
+    add("--api-key", help="sent as `Authorization: Bearer KEY`")
+    add("--label", default="", help="name of the system under test, copied into every line")
+    add("--server-pid", type=int, help="report CPU used by this process tree (Linux /proc)")
+    add("--out", type=Path, help="append the level JSON lines to this file")
+    add("--requests-out", type=Path, help="append one JSON line per request (raw timings)")
+    add("--plot", type=Path, help="draw tok/s and TTFT vs concurrency into this PNG")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser, for ``python bench/serve.py``."""
+    parser = argparse.ArgumentParser(prog="bench/serve.py", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Build and validate the run's settings; ValueError names the bad option."""
+    try:
+        levels = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency must be integers like 1,4,16, got {args.concurrency!r}")
+    try:
+        extra = json.loads(args.extra_body)
+    except ValueError as exc:
+        raise ValueError(f"--extra-body is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    config = BenchConfig(
+        url=args.url,
+        model=args.model,
+        api=args.api,
+        concurrency=levels,
+        max_tokens=args.max_tokens,
+        requests_per_level=args.requests_per_level,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        include_usage=args.include_usage,
+        extra_body=extra,
+        request_timeout=args.request_timeout,
+        level_timeout=args.level_timeout,
+        warmup=args.warmup,
+        keepalive=args.keepalive,
+        api_key=args.api_key,
+        label=args.label,
+        server_pid=args.server_pid,
+    )
+    config.validate()
+    return config
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed arguments describe; the process exit code."""
+    import asyncio  # here, not at module level: `rillet --help` must stay fast
+
+    from rillet.benchmark.progress import Progress
+    from rillet.benchmark.runner import WarmupFailed, json_line, run_benchmark
+    from rillet.benchmark.stats import format_table
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"rillet bench: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(enabled=args.progress)
+
+    def emit(row: dict[str, Any], records: list[Any]) -> None:
+        line = json_line(row)
+        print(line, flush=True)
+        _append(args.out, [line])
+        if args.requests_out:
+            extra = {"label": row["label"], "concurrency": row["concurrency"]}
+            _append(args.requests_out, [json_line({**extra, **r.to_json()}) for r in records])
+        progress.note(format_table([row]).splitlines()[-1])
+
+    progress.note(f"rillet bench: {config.name} -> {config.endpoint}")
+    try:
+        rows = asyncio.run(run_benchmark(config, progress, emit))
+    except WarmupFailed as exc:
+        print(f"rillet bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rillet bench: interrupted", file=sys.stderr)
+        return 130
+    print(f"\n{config.name} (times in ms)\n{format_table(rows)}", file=sys.stderr)
+    if args.plot:
+        from rillet.benchmark.plot import PlotUnavailable, plot_levels
+
+        try:
+            print(f"plot: {plot_levels(rows, args.plot, config.name)}", file=sys.stderr)
+        except PlotUnavailable as exc:
+            print(f"rillet bench: {exc}", file=sys.stderr)
+            return 2
+    clean = all(r["errors"] == 0 and r["cancelled"] == 0 for r in rows)
+    return 0 if clean else 1
+
+
+def _append(path: Path | None, lines: list[str]) -> None:
+    if path is None or not lines:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,79 @@
+"""Throughput and TTFT against concurrency, one line per server label, as a PNG.
+
+matplotlib is optional (``pip install matplotlib``, or the ``bench`` extra) and imported
+only when a plot is asked for, so the load generator itself needs httpx only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed."""
+
+
+def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Level rows from JSON-lines files written by ``rillet bench --out``."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draw output tok/s and TTFT p50/p99 (log scale) vs concurrency into ``path``."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError as exc:
+        raise PlotUnavailable(
+            "plotting needs matplotlib: pip install matplotlib (or rillet[bench])"
+        ) from exc
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    plt = importlib.import_module("matplotlib.pyplot")
+
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(str(row.get("label", "?")), []).append(row)
+
+    fig, (ax_tput, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, label_rows in by_label.items():
+        label_rows = sorted(label_rows, key=lambda r: r["concurrency"])
+        levels = [r["concurrency"] for r in label_rows]
+        (line,) = ax_tput.plot(
+            levels, [r["output_tok_s"] or 0 for r in label_rows], marker="o", label=label
+        )
+        color = line.get_color()
+        for quantile, style in (("p50", "-"), ("p99", "--")):
+            ttft = [_seconds(r["ttft_ms"][quantile]) for r in label_rows]
+            ax_ttft.plot(
+                levels, ttft, style, marker="o", color=color, label=f"{label} {quantile}"
+            )
+    for ax in (ax_tput, ax_ttft):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_tput.set_ylabel("output tokens/s (aggregate)")
+    ax_tput.set_ylim(bottom=0)
+    ax_ttft.set_ylabel("time to first token (s)")
+    ax_ttft.set_yscale("log")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _seconds(ms: float | None) -> float:
+    # A level with no successful request has no TTFT: NaN leaves a gap in the line.
+    return float("nan") if ms is None else ms / 1000.0

@@ -1,0 +1,150 @@
+"""The closed loop: at each concurrency C, C workers keep one request each in flight.
+
+Workers draw request indices from one shared counter, so a level sends exactly
+``requests_for(C)`` requests (fewer only if its time cap strikes) and a slow request
+never stalls the others. Levels run one after another on one HTTP client whose
+connection pool is at least as large as the highest level, so no request waits for a
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from rillet.benchmark.progress import Progress
+from rillet.benchmark.stats import summarize_level
+from rillet.benchmark.stream import RequestRecord, stream_request
+from rillet.benchmark.sysstat import CpuSnapshot
+from rillet.benchmark.workload import BenchConfig
+
+#: Bumped when a field of the JSON lines changes meaning.
+FORMAT_VERSION = 1
+
+#: Called with each level's row as soon as the level ends, and with its records.
+RowSink = Callable[[dict[str, Any], list[RequestRecord]], None]
+
+
+class WarmupFailed(Exception):
+    """The server did not answer the warm-up request: the run would measure only errors."""
+
+
+def make_client(config: BenchConfig) -> httpx.AsyncClient:
+    """An HTTP client sized for the run's highest concurrency."""
+    connections = max(config.concurrency) + 4
+    limits = httpx.Limits(
+        max_connections=connections,
+        # Without keep-alive every request opens a fresh connection, as some harnesses do;
+        # it also sidesteps servers that close a connection after each stream.
+        max_keepalive_connections=connections if config.keepalive else 0,
+    )
+    timeout = httpx.Timeout(config.request_timeout, connect=30.0)
+    return httpx.AsyncClient(limits=limits, timeout=timeout)
+
+
+async def run_level(
+    client: httpx.AsyncClient, config: BenchConfig, concurrency: int, progress: Progress
+) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """Run one level; return its summary row (without the run metadata) and its records."""
+    planned = config.requests_for(concurrency)
+    indices = itertools.count()
+    records: list[RequestRecord] = []
+
+    async def worker() -> None:
+        while (index := next(indices)) < planned:
+            record = RequestRecord(index)
+            records.append(record)
+            await stream_request(client, config, record)
+            progress.advance(record)
+
+    progress.start_level(concurrency, planned)
+    before = CpuSnapshot.take(config.server_pid)
+    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, planned))]
+    _, still_running = await asyncio.wait(tasks, timeout=config.level_timeout)
+    for task in still_running:
+        task.cancel()  # stream_request marks its record cancelled
+    await asyncio.gather(*still_running, return_exceptions=True)
+    after = CpuSnapshot.take(config.server_pid)
+    progress.end_level()
+
+    records.sort(key=lambda r: r.index)
+    row = summarize_level(
+        records,
+        concurrency=concurrency,
+        num_planned=planned,
+        max_tokens=config.max_tokens,
+        wall=after.wall - before.wall,
+    )
+    row["hit_level_timeout"] = bool(still_running)
+    row.update(after.cores_since(before))
+    return row, records
+
+
+async def warm_up(client: httpx.AsyncClient, config: BenchConfig, progress: Progress) -> None:
+    """Untimed requests first (lazy init, caches); the first also checks the server works."""
+    for i in range(config.warmup):
+        record = await stream_request(client, config, RequestRecord(-1 - i), max_tokens=16)
+        if not record.ok and i == 0:
+            hint = ""
+            if record.status is not None and 400 <= record.status < 500:
+                hint = " (if the server rejects ignore_eos or stream_options, try "
+                hint += "--no-ignore-eos / --no-usage)"
+            raise WarmupFailed(f"warm-up request failed: {record.error}{hint}")
+        progress.note(
+            f"warm-up {i + 1}/{config.warmup}: {record.num_tokens} tokens, "
+            f"TTFT {1000 * (record.ttft or 0):.0f} ms, {record.error or 'ok'}"
+        )
+
+
+def run_metadata(config: BenchConfig) -> dict[str, Any]:
+    """Fields repeated in every JSON line, so each line stands on its own."""
+    return {
+        "label": config.name,
+        "url": config.base_url,
+        "api": config.api,
+        "model": config.model,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "ignore_eos": config.ignore_eos,
+        "include_usage": config.include_usage,
+        "extra_body": dict(config.extra_body),
+        "keepalive": config.keepalive,
+        "server_pid": config.server_pid,
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "format": FORMAT_VERSION,
+    }
+
+
+async def run_benchmark(
+    config: BenchConfig, progress: Progress, on_row: RowSink | None = None
+) -> list[dict[str, Any]]:
+    """Warm up, then run every level in order; one row per level (also fed to ``on_row``).
+
+    Raises WarmupFailed when the server cannot serve the first request.
+    """
+    rows: list[dict[str, Any]] = []
+    meta = run_metadata(config)
+    async with make_client(config) as client:
+        await warm_up(client, config, progress)
+        for concurrency in config.concurrency:
+            started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            level, records = await run_level(client, config, concurrency, progress)
+            row = {**meta, "started_at": started_at, **level}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row, records)
+            await asyncio.sleep(0.5)  # let the server settle between levels
+    return rows
+
+
+def json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, separators=(",", ":"))

@@ -1,0 +1,151 @@
+"""Percentiles and the summary of one concurrency level (one JSON line).
+
+Definitions, so that numbers from different servers mean the same thing:
+
+* TTFT: request sent -> first non-empty content delta, over successful requests.
+* ITL: gaps between consecutive content deltas, pooled over successful requests. A server
+  that merges several tokens into one delta shows fewer, longer gaps: ``tokens_per_delta``
+  says how much merging happened, and TPOT does not depend on it.
+* TPOT: per request, (latency - TTFT) / (tokens - 1), tokens from ``usage`` when sent.
+* output tok/s: every token received during the level (cancelled requests' partial output
+  included, counted as deltas) divided by the level's wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from rillet.benchmark.stream import RequestRecord
+
+PERCENTILES: tuple[int, ...] = (50, 90, 99)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile with linear interpolation between ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def distribution_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean, p50/p90/p99 and max of values in seconds, reported in milliseconds."""
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(x * 1000.0, 3)
+
+    summary: dict[str, float | None] = {
+        "mean": ms(sum(values) / len(values)) if values else None
+    }
+    for q in PERCENTILES:
+        summary[f"p{q}"] = ms(percentile(values, q))
+    summary["max"] = ms(max(values)) if values else None
+    return summary
+
+
+def summarize_level(
+    records: Sequence[RequestRecord],
+    *,
+    concurrency: int,
+    num_planned: int,
+    max_tokens: int,
+    wall: float,
+) -> dict[str, Any]:
+    """The level's counts, throughput and latency distributions (times in ms).
+
+    Counts add up: ``started == ok + errors + cancelled`` and ``started <= planned``.
+    """
+    ok = [r for r in records if r.ok]
+    cancelled = [r for r in records if r.cancelled]
+    failed = [r for r in records if not r.ok and not r.cancelled]
+    # Cancelled requests carry no usage chunk: their deltas are the best count we have.
+    tokens = sum(r.num_tokens for r in ok) + sum(r.num_deltas for r in cancelled)
+    deltas = sum(r.num_deltas for r in ok)
+    tpots = [
+        (r.latency - r.ttft) / (r.num_tokens - 1)
+        for r in ok
+        if r.latency is not None and r.ttft is not None and r.num_tokens > 1
+    ]
+    return {
+        "concurrency": concurrency,
+        "planned": num_planned,
+        "started": len(records),
+        "ok": len(ok),
+        "errors": len(failed),
+        "cancelled": len(cancelled),
+        "error_kinds": dict(Counter(_error_kind(r.error) for r in failed)),
+        "wall_s": round(wall, 3),
+        "output_tokens": tokens,
+        "output_tok_s": round(tokens / wall, 2) if wall > 0 else None,
+        "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
+        "usage_reported": sum(1 for r in ok if r.usage_tokens is not None),
+        # With ignore_eos every request should hit the cap; fewer means the server ignored it.
+        "reached_max_tokens": sum(1 for r in ok if r.num_tokens >= max_tokens),
+        "tokens_per_request_mean": round(tokens / len(ok), 2) if ok else None,
+        "tokens_per_delta": round(sum(r.num_tokens for r in ok) / deltas, 3) if deltas else None,
+        "finish_reasons": dict(Counter(str(r.finish_reason) for r in ok)),
+        "ttft_ms": distribution_ms([r.ttft for r in ok if r.ttft is not None]),
+        "itl_ms": distribution_ms([g for r in ok for g in r.gaps]),
+        "tpot_ms": distribution_ms(tpots),
+        "latency_ms": distribution_ms([r.latency for r in ok if r.latency is not None]),
+    }
+
+
+def _error_kind(error: str | None) -> str:
+    """Errors grouped by their first words, so 64 timeouts make one entry, not 64."""
+    return " ".join((error or "unknown").split()[:6])[:80]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table of level rows, for the terminal (times in ms)."""
+    columns: list[tuple[str, int]] = [
+        ("conc", 5),
+        ("ok/sent", 8),
+        ("err", 4),
+        ("cncl", 4),
+        ("wall_s", 7),
+        ("tok/s", 8),
+        ("ttft50", 7),
+        ("ttft99", 7),
+        ("itl50", 7),
+        ("itl99", 7),
+        ("tpot50", 7),
+        ("tok/req", 7),
+        ("srv_cpu", 7),
+        ("other", 6),
+    ]
+    lines = [" ".join(name.rjust(width) for name, width in columns)]
+    for row in rows:
+        cells = [
+            row["concurrency"],
+            f"{row['ok']}/{row['started']}",
+            row["errors"],
+            row["cancelled"],
+            row["wall_s"],
+            row["output_tok_s"],
+            row["ttft_ms"]["p50"],
+            row["ttft_ms"]["p99"],
+            row["itl_ms"]["p50"],
+            row["itl_ms"]["p99"],
+            row["tpot_ms"]["p50"],
+            row["tokens_per_request_mean"],
+            row.get("server_cpu_cores"),
+            row.get("other_cpu_cores"),
+        ]
+        lines.append(
+            " ".join(_cell(v).rjust(width) for v, (_, width) in zip(cells, columns, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,159 @@
+"""One streamed request, timed: TTFT, the gaps between content deltas, the token count.
+
+Times are taken on this side of the socket when each SSE line is read, so they include
+the server's batching of writes and the network stack, as a user's client would see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from rillet.benchmark.workload import BenchConfig
+
+
+@dataclass
+class RequestRecord:
+    """What one request produced; times in seconds from just before the request was sent.
+
+    ``ok`` is False when ``error`` is set (an HTTP error, an error event in the stream,
+    a timeout, no content or a stream cut before its end) and when the request was
+    ``cancelled`` at a level's time cap; its partial output is still recorded.
+    """
+
+    index: int
+    status: int | None = None
+    ttft: float | None = None
+    latency: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    num_deltas: int = 0
+    num_chars: int = 0
+    usage_tokens: int | None = None
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.cancelled
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens: the server's usage count, else one token per content delta."""
+        return self.usage_tokens if self.usage_tokens is not None else self.num_deltas
+
+    def to_json(self) -> dict[str, Any]:
+        """A flat JSON object for ``--requests-out`` (times in milliseconds)."""
+        return {
+            "index": self.index,
+            "ok": self.ok,
+            "status": self.status,
+            "error": self.error,
+            "cancelled": self.cancelled,
+            "ttft_ms": _ms(self.ttft),
+            "latency_ms": _ms(self.latency),
+            "num_tokens": self.num_tokens,
+            "usage_tokens": self.usage_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "num_deltas": self.num_deltas,
+            "num_chars": self.num_chars,
+            "finish_reason": self.finish_reason,
+            "gaps_ms": [_ms(g) for g in self.gaps],
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+async def stream_request(
+    client: httpx.AsyncClient,
+    config: BenchConfig,
+    record: RequestRecord,
+    max_tokens: int | None = None,
+) -> RequestRecord:
+    """Send request ``record.index`` and fill ``record`` as the stream arrives.
+
+    Never raises for a failed request (the failure goes into ``record.error``), except
+    CancelledError, which marks the record cancelled and propagates.
+    """
+    body = config.body(config.prompt(record.index), max_tokens)
+    start = time.perf_counter()
+    saw_done = False
+    try:
+        # httpx timeouts bound each read, not the whole stream: this bounds the request.
+        async with (
+            asyncio.timeout(config.request_timeout),
+            client.stream("POST", config.endpoint, json=body, headers=config.headers()) as resp,
+        ):
+            record.status = resp.status_code
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                record.error = f"HTTP {resp.status_code}: {' '.join(text.split())[:200]}"
+                return record
+            last: float | None = None
+            async for line in resp.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": keep-alive" comments, "event:" lines
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    saw_done = True
+                    break
+                text = _read_event(payload, config, record)
+                if text:
+                    if last is None:
+                        record.ttft = now - start
+                    else:
+                        record.gaps.append(now - last)
+                    last = now
+                    record.num_deltas += 1
+                    record.num_chars += len(text)
+        record.latency = time.perf_counter() - start
+        if record.error is None:
+            if record.num_deltas == 0:
+                record.error = "no content in the stream"
+            elif not saw_done and record.finish_reason is None:
+                record.error = "stream ended before its finish_reason or [DONE]"
+    except TimeoutError:
+        record.error = f"timeout after {config.request_timeout:g}s"
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:200]
+    except asyncio.CancelledError:
+        record.cancelled = True
+        raise
+    return record
+
+
+def _read_event(payload: str, config: BenchConfig, record: RequestRecord) -> str:
+    """Fold one SSE data payload into ``record``; return its content text ('' if none)."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        record.error = f"SSE data is not JSON: {payload[:80]!r}"
+        return ""
+    if not isinstance(event, dict):
+        record.error = f"SSE data is not an object: {payload[:80]!r}"
+        return ""
+    if event.get("error") and not event.get("choices"):
+        record.error = f"error event: {str(event['error'])[:160]}"
+        return ""
+    usage = event.get("usage")
+    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+        record.usage_tokens = int(usage["completion_tokens"])
+        record.prompt_tokens = usage.get("prompt_tokens")
+    text = ""
+    for choice in event.get("choices") or []:
+        if config.api == "chat":
+            text += (choice.get("delta") or {}).get("content") or ""
+        else:
+            text += choice.get("text") or ""
+        if choice.get("finish_reason"):
+            record.finish_reason = str(choice["finish_reason"])
+    return text

@@ -1,0 +1,131 @@
+"""What a benchmark run sends: its settings, the prompt set and the request bodies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Open-ended tasks, so a model with ``ignore_eos`` unsupported still tends to write long
+#: answers. Request ``i`` of every level gets ``PROMPTS[i % len(PROMPTS)]``: two runs with
+#: the same settings send the same bodies in the same order.
+PROMPTS: tuple[str, ...] = (
+    "Tell the story of a river from its source in the mountains to the sea, in detail.",
+    "Explain how a compiler turns source code into machine code, stage by stage.",
+    "Describe a day in the life of a medieval blacksmith, from dawn to night.",
+    "Write a long guide to caring for houseplants through the four seasons.",
+    "Explain why the sky is blue and sunsets are red, with the physics behind it.",
+    "Write a detailed account of how a city builds and maintains its water supply.",
+    "Describe how bees find flowers, make honey and organise their hive.",
+    "Write a long letter from a sailor crossing the Atlantic in the 1800s.",
+    "Explain how public-key cryptography lets two strangers share a secret.",
+    "Describe the geology of volcanoes and what happens before an eruption.",
+    "Write a step-by-step tutorial on making fresh pasta by hand.",
+    "Explain how a jet engine works, from the intake to the exhaust.",
+    "Tell a long story about two friends who open a bookshop in a small town.",
+    "Describe how glaciers form, move and shape the valleys below them.",
+    "Explain the main ideas of probability to a curious teenager, with examples.",
+    "Write a detailed history of the bicycle and how it changed cities.",
+    "Describe how an orchestra prepares a new symphony for its first concert.",
+    "Explain how the immune system tells friend from foe, in a long answer.",
+    "Write a long travel diary of a week spent walking along a coastal path.",
+    "Describe the life of a tree over five hundred years in the same forest.",
+    "Explain how electricity gets from a power station to a light bulb at home.",
+    "Write an extended fable about a fox who learns to keep promises.",
+    "Describe how mapmakers measured the Earth before satellites existed.",
+    "Explain how a database keeps data safe when the power fails mid-write.",
+)
+
+Api = Literal["chat", "completions"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of one run; ``validate()`` before use (the CLI does).
+
+    ``url`` is the server's base URL (a trailing ``/v1`` is accepted). Every level runs
+    ``requests_for(c)`` requests with ``c`` in flight at all times (closed loop). A request
+    gives up after ``request_timeout`` s; a level stops starting requests and cancels those
+    in flight after ``level_timeout`` s, so a run lasts at most about
+    ``warmup * request_timeout + len(concurrency) * level_timeout`` s.
+    """
+
+    url: str
+    model: str
+    api: Api = "chat"
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    max_tokens: int = 128
+    requests_per_level: int | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = True
+    include_usage: bool = True
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    request_timeout: float = 300.0
+    level_timeout: float = 300.0
+    warmup: int = 1
+    keepalive: bool = True
+    api_key: str | None = None
+    label: str = ""
+    server_pid: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError on settings that cannot give a meaningful run."""
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"--url must start with http:// or https://, got {self.url!r}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError("concurrency levels must be positive integers")
+        if self.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
+        if self.requests_per_level is not None and self.requests_per_level < 1:
+            raise ValueError("--requests-per-level must be at least 1")
+        if self.request_timeout <= 0 or self.level_timeout <= 0:
+            raise ValueError("time caps must be positive")
+        if self.warmup < 0:
+            raise ValueError("--warmup cannot be negative")
+
+    @property
+    def base_url(self) -> str:
+        base = self.url.rstrip("/")
+        return base.removesuffix("/v1")
+
+    @property
+    def endpoint(self) -> str:
+        route = "/v1/chat/completions" if self.api == "chat" else "/v1/completions"
+        return self.base_url + route
+
+    @property
+    def name(self) -> str:
+        """The label written into every JSON line."""
+        return self.label or f"{self.base_url} {self.model}"
+
+    def requests_for(self, concurrency: int) -> int:
+        """Requests sent at one level: enough for the loop to reach its steady state."""
+        if self.requests_per_level is not None:
+            return self.requests_per_level
+        return max(8, 4 * concurrency)
+
+    def prompt(self, index: int) -> str:
+        return PROMPTS[index % len(PROMPTS)]
+
+    def body(self, prompt: str, max_tokens: int | None = None) -> dict[str, Any]:
+        """The JSON body of one streaming request; ``extra_body`` wins over our fields."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "stream": True,
+            "max_tokens": max_tokens or self.max_tokens,
+            "temperature": self.temperature,
+        }
+        if self.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if self.include_usage:
+            # The only reliable token count when a server merges tokens into one delta.
+            body["stream_options"] = {"include_usage": True}
+        if self.ignore_eos:
+            body["ignore_eos"] = True  # vLLM's extra, honoured by rillet; others ignore it
+        body.update(self.extra_body)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
