@@ -75,7 +75,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     try:
         levels = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--concurrency must be integers like 1,4,16, got {args.concurrency!r}")
+        raise ValueError(
+            f"--concurrency must be integers like 1,4,16, got {args.concurrency!r}"
+        ) from None
     try:
         extra = json.loads(args.extra_body)
     except ValueError as exc:
@@ -127,7 +129,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.requests_out:
             extra = {"label": row["label"], "concurrency": row["concurrency"]}
             _append(args.requests_out, [json_line({**extra, **r.to_json()}) for r in records])
-        progress.note(format_table([row]).splitlines()[-1])
+        progress.note(format_table([row]))
 
     progress.note(f"rillet bench: {config.name} -> {config.endpoint}")
     try:

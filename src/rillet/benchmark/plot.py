@@ -52,11 +52,13 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
         color = line.get_color()
         for quantile, style in (("p50", "-"), ("p99", "--")):
             ttft = [_seconds(r["ttft_ms"][quantile]) for r in label_rows]
-            ax_ttft.plot(
-                levels, ttft, style, marker="o", color=color, label=f"{label} {quantile}"
-            )
+            ax_ttft.plot(levels, ttft, style, marker="o", color=color, label=f"{label} {quantile}")
+    ticker = importlib.import_module("matplotlib.ticker")
+    all_levels = sorted({int(r["concurrency"]) for r in rows})
     for ax in (ax_tput, ax_ttft):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_levels, [str(c) for c in all_levels])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlabel("concurrent requests")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
@@ -64,6 +66,10 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     ax_tput.set_ylim(bottom=0)
     ax_ttft.set_ylabel("time to first token (s)")
     ax_ttft.set_yscale("log")
+    # Plain numbers (0.05, 0.2, 1) read faster than 2x10^-1 on a latency axis.
+    ax_ttft.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_ttft.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax_ttft.yaxis.set_minor_locator(ticker.NullLocator())
     if title:
         fig.suptitle(title)
     fig.tight_layout()

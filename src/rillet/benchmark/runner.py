@@ -89,9 +89,13 @@ async def run_level(
 
 
 async def warm_up(client: httpx.AsyncClient, config: BenchConfig, progress: Progress) -> None:
-    """Untimed requests first (lazy init, caches); the first also checks the server works."""
+    """Untimed requests first (lazy init, caches); the first also checks the server works.
+
+    They send the levels' exact body: a shorter ``max_tokens`` could clash with a
+    ``min_tokens`` given in ``extra_body``.
+    """
     for i in range(config.warmup):
-        record = await stream_request(client, config, RequestRecord(-1 - i), max_tokens=16)
+        record = await stream_request(client, config, RequestRecord(-1 - i))
         if not record.ok and i == 0:
             hint = ""
             if record.status is not None and 400 <= record.status < 500:

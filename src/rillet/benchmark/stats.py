@@ -39,9 +39,7 @@ def distribution_ms(values: Sequence[float]) -> dict[str, float | None]:
     def ms(x: float | None) -> float | None:
         return None if x is None else round(x * 1000.0, 3)
 
-    summary: dict[str, float | None] = {
-        "mean": ms(sum(values) / len(values)) if values else None
-    }
+    summary: dict[str, float | None] = {"mean": ms(sum(values) / len(values)) if values else None}
     for q in PERCENTILES:
         summary[f"p{q}"] = ms(percentile(values, q))
     summary["max"] = ms(max(values)) if values else None

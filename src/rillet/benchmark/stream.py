@@ -76,14 +76,13 @@ async def stream_request(
     client: httpx.AsyncClient,
     config: BenchConfig,
     record: RequestRecord,
-    max_tokens: int | None = None,
 ) -> RequestRecord:
     """Send request ``record.index`` and fill ``record`` as the stream arrives.
 
     Never raises for a failed request (the failure goes into ``record.error``), except
     CancelledError, which marks the record cancelled and propagates.
     """
-    body = config.body(config.prompt(record.index), max_tokens)
+    body = config.body(config.prompt(record.index))
     start = time.perf_counter()
     saw_done = False
     try:

@@ -107,12 +107,12 @@ class BenchConfig:
     def prompt(self, index: int) -> str:
         return PROMPTS[index % len(PROMPTS)]
 
-    def body(self, prompt: str, max_tokens: int | None = None) -> dict[str, Any]:
+    def body(self, prompt: str) -> dict[str, Any]:
         """The JSON body of one streaming request; ``extra_body`` wins over our fields."""
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
-            "max_tokens": max_tokens or self.max_tokens,
+            "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
         if self.api == "chat":
