@@ -22,6 +22,8 @@ class EngineConfig:
     ``kv_cache_memory_bytes`` unless ``num_kv_blocks`` pins it (tests use that to force
     preemption). ``max_num_batched_tokens`` is the per-step token budget that bounds how
     long one step (and so every stream's inter-token gap) can take while prompts prefill.
+    ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
+    turns them off).
     """
 
     model: str | None = None
@@ -36,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int | None = None
     num_threads: int | None = None
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,5 +62,7 @@ class EngineConfig:
         ):
             if os.environ.get(var):
                 values[field_name] = os.environ[var]
+        if os.environ.get("RILLET_NATIVE_KERNELS") == "0":
+            values["native_kernels"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -97,7 +97,13 @@ def build_engine(config: EngineConfig) -> EngineParts:
         eos_token_ids=eos_ids,
     )
     runner = ModelRunner(
-        model, num_blocks, config.block_size, device, eos_token_ids=eos_ids, seed=config.seed
+        model,
+        num_blocks,
+        config.block_size,
+        device,
+        eos_token_ids=eos_ids,
+        seed=config.seed,
+        native_kernels=config.native_kernels,
     )
     log.info(
         "loaded %s: %d layers, %s on %s, %d KV blocks of %d tokens, context %d",

@@ -14,6 +14,7 @@ import torch
 from rillet.engine.request import Request
 from rillet.engine.sampler import Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.models import cpu_kernels
 from rillet.models.attention import (
     AttentionMetadata,
     KVCache,
@@ -45,6 +46,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: frozenset[int] = frozenset(),
         seed: int | None = None,
+        native_kernels: bool = True,
     ) -> None:
         cfg = model.config
         self.eos_token_ids = tuple(sorted(eos_token_ids))
@@ -61,6 +63,7 @@ class ModelRunner:
             device,
         )
         self.sampler = Sampler(device=device, seed=seed)
+        self.native = cpu_kernels.load(native_kernels and device.type == "cpu")
         self._generators: dict[str, torch.Generator | None] = {}
         # Prompt logits are kept per request until its prompt is fully computed, so
         # prompt logprobs work across chunked prefill.
@@ -144,6 +147,8 @@ class ModelRunner:
             lens_t = torch.tensor(lens, device=self.device)
             mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
             meta.decode_mask = mask.view(len(decodes), 1, 1, width)
+            meta.decode_context_lens = lens_t
+            meta.native = self.native
         row = len(decodes)
         for s in scheduled[len(decodes) :]:
             chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)

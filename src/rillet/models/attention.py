@@ -17,9 +17,12 @@ own fresh K/V with a causal mask and never touches the cache for reading.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from rillet.models import cpu_kernels
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,6 +51,8 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_ids: torch.Tensor | None = None  # [D, max_blocks] block tables, padded
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size], True = attend
+    decode_context_lens: torch.Tensor | None = None  # [D] int64
+    native: ModuleType | None = None  # compiled CPU kernels, when available
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -95,13 +100,18 @@ def paged_attention(
     num_decodes = meta.num_decode_tokens
     if num_decodes:
         assert meta.decode_block_ids is not None and meta.decode_mask is not None
-        q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        k_ctx = _gather_blocks(key_cache, meta.decode_block_ids)  # [D, Hkv, L, d]
-        v_ctx = _gather_blocks(value_cache, meta.decode_block_ids)
-        o = F.scaled_dot_product_attention(
-            q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, scale=scale
-        )
-        out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+        if meta.native is not None and meta.decode_context_lens is not None:
+            out[:num_decodes] = cpu_kernels.paged_decode_attention(
+                meta.native,
+                q[:num_decodes],
+                key_cache,
+                value_cache,
+                meta.decode_block_ids,
+                meta.decode_context_lens,
+                scale,
+            )
+        else:
+            _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out)
 
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
@@ -127,3 +137,22 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
     _, block_size, num_kv_heads, head_dim = cache.shape
     blocks = cache.index_select(0, block_ids.reshape(-1))
     return blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+
+
+def _decode_with_sdpa(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Portable decode path: gather padded contexts, one batched SDPA."""
+    assert meta.decode_block_ids is not None and meta.decode_mask is not None
+    num_decodes, num_heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    k_ctx = _gather_blocks(key_cache, meta.decode_block_ids)  # [D, Hkv, L, d]
+    v_ctx = _gather_blocks(value_cache, meta.decode_block_ids)
+    o = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, scale=scale)
+    out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)

@@ -1,0 +1,67 @@
+"""Native CPU kernels, compiled on first use with torch's C++ extension builder.
+
+Only one for now: decode attention read straight from the paged KV cache (see
+``csrc/paged_decode_attention.cpp``). Gathering each sequence's context into a padded
+tensor and calling SDPA copied the whole KV context every step and cost more than the
+matmuls at high batch; the kernel reads each K/V row once, in place.
+
+Compilation takes about a minute the first time on a machine and is cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). If it fails (no compiler,
+no ninja), attention falls back to the gather + SDPA path and logs why once.
+``RILLET_NATIVE_KERNELS=0`` turns the kernels off (read in ``rillet.config``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("rillet.kernels")
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failed = False
+
+
+def load(enabled: bool = True) -> ModuleType | None:
+    """Compile (once per machine) and import the kernels; None if unavailable or disabled."""
+    global _module, _failed
+    if not enabled or _failed:
+        return None
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                _module = load_extension(
+                    name="rillet_cpu_kernels",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, unsupported platform ...
+                _failed = True
+                log.warning("native CPU kernels unavailable (%s); using the torch path", exc)
+    return _module
+
+
+def paged_decode_attention(
+    module: ModuleType,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]."""
+    out: torch.Tensor = module.paged_decode_attention(
+        query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale
+    )
+    return out
