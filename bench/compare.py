@@ -211,6 +211,10 @@ def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str
     if dry:
         print(f"[{server.name}] $ {_shown(shlex.join([*load, '--server-pid', 'PID']))}")
         return entry
+    if not Path(command[0]).exists():
+        hint = "run without --skip-install" if server.install else "run scripts/setup.sh"
+        print(f"[{server.name}] {command[0]} is missing: {hint}", flush=True)
+        return {**entry, "status": f"not installed ({hint})"}
     log = (run_dir / f"{server.name}.log").open("wb")
     proc = subprocess.Popen(
         command,
