@@ -65,7 +65,7 @@ def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir
 
 
 def test_tiny_model_greedy_tokens_match_transformers(tiny_model_dir: Path) -> None:
-    llm = LLM(str(tiny_model_dir), num_kv_blocks=256)
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=256)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     params = SamplingParams(max_new_tokens=24, min_tokens=24, temperature=0.0)
     for prompt, done in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):

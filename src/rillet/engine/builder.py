@@ -42,11 +42,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on accelerators and on CPUs with native bf16 math, else fp32.
+
+    On this project's CPUs (AVX-512 BF16) bf16 matmuls run 2-5x faster than fp32 and read
+    half the weight bytes. The cost: results are no longer independent of the batch shape
+    (see tests/test_engine_invariants.py); ``--dtype float32`` restores that.
+    """
     if name == "auto":
-        # fp32 on CPU keeps greedy output identical to the reference implementation;
-        # bf16 on accelerators.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type != "cpu":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return _DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -84,7 +84,7 @@ def _yarn(
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables; ``forward`` rotates q and k at the given positions."""
+    """Precomputed cos/sin tables for every position the model serves."""
 
     def __init__(
         self,
@@ -103,13 +103,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos: torch.Tensor
         self.sin: torch.Tensor
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, d], k [T, Hkv, d] -> rotated copies."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for this step's positions, [T, 1, d] each: looked up once, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] -> a rotated copy (HF's rotate-half layout)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
