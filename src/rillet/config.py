@@ -22,6 +22,8 @@ class EngineConfig:
     ``kv_cache_memory_bytes`` unless ``num_kv_blocks`` pins it (tests use that to force
     preemption). ``max_num_batched_tokens`` is the per-step token budget that bounds how
     long one step (and so every stream's inter-token gap) can take while prompts prefill.
+    Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
+    cores to the server's own threads (0 = always use every thread; the server sets it).
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
     """
@@ -39,6 +41,7 @@ class EngineConfig:
     seed: int | None = None
     num_threads: int | None = None
     native_kernels: bool = True
+    small_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

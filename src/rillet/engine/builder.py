@@ -119,6 +119,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         eos_token_ids=eos_ids,
         seed=config.seed,
         native_kernels=config.native_kernels,
+        small_batch_tokens=config.small_batch_tokens,
     )
     log.info(
         "loaded %s: %d layers, %s on %s, %d KV blocks of %d tokens, context %d",

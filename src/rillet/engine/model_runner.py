@@ -47,6 +47,7 @@ class ModelRunner:
         eos_token_ids: frozenset[int] = frozenset(),
         seed: int | None = None,
         native_kernels: bool = True,
+        small_batch_tokens: int = 0,
     ) -> None:
         cfg = model.config
         self.eos_token_ids = tuple(sorted(eos_token_ids))
@@ -64,6 +65,8 @@ class ModelRunner:
         )
         self.sampler = Sampler(device=device, seed=seed)
         self.native = cpu_kernels.load(native_kernels and device.type == "cpu")
+        self.max_threads = torch.get_num_threads()
+        self.small_batch_tokens = small_batch_tokens
         self._generators: dict[str, torch.Generator | None] = {}
         # Prompt logits are kept per request until its prompt is fully computed, so
         # prompt logprobs work across chunked prefill.
@@ -78,6 +81,7 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> StepResult:
         # Single-token rows (decodes) go first: attention batches them in one call.
         scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
+        self._pick_threads(step.num_batched_tokens)
         input_ids, positions, slots = self._flat_inputs(scheduled)
         meta = self._attention_metadata(scheduled, slots)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -100,6 +104,20 @@ class ModelRunner:
             if out.top_logprobs is not None and out.top_logprobs[j]:
                 result.top_logprobs[rid] = out.top_logprobs[j]
         return result
+
+    def _pick_threads(self, num_tokens: int) -> None:
+        """One CPU thread for small batches, all of them for large ones.
+
+        A small batch is memory-bound: a second thread barely speeds it up, while the
+        serving threads (HTTP, SSE) that wake once per step then find no free core and
+        stall the thread team at its next barrier. Large batches are compute-bound and
+        need every core. Measured in bench/RESULTS.md.
+        """
+        if self.device.type != "cpu" or self.max_threads <= 1:
+            return
+        wanted = 1 if num_tokens <= self.small_batch_tokens else self.max_threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _flat_inputs(
         self, scheduled: list[ScheduledRequest]

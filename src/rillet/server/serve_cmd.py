@@ -47,6 +47,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
     p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--small-batch-tokens",
+        type=int,
+        default=4,
+        help="engine steps of at most this many tokens run on one thread, leaving a core "
+        "to the HTTP side (0: always all threads)",
+    )
     p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--shutdown-grace",
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_total_tokens,
             max_num_batched_tokens=args.max_batch_tokens,
             num_threads=args.threads,
+            small_batch_tokens=args.small_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
             engine = AsyncEngine.from_config(engine_config)
