@@ -8,7 +8,6 @@ HF folder or from GGUF metadata (see :mod:`rillet.tokenizer_gguf`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from rillet.chat_template import CHATML_TEMPLATE, ChatTemplate
 from rillet.errors import ModelLoadError, ValidationError
+from rillet.jsonfile import read_json_object
 from rillet.tokenizer_gguf import build_gguf_backend
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -123,9 +123,9 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(file))
         except Exception as exc:  # the Rust side raises plain Exception on a bad file
             raise ModelLoadError(f"cannot read {file}: {exc}") from exc
-        cfg = _read_json(folder / "tokenizer_config.json")
+        cfg = read_json_object(folder / "tokenizer_config.json")
         names = {name: _token_content(cfg.get(name)) for name in _SPECIAL_NAMES}
-        model_cfg = _read_json(folder / "config.json")
+        model_cfg = read_json_object(folder / "config.json")
         bos_id = _token_id(backend, names["bos_token"])
         if bos_id is None and isinstance(model_cfg.get("bos_token_id"), int):
             bos_id = model_cfg["bos_token_id"]
@@ -133,7 +133,7 @@ class Tokenizer:
         eos_id = _token_id(backend, names["eos_token"])
         if eos_id is not None:
             eos_ids.add(eos_id)
-        for extra in (model_cfg, _read_json(folder / "generation_config.json")):
+        for extra in (model_cfg, read_json_object(folder / "generation_config.json")):
             eos_ids.update(_id_list(extra.get("eos_token_id")))
         return cls(
             backend,
@@ -166,18 +166,6 @@ class Tokenizer:
             chat_template=str(template) if template else None,
             special_tokens=names,
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
@@ -213,7 +201,7 @@ def _hf_chat_template(folder: Path, cfg: Mapping[str, Any]) -> str | None:
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    template = _read_json(folder / "chat_template.json").get("chat_template")
+    template = read_json_object(folder / "chat_template.json").get("chat_template")
     return template if isinstance(template, str) else None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rillet.errors import ModelLoadError
+from rillet.jsonfile import read_json_object
 from rillet.models import gguf_weights
 from rillet.models.config import ModelConfig
 from rillet.tokenizer import Tokenizer
@@ -111,14 +111,14 @@ def _load_gguf(path: Path) -> LoadedModel:
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
-    cfg = _read_json(path / "config.json")
+    cfg = read_json_object(path / "config.json", required=True)
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise ModelLoadError(f"quantized HF checkpoints ({method}) are not supported; use GGUF")
     config = ModelConfig.from_hf(cfg)
     files = _safetensors_files(path)
     tokenizer = Tokenizer.from_hf_folder(path)
-    generation = _read_json(path / "generation_config.json", required=False)
+    generation = read_json_object(path / "generation_config.json")
     for key in ("transformers_version", "_from_model_config"):
         generation.pop(key, None)
     return LoadedModel(
@@ -141,7 +141,7 @@ def _with_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index} has no weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -176,17 +176,3 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, st.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"cannot read {file}: {exc}") from exc
-
-
-def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise ModelLoadError(f"{path} is missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
