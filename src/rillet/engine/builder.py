@@ -94,8 +94,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             f"sequence of max_model_len={max_model_len}; raise the KV budget or lower it"
         )
 
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg, dtype=dtype)
+    model = LlamaForCausalLM.empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
 
