@@ -19,7 +19,7 @@ import pytest
 from rillet import LLM, SamplingParams
 from rillet.config import EngineConfig
 from rillet.engine.async_engine import AsyncEngine
-from rillet.errors import ModelLoadError, ValidationError
+from rillet.errors import GenerationError, ModelLoadError, ValidationError
 from rillet.protocol import FinishReason
 
 # Sixteen prompts of different lengths, some asking for CJK text and emoji.
@@ -230,3 +230,42 @@ def _tiny_llm(folder: Path) -> LLM:
 def test_unknown_model_path_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does-not-exist"):
         LLM(str(tmp_path / "does-not-exist"))
+
+
+@pytest.mark.timeout(120)
+async def test_a_failed_step_fails_open_streams_and_the_engine_keeps_serving(
+    tiny_model_dir: Path,
+) -> None:
+    """Fault injection: one model step raises. Every stream in flight gets a
+    GenerationError, their blocks are freed, and the next request is served normally."""
+    engine = AsyncEngine.from_config(
+        EngineConfig(model=str(tiny_model_dir), dtype="float32", num_kv_blocks=256)
+    )
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    execute = engine.core.runner.execute
+    calls = 0
+
+    def fail_on_the_fifth_step(step):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("injected fault")
+        return execute(step)
+
+    engine.core.runner.execute = fail_on_the_fifth_step  # type: ignore[method-assign]
+
+    async def consume(prompt: str) -> BaseException | None:
+        try:
+            async for _ in engine.generate(engine.make_request(prompt, params)):
+                pass
+        except GenerationError as exc:
+            return exc
+        return None
+
+    errors = await asyncio.gather(*(consume(f"prompt {i}") for i in range(4)))
+    assert all(isinstance(e, GenerationError) and "injected fault" in str(e) for e in errors)
+    await _until_idle(engine)
+    assert engine.stats().num_used_blocks == 0
+    _, ids = await _stream(engine, "after the fault", params)
+    assert len(ids) == 30
+    await engine.shutdown()
