@@ -211,3 +211,10 @@ def test_metrics_expose_the_issue_series(server: ServerHandle) -> None:
         'rillet_requests_total{outcome="success",route="generate"}',
     ):
         assert name in text, name
+    # The queue histogram is fed when the engine first schedules a request.
+    queue_count = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("rillet_request_queue_seconds_count")
+    )
+    assert queue_count >= 1

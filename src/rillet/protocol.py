@@ -63,6 +63,7 @@ class TokenDelta:
     prompt_logprobs: list[float | None] | None = None
     finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +116,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_tokens: list[PromptToken] | None = None
     stop_sequence: str | None = None
+    #: time.monotonic() when the engine first scheduled the request (its queue time ends)
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -131,3 +134,5 @@ class RequestOutput:
             self.prompt_tokens = later.prompt_tokens
         if later.stop_sequence is not None:
             self.stop_sequence = later.stop_sequence
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = later.first_scheduled_time

@@ -95,6 +95,7 @@ class EngineCore:
             new_token_ids=[result.sampled[rid]] if rid in result.sampled else [],
             finish_reason=request.finish_reason,
             num_cached_tokens=request.num_cached_tokens,
+            first_scheduled_time=request.first_scheduled_time,
         )
         if rid in result.logprobs:
             delta.logprobs = [result.logprobs[rid]]

@@ -47,6 +47,7 @@ class OutputProcessor:
             out = state.process(delta)
             if out is None:  # a step that ran after a stop string had already ended it
                 continue
+            out.first_scheduled_time = delta.first_scheduled_time
             if state.stop_hit:
                 step.stop_hits.append(delta.request_id)
             if out.finished:

@@ -48,6 +48,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    #: time.monotonic() when first scheduled (the end of its queue time)
+    first_scheduled_time: float | None = None
     #: Chained hashes of this request's full blocks. They depend on token ids only, so they
     #: survive preemption and are computed at most once per block.
     block_hashes: list[bytes] = field(default_factory=list)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -224,6 +225,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_hit
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: self._arrival_rank[r.request_id])
             scheduled.append(ScheduledRequest(request, num_new, num_hit))

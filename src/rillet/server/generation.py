@@ -46,7 +46,6 @@ async def outputs(
     An engine-side abort (never asked for by this consumer) is reported as an incomplete
     generation rather than passed on as a normal finish.
     """
-    tracker.submitted()
     try:
         async with closing(engine.generate(request)) as stream:
             async for out in stream:

@@ -66,8 +66,8 @@ class ServerMetrics:
         )
         self.queue_time = Histogram(
             "rillet_request_queue_seconds",
-            "From arrival until the engine accepted the request (admission, parsing, "
-            "tokenization); time in the scheduler's queue is part of time to first token",
+            "From arrival until the engine first scheduled the request (admission, parsing, "
+            "tokenization and the scheduler's waiting queue)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

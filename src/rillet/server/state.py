@@ -74,17 +74,17 @@ class RequestTracker:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         self._last_token_time: float | None = None
+        self._queue_observed = False
         self._closed = False
-
-    def submitted(self) -> None:
-        """The request is validated and about to enter the engine."""
-        self.state.metrics.queue_time.observe(time.monotonic() - self.start)
 
     def observe(self, out: RequestOutput) -> None:
         now = time.monotonic()
         metrics = self.state.metrics
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_generated_tokens = out.num_generated_tokens or self.num_generated_tokens
+        if not self._queue_observed and out.first_scheduled_time is not None:
+            self._queue_observed = True
+            metrics.queue_time.observe(max(0.0, out.first_scheduled_time - self.start))
         if out.tokens:
             if self._last_token_time is None:
                 metrics.time_to_first_token.observe(now - self.start)
