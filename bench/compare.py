@@ -104,7 +104,13 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             "vllm",
             "vLLM CPU (bf16)",
             vllm_venv,
-            venv_install(vllm_venv, args.vllm_spec),
+            [
+                *venv_install(vllm_venv, args.vllm_spec),
+                # PyPI's torchvision does not load beside the local torch 2.13 CPU build
+                # ("operator torchvision::nms does not exist"), and transformers imports it
+                # whenever it is installed; vLLM serves text models without it.
+                [str(vllm_venv / "bin/pip"), "uninstall", "-y", "torchvision"],
+            ],
             [
                 *(str(vllm_venv / "bin/vllm"), "serve", str(hf_dir)),
                 *("--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", "{port}"),
