@@ -7,9 +7,11 @@ collector finalizes the generator.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from starlette.requests import Request
 
 from rillet.errors import IncompleteGenerationError, RilletError
 from rillet.protocol import (
@@ -19,8 +21,8 @@ from rillet.protocol import (
     PromptToken,
     RequestOutput,
 )
-from rillet.server.sse import closing
-from rillet.server.state import RequestTracker
+from rillet.server.sse import StreamResponse, cancel_on_disconnect, closing
+from rillet.server.state import RequestTracker, ServerState
 
 if TYPE_CHECKING:
     from rillet.engine.async_engine import AsyncEngine
@@ -75,3 +77,30 @@ async def collect(
             if out.finish_reason is not None:
                 result.finish_reason = out.finish_reason
     return result
+
+
+def stream_response(
+    state: ServerState,
+    tracker: RequestTracker,
+    chunks: AsyncIterator[bytes],
+    render_error: Callable[[RilletError], list[bytes]],
+) -> StreamResponse:
+    """A route's streamed answer: its errors rendered in the route's own format, the
+    tracker (and its concurrency permit) closed when the stream ends or the client leaves.
+    """
+    return StreamResponse(
+        chunks,
+        error_chunks=tracker.failing(render_error),
+        on_close=tracker.close,
+        keep_alive_interval=state.config.keep_alive_interval_s,
+    )
+
+
+async def collect_answer(
+    request: Request, state: ServerState, engine_request: EngineRequest, tracker: RequestTracker
+) -> Generation:
+    """A route's whole answer; a client that disconnects first cancels it. Closes the tracker."""
+    try:
+        return await cancel_on_disconnect(request, collect(state.engine, engine_request, tracker))
+    finally:
+        tracker.close()

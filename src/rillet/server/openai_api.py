@@ -19,13 +19,11 @@ from fastapi.responses import JSONResponse
 from rillet.protocol import GeneratedToken, RequestOutput
 from rillet.server.body import parse_json, parse_model, read_body, require_api_key
 from rillet.server.errors import openai_error_events
-from rillet.server.generation import collect, outputs
+from rillet.server.generation import collect_answer, outputs, stream_response
 from rillet.server.openai_params import OpenAIPlan, plan_chat, plan_completion
 from rillet.server.schemas import ChatCompletionRequest, CompletionRequest
 from rillet.server.sse import (
     DONE,
-    StreamResponse,
-    cancel_on_disconnect,
     clean_logprob,
     closing,
     sse_event,
@@ -139,16 +137,8 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
             plan = plan_completion(state, parse_model(CompletionRequest, raw))
     answer = _Answer(state, plan, chat)
     if plan.stream:
-        return StreamResponse(
-            _events(answer, tracker),
-            error_chunks=tracker.failing(openai_error_events),
-            on_close=tracker.close,
-            keep_alive_interval=state.config.keep_alive_interval_s,
-        )
-    try:
-        result = await cancel_on_disconnect(request, collect(state.engine, plan.request, tracker))
-    finally:
-        tracker.close()
+        return stream_response(state, tracker, _events(answer, tracker), openai_error_events)
+    result = await collect_answer(request, state, plan.request, tracker)
     finish = result.finish_reason.to_openai()
     text = plan.echo + result.text
     choice = answer.choice(text, result.tokens, finish)

@@ -20,12 +20,10 @@ from rillet import __version__
 from rillet.protocol import GeneratedToken, GeneratedTopToken, PromptToken
 from rillet.server.body import parse_json, parse_model, read_body, require_api_key
 from rillet.server.errors import tgi_error_events
-from rillet.server.generation import Generation, collect, outputs
+from rillet.server.generation import Generation, collect_answer, outputs, stream_response
 from rillet.server.plain import plain_stream
 from rillet.server.schemas import GenerateRequest
 from rillet.server.sse import (
-    StreamResponse,
-    cancel_on_disconnect,
     clean_logprob,
     closing,
     sse_event,
@@ -88,16 +86,10 @@ async def _start(request: Request, route: str, body: GenerateRequest, stream: bo
     with tracker.preparing():
         plan = plan_tgi(state, body, stream=stream, full_text_default=route == "compat")
     if stream:
-        return StreamResponse(
-            _stream_events(state, plan, tracker),
-            error_chunks=tracker.failing(tgi_error_events),
-            on_close=tracker.close,
-            keep_alive_interval=state.config.keep_alive_interval_s,
+        return stream_response(
+            state, tracker, _stream_events(state, plan, tracker), tgi_error_events
         )
-    try:
-        result = await cancel_on_disconnect(request, collect(state.engine, plan.request, tracker))
-    finally:
-        tracker.close()
+    result = await collect_answer(request, state, plan.request, tracker)
     answer = _generate_response(state, plan, result)
     return JSONResponse([answer] if route == "compat" else answer, headers=_headers(tracker))
 
