@@ -161,12 +161,13 @@ class ModelRunner:
             lens = [s.start_position + 1 for s in decodes]
             meta.num_decode_tokens = len(decodes)
             meta.decode_block_ids = self._block_table([s.request for s in decodes], lens)
-            width = meta.decode_block_ids.shape[1] * self.block_size
             lens_t = torch.tensor(lens, device=self.device)
-            mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
-            meta.decode_mask = mask.view(len(decodes), 1, 1, width)
             meta.decode_context_lens = lens_t
             meta.native = self.native
+            if self.native is None:  # only the SDPA fallback reads a mask
+                width = meta.decode_block_ids.shape[1] * self.block_size
+                mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+                meta.decode_mask = mask.view(len(decodes), 1, 1, width)
         row = len(decodes)
         for s in scheduled[len(decodes) :]:
             chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)
@@ -218,13 +219,9 @@ class ModelRunner:
             positions = range(s.start_position, min(end, num_prompt - 1))
             if len(positions) > 0:
                 rows = torch.arange(len(positions), device=self.device) + first_row
-                targets = torch.tensor(
-                    req.prompt_token_ids[positions.start + 1 : positions.stop + 1],
-                    device=self.device,
-                )
                 logits = self.model.compute_logits(hidden.index_select(0, rows))
-                logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1))
-                parts.extend(logprobs.squeeze(1).tolist())
+                targets = req.prompt_token_ids[positions.start + 1 : positions.stop + 1]
+                parts.extend(self.sampler.prompt_logprobs_for(logits, targets))
             if end == num_prompt:
                 result.prompt_logprobs[rid] = self._prompt_logprob_parts.pop(rid)
 

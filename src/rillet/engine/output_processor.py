@@ -35,9 +35,6 @@ class OutputProcessor:
     def drop(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._states
-
     def process(self, deltas: list[TokenDelta]) -> ProcessedStep:
         step = ProcessedStep()
         for delta in deltas:

@@ -50,6 +50,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode_tokens: int = 0
     decode_block_ids: torch.Tensor | None = None  # [D, max_blocks] block tables, padded
+    # Decodes need either the compiled kernel with context lengths, or the SDPA mask.
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size], True = attend
     decode_context_lens: torch.Tensor | None = None  # [D] int64
     native: ModuleType | None = None  # compiled CPU kernels, when available
@@ -99,7 +100,7 @@ def paged_attention(
 
     num_decodes = meta.num_decode_tokens
     if num_decodes:
-        assert meta.decode_block_ids is not None and meta.decode_mask is not None
+        assert meta.decode_block_ids is not None
         if meta.native is not None and meta.decode_context_lens is not None:
             out[:num_decodes] = cpu_kernels.paged_decode_attention(
                 meta.native,
