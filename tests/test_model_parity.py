@@ -64,17 +64,28 @@ def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir
     torch.testing.assert_close(torch.cat(got), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_model_greedy_tokens_match_transformers(tiny_model_dir: Path) -> None:
-    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=256)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    params = SamplingParams(max_new_tokens=24, min_tokens=24, temperature=0.0)
+def _assert_same_greedy_tokens(llm: LLM, theirs: transformers.PreTrainedModel, n: int) -> None:
+    """Both models continue every prompt with the same ``n`` greedy tokens (EOS suppressed)."""
+    params = SamplingParams(max_new_tokens=n, min_tokens=n, temperature=0.0)
     for prompt, done in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
         ids = llm.tokenizer.encode(prompt)
         with torch.inference_mode():
             out = theirs.generate(
-                torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24
+                torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n
             )
         assert done.token_ids == out[0, len(ids) :].tolist(), prompt
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "sdpa"])
+def test_tiny_model_greedy_tokens_match_transformers(
+    tiny_model_dir: Path, native_kernels: bool
+) -> None:
+    llm = LLM(
+        str(tiny_model_dir), dtype="float32", num_kv_blocks=256, native_kernels=native_kernels
+    )
+    assert (llm.core.runner.native is not None) is native_kernels
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    _assert_same_greedy_tokens(llm, theirs, 24)
 
 
 @pytest.mark.slow
@@ -89,12 +100,4 @@ def test_bundled_gguf_greedy_matches_transformers_loading_the_same_file() -> Non
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
     ).eval()
-    llm = LLM(dtype="float32")
-    params = SamplingParams(max_new_tokens=20, min_tokens=20, temperature=0.0)
-    for prompt, done in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
-        ids = llm.tokenizer.encode(prompt)
-        with torch.inference_mode():
-            out = theirs.generate(
-                torch.tensor([ids]), max_new_tokens=20, do_sample=False, min_new_tokens=20
-            )
-        assert done.token_ids == out[0, len(ids) :].tolist(), prompt
+    _assert_same_greedy_tokens(LLM(dtype="float32"), theirs, 20)
