@@ -18,7 +18,10 @@ def native():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 24)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (8, 2, 64), (14, 2, 64), (8, 4, 128), (6, 2, 128), (4, 4, 32), (8, 2, 24)],
+)
 def test_kernel_matches_sdpa(native, dtype, tol, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     num_seqs, block_size, num_blocks = 7, 16, 64

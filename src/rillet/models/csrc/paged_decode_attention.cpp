@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,6 +72,157 @@ inline void axpy(float* acc, float p, const T* v, int64_t n) {
   for (; i < n; ++i) acc[i] += p * to_float(v[i]);
 }
 
+// Where one task's rows live: K/V row t of kv head `kvh` of one sequence.
+struct TaskView {
+  const int64_t* table;
+  int64_t len, block_size, token_stride, block_stride, head_offset;
+  inline int64_t row(int64_t t) const {
+    return table[t / block_size] * block_stride + (t % block_size) * token_stride + head_offset;
+  }
+};
+
+// Portable task: any head_dim, any CPU. `qf` holds the group's queries in fp32, scaled.
+template <typename T>
+void attend_generic(const float* qf, int64_t group, int64_t head_dim, const T* kc, const T* vc,
+                    const TaskView& view, float* scores, float* acc) {
+  const int64_t len = view.len;
+  for (int64_t t = 0; t < len; ++t) {
+    const T* k = kc + view.row(t);
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * head_dim, k, head_dim);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * len;
+    float m = row[0];
+    for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      row[t] = std::exp(row[t] - m);
+      sum += row[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+  }
+  std::fill(acc, acc + group * head_dim, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* v = vc + view.row(t);
+    for (int64_t g = 0; g < group; ++g) axpy(acc + g * head_dim, scores[g * len + t], v, head_dim);
+  }
+}
+
+#if defined(__AVX512F__)
+// e^x for x <= 0 (softmax after subtracting the max): 2^n * e^r with |r| <= ln2/2 and a
+// degree-7 Taylor polynomial for e^r (relative error ~1e-9, below fp32 rounding).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// In-place softmax of one row of scores, vectorised.
+inline void softmax_row(float* row, int64_t len) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(row + t));
+  float m = _mm512_reduce_max_ps(vmax);
+  for (; t < len; ++t) m = row[t] > m ? row[t] : m;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= len; t += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t), mv));
+    _mm512_storeu_ps(row + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (t < len) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (len - t)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(tail, row + t);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(x, mv)));
+    _mm512_mask_storeu_ps(row + t, tail, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+  for (t = 0; t + 16 <= len; t += 16) _mm512_storeu_ps(row + t, _mm512_mul_ps(_mm512_loadu_ps(row + t), inv));
+  for (; t < len; ++t) row[t] *= _mm512_cvtss_f32(inv);
+}
+
+// Fast task for head_dim = 16 * VEC, with GC query heads of the group handled per pass so
+// that their queries (QK) or accumulators (PV) stay in registers; each K/V row is loaded
+// and widened once per pass instead of once per head.
+template <typename T, int VEC, int GC>
+void attend_avx512(const float* qf, int64_t group, const T* kc, const T* vc,
+                   const TaskView& view, float* scores, float* acc) {
+  constexpr int D = VEC * 16;
+  const int64_t len = view.len;
+  for (int64_t g0 = 0; g0 < group; g0 += GC) {
+    __m512 q[GC][VEC];
+    for (int g = 0; g < GC; ++g)
+      for (int j = 0; j < VEC; ++j) q[g][j] = _mm512_loadu_ps(qf + (g0 + g) * D + j * 16);
+    for (int64_t t = 0; t < len; ++t) {
+      const T* k = kc + view.row(t);
+      __m512 kv[VEC];
+      for (int j = 0; j < VEC; ++j) kv[j] = load16(k + j * 16);
+      for (int g = 0; g < GC; ++g) {
+        __m512 s = _mm512_mul_ps(q[g][0], kv[0]);
+        for (int j = 1; j < VEC; ++j) s = _mm512_fmadd_ps(q[g][j], kv[j], s);
+        scores[(g0 + g) * len + t] = _mm512_reduce_add_ps(s);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * len, len);
+  for (int64_t g0 = 0; g0 < group; g0 += GC) {
+    __m512 a[GC][VEC];
+    for (int g = 0; g < GC; ++g)
+      for (int j = 0; j < VEC; ++j) a[g][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const T* v = vc + view.row(t);
+      __m512 vv[VEC];
+      for (int j = 0; j < VEC; ++j) vv[j] = load16(v + j * 16);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t]);
+        for (int j = 0; j < VEC; ++j) a[g][j] = _mm512_fmadd_ps(p, vv[j], a[g][j]);
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      for (int j = 0; j < VEC; ++j) _mm512_storeu_ps(acc + (g0 + g) * D + j * 16, a[g][j]);
+  }
+}
+
+template <typename T>
+using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&, float*, float*);
+
+// The fast task for this head size and group, or nullptr for the portable one. Heads per
+// pass: the largest of 4/3/2/1 dividing the group that keeps the pass in registers.
+template <typename T>
+TaskFn<T> pick_fast_task(int64_t head_dim, int64_t group) {
+  if (head_dim == 64) {
+    if (group % 4 == 0) return attend_avx512<T, 4, 4>;
+    if (group % 3 == 0) return attend_avx512<T, 4, 3>;
+    if (group % 2 == 0) return attend_avx512<T, 4, 2>;
+    return attend_avx512<T, 4, 1>;
+  }
+  if (head_dim == 128) {
+    if (group % 2 == 0) return attend_avx512<T, 8, 2>;
+    return attend_avx512<T, 8, 1>;
+  }
+  return nullptr;
+}
+#else
+template <typename T>
+using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&, float*, float*);
+template <typename T>
+TaskFn<T> pick_fast_task(int64_t, int64_t) { return nullptr; }
+#endif
+
 template <typename T>
 void decode_attention(const torch::Tensor& query,        // [D, H, d]
                       const torch::Tensor& key_cache,    // [NB, bs, Hkv, d]
@@ -95,46 +247,23 @@ void decode_attention(const torch::Tensor& query,        // [D, H, d]
   const int64_t token_stride = num_kv_heads * head_dim;  // between rows of one block
   const int64_t block_stride = block_size * token_stride;
   const float fscale = static_cast<float>(scale);
+  const TaskFn<T> fast = pick_fast_task<T>(head_dim, group);
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kvh = task % num_kv_heads;
-      const int64_t len = lens[seq];
-      const int64_t* table = tables + seq * max_blocks;
+      const TaskView view{tables + seq * max_blocks, lens[seq], block_size,
+                          token_stride, block_stride, kvh * head_dim};
       for (int64_t g = 0; g < group; ++g) {
         const T* src = q + (seq * num_heads + kvh * group + g) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) qf[g * head_dim + i] = to_float(src[i]) * fscale;
       }
-      scores.assign(group * len, 0.f);
-      // 1. scores[g][t] = q_g . k_t
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = kc + table[t / block_size] * block_stride + (t % block_size) * token_stride +
-                     kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * len + t] = dot(qf.data() + g * head_dim, k, head_dim);
-      }
-      // 2. softmax per query head, in fp32
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * len;
-        float m = row[0];
-        for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          row[t] = std::exp(row[t] - m);
-          sum += row[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-      }
-      // 3. out_g = sum_t p[g][t] * v_t
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = vc + table[t / block_size] * block_stride + (t % block_size) * token_stride +
-                     kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-          axpy(acc.data() + g * head_dim, scores[g * len + t], v, head_dim);
-      }
+      if (static_cast<int64_t>(scores.size()) < group * view.len) scores.resize(group * view.len);
+      if (fast != nullptr)
+        fast(qf.data(), group, kc, vc, view, scores.data(), acc.data());
+      else
+        attend_generic(qf.data(), group, head_dim, kc, vc, view, scores.data(), acc.data());
       for (int64_t g = 0; g < group; ++g) {
         T* dst = o + (seq * num_heads + kvh * group + g) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) store(dst + i, acc[g * head_dim + i]);
