@@ -13,6 +13,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
 from rillet.models.config import ModelConfig
+from rillet.models.linear import enable_int8_small_batches
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
@@ -20,6 +21,9 @@ from rillet.tokenizer import Tokenizer
 log = logging.getLogger("rillet.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Rows up to which CPU bf16 serving uses int8 weights by default: where the int8 kernel
+#: still beats the bf16 GEMM on this project's CPU (bench/RESULTS.md).
+DEFAULT_INT8_MAX_BATCH_TOKENS = 8
 #: Served context when the model allows more; keeps RoPE tables and prompts bounded.
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -97,6 +101,12 @@ def build_engine(config: EngineConfig) -> EngineParts:
     model = LlamaForCausalLM.empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
+    int8_rows = config.int8_max_batch_tokens
+    if int8_rows is None:
+        int8_rows = (
+            DEFAULT_INT8_MAX_BATCH_TOKENS if (device.type, dtype) == ("cpu", torch.bfloat16) else 0
+        )
+    int8_layers = enable_int8_small_batches(model, int8_rows)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
@@ -121,11 +131,14 @@ def build_engine(config: EngineConfig) -> EngineParts:
         small_batch_tokens=config.small_batch_tokens,
     )
     log.info(
-        "loaded %s: %d layers, %s on %s, %d KV blocks of %d tokens, context %d",
+        "loaded %s: %d layers, %s on %s (int8 weights in %d linear layers for steps of <= %d "
+        "tokens), %d KV blocks of %d tokens, context %d",
         files.name,
         cfg.num_layers,
         str(dtype).removeprefix("torch."),
         device,
+        int8_layers,
+        int8_rows,
         num_blocks,
         config.block_size,
         max_model_len,

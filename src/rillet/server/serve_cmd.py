@@ -54,6 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="engine steps of at most this many tokens run on one thread, leaving a core "
         "to the HTTP side (0: always all threads)",
     )
+    p.add_argument(
+        "--int8-max-batch-tokens",
+        type=int,
+        default=None,
+        help="steps of at most this many tokens use int8 copies of the weights "
+        "(default: 8 for bf16 on CPU, else 0 = off)",
+    )
     p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--shutdown-grace",
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_batch_tokens,
             num_threads=args.threads,
             small_batch_tokens=args.small_batch_tokens,
+            int8_max_batch_tokens=args.int8_max_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
             engine = AsyncEngine.from_config(engine_config)

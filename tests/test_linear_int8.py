@@ -1,0 +1,75 @@
+"""The int8 small-batch path: close to the bf16 result, used only where it is correct."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rillet import LLM, SamplingParams
+from rillet.models.linear import Linear
+
+
+def _layer(in_features: int, out_features: int) -> Linear:
+    torch.manual_seed(0)
+    return Linear(in_features, out_features, bias=True).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def test_small_batches_use_int8_and_stay_close() -> None:
+    layer = _layer(64, 96)
+    assert layer.enable_int8(max_rows=4)
+    for rows in (1, 4):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        got = layer(x).float()
+        assert not torch.equal(got, F.linear(x, layer.weight, layer.bias).float())
+        assert (got - exact).norm() < 0.02 * exact.norm()
+
+
+@torch.no_grad()
+def test_larger_batches_keep_the_bf16_weights() -> None:
+    layer = _layer(64, 96)
+    assert layer.enable_int8(max_rows=4)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@torch.no_grad()
+def test_shapes_the_kernel_gets_wrong_are_refused() -> None:
+    # torch's int8 kernel miscomputes inner sizes that are not a multiple of 16.
+    layer = _layer(24, 40)
+    assert not layer.enable_int8(max_rows=4)
+    x = torch.randn(1, 24).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def _prompt_logprobs(model: Path, int8: int) -> tuple[list[float], int]:
+    # Steps of at most 8 tokens, so with int8 on every matmul takes the int8 path.
+    llm = LLM(
+        str(model),
+        dtype="bfloat16",
+        int8_max_batch_tokens=int8,
+        max_num_batched_tokens=8,
+        max_num_seqs=8,
+    )
+    layers = sum(
+        m.int8_weight is not None for m in llm.core.runner.model.modules() if isinstance(m, Linear)
+    )
+    out = llm.generate(
+        "Streaming sends every token the moment it is sampled, 一个接一个 🚀",
+        SamplingParams(max_new_tokens=1, prompt_logprobs=True),
+    )[0]
+    assert out.prompt_tokens is not None
+    return [t.logprob for t in out.prompt_tokens if t.logprob is not None], layers
+
+
+def test_engine_with_int8_scores_text_like_bf16(tiny_model_dir: Path) -> None:
+    reference, no_layers = _prompt_logprobs(tiny_model_dir, 0)
+    quantized, layers = _prompt_logprobs(tiny_model_dir, 8)
+    assert no_layers == 0
+    assert layers == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and lm_head
+    mean_ref = sum(reference) / len(reference)
+    mean_q = sum(quantized) / len(quantized)
+    assert abs(mean_q - mean_ref) < 0.02 * abs(mean_ref)
