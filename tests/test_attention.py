@@ -34,6 +34,7 @@ def test_kernel_matches_sdpa(native, dtype, tol, heads, kv_heads, head_dim) -> N
     width = width_blocks * block_size
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(0, dtype=torch.long),
+        positions=torch.zeros(0, dtype=torch.long),
         num_decode_tokens=num_seqs,
         decode_block_ids=tables,
         decode_mask=(torch.arange(width)[None] < lens[:, None]).view(num_seqs, 1, 1, width),

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from rillet import LLM, SamplingParams
+from rillet.models import cpu_kernels
 from rillet.models.attention import AttentionMetadata, PrefillChunk, allocate_kv_caches
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
@@ -28,9 +29,19 @@ def _ours(folder: Path | str | None) -> LlamaForCausalLM:
     return model.eval()
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @torch.inference_mode()
-def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir: Path) -> None:
-    """Prefill, a cached chunk, then single-token decodes, all against one HF forward."""
+def test_tiny_model_logits_match_transformers_through_paged_cache(
+    tiny_model_dir: Path, kernels: str
+) -> None:
+    """Prefill, a cached chunk, then single-token decodes, all against one HF forward.
+
+    Run with the compiled CPU kernels (fused norm, RoPE + cache write, SwiGLU, decode
+    attention) and with the torch versions they replace.
+    """
+    native = cpu_kernels.load() if kernels == "native" else None
+    if kernels == "native" and native is None:
+        pytest.fail("native kernels failed to build")
     ours = _ours(tiny_model_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids = torch.randint(0, 49152, (21,), generator=torch.Generator().manual_seed(1))
@@ -41,26 +52,36 @@ def test_tiny_model_logits_match_transformers_through_paged_cache(tiny_model_dir
     )
 
     got = []
-    meta = AttentionMetadata(slot_mapping=torch.arange(9), prefills=[PrefillChunk(0, 9)])
-    got.append(ours.compute_logits(ours(ids[:9], torch.arange(9), caches, meta)))
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(9),
+        positions=torch.arange(9),
+        native=native,
+        prefills=[PrefillChunk(0, 9)],
+    )
+    got.append(ours.compute_logits(ours(ids[:9], caches, meta)))
     # Blocks 0 and 1 hold positions 0-31; the mask hides everything past each query.
     q, k = torch.arange(9, 15), torch.arange(16)
     meta = AttentionMetadata(
         slot_mapping=q,
+        positions=q,
+        native=native,
         prefills=[
             PrefillChunk(0, 6, context_block_ids=torch.tensor([0]), mask=k[None] <= q[:, None])
         ],
     )
-    got.append(ours.compute_logits(ours(ids[9:15], q, caches, meta)))
+    got.append(ours.compute_logits(ours(ids[9:15], caches, meta)))
     for pos in range(15, 21):
         width = 32
         meta = AttentionMetadata(
             slot_mapping=torch.tensor([pos]),
+            positions=torch.tensor([pos]),
+            native=native,
             num_decode_tokens=1,
             decode_block_ids=torch.tensor([[0, 1]]),
             decode_mask=(torch.arange(width) <= pos).view(1, 1, 1, width),
+            decode_context_lens=torch.tensor([pos + 1]),
         )
-        got.append(ours.compute_logits(ours(ids[pos : pos + 1], torch.tensor([pos]), caches, meta)))
+        got.append(ours.compute_logits(ours(ids[pos : pos + 1], caches, meta)))
     torch.testing.assert_close(torch.cat(got), reference, rtol=1e-4, atol=1e-4)
 
 

@@ -83,8 +83,8 @@ class ModelRunner:
         scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
         self._pick_threads(step.num_batched_tokens)
         input_ids, positions, slots = self._flat_inputs(scheduled)
-        meta = self._attention_metadata(scheduled, slots)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        meta = self._attention_metadata(scheduled, slots, positions)
+        hidden = self.model(input_ids, self.kv_caches, meta)
 
         result = StepResult()
         row_ends = _row_ends(scheduled)
@@ -153,9 +153,9 @@ class ModelRunner:
         )
 
     def _attention_metadata(
-        self, scheduled: list[ScheduledRequest], slots: torch.Tensor
+        self, scheduled: list[ScheduledRequest], slots: torch.Tensor, positions: torch.Tensor
     ) -> AttentionMetadata:
-        meta = AttentionMetadata(slot_mapping=slots)
+        meta = AttentionMetadata(slot_mapping=slots, positions=positions, native=self.native)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         if decodes:
             lens = [s.start_position + 1 for s in decodes]
@@ -163,7 +163,6 @@ class ModelRunner:
             meta.decode_block_ids = self._block_table([s.request for s in decodes], lens)
             lens_t = torch.tensor(lens, device=self.device)
             meta.decode_context_lens = lens_t
-            meta.native = self.native
             if self.native is None:  # only the SDPA fallback reads a mask
                 width = meta.decode_block_ids.shape[1] * self.block_size
                 mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)

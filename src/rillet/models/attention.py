@@ -3,8 +3,8 @@
 Layout of one step's batch (built by the model runner): the first ``num_decode_tokens``
 rows are decodes, one token per sequence; then each prefill chunk's rows, contiguous.
 Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``;
-new tokens are written through the flat view ``[num_slots, ...]`` with
-slot = block_id * block_size + offset.
+new tokens are written (by ``ops.rotary_and_cache``, before attention) through the flat
+view ``[num_slots, ...]`` with slot = block_id * block_size + offset.
 
 Contexts are read by gathering whole blocks (``index_select`` over the block axis: a few
 large contiguous copies instead of one small copy per token), padded to a whole number
@@ -45,15 +45,16 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs for one step, built once and shared by all layers."""
+    """Everything the layers need for one step besides activations, built once and shared."""
 
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    positions: torch.Tensor  # [num_tokens] each token's position, for RoPE
     num_decode_tokens: int = 0
     decode_block_ids: torch.Tensor | None = None  # [D, max_blocks] block tables, padded
     # Decodes need either the compiled kernel with context lengths, or the SDPA mask.
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size], True = attend
     decode_context_lens: torch.Tensor | None = None  # [D] int64
-    native: ModuleType | None = None  # compiled CPU kernels, when available
+    native: ModuleType | None = None  # compiled CPU kernels (attention and fused ops), if any
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -85,13 +86,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend. Shapes: q [T, H, d], k/v [T, Hkv, d].
+    """Attend; this step's K/V must already be in the cache. q [T, H, d], k/v [T, Hkv, d].
 
     Returns [T, H, d].
     """
     key_cache, value_cache = cache
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k)
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
 
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]

@@ -22,7 +22,10 @@ import torch
 
 log = logging.getLogger("rillet.kernels")
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("module.cpp", "paged_decode_attention.cpp", "fused_ops.cpp")
+]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -40,7 +43,7 @@ def load(enabled: bool = True) -> ModuleType | None:
 
                 _module = load_extension(
                     name="rillet_cpu_kernels",
-                    sources=[str(_SOURCE)],
+                    sources=[str(p) for p in _SOURCES],
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,

@@ -11,28 +11,33 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rillet.errors import ModelLoadError
+from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
 from rillet.models.config import ModelConfig
 from rillet.models.linear import Linear
-from rillet.models.rope import RotaryEmbedding, apply_rotary
-
-CosSin = tuple[torch.Tensor, torch.Tensor]
+from rillet.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
+    """Pre-norm with the residual add folded in (``ops.add_rms_norm``).
+
+    The mean square is taken in fp32 even for bf16 inputs. (HF rounds to the input dtype
+    before the weight multiply; in fp32 the two agree.)
+    """
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op; torch computes the mean square in fp32 even for bf16 inputs. (HF
-        # rounds to the input dtype before the weight multiply; in fp32 the two agree.)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (normalised residual + x, residual + x)."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, meta.native)
 
 
 class LlamaAttention(nn.Module):
@@ -52,20 +57,22 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: CosSin,
+        rope: RotaryEmbedding,
         cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        # Rotate q and k heads together: one set of elementwise ops instead of two.
-        qk = apply_rotary(
-            qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), *rope
+        q, k, v = ops.rotary_and_cache(
+            self.qkv_proj(x),
+            meta.positions,
+            rope,
+            cache,
+            meta.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            meta.native,
         )
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -75,9 +82,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x), meta.native))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,12 +97,16 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: CosSin,
+        residual: torch.Tensor | None,
+        rope: RotaryEmbedding,
         cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's MLP output, the residual stream before it is added)."""
+        h, residual = self.input_layernorm(x, residual, meta)
+        h = self.self_attn(h, rope, cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual, meta)
+        return self.mlp(h, meta), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -148,15 +158,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor,
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rope.cos_sin(positions)
+        residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.rope, cache, meta)
+        return self.norm(x, residual, meta)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the rows that sample -> fp32 logits [N, vocab]."""

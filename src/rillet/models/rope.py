@@ -102,10 +102,18 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", (emb.sin() * attention_factor).to(dtype), persistent=False)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for this step's positions, [T, 1, d] each: looked up once, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """Tables for this step's positions, [T, 1, d] each.
+
+        Every layer asks with the same ``positions`` tensor, so the lookup is kept for it:
+        one gather per step, not one per layer.
+        """
+        if self._last is None or self._last[0] is not positions:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            self._last = (positions, cos, sin)
+        return self._last[1], self._last[2]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,46 +5,19 @@
 // context), scores the `group` query heads that share this kv head, softmaxes in fp32,
 // then accumulates V. The order of work inside a task never depends on the rest of the
 // batch, so a sequence's result is the same alone or among many.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
+namespace rillet {
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-
-template <typename T>
-inline void store(T* dst, float value) { *dst = static_cast<T>(value); }
-
-#if defined(__AVX512F__)
-// 16 lanes of T -> 16 fp32 lanes.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
 
 // sum_i a[i] * b[i], a in fp32
 template <typename T>
@@ -110,25 +83,6 @@ void attend_generic(const float* qf, int64_t group, int64_t head_dim, const T* k
 }
 
 #if defined(__AVX512F__)
-// e^x for x <= 0 (softmax after subtracting the max): 2^n * e^r with |r| <= ln2/2 and a
-// degree-7 Taylor polynomial for e^r (relative error ~1e-9, below fp32 rounding).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // In-place softmax of one row of scores, vectorised.
 inline void softmax_row(float* row, int64_t len) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
@@ -139,14 +93,14 @@ inline void softmax_row(float* row, int64_t len) {
   const __m512 mv = _mm512_set1_ps(m);
   __m512 vsum = _mm512_setzero_ps();
   for (t = 0; t + 16 <= len; t += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t), mv));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + t), mv));
     _mm512_storeu_ps(row + t, e);
     vsum = _mm512_add_ps(vsum, e);
   }
   if (t < len) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (len - t)) - 1);
     const __m512 x = _mm512_maskz_loadu_ps(tail, row + t);
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(x, mv)));
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(x, mv)));
     _mm512_mask_storeu_ps(row + t, tail, e);
     vsum = _mm512_add_ps(vsum, e);
   }
@@ -224,12 +178,12 @@ TaskFn<T> pick_fast_task(int64_t, int64_t) { return nullptr; }
 #endif
 
 template <typename T>
-void decode_attention(const torch::Tensor& query,        // [D, H, d]
-                      const torch::Tensor& key_cache,    // [NB, bs, Hkv, d]
-                      const torch::Tensor& value_cache,  // [NB, bs, Hkv, d]
-                      const torch::Tensor& block_tables, // [D, max_blocks] int64
-                      const torch::Tensor& context_lens, // [D] int64
-                      double scale, torch::Tensor& out) {
+void decode_attention(const at::Tensor& query,        // [D, H, d]
+                      const at::Tensor& key_cache,    // [NB, bs, Hkv, d]
+                      const at::Tensor& value_cache,  // [NB, bs, Hkv, d]
+                      const at::Tensor& block_tables, // [D, max_blocks] int64
+                      const at::Tensor& context_lens, // [D] int64
+                      double scale, at::Tensor& out) {
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t head_dim = query.size(2);
@@ -274,26 +228,26 @@ void decode_attention(const torch::Tensor& query,        // [D, H, d]
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
-                                     torch::Tensor value_cache, torch::Tensor block_tables,
-                                     torch::Tensor context_lens, double scale) {
+at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
+                                     at::Tensor value_cache, at::Tensor block_tables,
+                                     at::Tensor context_lens, double scale) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "inputs must be contiguous");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block tables and lengths must be int64");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
-  auto out = torch::empty_like(query);
+  auto out = at::empty_like(query);
   switch (query.scalar_type()) {
-    case torch::kFloat:
+    case at::kFloat:
       decode_attention<float>(query, key_cache, value_cache, tables, lens, scale, out);
       break;
-    case torch::kBFloat16:
+    case at::kBFloat16:
       decode_attention<c10::BFloat16>(query, key_cache, value_cache, tables, lens, scale, out);
       break;
-    case torch::kHalf:
+    case at::kHalf:
       decode_attention<c10::Half>(query, key_cache, value_cache, tables, lens, scale, out);
       break;
     default:
@@ -302,6 +256,4 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-}
+}  // namespace rillet

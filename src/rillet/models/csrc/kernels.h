@@ -1,0 +1,25 @@
+// The native CPU kernels' entry points (bound to Python in module.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace rillet {
+
+// query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]
+at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
+                                  at::Tensor block_tables, at::Tensor context_lens, double scale);
+
+// residual += x (when given), then x <- rms_norm(residual) * weight; see fused_ops.cpp.
+at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight,
+                        double eps);
+
+// qkv [T, (H + 2 Hkv) d]: rotate q and k heads in place, write k and v rows into the cache.
+void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin,
+                      at::Tensor key_cache, at::Tensor value_cache, at::Tensor slot_mapping,
+                      int64_t num_heads, int64_t num_kv_heads);
+
+// x [T, 2 I] -> silu(x[:, :I]) * x[:, I:]
+at::Tensor silu_and_mul(at::Tensor x);
+
+}  // namespace rillet

@@ -1,0 +1,16 @@
+// Python bindings of the native CPU kernels. Each call releases the GIL: the kernels touch
+// no Python objects, and the server's event loop can run meanwhile.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &rillet::paged_decode_attention, nogil,
+        "decode attention over a paged KV cache");
+  m.def("add_rms_norm", &rillet::add_rms_norm, nogil, "residual add + RMSNorm");
+  m.def("rotary_and_cache", &rillet::rotary_and_cache, nogil,
+        "rotary embedding of q and k, in place, and the K/V cache write");
+  m.def("silu_and_mul", &rillet::silu_and_mul, nogil, "SwiGLU activation");
+}

@@ -1,0 +1,86 @@
+"""The decoder layer's elementwise steps, each one native call on CPU or a few torch ops.
+
+``native`` is the compiled kernel module (``cpu_kernels.load``) or None; the torch
+versions are the reference the kernels are tested against, and what runs on other
+devices or when the kernels could not be built.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from rillet.models.rope import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    native: ModuleType | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: returns (rms_norm(residual + x) * weight, residual + x).
+
+    With ``residual=None`` (the first layer) ``x`` is the residual stream. The native
+    version updates ``residual`` in place and writes the normalised rows over ``x``.
+    """
+    if native is not None:
+        return native.add_rms_norm(x, residual, weight, eps), (x if residual is None else residual)
+    stream = x if residual is None else residual + x
+    return F.rms_norm(stream, weight.shape, weight, eps), stream
+
+
+def rotary_and_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    rope: RotaryEmbedding,
+    cache: KVCache,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    native: ModuleType | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q and k, write this step's K/V into the paged cache; returns q, k, v views.
+
+    ``qkv`` is the fused projection [T, (H + 2 Hkv) * d]; results are [T, heads, d].
+    """
+    key_cache, value_cache = cache
+    num_tokens, head_dim = qkv.shape[0], key_cache.shape[-1]
+    k_end = (num_heads + num_kv_heads) * head_dim
+    if native is not None:
+        native.rotary_and_cache(
+            qkv,
+            positions,
+            rope.cos,
+            rope.sin,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            num_heads,
+            num_kv_heads,
+        )
+        qk = qkv[:, :k_end].view(num_tokens, num_heads + num_kv_heads, head_dim)
+    else:
+        cos, sin = rope.cos_sin(positions)
+        # Rotate q and k heads together: one set of elementwise ops instead of two.
+        qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, head_dim), cos, sin)
+    q, k = qk.split([num_heads, num_kv_heads], dim=1)
+    v = qkv[:, k_end:].view(num_tokens, num_kv_heads, head_dim)
+    if native is None:
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    return q, k, v
+
+
+def silu_and_mul(gate_up: torch.Tensor, native: ModuleType | None) -> torch.Tensor:
+    """SwiGLU: [T, 2I] (gate then up) -> silu(gate) * up, [T, I]."""
+    if native is not None:
+        out: torch.Tensor = native.silu_and_mul(gate_up)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

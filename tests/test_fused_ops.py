@@ -1,0 +1,89 @@
+"""The fused native layer ops against the torch versions they replace (``models.ops``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rillet.models import cpu_kernels, ops
+from rillet.models.rope import RotaryEmbedding
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+@pytest.fixture(scope="module")
+def native():  # type: ignore[no-untyped-def]
+    module = cpu_kernels.load()
+    if module is None:
+        pytest.fail("the native CPU kernels did not compile (see the warning in the log)")
+    return module
+
+
+def _rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
+@pytest.mark.parametrize("width", [576, 40])  # 40: a tail after the 16-lane loop
+@pytest.mark.parametrize("rows", [1, 37])  # 37: more than one parallel task
+def test_add_rms_norm(native, dtype, tol, width, rows) -> None:  # type: ignore[no-untyped-def]
+    x, residual = _rand(rows, width, dtype=dtype, seed=1), _rand(rows, width, dtype=dtype, seed=2)
+    weight = _rand(width, dtype=dtype, seed=3)
+    want_out, want_res = ops.add_rms_norm(x, residual, weight, 1e-5, None)
+    got_out, got_res = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-5, native)
+    torch.testing.assert_close(got_res, want_res, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+    # First layer: no residual yet; x is the stream and must be left as it was.
+    stream = x.clone()
+    got_out, got_res = ops.add_rms_norm(stream, None, weight, 1e-5, native)
+    want_out, _ = ops.add_rms_norm(x, None, weight, 1e-5, None)
+    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+    assert got_res is stream and torch.equal(stream, x)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 24)])
+def test_rotary_and_cache(native, dtype, tol, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, None, dtype)
+    rows, num_blocks, block_size = 35, 8, 16
+    qkv = _rand(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=4)
+    positions = torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(5))
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(6))
+    slots = slots[:rows]
+
+    def cache() -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    want_cache, got_cache = cache(), cache()
+    want = ops.rotary_and_cache(qkv, positions, rope, want_cache, slots, heads, kv_heads, None)
+    got = ops.rotary_and_cache(
+        qkv.clone(), positions, rope, got_cache, slots, heads, kv_heads, native
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    for g, w in zip(got_cache, want_cache, strict=True):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_rotary_and_cache_rejects_bad_slots(native) -> None:  # type: ignore[no-untyped-def]
+    rope = RotaryEmbedding(64, 16, 10000.0, None, torch.float32)
+    qkv = torch.zeros(1, 5 * 64)
+    cache = torch.zeros(1, 16, 1, 64), torch.zeros(1, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="slot"):
+        native.rotary_and_cache(
+            qkv, torch.tensor([0]), rope.cos, rope.sin, *cache, torch.tensor([16]), 3, 1
+        )
+    with pytest.raises(RuntimeError, match="position"):
+        native.rotary_and_cache(
+            qkv, torch.tensor([16]), rope.cos, rope.sin, *cache, torch.tensor([0]), 3, 1
+        )
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
+@pytest.mark.parametrize("width", [1536, 40])
+def test_silu_and_mul(native, dtype, tol, width) -> None:  # type: ignore[no-untyped-def]
+    x = _rand(37, 2 * width, dtype=dtype, seed=7) * 4
+    torch.testing.assert_close(
+        ops.silu_and_mul(x, native), ops.silu_and_mul(x, None), rtol=tol, atol=tol
+    )
