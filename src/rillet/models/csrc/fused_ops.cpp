@@ -6,6 +6,7 @@
 // so a token's result never depends on the rest of the batch.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,9 +17,14 @@
 namespace rillet {
 namespace {
 
-// Rows per parallel task: below this a batch runs on the calling thread, where a thread
-// team's wake-up would cost more than the work.
-constexpr int64_t kRowGrain = 32;
+// These ops are a few microseconds of work per step at decode batch sizes. Split across
+// threads they became the slowest ops of a served step: every parallel region waits for
+// each thread of the team, and on a busy machine (HTTP thread, clients) one of them is
+// often descheduled for a whole time slice. So a task gets at least this many elements,
+// and only prefill-sized batches use more than the calling thread.
+constexpr int64_t kElementsPerTask = 1 << 18;
+
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementsPerTask / width); }
 
 // dst = rms_norm(src) * weight, one row of n.
 template <typename T>
@@ -63,7 +69,7 @@ void add_rms_norm_impl(at::Tensor& x, c10::optional<at::Tensor>& residual, const
   T* rp = residual ? residual->data_ptr<T>() : nullptr;
   const T* wp = weight.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (rp != nullptr) {
         add_row(rp + r * n, xp + r * n, n);
@@ -110,7 +116,7 @@ void rotary_and_cache_impl(at::Tensor& qkv, const at::Tensor& positions, const a
   const T* sp = sin.data_ptr<T>();
   T* kc = key_cache.data_ptr<T>();
   T* vc = value_cache.data_ptr<T>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* row = qp + r * width;
       const T* c = cp + pos[r] * d;
@@ -127,7 +133,7 @@ void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t rows = x.size(0), n = out.size(1);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(3 * n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = xp + r * 2 * n;
       const T* up = gate + n;
