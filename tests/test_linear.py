@@ -1,4 +1,5 @@
-"""The int8 small-batch path: close to the bf16 result, used only where it is correct."""
+"""Linear layers' CPU weight copies: int8 for small batches (close to bf16, used only where
+correct) and oneDNN-packed bf16 (exactly the plain result)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,18 @@ def test_engine_with_int8_scores_text_like_bf16(tiny_model_dir: Path) -> None:
     mean_ref = sum(reference) / len(reference)
     mean_q = sum(quantized) / len(quantized)
     assert abs(mean_q - mean_ref) < 0.02 * abs(mean_ref)
+
+
+@torch.no_grad()
+def test_packed_weights_give_exactly_the_plain_result() -> None:
+    layer = _layer(64, 96)
+    assert layer.enable_packed()
+    for rows in (1, 5, 64, 300):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@torch.no_grad()
+def test_float32_weights_are_not_packed() -> None:
+    # fp32 is the exact mode; it keeps torch's plain path.
+    assert not Linear(64, 96).enable_packed()
