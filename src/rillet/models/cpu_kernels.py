@@ -1,13 +1,18 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
-Only one for now: decode attention read straight from the paged KV cache (see
-``csrc/paged_decode_attention.cpp``). Gathering each sequence's context into a padded
-tensor and calling SDPA copied the whole KV context every step and cost more than the
-matmuls at high batch; the kernel reads each K/V row once, in place.
+- Decode attention read straight from the paged KV cache (``csrc/paged_decode_attention.cpp``).
+  Gathering each sequence's context into a padded tensor and calling SDPA copied the whole
+  KV context every step and cost more than the matmuls at high batch; the kernel reads each
+  K/V row once, in place.
+- The layer's elementwise steps (``csrc/fused_ops.cpp``, called through ``models.ops``):
+  residual add + RMSNorm, RoPE + K/V cache write, SwiGLU. Each replaced a run of small torch
+  ops whose dispatch cost more than their arithmetic.
+
+Every entry point releases the GIL (``csrc/module.cpp``).
 
 Compilation takes about a minute the first time on a machine and is cached under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). If it fails (no compiler,
-no ninja), attention falls back to the gather + SDPA path and logs why once.
+no ninja), the model falls back to the torch versions and logs why once.
 ``RILLET_NATIVE_KERNELS=0`` turns the kernels off (read in ``rillet.config``).
 """
 

@@ -1,0 +1,74 @@
+"""Where one engine step's time goes, at a given number of running requests (no HTTP).
+
+Starts N requests of 128 random prompt tokens (greedy, ``ignore_eos``), runs 30 steps so
+every prompt is in and the batch is decoding, then times ``--steps`` decode steps and
+prints the mean. ``--profile torch`` adds torch.profiler's op table (aten ops only: the
+native kernels are not aten ops and do not show there); ``--profile python`` adds a
+cProfile table, which does show them.
+
+    .venv/bin/python bench/profile_step.py 1 --profile torch
+    .venv/bin/python bench/profile_step.py 64 --profile python
+    .venv/bin/python bench/profile_step.py 1 --small-batch-tokens 4   # one thread, as served
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import time
+
+import torch
+
+from rillet import LLM, SamplingParams
+from rillet.engine.inputs import build_request
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("requests", type=int)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--profile", choices=["torch", "python"])
+    parser.add_argument("--small-batch-tokens", type=int, default=0)
+    parser.add_argument("--int8-max-batch-tokens", type=int, default=None)
+    args = parser.parse_args()
+
+    llm = LLM(
+        small_batch_tokens=args.small_batch_tokens,
+        int8_max_batch_tokens=args.int8_max_batch_tokens,
+    )
+    core, vocab = llm.core, llm.parts.model_config.vocab_size
+    rng = random.Random(0)
+    params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    for _ in range(args.requests):
+        prompt = [rng.randrange(100, vocab) for _ in range(128)]
+        core.add_request(
+            build_request(llm.tokenizer, vocab, llm.parts.max_model_len, prompt, params)
+        )
+    for _ in range(30):
+        core.step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        core.step()
+    step = (time.perf_counter() - start) / args.steps
+    print(
+        f"{args.requests} running: decode step {step * 1e3:.2f} ms, "
+        f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads"
+    )
+    if args.profile == "torch":
+        with torch.profiler.profile() as prof:
+            for _ in range(10):
+                core.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    elif args.profile == "python":
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            core.step()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
