@@ -2,6 +2,7 @@
 
 * ``server``: default options. Session-scoped: started once, on first use.
 * ``tiny_model_dir``: a tiny random-weight Llama as an HF folder (``fixtures_models.py``).
+* ``native``: the compiled CPU kernel module (a test using it fails if it did not build).
 * ``limited_server``: ``--max-concurrent-requests 1 --api-key LIMITED_API_KEY``, for 429
   and auth tests (generation requests to it need ``LIMITED_AUTH``; both constants live in
   ``server_process.py``).
@@ -13,6 +14,7 @@ Other tests that need their own options call ``start_server([...])`` from
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
@@ -34,3 +36,13 @@ def limited_server() -> Iterator[ServerHandle]:
     handle = start_server(["--max-concurrent-requests", "1", "--api-key", LIMITED_API_KEY])
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="session")
+def native() -> ModuleType:
+    from rillet.models import cpu_kernels
+
+    module = cpu_kernels.load()
+    if module is None:
+        pytest.fail("the native CPU kernels did not compile (see the warning in the log)")
+    return module

@@ -9,14 +9,6 @@ from rillet.models import cpu_kernels
 from rillet.models.attention import AttentionMetadata, _decode_with_sdpa
 
 
-@pytest.fixture(scope="module")
-def native():  # type: ignore[no-untyped-def]
-    module = cpu_kernels.load()
-    if module is None:
-        pytest.fail("the native CPU kernels did not compile (see the warning in the log)")
-    return module
-
-
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),

@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rillet.models import cpu_kernels, ops
+from rillet.models import ops
 from rillet.models.rope import RotaryEmbedding
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
-
-
-@pytest.fixture(scope="module")
-def native():  # type: ignore[no-untyped-def]
-    module = cpu_kernels.load()
-    if module is None:
-        pytest.fail("the native CPU kernels did not compile (see the warning in the log)")
-    return module
 
 
 def _rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
