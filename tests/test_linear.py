@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,32 @@ def test_packed_weights_give_exactly_the_plain_result() -> None:
 def test_float32_weights_are_not_packed() -> None:
     # fp32 is the exact mode; it keeps torch's plain path.
     assert not Linear(64, 96).enable_packed()
+
+
+@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("helpers", [0, 1])
+@torch.no_grad()
+def test_rillet_int8_kernel_matches_dequantized_weights(native, rows, helpers) -> None:  # type: ignore[no-untyped-def]
+    if not native.int8_linear_supported():
+        pytest.skip("this CPU build has no AVX512-BF16 int8 kernel")
+    gen = torch.Generator().manual_seed(rows)
+    # 1000 output rows: not a multiple of the kernel's 32-row items or its row blocks.
+    weight = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(1000, generator=gen) / 50).to(torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    expected = x.float() @ (weight.float() * scales.float()[:, None]).T
+    got = native.int8_linear(x, weight, scales, helpers).float()
+    assert (got - expected).norm() < 0.01 * expected.norm()
+    torch.testing.assert_close(
+        got, torch._weight_int8pack_mm(x, weight, scales).float(), rtol=2e-2, atol=2e-2
+    )
+
+
+@torch.no_grad()
+def test_int8_layers_take_rillets_kernel_when_built(native) -> None:  # type: ignore[no-untyped-def]
+    layer = _layer(64, 96)
+    assert layer.enable_int8(max_rows=8, native=native, helpers=1)
+    assert (layer.int8_native is native) == bool(native.int8_linear_supported())
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    through_torch = torch._weight_int8pack_mm(x, layer.int8_weight, layer.int8_scales) + layer.bias
+    torch.testing.assert_close(layer(x).float(), through_torch.float(), rtol=2e-2, atol=2e-2)

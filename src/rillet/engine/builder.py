@@ -14,8 +14,13 @@ from rillet.engine.core import EngineCore
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
+from rillet.models import cpu_kernels
 from rillet.models.config import ModelConfig
-from rillet.models.linear import enable_int8_small_batches, enable_packed_weights
+from rillet.models.linear import (
+    enable_int8_small_batches,
+    enable_packed_weights,
+    uses_native_int8,
+)
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
@@ -130,7 +135,16 @@ def build_engine(config: EngineConfig) -> EngineParts:
         int8_rows = (
             DEFAULT_INT8_MAX_BATCH_TOKENS if (device.type, dtype) == ("cpu", torch.bfloat16) else 0
         )
-    int8_layers = enable_int8_small_batches(model, int8_rows)
+    native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
+    # The int8 kernel's helpers take the other cores when free and are never waited for.
+    int8_layers = enable_int8_small_batches(
+        model, int8_rows, native, helpers=torch.get_num_threads() - 1
+    )
+    # Steps whose matmuls run on rillet's int8 kernel (it brings its own helper threads)
+    # run torch's ops on one thread: torch's spinning team would fight those helpers.
+    single_thread_tokens = config.small_batch_tokens
+    if uses_native_int8(model):
+        single_thread_tokens = max(single_thread_tokens, int8_rows)
     packed_layers = enable_packed_weights(model)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
@@ -153,7 +167,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         eos_token_ids=eos_ids,
         seed=config.seed,
         native_kernels=config.native_kernels,
-        small_batch_tokens=config.small_batch_tokens,
+        small_batch_tokens=single_thread_tokens,
     )
     log.info(
         "loaded %s: %d layers, %s on %s (%d linear layers packed for oneDNN; int8 weights in "

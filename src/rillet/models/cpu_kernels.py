@@ -8,6 +8,10 @@
   residual add + RMSNorm, RoPE + K/V cache write, SwiGLU. Each replaced a run of small torch
   ops whose dispatch cost more than their arithmetic.
 
+- Small-batch linear layers on int8 weights (``csrc/int8_linear.cpp``, AVX512-BF16 builds),
+  run on the calling thread plus helper threads the step never waits for
+  (``csrc/work_pool.h``).
+
 Every entry point releases the GIL (``csrc/module.cpp``).
 
 Compilation takes about a minute the first time on a machine and is cached under
@@ -29,7 +33,13 @@ log = logging.getLogger("rillet.kernels")
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("module.cpp", "paged_decode_attention.cpp", "fused_ops.cpp")
+    for name in (
+        "module.cpp",
+        "paged_decode_attention.cpp",
+        "fused_ops.cpp",
+        "int8_linear.cpp",
+        "work_pool.cpp",
+    )
 ]
 _lock = threading.Lock()
 _module: ModuleType | None = None

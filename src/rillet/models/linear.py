@@ -21,6 +21,8 @@ row's largest weight); ``bench/int8_check.py`` measures what that does to the mo
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,9 @@ from torch import nn
 #: bf16 only. Correct results are ~1%; torch's kernel silently miscomputes some shapes
 #: (inner sizes that are not a multiple of 16), which a probe catches.
 _PROBE_TOLERANCE = 0.05
+
+#: The most rows rillet's int8 kernel takes (its register blocking is unrolled per row count).
+_NATIVE_INT8_MAX_ROWS = 8
 
 #: The row count oneDNN is told to expect when packing; measured to make no difference
 #: between 1 and 512 rows, as the kernels it picks are the same.
@@ -43,11 +48,18 @@ class Linear(nn.Linear):
     int8_weight: torch.Tensor | None = None
     int8_scales: torch.Tensor | None = None
     int8_max_rows: int = 0
+    int8_native: ModuleType | None = None  # rillet's kernel module, when it has int8_linear
+    int8_helpers: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_weight is not None and x.shape[0] <= self.int8_max_rows:
             assert self.int8_scales is not None
-            y = torch._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
+            if self.int8_native is not None and x.dtype == torch.bfloat16:
+                y = self.int8_native.int8_linear(
+                    x, self.int8_weight, self.int8_scales, self.int8_helpers
+                )
+            else:
+                y = torch._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
             return y if self.bias is None else y + self.bias
         if self.packed_weight is not None:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
@@ -78,9 +90,16 @@ class Linear(nn.Linear):
         return True
 
     @torch.no_grad()
-    def enable_int8(self, max_rows: int) -> bool:
+    def enable_int8(
+        self, max_rows: int, native: ModuleType | None = None, helpers: int = 0
+    ) -> bool:
         """Quantize the weight per output row; False (and nothing changes) if the kernel
-        cannot serve this layer's shape or dtype correctly."""
+        cannot serve this layer's shape or dtype correctly.
+
+        With ``native`` (rillet's kernels, built with AVX512-BF16) bf16 inputs go through
+        its ``int8_linear`` on the calling thread plus ``helpers`` helper threads that the
+        step never waits for (``csrc/work_pool.h``); else through torch's kernel.
+        """
         weight = self.weight
         if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
             return False
@@ -97,6 +116,14 @@ class Linear(nn.Linear):
         if (got - expected).norm() > _PROBE_TOLERANCE * expected.norm():
             return False
         self.int8_weight, self.int8_scales, self.int8_max_rows = q, scales, max_rows
+        if (
+            native is not None
+            and max_rows <= _NATIVE_INT8_MAX_ROWS
+            and weight.dtype == torch.bfloat16
+            and weight.shape[1] % 32 == 0
+            and native.int8_linear_supported()
+        ):
+            self.int8_native, self.int8_helpers = native, helpers
         return True
 
 
@@ -105,9 +132,18 @@ def enable_packed_weights(model: nn.Module) -> int:
     return sum(m.enable_packed() for m in model.modules() if isinstance(m, Linear))
 
 
-def enable_int8_small_batches(model: nn.Module, max_rows: int) -> int:
+def enable_int8_small_batches(
+    model: nn.Module, max_rows: int, native: ModuleType | None = None, helpers: int = 0
+) -> int:
     """Give every ``Linear`` in ``model`` an int8 copy for <= ``max_rows`` rows; returns how
-    many layers took it."""
+    many layers took it. ``native``/``helpers``: see ``Linear.enable_int8``."""
     if max_rows <= 0:
         return 0
-    return sum(m.enable_int8(max_rows) for m in model.modules() if isinstance(m, Linear))
+    return sum(
+        m.enable_int8(max_rows, native, helpers) for m in model.modules() if isinstance(m, Linear)
+    )
+
+
+def uses_native_int8(model: nn.Module) -> bool:
+    """Whether any ``Linear`` in ``model`` runs its int8 copy on rillet's kernel."""
+    return any(isinstance(m, Linear) and m.int8_native is not None for m in model.modules())

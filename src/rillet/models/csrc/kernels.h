@@ -22,4 +22,9 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
 // x [T, 2 I] -> silu(x[:, :I]) * x[:, I:]
 at::Tensor silu_and_mul(at::Tensor x);
 
+// x [M <= 8, K] bf16, weight [N, K] int8, scales [N] bf16 -> x @ (weight * scales)^T, bf16.
+// Runs on the calling thread plus up to `helpers` helper threads (work_pool.h).
+at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scales, int64_t helpers);
+bool int8_linear_supported();
+
 }  // namespace rillet

@@ -13,4 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &rillet::rotary_and_cache, nogil,
         "rotary embedding of q and k, in place, and the K/V cache write");
   m.def("silu_and_mul", &rillet::silu_and_mul, nogil, "SwiGLU activation");
+  m.def("int8_linear", &rillet::int8_linear, nogil, "small-batch linear on int8 weights");
+  m.def("int8_linear_supported", &rillet::int8_linear_supported,
+        "whether this build has the int8 linear kernel (needs AVX512-BF16)");
 }
