@@ -91,16 +91,32 @@ def paged_attention(
     Returns [T, H, d].
     """
     key_cache, value_cache = cache
+    num_decodes = meta.num_decode_tokens
+    native_decode = meta.native is not None and meta.decode_context_lens is not None
+    if num_decodes and native_decode and not meta.prefills:
+        # A decode-only step, the steady state of streaming: the kernel's output is the
+        # whole answer, with no buffer to allocate and copy into.
+        assert meta.native is not None and meta.decode_block_ids is not None
+        assert meta.decode_context_lens is not None
+        return cpu_kernels.paged_decode_attention(
+            meta.native,
+            q,
+            key_cache,
+            value_cache,
+            meta.decode_block_ids,
+            meta.decode_context_lens,
+            scale,
+        )
 
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     out = q.new_empty(num_tokens, num_heads, head_dim)
 
-    num_decodes = meta.num_decode_tokens
     if num_decodes:
         assert meta.decode_block_ids is not None
-        if meta.native is not None and meta.decode_context_lens is not None:
+        if native_decode:
+            assert meta.native is not None and meta.decode_context_lens is not None
             out[:num_decodes] = cpu_kernels.paged_decode_attention(
                 meta.native,
                 q[:num_decodes],
