@@ -166,7 +166,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         device,
         eos_token_ids=eos_ids,
         seed=config.seed,
-        native_kernels=config.native_kernels,
+        native=native,
         small_batch_tokens=single_thread_tokens,
     )
     log.info(

@@ -8,13 +8,13 @@ rest (partial prefill chunks) only the KV cache is written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
 from rillet.engine.request import Request
 from rillet.engine.sampler import Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
-from rillet.models import cpu_kernels
 from rillet.models.attention import (
     AttentionMetadata,
     KVCache,
@@ -46,7 +46,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: frozenset[int] = frozenset(),
         seed: int | None = None,
-        native_kernels: bool = True,
+        native: ModuleType | None = None,
         small_batch_tokens: int = 0,
     ) -> None:
         cfg = model.config
@@ -64,7 +64,7 @@ class ModelRunner:
             device,
         )
         self.sampler = Sampler(device=device, seed=seed)
-        self.native = cpu_kernels.load(native_kernels and device.type == "cpu")
+        self.native = native  # compiled CPU kernels (``cpu_kernels.load``), or None
         self.max_threads = torch.get_num_threads()
         self.small_batch_tokens = small_batch_tokens
         self._generators: dict[str, torch.Generator | None] = {}

@@ -92,42 +92,31 @@ def paged_attention(
     """
     key_cache, value_cache = cache
     num_decodes = meta.num_decode_tokens
-    native_decode = meta.native is not None and meta.decode_context_lens is not None
-    if num_decodes and native_decode and not meta.prefills:
-        # A decode-only step, the steady state of streaming: the kernel's output is the
-        # whole answer, with no buffer to allocate and copy into.
-        assert meta.native is not None and meta.decode_block_ids is not None
-        assert meta.decode_context_lens is not None
-        return cpu_kernels.paged_decode_attention(
+    decoded = None
+    if num_decodes and meta.native is not None and meta.decode_context_lens is not None:
+        assert meta.decode_block_ids is not None
+        decoded = cpu_kernels.paged_decode_attention(
             meta.native,
-            q,
+            q[:num_decodes],
             key_cache,
             value_cache,
             meta.decode_block_ids,
             meta.decode_context_lens,
             scale,
         )
+        if not meta.prefills:
+            # A decode-only step, the steady state of streaming: the kernel's output is the
+            # whole answer, with no buffer to allocate and copy into.
+            return decoded
 
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     out = q.new_empty(num_tokens, num_heads, head_dim)
-
-    if num_decodes:
-        assert meta.decode_block_ids is not None
-        if native_decode:
-            assert meta.native is not None and meta.decode_context_lens is not None
-            out[:num_decodes] = cpu_kernels.paged_decode_attention(
-                meta.native,
-                q[:num_decodes],
-                key_cache,
-                value_cache,
-                meta.decode_block_ids,
-                meta.decode_context_lens,
-                scale,
-            )
-        else:
-            _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out)
+    if decoded is not None:
+        out[:num_decodes] = decoded
+    elif num_decodes:
+        _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out)
 
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)

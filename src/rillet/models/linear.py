@@ -79,8 +79,7 @@ class Linear(nn.Linear):
             return False
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKING_ROWS)
-            probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-            probe = probe.to(weight.dtype)
+            probe = _probe(3, weight)
             got = torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
         except (RuntimeError, AttributeError):  # a torch build without these ops
             return False
@@ -109,8 +108,7 @@ class Linear(nn.Linear):
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         scales = scales.to(weight.dtype)
-        probe = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        probe = probe.to(weight.dtype)
+        probe = _probe(1, weight)
         expected = F.linear(probe, weight).float()
         got = torch._weight_int8pack_mm(probe, q, scales).float()
         if (got - expected).norm() > _PROBE_TOLERANCE * expected.norm():
@@ -125,6 +123,12 @@ class Linear(nn.Linear):
         ):
             self.int8_native, self.int8_helpers = native, helpers
         return True
+
+
+def _probe(rows: int, weight: torch.Tensor) -> torch.Tensor:
+    """A fixed random input for checking an alternative kernel against ``F.linear``."""
+    probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    return probe.to(weight.dtype)
 
 
 def enable_packed_weights(model: nn.Module) -> int:

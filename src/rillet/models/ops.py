@@ -52,6 +52,7 @@ def rotary_and_cache(
     key_cache, value_cache = cache
     num_tokens, head_dim = qkv.shape[0], key_cache.shape[-1]
     k_end = (num_heads + num_kv_heads) * head_dim
+    v = qkv[:, k_end:].view(num_tokens, num_kv_heads, head_dim)
     if native is not None:
         native.rotary_and_cache(
             qkv,
@@ -69,11 +70,9 @@ def rotary_and_cache(
         cos, sin = rope.cos_sin(positions)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
         qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, head_dim), cos, sin)
-    q, k = qk.split([num_heads, num_kv_heads], dim=1)
-    v = qkv[:, k_end:].view(num_tokens, num_kv_heads, head_dim)
-    if native is None:
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, qk[:, num_heads:])
         value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    q, k = qk.split([num_heads, num_kv_heads], dim=1)
     return q, k, v
 
 

@@ -155,14 +155,6 @@ void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
   });
 }
 
-#define RILLET_DISPATCH(dtype, NAME, ...)                                   \
-  switch (dtype) {                                                          \
-    case at::kFloat: NAME<float>(__VA_ARGS__); break;                       \
-    case at::kBFloat16: NAME<c10::BFloat16>(__VA_ARGS__); break;            \
-    case at::kHalf: NAME<c10::Half>(__VA_ARGS__); break;                    \
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);               \
-  }
-
 }  // namespace
 
 at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight,

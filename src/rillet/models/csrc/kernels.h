@@ -4,6 +4,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+// Calls NAME<T>(args...) with T the C++ type of a float32, bfloat16 or float16 tensor.
+#define RILLET_DISPATCH(dtype, NAME, ...)                        \
+  switch (dtype) {                                               \
+    case at::kFloat: NAME<float>(__VA_ARGS__); break;            \
+    case at::kBFloat16: NAME<c10::BFloat16>(__VA_ARGS__); break; \
+    case at::kHalf: NAME<c10::Half>(__VA_ARGS__); break;         \
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);    \
+  }
+
 namespace rillet {
 
 // query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]

@@ -240,19 +240,8 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   auto out = at::empty_like(query);
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      decode_attention<float>(query, key_cache, value_cache, tables, lens, scale, out);
-      break;
-    case at::kBFloat16:
-      decode_attention<c10::BFloat16>(query, key_cache, value_cache, tables, lens, scale, out);
-      break;
-    case at::kHalf:
-      decode_attention<c10::Half>(query, key_cache, value_cache, tables, lens, scale, out);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype");
-  }
+  RILLET_DISPATCH(query.scalar_type(), decode_attention, query, key_cache, value_cache, tables,
+                  lens, scale, out);
   return out;
 }
 
