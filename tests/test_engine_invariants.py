@@ -125,9 +125,11 @@ async def test_stream_with_stop_string_equals_non_stream(
         assert text.endswith(stop) if include else stop not in text
 
 
-async def test_abort_every_tenth_of_100(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["thread", "process"])
+async def test_abort_every_tenth_of_100(tiny_model_dir: Path, own_process: bool) -> None:
     engine = AsyncEngine.from_config(
-        EngineConfig(model=str(tiny_model_dir), dtype="float32", num_kv_blocks=512)
+        EngineConfig(model=str(tiny_model_dir), dtype="float32", num_kv_blocks=512),
+        own_process=own_process,
     )
     reference = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=512)
     prompts = [f"request number {i}: " + "lorem ipsum " * (i % 7) for i in range(100)]

@@ -1,80 +1,119 @@
-"""AsyncEngine: the engine on its own thread, streams out through per-request collectors.
+"""AsyncEngine: the front end every door uses; streams out through per-request collectors.
 
-The event loop never runs the model: ``generate()`` hands a request to the engine thread
-through a command queue and then awaits its collector. The engine thread loops
-``drain commands -> core.step() -> detokenize -> hand outputs to the loop`` and sleeps
-when there is nothing to do.
+The event loop never runs the model. The core runs either on a thread of this process
+(:class:`EngineThread`) or in a process of its own (:class:`EngineProcess`, what ``rillet
+serve`` uses); both run the same :class:`CoreLoop` and report here the same way. Text lives
+here: each step's token deltas are detokenized and matched against stop strings by the
+:class:`OutputProcessor`, on the thread that received them, then handed to the collectors
+on their event loops.
 
 Cancellation has exactly one place: ``generate()``'s ``finally``. A consumer that stops
 iterating (client disconnect -> CancelledError, ``aclose()``, an exception, a ``break``)
-sends ``abort`` to the engine thread, which frees the request's blocks before its next step.
+sends ``abort`` to the core, which frees the request's blocks before its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from rillet.config import EngineConfig
-from rillet.engine.builder import EngineParts, build_engine
 from rillet.engine.collector import Item, RequestCollector
+from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
 from rillet.engine.inputs import build_request
 from rillet.engine.output_processor import OutputProcessor
 from rillet.errors import (
     EngineDeadError,
-    GenerationError,
     IncompleteGenerationError,
     RilletError,
     ValidationError,
 )
-from rillet.protocol import EngineRequest, FinishReason, RequestOutput
+from rillet.protocol import EngineRequest, RequestOutput, TokenDelta
 from rillet.sampling import SamplingParams
 
-log = logging.getLogger("rillet.engine")
+if TYPE_CHECKING:
+    from rillet.config import EngineConfig
+    from rillet.engine.builder import EngineParts
+    from rillet.engine.core import EngineCore
+    from rillet.tokenizer import Tokenizer
 
-_IDLE_POLL_S = 0.5
+__all__ = ["AsyncEngine", "EngineStats"]
 
 
-@dataclass
-class EngineStats:
-    """A snapshot for /metrics and tests; read from any thread."""
+class EngineBackend(Protocol):
+    """Where the core runs: :class:`EngineThread` or :class:`EngineProcess`."""
 
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_used_blocks: int
-    num_prefix_hit_tokens: int
-    num_computed_tokens: int
-    num_prompt_tokens_computed: int
-    num_generated_tokens: int
-    num_preemptions: int
-    num_steps: int
+    def start(self, reporter: Reporter, on_death: Callable[[BaseException], None]) -> None: ...
+
+    def send(self, kind: CommandKind, payload: object = None) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def join(self, timeout: float) -> None: ...
 
 
 class AsyncEngine:
     """The interface every front door uses: ``make_request`` then ``generate``."""
 
-    def __init__(self, parts: EngineParts) -> None:
-        self.parts = parts
-        self.core = parts.core
-        self.tokenizer = parts.tokenizer
-        self.model_name = parts.model_name
-        self.max_model_len = parts.max_model_len
-        self._processor = OutputProcessor(parts.tokenizer)
-        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+    def __init__(
+        self,
+        backend: EngineBackend,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self._backend = backend
+        self._processor = OutputProcessor(tokenizer)
         self._collectors: dict[str, RequestCollector] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._started = False
+        self._stopping = False
         self._dead: BaseException | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        """Load the model (blocking, seconds) and return an engine; its thread starts lazily."""
-        return cls(build_engine(config))
+    def from_config(cls, config: EngineConfig, *, own_process: bool = False) -> AsyncEngine:
+        """Load the model (blocking, seconds) and return an engine; its core starts lazily.
+
+        ``own_process`` runs the core in a child process (what ``rillet serve`` does);
+        otherwise it runs on a thread of this one.
+        """
+        if own_process:
+            from rillet.engine.engine_process import EngineProcess
+
+            process = EngineProcess(config)
+            info = process.info
+            return cls(
+                process, info.tokenizer, info.model_name, info.max_model_len, info.vocab_size
+            )
+        from rillet.engine.builder import build_engine
+
+        return cls.from_parts(build_engine(config))
+
+    @classmethod
+    def from_parts(cls, parts: EngineParts) -> AsyncEngine:
+        """An engine whose core runs on a thread of this process."""
+        from rillet.engine.engine_thread import EngineThread
+
+        return cls(
+            EngineThread(parts.core),
+            parts.tokenizer,
+            parts.model_name,
+            parts.max_model_len,
+            parts.model_config.vocab_size,
+        )
+
+    @property
+    def core(self) -> EngineCore:
+        """The core, when it runs in this process (tests and tools look inside it)."""
+        from rillet.engine.engine_thread import EngineThread
+
+        if not isinstance(self._backend, EngineThread):
+            raise RuntimeError("this engine's core runs in another process")
+        return self._backend.core
 
     # ---- the front doors' API -------------------------------------------------------
 
@@ -88,7 +127,7 @@ class AsyncEngine:
         """Tokenize and validate. Raises ValidationError, so callers can answer 4xx early."""
         return build_request(
             self.tokenizer,
-            self.parts.model_config.vocab_size,
+            self.vocab_size,
             self.max_model_len,
             prompt,
             params,
@@ -110,7 +149,8 @@ class AsyncEngine:
             raise ValidationError(f"request id {rid!r} is already in use")
         collector = RequestCollector()
         self._collectors[rid] = collector
-        self._send("add", request)
+        self._processor.add(request)
+        self._backend.send("add", request)
         finished = False
         try:
             while True:
@@ -125,55 +165,39 @@ class AsyncEngine:
         finally:
             self._collectors.pop(rid, None)
             if not finished:
-                self._send("abort", rid)
+                self._processor.drop(rid)
+                self._backend.send("abort", rid)
 
     def abort(self, request_id: str) -> None:
         """Stop a request from outside its stream (e.g. a WebSocket cancel message)."""
-        self._send("abort", request_id)
+        self._backend.send("abort", request_id)
 
     def stats(self) -> EngineStats:
-        sched = self.core.scheduler
-        bm = sched.block_manager
-        c = self.core.counters
-        return EngineStats(
-            num_running=sched.num_running,
-            num_waiting=sched.num_waiting,
-            kv_cache_usage=bm.usage,
-            num_used_blocks=bm.num_used_blocks,
-            num_prefix_hit_tokens=bm.num_prefix_hit_tokens,
-            num_computed_tokens=c.num_computed_tokens,
-            num_prompt_tokens_computed=c.num_prompt_tokens_computed,
-            num_generated_tokens=c.num_generated_tokens,
-            num_preemptions=c.num_preemptions,
-            num_steps=c.num_steps,
-        )
+        """A snapshot of the core's counters (from its last report, if it runs elsewhere)."""
+        return self._backend.stats()
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and not self._stopping.is_set()
+        return self._dead is None and not self._stopping
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; open streams end with IncompleteGenerationError."""
-        self._stopping.set()
-        self._send("stop", None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
+        """Stop the core; open streams end with IncompleteGenerationError."""
+        self._stopping = True
+        self._backend.send("stop")
+        if self._started:
+            await asyncio.to_thread(self._backend.join, timeout)
         for collector in list(self._collectors.values()):
             collector.put(IncompleteGenerationError("the server is shutting down"))
 
     # ---- plumbing ---------------------------------------------------------------------
 
     def _ensure_started(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="rillet-engine", daemon=True)
-        self._thread.start()
+        if not self._started:
+            self._started = True
+            self._backend.start(_Outputs(self), self._on_death)
 
-    def _send(self, kind: str, payload: object) -> None:
-        self._commands.put((kind, payload))
-
-    def _post(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """From the engine thread: hand each item to its collector on the collector's loop.
+    def _post(self, items: Sequence[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its collector on the collector's loop (from any thread).
 
         Collectors remember their own loop, so one engine can serve streams from several
         event loops (e.g. successive ``asyncio.run`` calls) without losing outputs.
@@ -187,65 +211,30 @@ class AsyncEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_deliver, batch)
 
-    def _run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                self._drain_commands(block=not self.core.has_unfinished_requests())
-                if self.core.has_unfinished_requests():
-                    self._step()
-        except BaseException as exc:  # the thread itself broke: nothing can be served
-            log.exception("engine thread died")
-            self._dead = exc
-            self._post([(rid, EngineDeadError(str(exc))) for rid in list(self._collectors)])
+    def _on_death(self, exc: BaseException) -> None:
+        if self._stopping:
+            return  # shutdown() ends the open streams itself
+        self._dead = exc
+        self._post([(rid, EngineDeadError(str(exc))) for rid in list(self._collectors)])
 
-    def _drain_commands(self, block: bool) -> None:
-        pending: list[tuple[str, RequestOutput | BaseException]] = []
-        try:
-            kind, payload = (
-                self._commands.get(timeout=_IDLE_POLL_S) if block else (self._commands.get_nowait())
-            )
-            while True:
-                self._apply(kind, payload, pending)
-                kind, payload = self._commands.get_nowait()
-        except queue.Empty:
-            pass
-        self._post(pending)
 
-    def _apply(
-        self, kind: str, payload: object, pending: list[tuple[str, RequestOutput | BaseException]]
-    ) -> None:
-        if kind == "add":
-            assert isinstance(payload, EngineRequest)
-            try:
-                self.core.add_request(payload)
-                self._processor.add(payload)
-            except RilletError as exc:
-                pending.append((payload.request_id, exc))
-        elif kind == "abort":
-            assert isinstance(payload, str)
-            self.core.abort_request(payload)
-            self._processor.drop(payload)
+class _Outputs:
+    """The engine's :class:`Reporter`: core deltas -> text -> collectors."""
 
-    def _step(self) -> None:
-        try:
-            deltas = self.core.step()
-            processed = self._processor.process(deltas)
-        except Exception as exc:
-            # A failed step poisons only the requests in flight: fail them all, free their
-            # blocks, and keep serving new requests.
-            log.exception("engine step failed")
-            self._fail_all(GenerationError(f"generation failed: {exc}"))
-            return
-        for rid in processed.stop_hits:
-            self.core.finish_request(rid, FinishReason.STOP_SEQUENCE)
-        self._post([(out.request_id, out) for out in processed.outputs])
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
 
-    def _fail_all(self, error: RilletError) -> None:
-        failed = self.core.scheduler.request_ids()
-        for rid in failed:
-            self.core.abort_request(rid)
-            self._processor.drop(rid)
-        self._post([(rid, error) for rid in failed])
+    def step(self, deltas: list[TokenDelta]) -> list[str]:
+        if not deltas:
+            return []
+        processed = self._engine._processor.process(deltas)
+        self._engine._post([(out.request_id, out) for out in processed.outputs])
+        return processed.stop_hits
+
+    def errors(self, failed: list[tuple[str, RilletError]]) -> None:
+        for request_id, _ in failed:
+            self._engine._processor.drop(request_id)
+        self._engine._post(failed)
 
 
 def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:

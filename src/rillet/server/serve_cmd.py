@@ -61,6 +61,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="steps of at most this many tokens use int8 copies of the weights "
         "(default: 8 for bf16 on CPU, else 0 = off)",
     )
+    p.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run the engine core on a thread of the server process, not in a process of its "
+        "own (slower when busy: the HTTP side and the model then share one GIL)",
+    )
     p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--shutdown-grace",
@@ -103,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
             int8_max_batch_tokens=args.int8_max_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
-            engine = AsyncEngine.from_config(engine_config)
+            engine = AsyncEngine.from_config(
+                engine_config, own_process=not args.engine_in_process
+            )
         app = create_app(engine, server_config)
     except (RilletError, ValueError, OSError) as exc:
         print(f"rillet serve: {exc}", file=sys.stderr)
