@@ -119,3 +119,33 @@ def test_int8_layers_take_rillets_kernel_when_built(native) -> None:  # type: ig
     x = torch.randn(3, 64).to(torch.bfloat16)
     through_torch = torch._weight_int8pack_mm(x, layer.int8_weight, layer.int8_scales) + layer.bias
     torch.testing.assert_close(layer(x).float(), through_torch.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 16, 23, 64, 130])
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 62), (160, 576), (176, 1536)])
+@torch.no_grad()
+def test_rillet_bf16_kernel_matches_fp32_math(native, rows, out_features, in_features) -> None:  # type: ignore[no-untyped-def]
+    """Row counts around the 8-row register tile; 10 and 11 column blocks leave one and
+    two blocks after the 3-block tiles; an inner size that is even but not a multiple of 32."""
+    if not native.bf16_linear_supported():
+        pytest.skip("this CPU build has no AVX512-BF16 bf16 kernel")
+    gen = torch.Generator().manual_seed(rows * out_features)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    got = native.bf16_linear(x, native.pack_bf16_weight(weight))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.float(), x.float() @ weight.float().T, rtol=1e-2, atol=1e-2)
+
+
+@torch.no_grad()
+def test_layers_take_rillets_bf16_kernel_where_it_serves_the_shape(native) -> None:  # type: ignore[no-untyped-def]
+    layer = _layer(64, 96)
+    assert layer.enable_packed(native)
+    assert (layer.packed_native is native) == bool(native.bf16_linear_supported())
+    x = torch.randn(12, 64).to(torch.bfloat16)
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(layer(x).float(), exact, rtol=1e-2, atol=1e-2)
+    odd = _layer(64, 40)  # 40 output columns: not whole 16-column blocks, so oneDNN's layout
+    assert odd.enable_packed(native)
+    assert odd.packed_native is None
+    assert torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))

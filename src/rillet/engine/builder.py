@@ -145,7 +145,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
     single_thread_tokens = config.small_batch_tokens
     if uses_native_int8(model):
         single_thread_tokens = max(single_thread_tokens, int8_rows)
-    packed_layers = enable_packed_weights(model)
+    packed_layers = enable_packed_weights(model, native)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
@@ -170,7 +170,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         small_batch_tokens=single_thread_tokens,
     )
     log.info(
-        "loaded %s: %d layers, %s on %s (%d linear layers packed for oneDNN; int8 weights in "
+        "loaded %s: %d layers, %s on %s (%d linear layers packed; int8 weights in "
         "%d for steps of <= %d tokens), %d KV blocks of %d tokens, context %d",
         files.name,
         cfg.num_layers,

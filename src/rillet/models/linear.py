@@ -1,9 +1,15 @@
-"""Linear layers with CPU-specific weight copies: oneDNN-packed bf16, and int8 for small batches.
+"""Linear layers with CPU-specific weight copies: packed bf16, and int8 for small batches.
 
-Packed bf16: ``F.linear`` hands oneDNN a plain row-major weight, which it re-lays-out for
-its kernels on every call; a weight packed once at load (``mkldnn._reorder_linear_weight``)
-skips that. Same kernels, bit-identical results, and the 30-layer SmolLM2 matmuls at 16
-rows went from 19.2 to 12.7 ms (bench/RESULTS.md).
+Packed bf16, two kinds:
+
+- rillet's own kernel (``csrc/bf16_linear.cpp``, AVX512-BF16 builds): register-tiled
+  vdpbf16ps on a weight laid out in its operand order. At the batch sizes of streaming
+  decode it beats oneDNN clearly (30 layers + LM head at 16 rows: 7.1-7.8 ms against
+  10.7-11.4; at 64 rows 21.7 against 26; bench/RESULTS.md) and is within 5 % at 512.
+  Results differ from ``F.linear`` only in the order of fp32 sums.
+- Otherwise oneDNN's own layout (``mkldnn._reorder_linear_weight``): ``F.linear`` hands
+  oneDNN a plain row-major weight, which it re-lays-out on every call; packing once at
+  load skips that. Same kernels, bit-identical results (19.2 -> 12.7 ms at 16 rows).
 
 Int8 for small batches:
 
@@ -27,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: The largest relative error rillet's bf16 kernel may show on a probe: it differs from
+#: ``F.linear`` only in summation order, so anything above bf16 rounding is a bug.
+_NATIVE_BF16_TOLERANCE = 1e-2
+
 #: The largest relative error the int8 kernel may show on a probe before a layer keeps
 #: bf16 only. Correct results are ~1%; torch's kernel silently miscomputes some shapes
 #: (inner sizes that are not a multiple of 16), which a probe catches.
@@ -45,6 +55,7 @@ class Linear(nn.Linear):
     <= ``int8_max_rows`` rows. Inputs are 2-D ``[rows, in_features]``."""
 
     packed_weight: torch.Tensor | None = None
+    packed_native: ModuleType | None = None  # set when packed_weight is rillet's layout
     int8_weight: torch.Tensor | None = None
     int8_scales: torch.Tensor | None = None
     int8_max_rows: int = 0
@@ -61,6 +72,9 @@ class Linear(nn.Linear):
             else:
                 y = torch._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
             return y if self.bias is None else y + self.bias
+        if self.packed_native is not None:
+            y = self.packed_native.bf16_linear(x.contiguous(), self.packed_weight)
+            return y if self.bias is None else y + self.bias
         if self.packed_weight is not None:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
                 x, self.packed_weight, self.bias, "none", [], ""
@@ -69,12 +83,14 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
-    def enable_packed(self) -> bool:
-        """Pack the bf16 weight for oneDNN; False (nothing changes) where that is unavailable
-        or would not give exactly ``F.linear``'s result."""
+    def enable_packed(self, native: ModuleType | None = None) -> bool:
+        """Pack the bf16 weight for rillet's kernel (with ``native``, where it serves this
+        shape) or else for oneDNN; False (nothing changes) where neither applies."""
         weight = self.weight
         if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
             return False
+        if native is not None and self._enable_native_bf16(native):
+            return True
         if not torch.backends.mkldnn.is_available():
             return False
         try:
@@ -86,6 +102,19 @@ class Linear(nn.Linear):
         if not torch.equal(got, F.linear(probe, weight, self.bias)):
             return False
         self.packed_weight = packed
+        return True
+
+    def _enable_native_bf16(self, native: ModuleType) -> bool:
+        n, k = self.weight.shape
+        if n % 16 or k % 2 or not native.bf16_linear_supported():
+            return False
+        packed = native.pack_bf16_weight(self.weight)
+        probe = _probe(11, self.weight)  # 8 + 3: a full register tile and a remainder
+        expected = probe.float() @ self.weight.float().T
+        got = native.bf16_linear(probe, packed).float()
+        if (got - expected).norm() > _NATIVE_BF16_TOLERANCE * expected.norm():
+            return False
+        self.packed_weight, self.packed_native = packed, native
         return True
 
     @torch.no_grad()
@@ -131,9 +160,10 @@ def _probe(rows: int, weight: torch.Tensor) -> torch.Tensor:
     return probe.to(weight.dtype)
 
 
-def enable_packed_weights(model: nn.Module) -> int:
-    """Pack every bf16 ``Linear`` weight in ``model`` for oneDNN; returns how many took it."""
-    return sum(m.enable_packed() for m in model.modules() if isinstance(m, Linear))
+def enable_packed_weights(model: nn.Module, native: ModuleType | None = None) -> int:
+    """Pack every bf16 ``Linear`` weight in ``model`` (see ``Linear.enable_packed``);
+    returns how many took it."""
+    return sum(m.enable_packed(native) for m in model.modules() if isinstance(m, Linear))
 
 
 def enable_int8_small_batches(

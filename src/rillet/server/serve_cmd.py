@@ -109,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
             int8_max_batch_tokens=args.int8_max_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
-            engine = AsyncEngine.from_config(
-                engine_config, own_process=not args.engine_in_process
-            )
+            engine = AsyncEngine.from_config(engine_config, own_process=not args.engine_in_process)
         app = create_app(engine, server_config)
     except (RilletError, ValueError, OSError) as exc:
         print(f"rillet serve: {exc}", file=sys.stderr)

@@ -36,4 +36,10 @@ at::Tensor silu_and_mul(at::Tensor x);
 at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scales, int64_t helpers);
 bool int8_linear_supported();
 
+// weight [N, K] bf16 -> the layout bf16_linear reads ([N/16, K/2, 16, 2]; N % 16 == 0).
+at::Tensor pack_bf16_weight(at::Tensor weight);
+// x [M, K] bf16 @ weight^T, the weight packed by pack_bf16_weight -> [M, N] bf16.
+at::Tensor bf16_linear(at::Tensor x, at::Tensor packed);
+bool bf16_linear_supported();
+
 }  // namespace rillet
