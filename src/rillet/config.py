@@ -26,7 +26,8 @@ class EngineConfig:
     cores to the server's own threads (0 = always use every thread; the server sets it).
     Steps of at most ``int8_max_batch_tokens`` rows run the linear layers on int8 copies
     of the weights (memory-bound small batches read half the bytes); ``None`` picks 8 on
-    CPUs serving bf16 and 0 (off) elsewhere, including fp32, which stays exact.
+    CPUs serving bf16 without rillet's bf16 kernel, and 0 (off) elsewhere: with that
+    kernel (AVX512-BF16) int8 no longer pays, and fp32 stays exact.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
     """

@@ -28,8 +28,11 @@ from rillet.tokenizer import Tokenizer
 log = logging.getLogger("rillet.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Rows up to which CPU bf16 serving uses int8 weights by default: where the int8 kernel
-#: still beats the bf16 GEMM on this project's CPU (bench/RESULTS.md).
+#: Rows up to which CPU bf16 serving uses int8 weights by default when rillet's bf16
+#: kernel is not available: where torch's int8 kernel beats oneDNN (bench/RESULTS.md).
+#: With rillet's bf16 kernel the default is 0: it streams bf16 weights fast enough that
+#: int8 no longer wins at any row count (a whole pass at 1 row: 8.7 ms against 8.3 ms; at
+#: 4 rows 9.2 against 12.5), and bf16 keeps the model's own weights.
 DEFAULT_INT8_MAX_BATCH_TOKENS = 8
 #: Served context when the model allows more; keeps RoPE tables and prompts bounded.
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -130,12 +133,12 @@ def build_engine(config: EngineConfig) -> EngineParts:
     model = LlamaForCausalLM.empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
+    native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
     int8_rows = config.int8_max_batch_tokens
     if int8_rows is None:
-        int8_rows = (
-            DEFAULT_INT8_MAX_BATCH_TOKENS if (device.type, dtype) == ("cpu", torch.bfloat16) else 0
-        )
-    native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
+        cpu_bf16 = (device.type, dtype) == ("cpu", torch.bfloat16)
+        has_bf16_kernel = native is not None and native.bf16_linear_supported()
+        int8_rows = DEFAULT_INT8_MAX_BATCH_TOKENS if cpu_bf16 and not has_bf16_kernel else 0
     # The int8 kernel's helpers take the other cores when free and are never waited for.
     int8_layers = enable_int8_small_batches(
         model, int8_rows, native, helpers=torch.get_num_threads() - 1

@@ -50,16 +50,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--small-batch-tokens",
         type=int,
-        default=4,
+        default=0,
         help="engine steps of at most this many tokens run on one thread, leaving a core "
-        "to the HTTP side (0: always all threads)",
+        "to the HTTP side (default 0: always all threads; the engine has its own process)",
     )
     p.add_argument(
         "--int8-max-batch-tokens",
         type=int,
         default=None,
         help="steps of at most this many tokens use int8 copies of the weights "
-        "(default: 8 for bf16 on CPU, else 0 = off)",
+        "(default: 0 = off; 8 for bf16 on CPUs without AVX512-BF16 kernels)",
     )
     p.add_argument(
         "--engine-in-process",
