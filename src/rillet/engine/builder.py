@@ -15,6 +15,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels
+from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
 from rillet.models.linear import (
     enable_int8_small_batches,
@@ -149,6 +150,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
     if uses_native_int8(model):
         single_thread_tokens = max(single_thread_tokens, int8_rows)
     packed_layers = enable_packed_weights(model, native)
+    bind_attributes(model)  # last: after every weight copy above is in place
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(

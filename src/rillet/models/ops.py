@@ -72,8 +72,7 @@ def rotary_and_cache(
         qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, head_dim), cos, sin)
         key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, qk[:, num_heads:])
         value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-    q, k = qk.split([num_heads, num_kv_heads], dim=1)
-    return q, k, v
+    return qk[:, :num_heads], qk[:, num_heads:], v  # slices: cheaper than Tensor.split
 
 
 def silu_and_mul(gate_up: torch.Tensor, native: ModuleType | None) -> torch.Tensor:
