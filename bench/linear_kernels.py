@@ -1,0 +1,81 @@
+"""rillet's bf16 linear kernel against oneDNN on SmolLM2-135M's matmul shapes.
+
+For each row count, times the model's five weight shapes (fused QKV, output projection,
+fused gate/up, down projection, LM head) through oneDNN with a packed weight
+(``mkldnn._linear_pointwise``, what ``F.linear`` becomes) and through
+``csrc/bf16_linear.cpp``, and adds them up as one decode step does (30 layers + the head).
+Also prints each kernel's largest error against fp32 math on the same bf16 inputs.
+
+    .venv/bin/python bench/linear_kernels.py [ROWS ...]      # default: 1 4 16 64 512
+
+Random weights, the cache as warm as a repeated call leaves it: the step totals are the
+kernels' own speed, not a served step's (bench/profile_step.py measures those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from rillet.models import cpu_kernels
+
+LAYERS = 30
+#: (out_features, in_features) of one layer's matmuls, then the LM head.
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+HEAD_SHAPE = (49152, 576)
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="*", type=int, default=[1, 4, 16, 64, 512])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    native = cpu_kernels.load()
+    if native is None or not native.bf16_linear_supported():
+        raise SystemExit("rillet's bf16 kernel is not available on this machine")
+    print(f"# torch {torch.__version__}, {args.threads} threads")
+    gen = torch.Generator().manual_seed(0)
+    for rows in args.rows:
+        totals = {"onednn": 0.0, "rillet": 0.0}
+        flops = 0
+        for n, k in [*LAYER_SHAPES, HEAD_SHAPE]:
+            repeat = 1 if (n, k) == HEAD_SHAPE else LAYERS
+            weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            rillet_weight = native.pack_bf16_weight(weight)
+            kernels = {
+                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(
+                    x, onednn_weight, None, "none", [], ""  # noqa: B023
+                ),
+                "rillet": lambda: native.bf16_linear(x, rillet_weight),  # noqa: B023
+            }
+            exact = x.float() @ weight.float().T
+            line = [f"rows={rows:4d} {n:5d}x{k:4d}:"]
+            for name, fn in kernels.items():
+                took = seconds_per_call(fn, 20)
+                totals[name] += took * repeat
+                error = (fn().float() - exact).abs().max().item()
+                line.append(f"{name} {took * 1e6:8.1f} us (max error {error:.3g})")
+            flops += 2 * rows * n * k * repeat
+            print("  ".join(line))
+        summary = ", ".join(
+            f"{name} {t * 1e3:.2f} ms ({flops / t / 1e9:.0f} GFLOP/s)" for name, t in totals.items()
+        )
+        print(f"rows={rows}: one step's matmuls: {summary}")
+
+
+if __name__ == "__main__":
+    main()
