@@ -108,6 +108,15 @@ async def test_shutdown_ends_the_engine_process(tiny_model_dir: Path) -> None:
     assert not _is_running(backend.pid)
 
 
+async def test_shutdown_without_a_request_ends_the_engine_process(tiny_model_dir: Path) -> None:
+    engine, backend = _own_process(tiny_model_dir)
+    assert backend.pid is not None
+    started = time.monotonic()
+    await engine.shutdown(timeout=30)
+    assert not _is_running(backend.pid)
+    assert time.monotonic() - started < 10, "the child was killed at the timeout, not stopped"
+
+
 def test_the_engine_process_exits_when_its_parent_is_killed(tiny_model_dir: Path) -> None:
     parent = subprocess.Popen(
         [

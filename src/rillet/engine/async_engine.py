@@ -182,10 +182,12 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core; open streams end with IncompleteGenerationError."""
+        # Started even if no request ever came: an engine process's commands go through
+        # the sender thread that start() launches, and the stop must reach the child.
+        self._ensure_started()
         self._stopping = True
         self._backend.send("stop")
-        if self._started:
-            await asyncio.to_thread(self._backend.join, timeout)
+        await asyncio.to_thread(self._backend.join, timeout)
         for collector in list(self._collectors.values()):
             collector.put(IncompleteGenerationError("the server is shutting down"))
 
