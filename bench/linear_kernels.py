@@ -10,6 +10,12 @@ Also prints each kernel's largest error against fp32 math on the same bf16 input
 
 Random weights, the cache as warm as a repeated call leaves it: the step totals are the
 kernels' own speed, not a served step's (bench/profile_step.py measures those).
+
+``--whole-model`` instead builds all 121 distinct weights of the model and times full
+passes through them, so weights come from memory as in a real step, for rillet's bf16
+kernel and rillet's int8 kernel (at most 8 rows; int8 copies, one scale per output row):
+
+    .venv/bin/python bench/linear_kernels.py --whole-model 1 2 4 8
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
+from types import ModuleType
 
 import torch
 
@@ -36,16 +44,52 @@ def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def whole_model_passes(native: ModuleType, rows_list: list[int], threads: int) -> None:
+    """Median time of full passes through every distinct weight, bf16 and int8."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = LAYER_SHAPES * LAYERS + [HEAD_SHAPE]
+    bf16, int8 = [], []
+    for n, k in shapes:
+        weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+        bf16.append((native.pack_bf16_weight(weight), k))
+        scales = weight.float().abs().amax(dim=1) / 127.0
+        quantized = torch.round(weight.float() / scales[:, None]).to(torch.int8)
+        int8.append((quantized, scales.to(torch.bfloat16), k))
+    for rows in rows_list:
+        inputs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
+
+        def bf16_pass() -> None:
+            for w, k in bf16:
+                native.bf16_linear(inputs[k], w)  # noqa: B023 (called in this iteration)
+
+        def int8_pass() -> None:
+            for w, s, k in int8:
+                native.int8_linear(inputs[k], w, s, threads - 1)  # noqa: B023 (same)
+
+        passes: dict[str, Callable[[], None]] = {"bf16": bf16_pass}
+        if rows <= 8 and native.int8_linear_supported():
+            passes["int8"] = int8_pass
+        line = [f"rows={rows}: a whole pass"]
+        for name, run in passes.items():
+            times = sorted(seconds_per_call(run, 1) for _ in range(9))
+            line.append(f"{name} {times[4] * 1e3:.2f} ms (min {times[0] * 1e3:.2f})")
+        print(", ".join(line))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="*", type=int, default=[1, 4, 16, 64, 512])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--whole-model", action="store_true", help="weights from memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     native = cpu_kernels.load()
     if native is None or not native.bf16_linear_supported():
         raise SystemExit("rillet's bf16 kernel is not available on this machine")
     print(f"# torch {torch.__version__}, {args.threads} threads")
+    if args.whole_model:
+        whole_model_passes(native, args.rows, args.threads)
+        return
     gen = torch.Generator().manual_seed(0)
     for rows in args.rows:
         totals = {"onednn": 0.0, "rillet": 0.0}
@@ -56,11 +100,11 @@ def main() -> None:
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
             onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
             rillet_weight = native.pack_bf16_weight(weight)
-            kernels = {
-                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(
-                    x, onednn_weight, None, "none", [], ""  # noqa: B023
+            kernels: dict[str, Callable[[], torch.Tensor]] = {
+                "onednn": partial(
+                    torch.ops.mkldnn._linear_pointwise, x, onednn_weight, None, "none", [], ""
                 ),
-                "rillet": lambda: native.bf16_linear(x, rillet_weight),  # noqa: B023
+                "rillet": partial(native.bf16_linear, x, rillet_weight),
             }
             exact = x.float() @ weight.float().T
             line = [f"rows={rows:4d} {n:5d}x{k:4d}:"]

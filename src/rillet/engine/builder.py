@@ -32,8 +32,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: Rows up to which CPU bf16 serving uses int8 weights by default when rillet's bf16
 #: kernel is not available: where torch's int8 kernel beats oneDNN (bench/RESULTS.md).
 #: With rillet's bf16 kernel the default is 0: it streams bf16 weights fast enough that
-#: int8 no longer wins at any row count (a whole pass at 1 row: 8.7 ms against 8.3 ms; at
-#: 4 rows 9.2 against 12.5), and bf16 keeps the model's own weights.
+#: int8 no longer wins clearly at any row count (whole passes, `bench/linear_kernels.py
+#: --whole-model`: 1 row 8.6 against 7.6 ms in one window and 6.7 against 8.3 in another,
+#: 4 rows 9.1 against 11.3), and bf16 keeps the model's own weights.
 DEFAULT_INT8_MAX_BATCH_TOKENS = 8
 #: Served context when the model allows more; keeps RoPE tables and prompts bounded.
 DEFAULT_MAX_MODEL_LEN = 8192
