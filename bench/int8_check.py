@@ -1,12 +1,12 @@
-"""Does the int8 small-batch path change what the bundled model says? Measured, not assumed.
+"""Does bf16, or the int8 small-batch path, change what the bundled model says? Measured.
 
 Three engines on the bundled SmolLM2, each fed one step of at most 8 tokens at a time
 (``max_num_batched_tokens=8``), so with int8 on every matmul of every step takes the
 int8 path:
 
 - ``fp32``: the reference (exact: float32 weights as dequantized from the GGUF file);
-- ``bf16``: the default dtype, int8 off;
-- ``bf16+int8``: the default serving configuration.
+- ``bf16``: the default dtype, int8 off (the serving default);
+- ``bf16+int8``: int8 copies for steps of at most 8 tokens (``--int8-max-batch-tokens 8``).
 
 For each it reports the mean negative log-likelihood of a fixed English text (teacher
 forced, through prompt logprobs) and, against fp32, how many greedy continuations of 16
