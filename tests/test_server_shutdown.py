@@ -93,3 +93,19 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
     except OSError:
         return True
+
+
+def test_engine_in_process_serves_the_same_tokens_and_stops(server: ServerHandle) -> None:
+    """``--engine-in-process`` (the core on a thread, no child process) against the default
+    server: one greedy request alone gives the same tokens either way."""
+    body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 12}}
+    own = start_server(["--engine-in-process"])
+    try:
+        assert _children(own.proc.pid) == []
+        answers = [
+            httpx.post(handle.url + "/generate", json=body, timeout=60).json()["generated_text"]
+            for handle in (own, server)
+        ]
+        assert answers[0] == answers[1] and answers[0]
+    finally:
+        assert own.stop() in (0, -signal.SIGTERM)
