@@ -4,6 +4,7 @@
 server picks a free port and prints it, so there is no race for ports), waits until
 ``/health`` answers 200, and returns a :class:`ServerHandle`; ``handle.stop()`` sends
 SIGTERM and waits. The server's output goes to a log file, shown when it fails to start.
+``is_running`` and ``child_pids`` look at processes (the server's engine child) on Linux.
 """
 
 from __future__ import annotations
@@ -94,3 +95,25 @@ def _healthy(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has: only its exit
+    status is left for its parent to collect)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process ``pid`` (Linux ``/proc``)."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]

@@ -8,12 +8,11 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from server_process import ServerHandle, start_server
+from server_process import ServerHandle, child_pids, is_running, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -49,7 +48,7 @@ def test_sigterm_drains_then_ends_what_is_left(own_server: ServerHandle) -> None
         long_lines, short_lines = long.iter_lines(), short.iter_lines()
         first_long = next(line for line in long_lines if line.startswith("data: "))
         first_short = next(line for line in short_lines if line.startswith("data: "))
-        engine_pids = _children(own_server.proc.pid)
+        engine_pids = child_pids(own_server.proc.pid)
         assert engine_pids, "rillet serve runs its engine core in a child process"
         own_server.proc.send_signal(signal.SIGTERM)
 
@@ -77,22 +76,7 @@ def test_sigterm_drains_then_ends_what_is_left(own_server: ServerHandle) -> None
     assert own_server.proc.wait(30) in (0, -signal.SIGTERM)
     assert "Traceback" not in own_server.log()
     for pid in engine_pids:  # the engine process went with it
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
-
-
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
-    except OSError:
-        return True
+        assert not is_running(pid)
 
 
 def test_engine_in_process_serves_the_same_tokens_and_stops(server: ServerHandle) -> None:
@@ -101,7 +85,7 @@ def test_engine_in_process_serves_the_same_tokens_and_stops(server: ServerHandle
     body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 12}}
     own = start_server(["--engine-in-process"])
     try:
-        assert _children(own.proc.pid) == []
+        assert child_pids(own.proc.pid) == []
         answers = [
             httpx.post(handle.url + "/generate", json=body, timeout=60).json()["generated_text"]
             for handle in (own, server)

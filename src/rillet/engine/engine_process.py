@@ -111,6 +111,11 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
+    @property
+    def exitcode(self) -> int | None:
+        """None while the child runs; 0 after a clean stop, -N if signal N ended it."""
+        return self._process.exitcode
+
     def stats(self) -> EngineStats:
         """The snapshot the child sent with its last report."""
         return self._stats
