@@ -23,7 +23,7 @@ class EngineConfig:
     preemption). ``max_num_batched_tokens`` is the per-step token budget that bounds how
     long one step (and so every stream's inter-token gap) can take while prompts prefill.
     Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
-    cores to the server's own threads (0 = always use every thread; the server sets it).
+    cores to the server's own threads (0 = always use every thread).
     Steps of at most ``int8_max_batch_tokens`` rows run the linear layers on int8 copies
     of the weights (memory-bound small batches read half the bytes); ``None`` picks 8 on
     CPUs serving bf16 without rillet's bf16 kernel, and 0 (off) elsewhere: with that

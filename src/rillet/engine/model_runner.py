@@ -106,13 +106,14 @@ class ModelRunner:
         return result
 
     def _pick_threads(self, num_tokens: int) -> None:
-        """One CPU thread for small batches, all of them for large ones.
+        """One CPU thread for steps of at most ``small_batch_tokens`` tokens, all otherwise.
 
-        Offline, two threads run a one-row step in 8.9 ms against 14.8 ms on one. Served,
-        it is the other way round (19.7 against 15.9 ms a token): the HTTP thread and the
-        clients wake once per token, take a core, and every parallel region of the step
-        (about 150) then waits for its descheduled team member. Large batches are
-        compute-bound and worth every core despite that. Measured in bench/RESULTS.md.
+        With the engine on a thread of the server process, small steps were faster on one
+        thread (19.7 against 15.9 ms a token): the HTTP thread woke once per token, took a
+        core, and each of the step's ~150 parallel regions waited for its descheduled team
+        member. In its own process all threads win at every size, so ``rillet serve``
+        defaults to 0; steps on rillet's int8 kernel still run torch on one thread, whose
+        helpers must not fight torch's team. Measured in bench/RESULTS.md.
         """
         if self.device.type != "cpu" or self.max_threads <= 1:
             return

@@ -51,8 +51,8 @@ _PACKING_ROWS = 64
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` plus optional CPU copies of the weight: oneDNN-packed, and int8 for
-    <= ``int8_max_rows`` rows. Inputs are 2-D ``[rows, in_features]``."""
+    """``nn.Linear`` plus optional CPU copies of the weight: packed bf16 (rillet's layout or
+    oneDNN's), and int8 for <= ``int8_max_rows`` rows. Inputs are 2-D ``[rows, in_features]``."""
 
     packed_weight: torch.Tensor | None = None
     packed_native: ModuleType | None = None  # set when packed_weight is rillet's layout
