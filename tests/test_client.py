@@ -30,7 +30,7 @@ from rillet.client import (
     Response,
     ValidationError,
 )
-from server_process import LIMITED_API_KEY, ServerHandle, start_server
+from server_process import LIMITED_API_KEY, LIMITED_AUTH, ServerHandle, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -139,9 +139,18 @@ def test_validation_errors_are_typed(client: Client) -> None:
 
 def test_overloaded_is_429_and_retry_waits_for_a_slot(limited_server: ServerHandle) -> None:
     url = limited_server.url
-    with Client(url, LIMITED_API_KEY) as client:
-        holder = client.generate_stream(PROMPT, max_new_tokens=400)
-        next(holder)  # the server's only slot is now taken
+    # The slot holder must outlast what follows however fast the engine is: no EOS
+    # (ignore_eos, an OpenAI-route extension), thousands of tokens; closing it aborts it.
+    holder_body = {"prompt": PROMPT, "max_tokens": 6000, "ignore_eos": True, "stream": True}
+    with (
+        Client(url, LIMITED_API_KEY) as client,
+        httpx.stream(
+            "POST", f"{url}/v1/completions", json=holder_body, headers=LIMITED_AUTH, timeout=60
+        ) as holder,
+    ):
+        assert holder.status_code == 200
+        holder_lines = holder.iter_lines()  # kept: a collected iterator closes the response
+        next(holder_lines)  # the server's only slot is now taken
         with pytest.raises(OverloadedError) as info:
             client.generate(PROMPT, max_new_tokens=2)
         assert info.value.status_code == 429 and info.value.retry_after is not None
