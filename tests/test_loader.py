@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gguf
@@ -17,7 +18,7 @@ from gguf.quants import quantize
 from safetensors.torch import save_file
 
 from rillet.errors import ModelLoadError
-from rillet.models import load_model_files, resolve_model_path
+from rillet.models import gguf_weights, load_model_files, resolve_model_path
 from rillet.models.gguf_weights import dequantize_tensor, open_gguf
 from rillet.tokenizer_gguf import build_gguf_backend
 
@@ -249,6 +250,7 @@ def test_tiny_llama_gguf(tmp_path: Path, tied: bool) -> None:
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (HEADS, KV_HEADS, HIDDEN // HEADS)
     assert (cfg.vocab_size, cfg.eos_token_ids, cfg.max_position_embeddings) == (258, (257,), 256)
     assert loaded.name == "tiny" and loaded.tokenizer.encode("hi<|im_end|>") == [71, 72, 257]
+    assert loaded.layer_weight_bits is None  # some of its layers' matrices are floats
     weights = dict(loaded.weights())
     expected = {k for k in state if not (tied and k == "lm_head.weight")}
     assert weights.keys() == expected
@@ -266,6 +268,26 @@ def test_tiny_llama_gguf(tmp_path: Path, tied: bool) -> None:
     assert reference.keys() == weights.keys()
     for name, tensor in reference.items():
         assert torch.equal(tensor.float(), weights[name].float()), name
+
+
+def test_layer_weight_bits_is_the_widest_integer_format_of_the_layers() -> None:
+    def tensors(*types: Q) -> list[Any]:
+        layers = [
+            SimpleNamespace(name=f"blk.{i}.ffn_up.weight", tensor_type=t, shape=np.array([64, 32]))
+            for i, t in enumerate(types)
+        ]
+        # Neither the embedding nor 1-D norms count: only the layers' matrices.
+        others = [
+            SimpleNamespace(name="token_embd.weight", tensor_type=Q.F16, shape=np.array([64, 9])),
+            SimpleNamespace(name="blk.0.attn_norm.weight", tensor_type=Q.F32, shape=np.array([64])),
+        ]
+        return layers + others
+
+    assert gguf_weights.layer_weight_bits(tensors(Q.Q4_1, Q.Q4_0, Q.Q4_K)) == 4
+    assert gguf_weights.layer_weight_bits(tensors(Q.Q4_1, Q.Q6_K)) == 6
+    assert gguf_weights.layer_weight_bits(tensors(Q.IQ4_NL, Q.Q2_K)) == 4
+    assert gguf_weights.layer_weight_bits(tensors(Q.Q4_1, Q.BF16)) is None
+    assert gguf_weights.layer_weight_bits(tensors()) is None
 
 
 def test_tiny_qwen2_gguf_keeps_rows_and_biases(tmp_path: Path) -> None:
@@ -366,6 +388,7 @@ def test_bundled_gguf_config(bundled: Any) -> None:
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.max_position_embeddings) == (1, (2,), 8192)
     assert cfg.rms_norm_eps == pytest.approx(1e-5)
     assert bundled.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert bundled.layer_weight_bits == 4
     assert bundled.tokenizer.vocab_size == 49152
 
 

@@ -24,10 +24,12 @@ class EngineConfig:
     long one step (and so every stream's inter-token gap) can take while prompts prefill.
     Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
     cores to the server's own threads (0 = always use every thread).
-    Steps of at most ``int8_max_batch_tokens`` rows run the linear layers on int8 copies
-    of the weights (memory-bound small batches read half the bytes); ``None`` picks 8 on
-    CPUs serving bf16 without rillet's bf16 kernel, and 0 (off) elsewhere: with that
-    kernel (AVX512-BF16) int8 no longer pays, and fp32 stays exact.
+    Steps of at most ``quantized_max_batch_tokens`` rows run the linear layers on 4-bit
+    copies of the weights (8-bit for the LM head) with integer dot products: 2.7x fewer
+    bytes to read, and faster than bf16 at every step size measured. ``None`` turns them on
+    for every step where they cost no precision the checkpoint had: a CPU serving bf16, with
+    rillet's kernel (AVX512-VNNI), a checkpoint whose layers are already 4-bit (the bundled
+    GGUF). 0 turns them off.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
     """
@@ -46,7 +48,7 @@ class EngineConfig:
     num_threads: int | None = None
     native_kernels: bool = True
     small_batch_tokens: int = 0
-    int8_max_batch_tokens: int | None = None
+    quantized_max_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,8 +58,8 @@ class EngineConfig:
                 raise ModelLoadError(f"{name} must be positive")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ModelLoadError("max_model_len must be positive")
-        if self.int8_max_batch_tokens is not None and self.int8_max_batch_tokens < 0:
-            raise ModelLoadError("int8_max_batch_tokens must be >= 0")
+        if self.quantized_max_batch_tokens is not None and self.quantized_max_batch_tokens < 0:
+            raise ModelLoadError("quantized_max_batch_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ModelLoadError("num_kv_blocks must be positive")
 

@@ -17,11 +17,7 @@ from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels
 from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
-from rillet.models.linear import (
-    enable_int8_small_batches,
-    enable_packed_weights,
-    uses_native_int8,
-)
+from rillet.models.linear import enable_packed_weights, enable_quantized_weights
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
@@ -29,13 +25,8 @@ from rillet.tokenizer import Tokenizer
 log = logging.getLogger("rillet.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Rows up to which CPU bf16 serving uses int8 weights by default when rillet's bf16
-#: kernel is not available: where torch's int8 kernel beats oneDNN (bench/RESULTS.md).
-#: With rillet's bf16 kernel the default is 0: it streams bf16 weights fast enough that
-#: int8 no longer wins clearly at any row count (whole passes, `bench/linear_kernels.py
-#: --whole-model`: 1 row 8.6 against 7.6 ms in one window and 6.7 against 8.3 in another,
-#: 4 rows 9.1 against 11.3), and bf16 keeps the model's own weights.
-DEFAULT_INT8_MAX_BATCH_TOKENS = 8
+#: Bits of the decoder layers' copies: llama.cpp's Q4_1, the bundled file's own format.
+QUANTIZED_LAYER_BITS = 4
 #: Served context when the model allows more; keeps RoPE tables and prompts bounded.
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -136,21 +127,22 @@ def build_engine(config: EngineConfig) -> EngineParts:
     model.load_weights(files.weights())
     model.eval()
     native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
-    int8_rows = config.int8_max_batch_tokens
-    if int8_rows is None:
+    quantized_rows = config.quantized_max_batch_tokens
+    if quantized_rows is None:
+        # On only where it loses no precision the checkpoint had (see EngineConfig).
+        source_bits = files.layer_weight_bits
         cpu_bf16 = (device.type, dtype) == ("cpu", torch.bfloat16)
-        has_bf16_kernel = native is not None and native.bf16_linear_supported()
-        int8_rows = DEFAULT_INT8_MAX_BATCH_TOKENS if cpu_bf16 and not has_bf16_kernel else 0
-    # The int8 kernel's helpers take the other cores when free and are never waited for.
-    int8_layers = enable_int8_small_batches(
-        model, int8_rows, native, helpers=torch.get_num_threads() - 1
-    )
-    # Steps whose matmuls run on rillet's int8 kernel (it brings its own helper threads)
-    # run torch's ops on one thread: torch's spinning team would fight those helpers.
-    single_thread_tokens = config.small_batch_tokens
-    if uses_native_int8(model):
-        single_thread_tokens = max(single_thread_tokens, int8_rows)
-    packed_layers = enable_packed_weights(model, native)
+        coarse_source = source_bits is not None and source_bits <= QUANTIZED_LAYER_BITS
+        # Every step: the integer kernel beats the bf16 one at every size measured, 1 to 512
+        # rows (whole passes, bench/linear_kernels.py), and then results do not depend on
+        # how many rows a step has.
+        quantized_rows = config.max_num_batched_tokens if cpu_bf16 and coarse_source else 0
+    quantized_layers = 0
+    if native is not None:
+        quantized_layers = enable_quantized_weights(
+            model, quantized_rows, native, QUANTIZED_LAYER_BITS
+        )
+    packed_layers = enable_packed_weights(model, native, config.max_num_batched_tokens)
     bind_attributes(model)  # last: after every weight copy above is in place
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
@@ -173,18 +165,18 @@ def build_engine(config: EngineConfig) -> EngineParts:
         eos_token_ids=eos_ids,
         seed=config.seed,
         native=native,
-        small_batch_tokens=single_thread_tokens,
+        small_batch_tokens=config.small_batch_tokens,
     )
     log.info(
-        "loaded %s: %d layers, %s on %s (%d linear layers packed; int8 weights in "
+        "loaded %s: %d layers, %s on %s (%d linear layers packed; 4/8-bit weights in "
         "%d for steps of <= %d tokens), %d KV blocks of %d tokens, context %d",
         files.name,
         cfg.num_layers,
         str(dtype).removeprefix("torch."),
         device,
         packed_layers,
-        int8_layers,
-        int8_rows,
+        quantized_layers,
+        quantized_rows,
         num_blocks,
         config.block_size,
         max_model_len,

@@ -112,8 +112,7 @@ class ModelRunner:
         thread (19.7 against 15.9 ms a token): the HTTP thread woke once per token, took a
         core, and each of the step's ~150 parallel regions waited for its descheduled team
         member. In its own process all threads win at every size, so ``rillet serve``
-        defaults to 0; steps on rillet's int8 kernel still run torch on one thread, whose
-        helpers must not fight torch's team. Measured in bench/RESULTS.md.
+        defaults to 0. Measured in bench/RESULTS.md.
         """
         if self.device.type != "cpu" or self.max_threads <= 1:
             return

@@ -10,9 +10,8 @@
 
 - Batched linear layers on bf16 weights in vdpbf16ps operand order (``csrc/bf16_linear.cpp``,
   AVX512-BF16 builds): faster than oneDNN at decode batch sizes.
-- Small-batch linear layers on int8 weights (``csrc/int8_linear.cpp``, AVX512-BF16 builds),
-  run on the calling thread plus helper threads the step never waits for
-  (``csrc/work_pool.h``).
+- Small-batch linear layers on 4- or 8-bit weights in groups of 32 with integer dot products
+  (``csrc/quantized_linear.cpp``, AVX512-VNNI builds): a one-row step reads 2.7x fewer bytes.
 
 Every entry point releases the GIL (``csrc/module.cpp``).
 
@@ -39,9 +38,8 @@ _SOURCES = [
         "module.cpp",
         "paged_decode_attention.cpp",
         "fused_ops.cpp",
-        "int8_linear.cpp",
         "bf16_linear.cpp",
-        "work_pool.cpp",
+        "quantized_linear.cpp",
     )
 ]
 _lock = threading.Lock()

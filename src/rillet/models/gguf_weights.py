@@ -49,6 +49,9 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 #: rope scaling from metadata only, so such files run with unscaled rope at long context.
 IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
+#: Integer weight formats and their width: Q4_1, Q8_0, Q6_K, IQ4_NL, TQ2_0, ...
+_QUANT_WIDTH = re.compile(r"(?:I?Q|TQ)(\d)_")
+
 _SAMPLING_KEYS = {
     "general.sampling.temp": "temperature",
     "general.sampling.top_k": "top_k",
@@ -154,6 +157,22 @@ def check_tensor_names(tensors: Sequence[ReaderTensor]) -> None:
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ModelLoadError(f"GGUF file has tensors rillet cannot place: {shown}")
+
+
+def layer_weight_bits(tensors: Sequence[ReaderTensor]) -> int | None:
+    """The widest integer width among the decoder layers' matrices, None when any of them is
+    stored as floats. It tells how coarse a copy of the weights can be without losing
+    precision the file had (a Q4_1 file: 4)."""
+    widest = 0
+    for tensor in tensors:
+        if not tensor.name.startswith("blk.") or len(tensor.shape) != 2:
+            continue
+        name = GGMLQuantizationType(tensor.tensor_type).name
+        match = _QUANT_WIDTH.match(name)
+        if match is None:
+            return None
+        widest = max(widest, int(match.group(1)))
+    return widest or None
 
 
 def generation_defaults_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:

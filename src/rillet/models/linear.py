@@ -1,4 +1,4 @@
-"""Linear layers with CPU-specific weight copies: packed bf16, and int8 for small batches.
+"""Linear layers with CPU-specific weight copies: packed bf16, and 4-/8-bit.
 
 Packed bf16, two kinds:
 
@@ -11,18 +11,22 @@ Packed bf16, two kinds:
   oneDNN a plain row-major weight, which it re-lays-out on every call; packing once at
   load skips that. Same kernels, bit-identical results (19.2 -> 12.7 ms at 16 rows).
 
-Int8 for small batches:
+Group-quantized copies (``csrc/quantized_linear.cpp``, AVX512-VNNI):
 
 A decode step with a handful of rows is a matrix-vector product: it reads every weight
 once and does two FLOPs per weight read, so its speed is the memory bandwidth divided by
-the weight bytes. An int8 copy of each weight (symmetric, one scale per output row) halves
-those bytes; on this project's CPU torch's ``_weight_int8pack_mm`` runs the 30-layer
-SmolLM2 matmuls in 4.5 ms against 10.8 ms for bf16 at one row (see bench/RESULTS.md).
-Above a few rows the work becomes compute-bound and the bf16 GEMM wins, so each layer
-keeps both copies and picks by the number of rows.
+the weight bytes. A copy in 4 bits (llama.cpp's Q4_1: groups of 32 with a scale and an
+offset, 5 bits a weight in all) or 8 bits (Q8_0) read with integer dot products takes
+3.0-4.1 ms for SmolLM2's 30 layers and LM head at one row, against 6.5-9.5 ms for bf16.
+With many rows the work is arithmetic, and vpdpbusd does twice vdpbf16ps's products per
+instruction: at 64 rows 23 against 29 ms, at 512 rows 162 against 208 (bench/RESULTS.md).
+A layer uses its copy for steps of up to ``quantized_max_rows`` rows and its bf16 weight
+above that.
 
-The int8 copy changes results slightly (the per-row rounding error is about 0.4% of the
-row's largest weight); ``bench/int8_check.py`` measures what that does to the model.
+The copy changes results: 4-bit weights are coarse unless the checkpoint already was 4-bit
+(the bundled GGUF is, and quantizing its dequantized weights gives back its own numbers),
+and the inputs are rounded to 8 bits per group of 32 as llama.cpp does.
+``bench/quantization_check.py`` measures what that does to the model.
 """
 
 from __future__ import annotations
@@ -33,17 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rillet.models import group_quantization
+
 #: The largest relative error rillet's bf16 kernel may show on a probe: it differs from
 #: ``F.linear`` only in summation order, so anything above bf16 rounding is a bug.
 _NATIVE_BF16_TOLERANCE = 1e-2
 
-#: The largest relative error the int8 kernel may show on a probe before a layer keeps
-#: bf16 only. Correct results are ~1%; torch's kernel silently miscomputes some shapes
-#: (inner sizes that are not a multiple of 16), which a probe catches.
-_PROBE_TOLERANCE = 0.05
-
-#: The most rows rillet's int8 kernel takes (its register blocking is unrolled per row count).
-_NATIVE_INT8_MAX_ROWS = 8
+#: The largest relative error the quantized kernel may show on a probe against fp32 math on
+#: the quantized weight: rounding the inputs to 8 bits per group costs ~0.6 %, so anything
+#: far above that is a bug.
+_QUANTIZED_TOLERANCE = 0.03
 
 #: The row count oneDNN is told to expect when packing; measured to make no difference
 #: between 1 and 512 rows, as the kernels it picks are the same.
@@ -52,25 +55,21 @@ _PACKING_ROWS = 64
 
 class Linear(nn.Linear):
     """``nn.Linear`` plus optional CPU copies of the weight: packed bf16 (rillet's layout or
-    oneDNN's), and int8 for <= ``int8_max_rows`` rows. Inputs are 2-D ``[rows, in_features]``."""
+    oneDNN's), and 4- or 8-bit for <= ``quantized_max_rows`` rows. Inputs are 2-D
+    ``[rows, in_features]``."""
 
     packed_weight: torch.Tensor | None = None
     packed_native: ModuleType | None = None  # set when packed_weight is rillet's layout
-    int8_weight: torch.Tensor | None = None
-    int8_scales: torch.Tensor | None = None
-    int8_max_rows: int = 0
-    int8_native: ModuleType | None = None  # rillet's kernel module, when it has int8_linear
-    int8_helpers: int = 0
+    quantized_weight: torch.Tensor | None = None  # group_quantization.pack's layout
+    quantized_bits: int = 0
+    quantized_max_rows: int = 0
+    quantized_native: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_weight is not None and x.shape[0] <= self.int8_max_rows:
-            assert self.int8_scales is not None
-            if self.int8_native is not None and x.dtype == torch.bfloat16:
-                y = self.int8_native.int8_linear(
-                    x, self.int8_weight, self.int8_scales, self.int8_helpers
-                )
-            else:
-                y = torch._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
+        if self.quantized_native is not None and x.shape[0] <= self.quantized_max_rows:
+            y = self.quantized_native.quantized_linear(
+                x.contiguous(), self.quantized_weight, self.quantized_bits
+            )
             return y if self.bias is None else y + self.bias
         if self.packed_native is not None:
             y = self.packed_native.bf16_linear(x.contiguous(), self.packed_weight)
@@ -118,39 +117,27 @@ class Linear(nn.Linear):
         return True
 
     @torch.no_grad()
-    def enable_int8(
-        self, max_rows: int, native: ModuleType | None = None, helpers: int = 0
-    ) -> bool:
-        """Quantize the weight per output row; False (and nothing changes) if the kernel
-        cannot serve this layer's shape or dtype correctly.
-
-        With ``native`` (rillet's kernels, built with AVX512-BF16) bf16 inputs go through
-        its ``int8_linear`` on the calling thread plus ``helpers`` helper threads that the
-        step never waits for (``csrc/work_pool.h``); else through torch's kernel.
-        """
+    def enable_quantized(self, bits: int, max_rows: int, native: ModuleType) -> bool:
+        """Keep a ``bits``-bit copy of the weight (``group_quantization``) for inputs of at
+        most ``max_rows`` rows; False (and nothing changes) where rillet's kernel is missing
+        or cannot serve this layer's shape or dtype."""
         weight = self.weight
-        if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
-            return False
-        if weight.shape[1] % 16 != 0:
-            return False
-        w = weight.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        scales = scales.to(weight.dtype)
-        probe = _probe(1, weight)
-        expected = F.linear(probe, weight).float()
-        got = torch._weight_int8pack_mm(probe, q, scales).float()
-        if (got - expected).norm() > _PROBE_TOLERANCE * expected.norm():
-            return False
-        self.int8_weight, self.int8_scales, self.int8_max_rows = q, scales, max_rows
         if (
-            native is not None
-            and max_rows <= _NATIVE_INT8_MAX_ROWS
-            and weight.dtype == torch.bfloat16
-            and weight.shape[1] % 32 == 0
-            and native.int8_linear_supported()
+            weight.device.type != "cpu"
+            or weight.dtype not in (torch.bfloat16, torch.float32)
+            or not group_quantization.supports(weight)
+            or not native.quantized_linear_supported()
         ):
-            self.int8_native, self.int8_helpers = native, helpers
+            return False
+        u, d, m = group_quantization.quantize(weight, bits)
+        packed = group_quantization.pack(u, d, m, bits)
+        probe = _probe(5, weight)  # 4 + 1: a full row tile and a remainder
+        expected = probe.float() @ group_quantization.dequantize(u, d, m).T
+        got = native.quantized_linear(probe, packed, bits).float()
+        if (got - expected).norm() > _QUANTIZED_TOLERANCE * expected.norm():
+            return False
+        self.quantized_weight, self.quantized_bits = packed, bits
+        self.quantized_max_rows, self.quantized_native = max_rows, native
         return True
 
 
@@ -160,24 +147,33 @@ def _probe(rows: int, weight: torch.Tensor) -> torch.Tensor:
     return probe.to(weight.dtype)
 
 
-def enable_packed_weights(model: nn.Module, native: ModuleType | None = None) -> int:
-    """Pack every bf16 ``Linear`` weight in ``model`` (see ``Linear.enable_packed``);
-    returns how many took it."""
-    return sum(m.enable_packed(native) for m in model.modules() if isinstance(m, Linear))
-
-
-def enable_int8_small_batches(
-    model: nn.Module, max_rows: int, native: ModuleType | None = None, helpers: int = 0
+def enable_packed_weights(
+    model: nn.Module, native: ModuleType | None = None, max_rows: int | None = None
 ) -> int:
-    """Give every ``Linear`` in ``model`` an int8 copy for <= ``max_rows`` rows; returns how
-    many layers took it. ``native``/``helpers``: see ``Linear.enable_int8``."""
-    if max_rows <= 0:
-        return 0
+    """Pack every bf16 ``Linear`` weight in ``model`` (see ``Linear.enable_packed``) that
+    can see inputs of up to ``max_rows`` rows (None: any) its quantized copy does not take;
+    returns how many took it."""
     return sum(
-        m.enable_int8(max_rows, native, helpers) for m in model.modules() if isinstance(m, Linear)
+        m.enable_packed(native)
+        for m in model.modules()
+        if isinstance(m, Linear)
+        and (m.quantized_native is None or max_rows is None or m.quantized_max_rows < max_rows)
     )
 
 
-def uses_native_int8(model: nn.Module) -> bool:
-    """Whether any ``Linear`` in ``model`` runs its int8 copy on rillet's kernel."""
-    return any(isinstance(m, Linear) and m.int8_native is not None for m in model.modules())
+def enable_quantized_weights(
+    model: nn.Module, max_rows: int, native: ModuleType, bits: int, lm_head_bits: int = 8
+) -> int:
+    """Give every ``Linear`` in ``model`` a ``bits``-bit copy (the one named ``lm_head``
+    ``lm_head_bits``) for steps of <= ``max_rows`` rows; returns how many layers took it.
+
+    The LM head gets 8 bits by default: it decides every token, and llama.cpp's own 4-bit
+    files keep it (their tied embedding) in Q8_0 or better.
+    """
+    if max_rows <= 0:
+        return 0
+    return sum(
+        m.enable_quantized(lm_head_bits if name == "lm_head" else bits, max_rows, native)
+        for name, m in model.named_modules()
+        if isinstance(m, Linear)
+    )

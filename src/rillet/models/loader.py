@@ -34,7 +34,8 @@ class LoadedModel:
     """Everything read from a model's files, before any model object exists.
 
     ``weights()`` returns a fresh iterator each call and reads one tensor at a time, so peak
-    memory stays near one copy of the model.
+    memory stays near one copy of the model. ``layer_weight_bits`` is the integer width the
+    decoder layers' matrices are stored in (a Q4_1 GGUF: 4), None for float checkpoints.
     """
 
     config: ModelConfig
@@ -43,6 +44,7 @@ class LoadedModel:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     path: Path = Path()
+    layer_weight_bits: int | None = None
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -107,6 +109,7 @@ def _load_gguf(path: Path) -> LoadedModel:
         generation_defaults=gguf_weights.generation_defaults_from_gguf(meta),
         name=path.stem,
         path=path,
+        layer_weight_bits=gguf_weights.layer_weight_bits(reader.tensors),
     )
 
 

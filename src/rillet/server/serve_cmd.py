@@ -55,11 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "to the HTTP side (default 0: always all threads; the engine has its own process)",
     )
     p.add_argument(
-        "--int8-max-batch-tokens",
+        "--quantized-max-batch-tokens",
         type=int,
         default=None,
-        help="steps of at most this many tokens use int8 copies of the weights "
-        "(default: 0 = off; 8 for bf16 on CPUs without AVX512-BF16 kernels)",
+        help="steps of at most this many tokens use 4-bit copies of the weights (8-bit LM "
+        "head); 0 = off (default: on for 4-bit checkpoints such as the bundled model)",
     )
     p.add_argument(
         "--engine-in-process",
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_batch_tokens,
             num_threads=args.threads,
             small_batch_tokens=args.small_batch_tokens,
-            int8_max_batch_tokens=args.int8_max_batch_tokens,
+            quantized_max_batch_tokens=args.quantized_max_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
             engine = AsyncEngine.from_config(engine_config, own_process=not args.engine_in_process)

@@ -31,15 +31,15 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
 // x [T, 2 I] -> silu(x[:, :I]) * x[:, I:]
 at::Tensor silu_and_mul(at::Tensor x);
 
-// x [M <= 8, K] bf16, weight [N, K] int8, scales [N] bf16 -> x @ (weight * scales)^T, bf16.
-// Runs on the calling thread plus up to `helpers` helper threads (work_pool.h).
-at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scales, int64_t helpers);
-bool int8_linear_supported();
-
 // weight [N, K] bf16 -> the layout bf16_linear reads ([N/16, K/2, 16, 2]; N % 16 == 0).
 at::Tensor pack_bf16_weight(at::Tensor weight);
 // x [M, K] bf16 @ weight^T, the weight packed by pack_bf16_weight -> [M, N] bf16.
 at::Tensor bf16_linear(at::Tensor x, at::Tensor packed);
 bool bf16_linear_supported();
+
+// x [M, K] bf16/fp32 @ w^T, w in 4- or 8-bit groups of 32 packed as quantized_linear.cpp
+// describes ([N/16, K/32, record bytes] uint8) -> [M, N], x's dtype. For small M.
+at::Tensor quantized_linear(at::Tensor x, at::Tensor packed, int64_t bits);
+bool quantized_linear_supported();
 
 }  // namespace rillet

@@ -13,11 +13,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &rillet::rotary_and_cache, nogil,
         "rotary embedding of q and k, in place, and the K/V cache write");
   m.def("silu_and_mul", &rillet::silu_and_mul, nogil, "SwiGLU activation");
-  m.def("int8_linear", &rillet::int8_linear, nogil, "small-batch linear on int8 weights");
   m.def("pack_bf16_weight", &rillet::pack_bf16_weight, "weight layout for bf16_linear");
   m.def("bf16_linear", &rillet::bf16_linear, nogil, "batched linear on packed bf16 weights");
+  m.def("quantized_linear", &rillet::quantized_linear, nogil,
+        "small-batch linear on 4- or 8-bit group-quantized weights");
+  m.def("quantized_linear_supported", &rillet::quantized_linear_supported,
+        "whether this build has the quantized linear kernel (needs AVX512-VNNI)");
   m.def("bf16_linear_supported", &rillet::bf16_linear_supported,
         "whether this build has the bf16 linear kernel (needs AVX512-BF16)");
-  m.def("int8_linear_supported", &rillet::int8_linear_supported,
-        "whether this build has the int8 linear kernel (needs AVX512-BF16)");
 }

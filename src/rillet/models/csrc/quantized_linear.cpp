@@ -1,0 +1,232 @@
+// y = x @ w^T for a few rows x and 4- or 8-bit weights in groups of 32 inputs: the
+// matrix-vector products of small decode steps, which are bound by reading the weights.
+//
+// Weights: w[n, k] = d[n, g] * u[n, k] + m[n, g] for k in group g = k / 32, u unsigned
+// (4-bit: 0..15, llama.cpp's Q4_1; 8-bit: 0..255 with m = -128 d, i.e. Q8_0), d and m fp16.
+// Inputs: each row's group of 32 is quantized to int8 with its own scale s (as llama.cpp's
+// Q8 activations), so a group's dot product is
+//     sum_k w x = d s sum_k(u q) + m s sum_k(q)
+// and sum_k(u q) is integer math: vpdpbusd multiplies 4 unsigned weight bytes by 4 signed
+// input bytes and adds the four products to an int32 lane.
+//
+// Packed layout, one record per (16 output columns, group of 32 inputs), records of one
+// column block contiguous over the groups so each block is one sequential stream:
+//   8-bit: 8 lines of 64 bytes, line t byte 4i + j = u[col i, 4t + j]       (512 bytes)
+//   4-bit: 4 lines, line t byte 4i + j = u[col i, 8t + j] | u[col i, 8t + 4 + j] << 4
+//                                                                            (256 bytes)
+//   then d[16] and m[16] as fp16 (64 bytes).
+// A line is exactly vpdpbusd's weight operand for 16 columns; the input operand is one
+// int32 (4 input bytes) broadcast to every lane.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace rillet {
+namespace {
+
+constexpr int64_t kLanes = 16;  // output columns per block
+constexpr int64_t kGroup = 32;  // inputs per quantization group
+constexpr int kMaxRowsPerTile = 4;
+
+int64_t payload_bytes(int64_t bits) { return bits * kGroup * kLanes / 8; }
+int64_t record_bytes(int64_t bits) { return payload_bytes(bits) + 2 * kLanes * 2; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One row's inputs quantized per group: int8 values, the scale, and scale * sum of values.
+struct QuantizedRows {
+  std::vector<int8_t> values;  // [M, K]
+  std::vector<float> scales;   // [M, G]
+  std::vector<float> offsets;  // [M, G]: scale * sum of the group's int8 values
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t G = K / kGroup;
+  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G)};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = x + m * K + g * kGroup;
+      const __m512 a = load16(src), b = load16(src + kLanes);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float scale = amax / 127.f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      // cvtps_epi32 rounds to nearest even; |value| <= 127 so the narrowing is exact.
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+      int8_t* dst = q.values.data() + m * K + g * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kLanes), _mm512_cvtepi32_epi8(qb));
+      const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+      q.scales[m * G + g] = scale;
+      q.offsets[m * G + g] = scale * static_cast<float>(sum);
+    }
+  }
+  return q;
+}
+
+// MR rows x NB column blocks, over all groups.
+template <int BITS, int MR, int NB, typename T>
+void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
+                int64_t block_stride, T* y, int64_t N) {
+  constexpr int64_t kPayload = BITS * kGroup * kLanes / 8;
+  constexpr int64_t kRecord = kPayload + 2 * kLanes * 2;
+  const int64_t G = K / kGroup;
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i dot[MR][NB];
+    for (int m = 0; m < MR; ++m)
+      for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_setzero_si512();
+    const uint8_t* rec[NB];
+    for (int b = 0; b < NB; ++b) {
+      rec[b] = w + b * block_stride + g * kRecord;
+      // Eight records ahead into L2, so each stream keeps a few lines in flight.
+      for (int64_t off = 0; off < kRecord; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
+    }
+    const int32_t* xq[MR];
+    for (int m = 0; m < MR; ++m)
+      xq[m] = reinterpret_cast<const int32_t*>(q.values.data() + (m0 + m) * K + g * kGroup);
+    if constexpr (BITS == 8) {
+      for (int t = 0; t < 8; ++t) {
+        __m512i wv[NB];
+        for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(rec[b] + t * 64);
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xv = _mm512_set1_epi32(xq[m][t]);
+          for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], wv[b], xv);
+        }
+      }
+    } else {
+      for (int t = 0; t < 4; ++t) {
+        __m512i lo[NB], hi[NB];
+        for (int b = 0; b < NB; ++b) {
+          const __m512i v = _mm512_loadu_si512(rec[b] + t * 64);
+          lo[b] = _mm512_and_si512(v, low_nibbles);
+          hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
+          const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
+          for (int b = 0; b < NB; ++b) {
+            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], lo[b], xlo);
+            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], hi[b], xhi);
+          }
+        }
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512 d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
+      const __m512 mn = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload + 2 * kLanes));
+      for (int m = 0; m < MR; ++m) {
+        const int64_t at = (m0 + m) * G + g;
+        const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(q.scales[at]));
+        acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][b]), ds, acc[m][b]);
+        acc[m][b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(q.offsets[at]), acc[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) store16(y + (m0 + m) * N + b * kLanes, acc[m][b]);
+}
+
+template <typename T>
+using MicroFn = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, int64_t, T*,
+                         int64_t);
+
+template <int BITS, int NB, typename T>
+MicroFn<T> pick_rows(int64_t rows) {
+  switch (rows) {
+    case 1: return micro_tile<BITS, 1, NB, T>;
+    case 2: return micro_tile<BITS, 2, NB, T>;
+    case 3: return micro_tile<BITS, 3, NB, T>;
+    default: return micro_tile<BITS, 4, NB, T>;
+  }
+}
+
+template <int BITS, typename T>
+MicroFn<T> pick(int64_t rows, int64_t blocks) {
+  switch (blocks) {
+    case 1: return pick_rows<BITS, 1, T>(rows);
+    case 2: return pick_rows<BITS, 2, T>(rows);
+    case 3: return pick_rows<BITS, 3, T>(rows);
+    default: return pick_rows<BITS, 4, T>(rows);
+  }
+}
+
+// Column blocks per work item: four independent accumulator chains per row hide
+// vpdpbusd's latency at one or two rows; more rows bring chains of their own and need
+// the registers.
+int64_t blocks_per_tile(int64_t M) { return M <= 2 ? 4 : 2; }
+
+template <int BITS, typename T>
+void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks, T* y) {
+  const QuantizedRows q = quantize_rows(x, M, K);
+  const int64_t N = num_blocks * kLanes;
+  const int64_t block_stride = (K / kGroup) * record_bytes(BITS);
+  const int64_t per_tile = blocks_per_tile(M);
+  const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * per_tile;
+      const int64_t blocks = std::min(per_tile, num_blocks - b0);
+      const uint8_t* wt = w + b0 * block_stride;
+      T* yt = y + b0 * kLanes;
+      int64_t m = 0;
+      for (; m + kMaxRowsPerTile <= M; m += kMaxRowsPerTile)
+        pick<BITS, T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N);
+      if (m < M) pick<BITS, T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N);
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+bool quantized_linear_supported() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor quantized_linear(at::Tensor x, at::Tensor packed, int64_t bits) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "x must be [M, K] bf16 or fp32, contiguous");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == record_bytes(bits),
+              "packed must be [N / 16, K / 32, ", record_bytes(bits), "] uint8");
+  const int64_t M = x.size(0), K = x.size(1), num_blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) * kGroup == K, "x has ", K, " columns; the weight expects ",
+              packed.size(1) * kGroup);
+  at::Tensor y = at::empty({M, num_blocks * kLanes}, x.options());
+  if (M == 0) return y;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto* xp = x.data_ptr<c10::BFloat16>();
+    auto* yp = y.data_ptr<c10::BFloat16>();
+    bits == 4 ? run<4>(xp, M, K, wp, num_blocks, yp) : run<8>(xp, M, K, wp, num_blocks, yp);
+  } else {
+    const auto* xp = x.data_ptr<float>();
+    auto* yp = y.data_ptr<float>();
+    bits == 4 ? run<4>(xp, M, K, wp, num_blocks, yp) : run<8>(xp, M, K, wp, num_blocks, yp);
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "quantized_linear needs AVX512-VNNI");
+#endif
+}
+
+}  // namespace rillet

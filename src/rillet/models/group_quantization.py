@@ -1,0 +1,85 @@
+"""4- and 8-bit weights in groups of 32 inputs, in the layout ``csrc/quantized_linear.cpp``
+reads.
+
+Every group of 32 consecutive inputs of an output row is stored as unsigned integers ``u``
+with an fp16 scale ``d`` and offset ``m``: ``w = d * u + m``.
+
+- 4-bit: ``u`` in 0..15 spanning the group's min..max; llama.cpp's Q4_1, the format of
+  the bundled model's decoder layers. Quantizing weights that were dequantized from Q4_1
+  gives back the file's own numbers (up to the bf16 rounding of the loaded weights).
+- 8-bit: symmetric, ``u - 128`` in -127..127 scaled by the group's largest magnitude
+  (``m = -128 d``); llama.cpp's Q8_0, the format of the bundled model's embedding (tied to
+  its LM head).
+
+:func:`dequantize` is the exact inverse of the stored numbers; tests use it as the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Inputs per quantization group.
+GROUP = 32
+#: Output columns per packed block: one zmm of fp32 lanes.
+LANES = 16
+
+
+def record_bytes(bits: int) -> int:
+    """Bytes of one (16 columns x 32 inputs) record: the integers, then d and m as fp16."""
+    return bits * GROUP * LANES // 8 + 2 * LANES * 2
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether a ``[N, K]`` weight has the shape the packed layout needs."""
+    n, k = weight.shape
+    return n % LANES == 0 and k % GROUP == 0
+
+
+@torch.no_grad()
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N, K]`` float weight -> (``u`` [N, K/32, 32] uint8, ``d`` and ``m`` [N, K/32] fp16)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP, GROUP)
+    if bits == 4:
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        d = ((high - low) / 15).half()
+        m = low.half()
+        top = 15
+    else:
+        d = (groups.abs().amax(dim=-1) / 127).half()
+        m = (-128 * d.float()).half()  # exact: a power-of-two multiple of an fp16 number
+        top = 255
+    # Round against the stored (fp16) d and m, so the error is that of the stored numbers.
+    d32, m32 = d.float()[..., None], m.float()[..., None]
+    u = torch.where(d32 > 0, (groups - m32) / d32.clamp(min=torch.finfo(torch.float32).tiny), 0)
+    return u.round().clamp(0, top).to(torch.uint8), d, m
+
+
+def dequantize(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The float32 ``[N, K]`` weight that (u, d, m) stand for."""
+    w = u.float() * d.float()[..., None] + m.float()[..., None]
+    return w.reshape(u.shape[0], -1)
+
+
+def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
+    """(u, d, m) from :func:`quantize` -> ``[N/16, K/32, record_bytes(bits)]`` uint8.
+
+    Within a record, line t (64 bytes) holds 4 consecutive inputs for each of the 16
+    columns, column-major (vpdpbusd's operand order); with 4 bits, the low nibbles hold
+    inputs 8t..8t+3 and the high nibbles 8t+4..8t+7.
+    """
+    n, g, _ = u.shape
+    blocks = u.reshape(n // LANES, LANES, g, GROUP).permute(0, 2, 1, 3)  # [B, G, col, 32]
+    if bits == 8:
+        # [B, G, col, t, j] -> [B, G, t, col, j]
+        lines = blocks.reshape(n // LANES, g, LANES, 8, 4).permute(0, 1, 3, 2, 4)
+    else:
+        # [B, G, col, t, half, j] -> [B, G, t, col, half, j]
+        halves = blocks.reshape(n // LANES, g, LANES, 4, 2, 4).permute(0, 1, 3, 2, 4, 5)
+        lines = halves[..., 0, :] | (halves[..., 1, :] << 4)
+    payload = lines.reshape(n // LANES, g, -1)
+    d_bytes = d.reshape(n // LANES, LANES, g).permute(0, 2, 1).contiguous().view(torch.uint8)
+    m_bytes = m.reshape(n // LANES, LANES, g).permute(0, 2, 1).contiguous().view(torch.uint8)
+    return torch.cat([payload, d_bytes, m_bytes], dim=-1).contiguous()
