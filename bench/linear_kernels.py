@@ -13,9 +13,10 @@ kernels' own speed, not a served step's (bench/profile_step.py measures those).
 
 ``--whole-model`` instead builds all 121 distinct weights of the model and times full
 passes through them, so weights come from memory as in a real step, for rillet's bf16
-kernel and rillet's int8 kernel (at most 8 rows; int8 copies, one scale per output row):
+kernel and rillet's quantized kernel (4-bit layers and 8-bit LM head, groups of 32,
+``csrc/quantized_linear.cpp``; the serving default for 4-bit checkpoints):
 
-    .venv/bin/python bench/linear_kernels.py --whole-model 1 2 4 8
+    .venv/bin/python bench/linear_kernels.py --whole-model 1 4 16 64 512
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from rillet.models import cpu_kernels
+from rillet.models import cpu_kernels, group_quantization
 
 LAYERS = 30
 #: (out_features, in_features) of one layer's matmuls, then the LM head.
@@ -44,17 +45,21 @@ def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def whole_model_passes(native: ModuleType, rows_list: list[int], threads: int) -> None:
-    """Median time of full passes through every distinct weight, bf16 and int8."""
+def whole_model_passes(native: ModuleType, rows_list: list[int]) -> None:
+    """Median time of full passes through every distinct weight, bf16 and quantized."""
     gen = torch.Generator().manual_seed(0)
     shapes = LAYER_SHAPES * LAYERS + [HEAD_SHAPE]
-    bf16, int8 = [], []
+    bf16, quantized = [], []
     for n, k in shapes:
         weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
         bf16.append((native.pack_bf16_weight(weight), k))
-        scales = weight.float().abs().amax(dim=1) / 127.0
-        quantized = torch.round(weight.float() / scales[:, None]).to(torch.int8)
-        int8.append((quantized, scales.to(torch.bfloat16), k))
+        bits = 8 if (n, k) == HEAD_SHAPE else 4
+        u, d, m = group_quantization.quantize(weight, bits)
+        quantized.append((group_quantization.pack(u, d, m, bits), bits, k))
+    print(
+        f"# weight bytes: bf16 {sum(w.numel() * 2 for w, _ in bf16) / 1e6:.0f} MB, "
+        f"quantized {sum(w.numel() for w, _, _ in quantized) / 1e6:.0f} MB"
+    )
     for rows in rows_list:
         inputs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
 
@@ -62,13 +67,13 @@ def whole_model_passes(native: ModuleType, rows_list: list[int], threads: int) -
             for w, k in bf16:
                 native.bf16_linear(inputs[k], w)  # noqa: B023 (called in this iteration)
 
-        def int8_pass() -> None:
-            for w, s, k in int8:
-                native.int8_linear(inputs[k], w, s, threads - 1)  # noqa: B023 (same)
+        def quantized_pass() -> None:
+            for w, bits, k in quantized:
+                native.quantized_linear(inputs[k], w, bits)  # noqa: B023 (same)
 
         passes: dict[str, Callable[[], None]] = {"bf16": bf16_pass}
-        if rows <= 8 and native.int8_linear_supported():
-            passes["int8"] = int8_pass
+        if native.quantized_linear_supported():
+            passes["quantized"] = quantized_pass
         line = [f"rows={rows}: a whole pass"]
         for name, run in passes.items():
             times = sorted(seconds_per_call(run, 1) for _ in range(9))
@@ -88,7 +93,7 @@ def main() -> None:
         raise SystemExit("rillet's bf16 kernel is not available on this machine")
     print(f"# torch {torch.__version__}, {args.threads} threads")
     if args.whole_model:
-        whole_model_passes(native, args.rows, args.threads)
+        whole_model_passes(native, args.rows)
         return
     gen = torch.Generator().manual_seed(0)
     for rows in args.rows:

@@ -31,12 +31,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--profile", choices=["torch", "python"])
     parser.add_argument("--small-batch-tokens", type=int, default=0)
-    parser.add_argument("--int8-max-batch-tokens", type=int, default=None)
+    parser.add_argument("--quantized-max-batch-tokens", type=int, default=None)
     args = parser.parse_args()
 
     llm = LLM(
         small_batch_tokens=args.small_batch_tokens,
-        int8_max_batch_tokens=args.int8_max_batch_tokens,
+        quantized_max_batch_tokens=args.quantized_max_batch_tokens,
     )
     core, vocab = llm.core, llm.parts.model_config.vocab_size
     rng = random.Random(0)

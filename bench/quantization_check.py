@@ -1,18 +1,18 @@
-"""Does bf16, or the int8 small-batch path, change what the bundled model says? Measured.
+"""Do bf16, or the 4-bit weights, change what the bundled model says? Measured.
 
-Three engines on the bundled SmolLM2, each fed one step of at most 8 tokens at a time
-(``max_num_batched_tokens=8``), so with int8 on every matmul of every step takes the
-int8 path:
+Three engines on the bundled SmolLM2 (a Q4_1 GGUF with a Q8_0 embedding), each fed steps of
+at most 8 tokens (``max_num_batched_tokens=8``):
 
 - ``fp32``: the reference (exact: float32 weights as dequantized from the GGUF file);
-- ``bf16``: the default dtype, int8 off (the serving default);
-- ``bf16+int8``: int8 copies for steps of at most 8 tokens (``--int8-max-batch-tokens 8``).
+- ``bf16``: bf16 weights and activations, no quantized copies (``--quantized-max-batch-tokens 0``);
+- ``bf16+q4``: the serving default: the file's 4-bit weights (8-bit LM head) read with
+  integer dot products, inputs rounded to 8 bits per group of 32 as llama.cpp does.
 
 For each it reports the mean negative log-likelihood of a fixed English text (teacher
 forced, through prompt logprobs) and, against fp32, how many greedy continuations of 16
 prompts are identical and how long their common prefix is.
 
-    .venv/bin/python bench/int8_check.py
+    .venv/bin/python bench/quantization_check.py
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ PROMPTS = [
     "Q: What is 12 times 12?\nA:",
 ]
 
-CONFIGS = {
-    "fp32": {"dtype": "float32", "int8_max_batch_tokens": 0},
-    "bf16": {"dtype": "bfloat16", "int8_max_batch_tokens": 0},
-    "bf16+int8": {"dtype": "bfloat16", "int8_max_batch_tokens": 8},
+CONFIGS: dict[str, dict[str, object]] = {
+    "fp32": {"dtype": "float32", "quantized_max_batch_tokens": 0},
+    "bf16": {"dtype": "bfloat16", "quantized_max_batch_tokens": 0},
+    "bf16+q4 (default)": {"dtype": "bfloat16"},
 }
 
 
