@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--profile", choices=["torch", "python"])
     parser.add_argument("--small-batch-tokens", type=int, default=0)
     parser.add_argument("--quantized-max-batch-tokens", type=int, default=None)
+    parser.add_argument(
+        "--no-decoder-stack", action="store_true", help="decode steps through the Python layers"
+    )
     args = parser.parse_args()
 
     llm = LLM(
@@ -39,6 +42,8 @@ def main() -> None:
         quantized_max_batch_tokens=args.quantized_max_batch_tokens,
     )
     core, vocab = llm.core, llm.parts.model_config.vocab_size
+    if args.no_decoder_stack:
+        core.runner.model.decoder_stack = None
     rng = random.Random(0)
     params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
     for _ in range(args.requests):

@@ -40,6 +40,7 @@ _SOURCES = [
         "fused_ops.cpp",
         "bf16_linear.cpp",
         "quantized_linear.cpp",
+        "decoder_stack.cpp",
     )
 ]
 _lock = threading.Lock()

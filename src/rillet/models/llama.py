@@ -20,6 +20,7 @@ from rillet.errors import ModelLoadError
 from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
 from rillet.models.config import ModelConfig
+from rillet.models.decoder_stack import DecoderStack
 from rillet.models.linear import Linear
 from rillet.models.rope import RotaryEmbedding
 
@@ -114,7 +115,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The model. ``forward`` maps a flat batch of token ids to final hidden states."""
+    """The model. ``forward`` maps a flat batch of token ids to final hidden states.
+
+    ``decoder_stack`` (set by the model runner, which owns the KV caches) takes the
+    decode-only steps it covers in one native call; see ``models/decoder_stack.py``.
+    """
+
+    decoder_stack: DecoderStack | None = None
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -166,6 +173,13 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        stack = self.decoder_stack
+        if stack is not None and stack.covers(x.shape[0], meta):
+            tables, lens = meta.decode_block_ids, meta.decode_context_lens
+            hidden: torch.Tensor = stack.native_stack.forward(
+                x, meta.positions, meta.slot_mapping, tables, lens
+            )
+            return hidden
         residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer.forward(x, residual, self.rope, cache, meta)

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+#include <vector>
+
 // Calls NAME<T>(args...) with T the C++ type of a float32, bfloat16 or float16 tensor.
 #define RILLET_DISPATCH(dtype, NAME, ...)                        \
   switch (dtype) {                                               \
@@ -41,5 +44,39 @@ bool bf16_linear_supported();
 // describes ([N/16, K/32, record bytes] uint8) -> [M, N], x's dtype. For small M.
 at::Tensor quantized_linear(at::Tensor x, at::Tensor packed, int64_t bits);
 bool quantized_linear_supported();
+
+// A packed weight from group_quantization.pack and its bit width.
+using QuantizedWeight = std::tuple<at::Tensor, int64_t>;
+
+// Every decoder layer of a decode-only step in one call; see decoder_stack.cpp.
+class DecoderStack {
+ public:
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, double eps, double scale, at::Tensor cos,
+               at::Tensor sin, at::Tensor final_norm);
+  void add_layer(at::Tensor input_norm, QuantizedWeight qkv, c10::optional<at::Tensor> qkv_bias,
+                 QuantizedWeight o, at::Tensor post_norm, QuantizedWeight gate_up,
+                 QuantizedWeight down, at::Tensor key_cache, at::Tensor value_cache);
+  // hidden [T, n] (the embeddings; used as the residual stream and overwritten), one decode
+  // token per row -> the final norm's output [T, n].
+  at::Tensor forward(at::Tensor hidden, at::Tensor positions, at::Tensor slot_mapping,
+                     at::Tensor block_tables, at::Tensor context_lens) const;
+
+ private:
+  struct Layer {
+    at::Tensor input_norm;
+    QuantizedWeight qkv;
+    c10::optional<at::Tensor> qkv_bias;
+    QuantizedWeight o;
+    at::Tensor post_norm;
+    QuantizedWeight gate_up;
+    QuantizedWeight down;
+    at::Tensor key_cache;
+    at::Tensor value_cache;
+  };
+  int64_t num_heads_, num_kv_heads_;
+  double eps_, scale_;
+  at::Tensor cos_, sin_, final_norm_;
+  std::vector<Layer> layers_;
+};
 
 }  // namespace rillet

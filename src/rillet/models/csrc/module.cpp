@@ -19,6 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "small-batch linear on 4- or 8-bit group-quantized weights");
   m.def("quantized_linear_supported", &rillet::quantized_linear_supported,
         "whether this build has the quantized linear kernel (needs AVX512-VNNI)");
+  py::class_<rillet::DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &rillet::DecoderStack::add_layer)
+      .def("forward", &rillet::DecoderStack::forward, nogil,
+           "a decode-only step through every layer and the final norm");
   m.def("bf16_linear_supported", &rillet::bf16_linear_supported,
         "whether this build has the bf16 linear kernel (needs AVX512-BF16)");
 }

@@ -1,0 +1,95 @@
+"""The native decoder stack (``models/decoder_stack.py``) gives the Python layers' results
+bit for bit, and the engine takes it for decode-only steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rillet import LLM, SamplingParams
+from rillet.models.attention import AttentionMetadata, allocate_kv_caches
+from rillet.models.decoder_stack import build_decoder_stack
+
+BLOCK_SIZE = 16
+
+
+def _quantized_llm(model: Path | None, native) -> LLM:  # type: ignore[no-untyped-def]
+    if not native.quantized_linear_supported():
+        pytest.skip("this CPU build has no AVX512-VNNI quantized kernel")
+    return LLM(
+        None if model is None else str(model),
+        dtype="bfloat16",
+        quantized_max_batch_tokens=64,
+        max_num_batched_tokens=64,
+        max_num_seqs=16,
+        num_kv_blocks=64,
+        max_model_len=1024,
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@torch.no_grad()
+def test_stack_matches_the_python_layers_bit_for_bit(
+    native, tiny_model_dir: Path, rows: int
+) -> None:  # type: ignore[no-untyped-def]
+    model = _quantized_llm(tiny_model_dir, native).core.runner.model
+    cfg = model.config
+    gen = torch.Generator().manual_seed(rows)
+    for name, param in model.named_parameters():
+        if "norm" in name:  # the tiny model's norms are all ones: make each one distinct
+            param.copy_(1 + torch.randn(param.shape, generator=gen) / 4)
+    caches = allocate_kv_caches(
+        cfg.num_layers, 64, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, "cpu"
+    )
+    for key_cache, value_cache in caches:  # earlier context: random K/V
+        key_cache.copy_(torch.randn(key_cache.shape, generator=gen))
+        value_cache.copy_(torch.randn(value_cache.shape, generator=gen))
+    python_caches = [(k.clone(), v.clone()) for k, v in caches]
+    # Row i decodes at position 20 + 7 i in blocks [5 i, 5 i + 1, ...].
+    lens = torch.tensor([21 + 7 * i for i in range(rows)])
+    tables = torch.tensor([[5 * i + j for j in range(5)] for i in range(rows)])
+    positions = lens - 1
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE
+    slots += positions % BLOCK_SIZE
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        positions=positions,
+        num_decode_tokens=rows,
+        decode_block_ids=tables,
+        decode_context_lens=lens,
+        native=native,
+    )
+    ids = torch.randint(0, cfg.vocab_size, (rows,), generator=gen)
+
+    model.decoder_stack = None
+    expected = model(ids, python_caches, meta)
+    stack = build_decoder_stack(model, caches, native)
+    assert stack is not None and stack.covers(rows, meta)
+    model.decoder_stack = stack
+    got = model(ids, caches, meta)
+
+    assert torch.equal(got, expected)
+    for (k, v), (pk, pv) in zip(caches, python_caches, strict=True):
+        assert torch.equal(k, pk) and torch.equal(v, pv)  # the same K/V written
+
+
+def test_engine_takes_the_stack_for_decodes_and_its_tokens_match(native) -> None:  # type: ignore[no-untyped-def]
+    llm = _quantized_llm(None, native)
+    model = llm.core.runner.model
+    assert model.decoder_stack is not None
+    prompts = ["The capital of France is", "Write a haiku about rivers.", "def add(a, b):"]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    with_stack = llm.generate(prompts, greedy)
+    stack, model.decoder_stack = model.decoder_stack, None
+    without = llm.generate(prompts, greedy)
+    model.decoder_stack = stack
+    for a, b in zip(with_stack, without, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+
+
+def test_no_stack_without_quantized_weights(native, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(str(tiny_model_dir), dtype="bfloat16", quantized_max_batch_tokens=0)
+    assert llm.core.runner.model.decoder_stack is None
