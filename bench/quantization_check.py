@@ -12,7 +12,12 @@ For each it reports the mean negative log-likelihood of a fixed English text (te
 forced, through prompt logprobs) and, against fp32, how many greedy continuations of 16
 prompts are identical and how long their common prefix is.
 
-    .venv/bin/python bench/quantization_check.py
+``--llama-cpp-python PY`` adds llama.cpp itself (through llama-cpp-python in the Python
+``PY``, e.g. the peer venv ``bench/compare.py`` makes) on the same file and the same token
+ids: the reference for what the file's 4-bit weights should give.
+
+    .venv/bin/python bench/quantization_check.py \
+        [--llama-cpp-python bench/.venvs/llamacpp/bin/python]
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 
 from rillet import LLM, SamplingParams
+from rillet.models.loader import resolve_model_path
 
 TEXT = (
     "Streaming changes how a language model feels to use. Instead of waiting for the whole "
@@ -70,8 +77,63 @@ def evaluate(options: dict[str, object], new_tokens: int) -> dict[str, object]:
     logprobs = [t.logprob for t in scored.prompt_tokens if t.logprob is not None]
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     # One prompt at a time: a single row per step, the c=1 serving case.
-    outputs = [llm.generate(p, greedy)[0].token_ids for p in PROMPTS]
-    return {"nll": -sum(logprobs) / len(logprobs), "tokens": len(logprobs), "outputs": outputs}
+    completions = [llm.generate(p, greedy)[0] for p in PROMPTS]
+    return {
+        "nll": -sum(logprobs) / len(logprobs),
+        "tokens": len(logprobs),
+        "outputs": [c.token_ids for c in completions],
+        "text_ids": scored.prompt_token_ids,
+        "prompt_ids": [c.prompt_token_ids for c in completions],
+    }
+
+
+#: Run in llama-cpp-python's interpreter: teacher-forced NLL and greedy continuations of
+#: the token ids it is given, on the bundled GGUF.
+_LLAMA_CPP_SCRIPT = """
+import json, math, sys
+from llama_cpp import Llama
+job = json.load(sys.stdin)
+llm = Llama(model_path=job["model"], n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+ids = job["text_ids"]
+llm.reset()
+llm.eval(ids)
+nll = 0.0
+for i in range(len(ids) - 1):
+    row = llm.scores[i]
+    top = float(row.max())
+    log_z = top + math.log(float(sum(math.exp(float(v) - top) for v in row)))
+    nll -= float(row[ids[i + 1]]) - log_z
+outputs = []
+for prompt in job["prompt_ids"]:
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        tokens.append(int(token))
+        if len(tokens) == job["new_tokens"]:
+            break
+    outputs.append(tokens)
+print(json.dumps({"nll": nll / (len(ids) - 1), "tokens": len(ids) - 1, "outputs": outputs}))
+"""
+
+
+def evaluate_llama_cpp(
+    python: str, reference: dict[str, object], new_tokens: int
+) -> dict[str, object]:
+    """llama.cpp on the bundled file, fed the token ids rillet's fp32 run used."""
+    job = {
+        "model": str(resolve_model_path(None)),
+        "text_ids": reference["text_ids"],
+        "prompt_ids": reference["prompt_ids"],
+        "new_tokens": new_tokens,
+    }
+    done = subprocess.run(
+        [python, "-c", _LLAMA_CPP_SCRIPT],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -86,8 +148,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--llama-cpp-python", metavar="PY", help="add llama.cpp through this Python"
+    )
     args = parser.parse_args()
     results = {name: evaluate(opts, args.new_tokens) for name, opts in CONFIGS.items()}
+    if args.llama_cpp_python:
+        results["llama.cpp (llama-cpp-python)"] = evaluate_llama_cpp(
+            args.llama_cpp_python, results["fp32"], args.new_tokens
+        )
     reference = results["fp32"]["outputs"]
     print(
         "| config | NLL of the text (nats/token) | perplexity "
