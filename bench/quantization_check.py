@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import subprocess
+from pathlib import Path
 
 from rillet import LLM, SamplingParams
 from rillet.models.loader import resolve_model_path
@@ -70,9 +71,9 @@ CONFIGS: dict[str, dict[str, object]] = {
 }
 
 
-def evaluate(options: dict[str, object], new_tokens: int) -> dict[str, object]:
+def evaluate(options: dict[str, object], new_tokens: int, text: str = TEXT) -> dict[str, object]:
     llm = LLM(max_num_batched_tokens=8, max_num_seqs=8, **options)
-    scored = llm.generate(TEXT, SamplingParams(max_new_tokens=1, prompt_logprobs=True))[0]
+    scored = llm.generate(text, SamplingParams(max_new_tokens=1, prompt_logprobs=True))[0]
     assert scored.prompt_tokens is not None
     logprobs = [t.logprob for t in scored.prompt_tokens if t.logprob is not None]
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -93,7 +94,8 @@ _LLAMA_CPP_SCRIPT = """
 import json, math, sys
 from llama_cpp import Llama
 job = json.load(sys.stdin)
-llm = Llama(model_path=job["model"], n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+n_ctx = len(job["text_ids"]) + 16
+llm = Llama(model_path=job["model"], n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
 ids = job["text_ids"]
 llm.reset()
 llm.eval(ids)
@@ -151,8 +153,10 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp-python", metavar="PY", help="add llama.cpp through this Python"
     )
+    parser.add_argument("--text-file", type=Path, help="score this text instead of TEXT")
     args = parser.parse_args()
-    results = {name: evaluate(opts, args.new_tokens) for name, opts in CONFIGS.items()}
+    text = args.text_file.read_text() if args.text_file else TEXT
+    results = {name: evaluate(opts, args.new_tokens, text) for name, opts in CONFIGS.items()}
     if args.llama_cpp_python:
         results["llama.cpp (llama-cpp-python)"] = evaluate_llama_cpp(
             args.llama_cpp_python, results["fp32"], args.new_tokens
