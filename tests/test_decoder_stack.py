@@ -29,10 +29,11 @@ def _quantized_llm(model: Path | None, native) -> LLM:  # type: ignore[no-untype
     )
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @torch.no_grad()
 def test_stack_matches_the_python_layers_bit_for_bit(
-    native, tiny_model_dir: Path, rows: int
+    native, tiny_model_dir: Path, rows: int, qkv_bias: bool
 ) -> None:  # type: ignore[no-untyped-def]
     model = _quantized_llm(tiny_model_dir, native).core.runner.model
     cfg = model.config
@@ -40,6 +41,11 @@ def test_stack_matches_the_python_layers_bit_for_bit(
     for name, param in model.named_parameters():
         if "norm" in name:  # the tiny model's norms are all ones: make each one distinct
             param.copy_(1 + torch.randn(param.shape, generator=gen) / 4)
+    if qkv_bias:  # as Qwen2 has: the one bias the stack takes
+        for layer in model.layers:
+            qkv = layer.self_attn.qkv_proj
+            bias = torch.randn(qkv.out_features, generator=gen) / 4
+            qkv.bias = torch.nn.Parameter(bias.to(torch.bfloat16))
     caches = allocate_kv_caches(
         cfg.num_layers, 64, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, "cpu"
     )
