@@ -110,8 +110,7 @@ class Linear(nn.Linear):
         packed = native.pack_bf16_weight(self.weight)
         probe = _probe(11, self.weight)  # 8 + 3: a full register tile and a remainder
         expected = probe.float() @ self.weight.float().T
-        got = native.bf16_linear(probe, packed).float()
-        if (got - expected).norm() > _NATIVE_BF16_TOLERANCE * expected.norm():
+        if not _close(native.bf16_linear(probe, packed), expected, _NATIVE_BF16_TOLERANCE):
             return False
         self.packed_weight, self.packed_native = packed, native
         return True
@@ -133,12 +132,16 @@ class Linear(nn.Linear):
         packed = group_quantization.pack(u, d, m, bits)
         probe = _probe(5, weight)  # 4 + 1: a full row tile and a remainder
         expected = probe.float() @ group_quantization.dequantize(u, d, m).T
-        got = native.quantized_linear(probe, packed, bits).float()
-        if (got - expected).norm() > _QUANTIZED_TOLERANCE * expected.norm():
+        if not _close(native.quantized_linear(probe, packed, bits), expected, _QUANTIZED_TOLERANCE):
             return False
         self.quantized_weight, self.quantized_bits = packed, bits
         self.quantized_max_rows, self.quantized_native = max_rows, native
         return True
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    """Whether a kernel's probe result is within ``tolerance`` (relative, in norm) of fp32."""
+    return bool((got.float() - expected).norm() <= tolerance * expected.norm())
 
 
 def _probe(rows: int, weight: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,9 @@ constexpr int64_t kLanes = 16;  // output columns per block
 constexpr int64_t kGroup = 32;  // inputs per quantization group
 constexpr int kMaxRowsPerTile = 4;
 
-int64_t payload_bytes(int64_t bits) { return bits * kGroup * kLanes / 8; }
-int64_t record_bytes(int64_t bits) { return payload_bytes(bits) + 2 * kLanes * 2; }
+constexpr int64_t payload_bytes(int64_t bits) { return bits * kGroup * kLanes / 8; }
+// The integers, then d[16] and m[16] as fp16.
+constexpr int64_t record_bytes(int64_t bits) { return payload_bytes(bits) + 2 * kLanes * 2; }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // One row's inputs quantized per group: int8 values, the scale, and scale * sum of values.
@@ -75,8 +76,8 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
 template <int BITS, int MR, int NB, typename T>
 void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
                 int64_t block_stride, T* y, int64_t N) {
-  constexpr int64_t kPayload = BITS * kGroup * kLanes / 8;
-  constexpr int64_t kRecord = kPayload + 2 * kLanes * 2;
+  constexpr int64_t kPayload = payload_bytes(BITS);
+  constexpr int64_t kRecord = record_bytes(BITS);
   const int64_t G = K / kGroup;
   __m512 acc[MR][NB];
   for (int m = 0; m < MR; ++m)
