@@ -72,7 +72,8 @@ def test_stack_matches_the_python_layers_bit_for_bit(
     model.decoder_stack = None
     expected = model(ids, python_caches, meta)
     stack = build_decoder_stack(model, caches, native)
-    assert stack is not None and stack.covers(rows, meta)
+    assert stack is not None and stack.covers(rows, caches, meta)
+    assert not stack.covers(rows, python_caches, meta)  # not the caches it writes to
     model.decoder_stack = stack
     got = model(ids, caches, meta)
 

@@ -22,15 +22,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class DecoderStack:
-    """The native stack and the largest step it may take (the quantized copies' limit)."""
+    """The native stack, the caches it holds, and the largest step it may take (the
+    quantized copies' limit)."""
 
     native_stack: Any  # rillet_cpu_kernels.DecoderStack
+    kv_caches: list[KVCache]
     max_rows: int
 
-    def covers(self, num_tokens: int, meta: AttentionMetadata) -> bool:
-        """Whether a step is decodes only, on the attention kernel, within ``max_rows``."""
+    def covers(self, num_tokens: int, kv_caches: list[KVCache], meta: AttentionMetadata) -> bool:
+        """Whether a step is decodes only, on the attention kernel, within ``max_rows``, and
+        on the caches the stack was built with (it writes to those, whatever it is given)."""
         return (
-            not meta.prefills
+            kv_caches is self.kv_caches
+            and not meta.prefills
             and meta.num_decode_tokens == num_tokens <= self.max_rows
             and meta.decode_context_lens is not None
         )
@@ -84,4 +88,4 @@ def build_decoder_stack(
         max_rows = rows if max_rows is None else min(max_rows, rows)
     if max_rows is None:
         return None
-    return DecoderStack(stack, max_rows)
+    return DecoderStack(stack, kv_caches, max_rows)

@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         stack = self.decoder_stack
-        if stack is not None and stack.covers(x.shape[0], meta):
+        if stack is not None and stack.covers(x.shape[0], kv_caches, meta):
             tables, lens = meta.decode_block_ids, meta.decode_context_lens
             hidden: torch.Tensor = stack.native_stack.forward(
                 x, meta.positions, meta.slot_mapping, tables, lens
