@@ -191,8 +191,13 @@ def test_in_band_error_mid_stream_raises() -> None:
     handle = start_server(["--shutdown-grace", "0"])
     try:
         client = Client(handle.url)
-        tgi = client.generate_stream(PROMPT, max_new_tokens=400)
-        chat = client.chat(CHAT, stream=True, max_tokens=400, temperature=0)
+        # Both must still be generating at SIGTERM however fast the engine is: greedy
+        # counting runs on for hundreds of tokens, and the chat ignores EOS (a vLLM
+        # extension); a short or sampled reply can end first and leave nothing to fail.
+        tgi = client.generate_stream("Count: one, two,", max_new_tokens=4000)
+        chat = client.chat(
+            CHAT, stream=True, max_tokens=4000, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert next(tgi).token.text is not None
         assert next(chat).choices
         handle.proc.send_signal(signal.SIGTERM)
