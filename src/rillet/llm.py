@@ -1,4 +1,9 @@
-"""``rillet.LLM``: offline batch generation on the same engine the server streams from."""
+"""``rillet.LLM``: offline batch generation on the same engine the server streams from.
+
+It runs the very loop and text path the server runs (``CoreLoop`` with a
+``TextReporter``), on this thread, until every prompt is done: the stop-string rule and the
+merging of outputs are the served ones, so tests that go through ``LLM`` cover them too.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ from dataclasses import dataclass, field
 
 from rillet.config import EngineConfig
 from rillet.engine.builder import build_engine
+from rillet.engine.core_loop import Command, CoreLoop
 from rillet.engine.inputs import build_request
-from rillet.engine.output_processor import OutputProcessor
-from rillet.protocol import FinishReason, GeneratedToken, PromptToken
+from rillet.engine.output_processor import OutputProcessor, TextReporter
+from rillet.protocol import EngineRequest, FinishReason, GeneratedToken, PromptToken, RequestOutput
 from rillet.sampling import SamplingParams
 
 
@@ -49,7 +55,10 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Run every prompt to completion; results come back in prompt order."""
+        """Run every prompt to completion; results come back in prompt order.
+
+        Raises the first request's error if any request failed (a RilletError).
+        """
         prompt_list: list[str | Sequence[int]] = (
             [prompts] if isinstance(prompts, str) else list(prompts)
         )
@@ -67,22 +76,52 @@ class LLM:
             )
             for prompt, p in zip(prompt_list, params_list, strict=True)
         ]
-        processor = OutputProcessor(self.tokenizer)
-        results = {r.request_id: Completion(r.request_id, r.prompt_token_ids) for r in requests}
+        merged, failures = self._run(requests)
         for request in requests:
-            self.core.add_request(request)
+            if request.request_id in failures:
+                raise failures[request.request_id]
+        return [_completion(request, merged[request.request_id]) for request in requests]
+
+    def _run(
+        self, requests: list[EngineRequest]
+    ) -> tuple[dict[str, RequestOutput], dict[str, BaseException]]:
+        merged: dict[str, RequestOutput] = {}
+        failures: dict[str, BaseException] = {}
+
+        def deliver(items: Sequence[tuple[str, RequestOutput | BaseException]]) -> None:
+            for request_id, item in items:
+                if isinstance(item, BaseException):
+                    failures[request_id] = item
+                elif request_id in merged:
+                    merged[request_id].merge(item)
+                else:
+                    merged[request_id] = item
+
+        processor = OutputProcessor(self.tokenizer)
+        pending: list[Command] = []
+        for request in requests:
             processor.add(request)
-        while self.core.has_unfinished_requests():
-            step = processor.process(self.core.step())
-            for rid in step.stop_hits:
-                self.core.finish_request(rid, FinishReason.STOP_SEQUENCE)
-            for out in step.outputs:
-                done = results[out.request_id]
-                done.text += out.text
-                done.tokens.extend(out.tokens)
-                done.finish_reason = out.finish_reason
-                done.stop_sequence = out.stop_sequence or done.stop_sequence
-                done.num_cached_tokens = out.num_cached_tokens
-                if out.prompt_tokens is not None:
-                    done.prompt_tokens = out.prompt_tokens
-        return [results[r.request_id] for r in requests]
+            pending.append(("add", request))
+
+        def receive(timeout: float) -> list[Command]:
+            if pending:
+                commands = list(pending)
+                pending.clear()
+                return commands
+            return [] if self.core.has_unfinished_requests() else [("stop", None)]
+
+        CoreLoop(self.core, receive, TextReporter(processor, deliver)).run()
+        return merged, failures
+
+
+def _completion(request: EngineRequest, out: RequestOutput) -> Completion:
+    return Completion(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        text=out.text,
+        tokens=out.tokens,
+        finish_reason=out.finish_reason,
+        stop_sequence=out.stop_sequence,
+        num_cached_tokens=out.num_cached_tokens,
+        prompt_tokens=out.prompt_tokens,
+    )

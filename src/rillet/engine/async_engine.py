@@ -9,26 +9,27 @@ on their event loops.
 
 Cancellation has exactly one place: ``generate()``'s ``finally``. A consumer that stops
 iterating (client disconnect -> CancelledError, ``aclose()``, an exception, a ``break``)
-sends ``abort`` to the core, which frees the request's blocks before its next step.
+sends ``abort`` to the core, which frees the request's blocks before its next step. A door
+that cancels from outside (a WebSocket cancel frame, a cancelled RPC) cancels the task
+that consumes the stream, so it takes this same path.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
 from rillet.engine.inputs import build_request
-from rillet.engine.output_processor import OutputProcessor
+from rillet.engine.output_processor import OutputProcessor, TextReporter
 from rillet.errors import (
     EngineDeadError,
     IncompleteGenerationError,
-    RilletError,
     ValidationError,
 )
-from rillet.protocol import EngineRequest, RequestOutput, TokenDelta
+from rillet.protocol import EngineRequest, RequestOutput
 from rillet.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class AsyncEngine:
             add_special_tokens,
         )
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream deltas for ``request`` until one has a finish_reason.
 
         Raises the engine's error for this request (GenerationError, EngineDeadError,
@@ -168,10 +169,6 @@ class AsyncEngine:
                 self._processor.drop(rid)
                 self._backend.send("abort", rid)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request from outside its stream (e.g. a WebSocket cancel message)."""
-        self._backend.send("abort", request_id)
-
     def stats(self) -> EngineStats:
         """A snapshot of the core's counters (from its last report, if it runs elsewhere)."""
         return self._backend.stats()
@@ -196,7 +193,7 @@ class AsyncEngine:
     def _ensure_started(self) -> None:
         if not self._started:
             self._started = True
-            self._backend.start(_Outputs(self), self._on_death)
+            self._backend.start(TextReporter(self._processor, self._post), self._on_death)
 
     def _post(self, items: Sequence[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand each item to its collector on the collector's loop (from any thread).
@@ -218,25 +215,6 @@ class AsyncEngine:
             return  # shutdown() ends the open streams itself
         self._dead = exc
         self._post([(rid, EngineDeadError(str(exc))) for rid in list(self._collectors)])
-
-
-class _Outputs:
-    """The engine's :class:`Reporter`: core deltas -> text -> collectors."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    def step(self, deltas: list[TokenDelta]) -> list[str]:
-        if not deltas:
-            return []
-        processed = self._engine._processor.process(deltas)
-        self._engine._post([(out.request_id, out) for out in processed.outputs])
-        return processed.stop_hits
-
-    def errors(self, failed: list[tuple[str, RilletError]]) -> None:
-        for request_id, _ in failed:
-            self._engine._processor.drop(request_id)
-        self._engine._post(failed)
 
 
 def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:
