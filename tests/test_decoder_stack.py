@@ -10,7 +10,6 @@ import torch
 
 from rillet import LLM, SamplingParams
 from rillet.models.attention import AttentionMetadata, allocate_kv_caches
-from rillet.models.decoder_stack import build_decoder_stack
 
 BLOCK_SIZE = 16
 
@@ -71,7 +70,7 @@ def test_stack_matches_the_python_layers_bit_for_bit(
 
     model.decoder_stack = None
     expected = model(ids, python_caches, meta)
-    stack = build_decoder_stack(model, caches, native)
+    stack = model.build_decoder_stack(caches, native)
     assert stack is not None and stack.covers(rows, caches, meta)
     assert not stack.covers(rows, python_caches, meta)  # not the caches it writes to
     model.decoder_stack = stack

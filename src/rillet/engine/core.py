@@ -43,15 +43,8 @@ class EngineCore:
                 f"`inputs` must have less than {self.max_model_len} tokens. Given: {num_prompt}"
             )
         wanted = request.params.max_new_tokens
-        self.scheduler.add_request(
-            Request(
-                request_id=request.request_id,
-                prompt_token_ids=list(request.prompt_token_ids),
-                params=request.params,
-                arrival_time=request.arrival_time,
-                max_new_tokens=room if wanted is None else min(wanted, room),
-            )
-        )
+        cap = room if wanted is None else min(wanted, room)
+        self.scheduler.add_request(Request.from_engine_request(request, cap))
 
     def abort_request(self, request_id: str) -> None:
         """Free everything the request holds, now. Unknown or finished ids are ignored."""

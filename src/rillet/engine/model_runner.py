@@ -21,7 +21,6 @@ from rillet.models.attention import (
     PrefillChunk,
     allocate_kv_caches,
 )
-from rillet.models.decoder_stack import build_decoder_stack
 from rillet.models.llama import LlamaForCausalLM
 from rillet.protocol import TopLogprob
 
@@ -64,7 +63,7 @@ class ModelRunner:
             model.dtype,
             device,
         )
-        model.decoder_stack = build_decoder_stack(model, self.kv_caches, native)
+        model.decoder_stack = model.build_decoder_stack(self.kv_caches, native)
         self.sampler = Sampler(device=device, seed=seed)
         self.native = native  # compiled CPU kernels (``cpu_kernels.load``), or None
         self.max_threads = torch.get_num_threads()

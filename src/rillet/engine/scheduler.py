@@ -76,15 +76,10 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """What one step runs. ``scheduled`` is in batch order: single-token decodes first.
-
-    ``finished_request_ids`` lists requests that ended since the previous step (aborts,
-    stop strings, stop conditions) so the model runner can drop per-request state.
-    """
+    """What one step runs. ``scheduled`` is in batch order: single-token decodes first."""
 
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
-    finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -111,7 +106,6 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._arrival_rank: dict[str, int] = {}
         self._next_rank = itertools.count()
-        self._finished_ids: list[str] = []
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -174,7 +168,6 @@ class Scheduler:
         self.block_manager.free(request)
         del self._requests[request.request_id]
         del self._arrival_rank[request.request_id]
-        self._finished_ids.append(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -232,8 +225,7 @@ class Scheduler:
             budget -= num_new
 
         scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # stable: decodes first
-        finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(scheduled, preempted, finished)
+        return SchedulerOutput(scheduled, preempted)
 
     def _make_room(
         self, request: Request, num_new: int, done: set[str], preempted: list[Request]

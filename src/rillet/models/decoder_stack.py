@@ -5,19 +5,18 @@ as in the kernels themselves. The native stack makes the same kernel calls in th
 order from C++, so its results are bit-identical; it is built only where every piece it
 replaces has a native kernel, and the model uses it only for steps it covers (every row a
 one-token decode, at most ``max_rows`` rows).
+
+A model builds its own stack (``LlamaForCausalLM.build_decoder_stack`` walks Llama's
+layers); this module knows the stack, not any model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from rillet.models.attention import AttentionMetadata, KVCache
 from rillet.models.linear import Linear
-
-if TYPE_CHECKING:
-    from rillet.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
 @dataclass
@@ -40,52 +39,8 @@ class DecoderStack:
         )
 
 
-def _quantized(layer: Linear) -> tuple[Any, int] | None:
+def quantized(layer: Linear) -> tuple[Any, int] | None:
+    """``(packed weight, bits)`` of a linear layer's quantized copy, or None if it has none."""
     if layer.quantized_native is None or layer.quantized_weight is None:
         return None
     return layer.quantized_weight, layer.quantized_bits
-
-
-def build_decoder_stack(
-    model: LlamaForCausalLM, kv_caches: list[KVCache], native: ModuleType | None
-) -> DecoderStack | None:
-    """The native stack for ``model`` and its caches, or None where it does not apply:
-    no kernels, a layer without a quantized copy, or a bias other than the QKV one."""
-    if native is None:
-        return None
-    rope = model.rope
-    layers = cast("list[LlamaDecoderLayer]", list(model.layers))
-    first = layers[0].self_attn
-    stack = native.DecoderStack(
-        first.num_heads,
-        first.num_kv_heads,
-        model.norm.eps,
-        first.scale,
-        rope.cos,
-        rope.sin,
-        model.norm.weight,
-    )
-    max_rows: int | None = None
-    for layer, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        weights = [_quantized(linear) for linear in linears]
-        if any(w is None for w in weights) or any(lin.bias is not None for lin in linears[1:]):
-            return None
-        qkv, o, gate_up, down = weights
-        stack.add_layer(
-            layer.input_layernorm.weight,
-            qkv,
-            attn.qkv_proj.bias,
-            o,
-            layer.post_attention_layernorm.weight,
-            gate_up,
-            down,
-            key_cache,
-            value_cache,
-        )
-        rows = min(linear.quantized_max_rows for linear in linears)
-        max_rows = rows if max_rows is None else min(max_rows, rows)
-    if max_rows is None:
-        return None
-    return DecoderStack(stack, kv_caches, max_rows)

@@ -12,6 +12,7 @@ for hooks on every call (about 2 us, ~300 calls a step) and rillet registers non
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from rillet.errors import ModelLoadError
 from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
 from rillet.models.config import ModelConfig
-from rillet.models.decoder_stack import DecoderStack
+from rillet.models.decoder_stack import DecoderStack, quantized
 from rillet.models.linear import Linear
 from rillet.models.rope import RotaryEmbedding
 
@@ -117,8 +118,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The model. ``forward`` maps a flat batch of token ids to final hidden states.
 
-    ``decoder_stack`` (set by the model runner, which owns the KV caches) takes the
-    decode-only steps it covers in one native call; see ``models/decoder_stack.py``.
+    ``decoder_stack`` (built by :meth:`build_decoder_stack` for the model runner, which
+    owns the KV caches) takes the decode-only steps it covers in one native call; see
+    ``models/decoder_stack.py``.
     """
 
     decoder_stack: DecoderStack | None = None
@@ -184,6 +186,49 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer.forward(x, residual, self.rope, cache, meta)
         return self.norm.forward(x, residual, meta)[0]
+
+    def build_decoder_stack(
+        self, kv_caches: list[KVCache], native: ModuleType | None
+    ) -> DecoderStack | None:
+        """The native stack for this model and its caches, or None where it does not apply:
+        no kernels, a layer without a quantized copy, or a bias other than the QKV one."""
+        if native is None:
+            return None
+        layers: list[LlamaDecoderLayer] = list(self.layers)  # type: ignore[arg-type]
+        first = layers[0].self_attn
+        stack = native.DecoderStack(
+            first.num_heads,
+            first.num_kv_heads,
+            self.norm.eps,
+            first.scale,
+            self.rope.cos,
+            self.rope.sin,
+            self.norm.weight,
+        )
+        max_rows: int | None = None
+        for layer, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            weights = [quantized(linear) for linear in linears]
+            if any(w is None for w in weights) or any(lin.bias is not None for lin in linears[1:]):
+                return None
+            qkv, o, gate_up, down = weights
+            stack.add_layer(
+                layer.input_layernorm.weight,
+                qkv,
+                attn.qkv_proj.bias,
+                o,
+                layer.post_attention_layernorm.weight,
+                gate_up,
+                down,
+                key_cache,
+                value_cache,
+            )
+            rows = min(linear.quantized_max_rows for linear in linears)
+            max_rows = rows if max_rows is None else min(max_rows, rows)
+        if max_rows is None:
+            return None
+        return DecoderStack(stack, kv_caches, max_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the rows that sample -> fp32 logits [N, vocab]."""
