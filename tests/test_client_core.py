@@ -106,6 +106,17 @@ def test_client_errors_are_the_server_side_classes_too() -> None:
     )
 
 
+@pytest.mark.parametrize("server_cls", rillet.errors.ERROR_TABLE, ids=lambda c: c.__name__)
+def test_the_client_mirrors_the_servers_table(server_cls: type[rillet.errors.RilletError]) -> None:
+    """Every error the server can send comes back typed: by its ``error_type`` as the
+    server's class for that wire string, and by its status alone (a proxy may drop bodies)."""
+    canonical = next(c for c in rillet.errors.ERROR_TABLE if c.error_type == server_cls.error_type)
+    body = {"error": "x", "error_type": server_cls.error_type}
+    by_type = parse_error(server_cls.http_status, body)
+    assert isinstance(by_type, canonical) and by_type.error_type == server_cls.error_type
+    assert not isinstance(parse_error(server_cls.http_status, ""), UnknownError)
+
+
 def test_retry_after_as_seconds_or_http_date() -> None:
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past

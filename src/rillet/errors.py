@@ -26,10 +26,6 @@ class RilletError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_tgi(self) -> dict[str, str]:
-        """TGI's error body: ``{"error": ..., "error_type": ...}``."""
-        return {"error": self.message, "error_type": self.error_type}
-
 
 class ValidationError(RilletError):
     """The request is malformed or asks for something the server cannot do (TGI 422)."""
@@ -66,6 +62,14 @@ class IncompleteGenerationError(RilletError):
     grpc_code = "UNAVAILABLE"
 
 
+class InternalError(RilletError):
+    """A bug: an exception nobody planned for, answered instead of a traceback (500)."""
+
+    error_type = "internal"
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+
 class AuthenticationError(RilletError):
     """Missing or wrong API key (401)."""
 
@@ -80,6 +84,26 @@ class NotFoundError(RilletError):
     error_type = "not_found"
     http_status = 404
     grpc_code = "NOT_FOUND"
+
+
+class MethodNotAllowedError(RilletError):
+    """The route exists but not for this HTTP method (405)."""
+
+    error_type = "method_not_allowed"
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
+
+
+class UnavailableError(RilletError):
+    """The server is draining after SIGINT/SIGTERM, or its engine is down (503).
+
+    503 is used for this and for an unhealthy /health only, never for overload: some
+    clients retry 503 forever.
+    """
+
+    error_type = "unavailable"
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class PayloadTooLargeError(RilletError):
@@ -105,15 +129,18 @@ class EngineDeadError(GenerationError):
     """The engine thread died; every open stream receives this and new requests get it too."""
 
 
-#: error_type -> HTTP status, for code that only has the string (the client, logs, metrics).
-HTTP_STATUS_BY_ERROR_TYPE: dict[str, int] = {
-    cls.error_type: cls.http_status
-    for cls in (
-        ValidationError,
-        OverloadedError,
-        GenerationError,
-        IncompleteGenerationError,
-        AuthenticationError,
-        NotFoundError,
-    )
-}
+#: The table: every error a client can meet, with its ``error_type``, HTTP status and gRPC
+#: code as class attributes. ``rillet.client.errors`` mirrors each of these types.
+ERROR_TABLE: tuple[type[RilletError], ...] = (
+    ValidationError,
+    PayloadTooLargeError,
+    AuthenticationError,
+    NotFoundError,
+    MethodNotAllowedError,
+    OverloadedError,
+    GenerationError,
+    EngineDeadError,
+    IncompleteGenerationError,
+    InternalError,
+    UnavailableError,
+)

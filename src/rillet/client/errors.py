@@ -67,6 +67,18 @@ class NotFoundError(ClientError, _server.NotFoundError):
     """Unknown route or model (404)."""
 
 
+class MethodNotAllowedError(ClientError, _server.MethodNotAllowedError):
+    """The route does not take this HTTP method (405)."""
+
+
+class UnavailableError(ClientError, _server.UnavailableError):
+    """The server is shutting down or its engine is down (503); another replica may serve."""
+
+
+class InternalError(ClientError, _server.InternalError):
+    """The server hit a bug (500)."""
+
+
 class BadRequestError(ClientError):
     """The server rejected the request (400) without a more specific error type."""
 
@@ -98,24 +110,35 @@ class APITimeoutError(APIConnectionError):
     error_type = "timeout"
 
 
+#: The server's table (``rillet.errors.ERROR_TABLE``), client side: one class per error_type.
 _BY_ERROR_TYPE: dict[str, type[ClientError]] = {
-    "validation": ValidationError,
-    "overloaded": OverloadedError,
-    "generation": GenerationError,
-    "incomplete_generation": IncompleteGenerationError,
-    "incomplete_generation_stream": IncompleteGenerationError,
-    "authentication": AuthenticationError,
-    "not_found": NotFoundError,
+    cls.error_type: cls
+    for cls in (
+        ValidationError,
+        OverloadedError,
+        GenerationError,
+        IncompleteGenerationError,
+        AuthenticationError,
+        NotFoundError,
+        MethodNotAllowedError,
+        UnavailableError,
+        InternalError,
+    )
 }
+# TGI's own name for a stream cut short.
+_BY_ERROR_TYPE["incomplete_generation_stream"] = IncompleteGenerationError
 
 _BY_STATUS: dict[int, type[ClientError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     404: NotFoundError,
+    405: MethodNotAllowedError,
     413: ValidationError,
     422: ValidationError,
     424: GenerationError,
     429: OverloadedError,
+    500: InternalError,
+    503: UnavailableError,
 }
 
 
