@@ -3,9 +3,6 @@
 * ``server``: default options. Session-scoped: started once, on first use.
 * ``tiny_model_dir``: a tiny random-weight Llama as an HF folder (``fixtures_models.py``).
 * ``native``: the compiled CPU kernel module (a test using it fails if it did not build).
-* ``limited_server``: ``--max-concurrent-requests 1 --api-key LIMITED_API_KEY``, for 429
-  and auth tests (generation requests to it need ``LIMITED_AUTH``; both constants live in
-  ``server_process.py``).
 
 Other tests that need their own options call ``start_server([...])`` from
 ``tests/server_process.py`` and ``stop()`` the handle when done.
@@ -19,7 +16,7 @@ from types import ModuleType
 import pytest
 
 from fixtures_models import tiny_model_dir
-from server_process import LIMITED_API_KEY, ServerHandle, start_server
+from server_process import ServerHandle, start_server
 
 __all__ = ["tiny_model_dir"]
 
@@ -27,13 +24,6 @@ __all__ = ["tiny_model_dir"]
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
     handle = start_server()
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture(scope="session")
-def limited_server() -> Iterator[ServerHandle]:
-    handle = start_server(["--max-concurrent-requests", "1", "--api-key", LIMITED_API_KEY])
     yield handle
     handle.stop()
 

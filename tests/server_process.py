@@ -4,11 +4,13 @@
 server picks a free port and prints it, so there is no race for ports), waits until
 ``/health`` answers 200, and returns a :class:`ServerHandle`; ``handle.stop()`` sends
 SIGTERM and waits. The server's output goes to a log file, shown when it fails to start.
-``is_running`` and ``child_pids`` look at processes (the server's engine child) on Linux.
+``is_running`` and ``child_pids`` look at processes (the server's engine child) on Linux;
+``frozen_engine`` holds every request in the engine where it is, so a test never races it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -18,13 +20,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-#: The ``limited_server`` fixture's key and the header that carries it.
-LIMITED_API_KEY = "test-key"
-LIMITED_AUTH = {"Authorization": f"Bearer {LIMITED_API_KEY}"}
 
 _BANNER = re.compile(r"serving .* on (http://[\d.]+:\d+)")
 
@@ -117,3 +115,23 @@ def child_pids(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     ]
+
+
+@contextlib.contextmanager
+def frozen_engine(handle: ServerHandle) -> Iterator[list[int]]:
+    """SIGSTOP the server's engine process until the block exits (then SIGCONT).
+
+    Requests in the engine can neither advance nor finish meanwhile, while the HTTP side
+    keeps serving: a stream that is running stays running for as long as the test needs.
+    Yields the stopped pids (a process that has exited by the end is left alone).
+    """
+    pids = child_pids(handle.proc.pid)
+    assert pids, "rillet serve runs its engine core in a child process"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

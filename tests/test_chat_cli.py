@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from rillet.client import Client
-from server_process import ServerHandle
+from server_process import ServerHandle, frozen_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -73,8 +73,9 @@ class Terminal:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            self._read()  # keep draining so the program never blocks on a full pty
-            time.sleep(0.05)
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:  # keep draining so the program never blocks on a full pty
+                self.transcript += self._read().decode(errors="replace")
         raise AssertionError(f"still running; output:\n{self.transcript}")
 
     def kill(self) -> None:
@@ -143,9 +144,10 @@ def test_chat_keeps_the_conversation_and_ctrl_c_stops_a_reply(
     chat.expect(r">>> ")
     chat.type("Count from 1 to 200, separated by commas.\r")
     chat.expect(r"separated by commas\.\n.*\d")  # the first tokens are on screen
-    assert _running(server.url) == 1
-    chat.type(CTRL_C)
-    chat.expect(r"\[stopped\] " + STATS)
+    with frozen_engine(server):  # the reply is under way and stays so until Ctrl-C is in
+        assert _running(server.url) == 1
+        chat.type(CTRL_C)
+        chat.expect(r"\[stopped\] " + STATS)
     _wait_running(server.url, 0)  # the server aborted the generation
 
     # The chat goes on, with the stopped reply in the conversation.
@@ -177,9 +179,10 @@ def test_generate_streams_to_stdout_and_ctrl_c_aborts(server: ServerHandle) -> N
     with subprocess.Popen([*argv, "--max-new-tokens", "400"], stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         first = proc.stdout.read1(64)  # type: ignore[attr-defined]
-        assert first and proc.poll() is None  # output arrives while it is still generating
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130
+        with frozen_engine(server):  # still generating, and it stays so until Ctrl-C is in
+            assert first and proc.poll() is None  # output arrives while it is generating
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 130
     _wait_running(server.url, 0)
 
     short = subprocess.run(

@@ -3,18 +3,20 @@
 They cannot share the main venv with huggingface_hub 2.x, so they live in ``.venv-tgi`` at
 the repo root (``python -m venv .venv-tgi && .venv-tgi/bin/pip install text-generation
 requests``; override with ``RILLET_TGI_PYTHON``) and run as ``tests/text_generation_checks.py``
-in a subprocess against this session's servers.
+in a subprocess against this session's server. Their 429 check runs against rillet's app on a
+fake engine whose only slot this test holds, so nothing races the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from server_process import LIMITED_API_KEY, ServerHandle
+from app_server import door, held_stream
+from server_process import ServerHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -22,26 +24,19 @@ TESTS = Path(__file__).parent
 TGI_PYTHON = os.environ.get("RILLET_TGI_PYTHON", str(TESTS.parent / ".venv-tgi" / "bin" / "python"))
 
 
-def test_text_generation_client_and_hub_0x(
-    server: ServerHandle, limited_server: ServerHandle
-) -> None:
+async def test_text_generation_client_and_hub_0x(server: ServerHandle) -> None:
     if not Path(TGI_PYTHON).exists():
         pytest.fail(
             f"{TGI_PYTHON} is missing: python -m venv .venv-tgi && "
             ".venv-tgi/bin/pip install text-generation requests"
         )
-    result = subprocess.run(
-        [
-            TGI_PYTHON,
-            str(TESTS / "text_generation_checks.py"),
-            server.url,
-            limited_server.url,
-            LIMITED_API_KEY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok   ") == 9
+    async with door(max_concurrent_requests=1) as full, held_stream(full):
+        checks = await asyncio.create_subprocess_exec(
+            *(TGI_PYTHON, str(TESTS / "text_generation_checks.py"), server.url, full.url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output = (await asyncio.wait_for(checks.communicate(), 240))[0].decode()
+    print(output)
+    assert checks.returncode == 0, output
+    assert output.count("ok   ") == 9

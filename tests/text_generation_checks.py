@@ -1,7 +1,7 @@
 """Checks run with ``.venv-tgi/bin/python`` (``text-generation`` 0.7.0 pins huggingface_hub<1).
 
-Usage: ``text_generation_checks.py URL LIMITED_URL LIMITED_KEY``: ``URL`` is a default
-``rillet serve``, ``LIMITED_URL`` one with ``--max-concurrent-requests 1 --api-key KEY``.
+Usage: ``text_generation_checks.py URL FULL_URL``: ``URL`` is a default ``rillet serve``,
+``FULL_URL`` a rillet server whose only slot (``--max-concurrent-requests 1``) is taken.
 Driven by ``test_server_text_generation.py``; prints one line per check and exits 1 if any
 failed. Not collected by pytest on its own (the main venv lacks ``text_generation``).
 """
@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 
 import huggingface_hub
-import requests
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
@@ -24,7 +23,7 @@ EOS_PROMPT = (
     "<|im_start|>assistant\n"
 )
 PROMPT = "Hello, my name is"
-URL, LIMITED_URL, LIMITED_KEY = sys.argv[1:4] if len(sys.argv) == 4 else ("", "", "")
+URL, FULL_URL = sys.argv[1:3] if len(sys.argv) == 3 else ("", "")
 
 
 def check_generate_and_stream_agree() -> None:
@@ -82,21 +81,14 @@ def check_validation_error() -> None:
 
 
 def check_overloaded_error() -> None:
-    auth = {"Authorization": f"Bearer {LIMITED_KEY}"}
-    client = Client(LIMITED_URL, headers=auth, timeout=60)
-    body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
-    with requests.post(
-        LIMITED_URL + "/generate_stream", json=body, headers=auth, stream=True
-    ) as held:
-        lines = held.iter_lines()
-        next(line for line in lines if line.startswith(b"data:"))
-        for call in (client.generate, lambda *a, **k: list(client.generate_stream(*a, **k))):
-            try:
-                call(PROMPT, max_new_tokens=2)
-            except OverloadedError:
-                pass
-            else:
-                raise AssertionError("no OverloadedError")
+    client = Client(FULL_URL, timeout=60)
+    for call in (client.generate, lambda *a, **k: list(client.generate_stream(*a, **k))):
+        try:
+            call(PROMPT, max_new_tokens=2)
+        except OverloadedError:
+            pass
+        else:
+            raise AssertionError("no OverloadedError")
 
 
 def check_async_client() -> None:

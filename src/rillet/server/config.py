@@ -1,4 +1,4 @@
-"""ServerConfig: everything the HTTP front door needs besides the engine, validated once."""
+"""ServerConfig: everything the front doors need besides the engine, validated once."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ class ServerConfig:
 
     ``max_input_tokens`` / ``max_total_tokens`` of ``None`` follow the engine's context
     (``max_total_tokens = max_model_len``, ``max_input_tokens = max_total_tokens - 1``);
-    :meth:`resolve_limits` settles them once the engine is loaded.
+    ``TokenLimits.resolve`` settles them once the engine is loaded.
     ``max_stop_sequences`` and ``max_top_n_tokens`` are TGI's defaults (4 and 5) and apply
-    to the TGI routes only; OpenAI routes allow up to 4 stop strings too (as OpenAI does)
-    and ``top_logprobs`` up to 20.
+    to the TGI routes only; OpenAI's ``top_logprobs`` goes up to 20 (``sampling.py``).
     """
 
     host: str = "127.0.0.1"
@@ -30,7 +29,7 @@ class ServerConfig:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     #: A ``:`` comment goes out after this long without an event, so proxies with idle
-    #: timeouts keep the stream open while a request waits or prefills (issue: <= 10 s).
+    #: timeouts (commonly 30-60 s) keep the stream open while a request waits or prefills.
     keep_alive_interval_s: float = 5.0
     #: On SIGINT/SIGTERM, streams in flight get this long to finish before they are ended
     #: with an error event.
@@ -47,11 +46,3 @@ class ServerConfig:
             raise ValueError("keep-alive interval must be positive, grace non-negative")
         if self.max_body_bytes <= 0:
             raise ValueError("the body size limit must be positive")
-
-    def resolve_limits(self, max_model_len: int) -> tuple[int, int]:
-        """``(max_input_tokens, max_total_tokens)`` for an engine of this context length."""
-        total = min(self.max_total_tokens or max_model_len, max_model_len)
-        max_input = min(self.max_input_tokens or total - 1, total - 1)
-        if max_input <= 0:
-            raise ValueError("--max-total-tokens leaves no room for input tokens")
-        return max_input, total

@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from rillet.server.config import ServerConfig
+
 if TYPE_CHECKING:
-    from rillet.server.state import ServerState
+    from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
+
+#: ``rillet serve``'s defaults are ServerConfig's own.
+_DEFAULTS = ServerConfig()
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,12 +40,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "OpenAI (/v1/chat/completions, /v1/completions) with token streaming.",
     )
     p.add_argument("--model", help="model folder or .gguf file (default: bundled SmolLM2-135M)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    p.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    p.add_argument("--host", default=_DEFAULTS.host, help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (0 picks a free one)")
     p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 instead of --host")
-    p.add_argument("--grpc-port", type=int, default=8001, help="reserved for the gRPC server")
+    p.add_argument(
+        "--grpc-port", type=int, default=_DEFAULTS.grpc_port, help="reserved for the gRPC server"
+    )
     p.add_argument("--served-model-name", help="model name shown in /info and responses")
-    p.add_argument("--max-concurrent-requests", type=int, default=128)
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=_DEFAULTS.max_concurrent_requests,
+        help="generations in flight on every door together; past it a request is refused at "
+        "once with 429 `overloaded` (default %(default)s)",
+    )
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
@@ -67,11 +80,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run the engine core on a thread of the server process, not in a process of its "
         "own (slower when busy: the HTTP side and the model then share one GIL)",
     )
-    p.add_argument("--keep-alive-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--keep-alive-interval",
+        type=float,
+        default=_DEFAULTS.keep_alive_interval_s,
+        help=argparse.SUPPRESS,
+    )
     p.add_argument(
         "--shutdown-grace",
         type=float,
-        default=10.0,
+        default=_DEFAULTS.shutdown_grace_s,
         help="seconds streams may run on after SIGINT/SIGTERM",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -82,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from rillet.config import EngineConfig
     from rillet.engine.async_engine import AsyncEngine
     from rillet.errors import RilletError
-    from rillet.server.app import create_app
-    from rillet.server.config import ServerConfig
+    from rillet.server.http.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -137,28 +154,28 @@ def run(args: argparse.Namespace) -> int:
 class _DrainingServer(uvicorn.Server):
     """uvicorn's Server with a drain step before its own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, service: GenerationService) -> None:
         super().__init__(config)
-        self.state = state
+        self.service = service
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()  # refuse new connections while we drain
-        grace = self.state.config.shutdown_grace_s
+        grace = self.service.config.shutdown_grace_s
         log.info("draining: up to %.0fs for requests in flight", grace)
-        await self.state.drain(grace, give_up=lambda: self.force_exit)
+        await self.service.drain(grace, give_up=lambda: self.force_exit)
         await super().shutdown(sockets)
 
 
-def _print_banner(state: ServerState, sock: socket.socket) -> None:
+def _print_banner(service: GenerationService, sock: socket.socket) -> None:
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     url = f"http://{shown}:{port}"
     body = '{"inputs":"Write a haiku about rivers.","parameters":{"max_new_tokens":48}}'
     auth = ""
-    if state.config.api_key:
-        auth = f" -H {shlex.quote('Authorization: Bearer ' + state.config.api_key)}"
-    print(f"rillet: serving {state.model_name} on {url} (bound to {host}:{port})", flush=True)
+    if service.config.api_key:
+        auth = f" -H {shlex.quote('Authorization: Bearer ' + service.config.api_key)}"
+    print(f"rillet: serving {service.model_name} on {url} (bound to {host}:{port})", flush=True)
     print(f"  TGI:    {url}/generate_stream   OpenAI: {url}/v1   metrics: {url}/metrics")
     print("  try:", flush=True)
     print(

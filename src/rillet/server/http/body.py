@@ -1,4 +1,4 @@
-"""Request bodies and credentials: every problem becomes a typed rillet error.
+"""Request bodies and credentials over HTTP: every problem becomes a typed rillet error.
 
 Routes read their body here instead of through FastAPI's body parameters, so that a bad
 body (not JSON, wrong types, too big) is a :class:`~rillet.errors.ValidationError` or
@@ -8,15 +8,15 @@ never FastAPI's default 422 shape or axum's text/plain.
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any, TypeVar
 
 import pydantic
 from starlette.requests import Request
 
-from rillet.errors import AuthenticationError, PayloadTooLargeError, ValidationError
-from rillet.server.state import state_of
+from rillet.errors import PayloadTooLargeError, ValidationError
+from rillet.server.auth import bearer_token
+from rillet.server.service import GenerationService
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -27,7 +27,7 @@ _DRAIN_LIMIT = 16 << 20
 
 async def read_body(request: Request) -> bytes:
     """The raw body, refused with 413 over the configured limit."""
-    limit = state_of(request).config.max_body_bytes
+    limit = service_of(request).config.max_body_bytes
     declared = request.headers.get("content-length", "")
     too_large = declared.isdigit() and int(declared) > limit
     body = bytearray()
@@ -69,11 +69,12 @@ def parse_model(model: type[M], data: dict[str, Any]) -> M:
         ) from None
 
 
+def service_of(request: Request) -> GenerationService:
+    """The app's one generation service (``create_app`` puts it on ``app.state``)."""
+    service: GenerationService = request.app.state.rillet
+    return service
+
+
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency of the generation routes: ``Authorization: Bearer <key>``."""
-    key = state_of(request).config.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise AuthenticationError("Invalid or missing API key (expected `Authorization: Bearer`)")
+    service_of(request).check_key(bearer_token(request.headers.get("authorization")))

@@ -2,10 +2,10 @@
 
 Framing is what TGI (axum 0.7) and vLLM put on the wire, byte for byte:
 ``data: <compact json>\\n\\n``, LF only, no ``event:`` names, a bare ``:\\n\\n`` comment as
-keep-alive. :class:`StreamResponse` is the server's one place for cancellation: it watches
-the connection while it streams, and a client that goes away cancels the producer, whose
-``CancelledError``/``GeneratorExit`` reaches ``AsyncEngine.generate`` and aborts the request
-in the engine before its next step.
+keep-alive. :class:`StreamResponse` watches the connection while it streams: a client that
+goes away cancels the producer, whose ``CancelledError`` takes the service's one
+cancellation path (``AsyncEngine.generate`` aborts the request before the engine's next
+step).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -31,8 +30,6 @@ T = TypeVar("T")
 KEEP_ALIVE = b":\n\n"
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-#: vLLM clamps logprobs to this so ``-inf`` never reaches JSON.
-MIN_LOGPROB = -9999.0
 
 
 def dumps(obj: Any) -> str:
@@ -43,13 +40,6 @@ def dumps(obj: Any) -> str:
 def sse_event(obj: Any) -> bytes:
     """One SSE event: a single ``data:`` line (compact JSON has no raw newlines)."""
     return b"data: " + dumps(obj).encode() + b"\n\n"
-
-
-def clean_logprob(value: float | None) -> float | None:
-    """A JSON-safe logprob: NaN -> null (TGI's first prefill token), -inf -> -9999."""
-    if value is None or math.isnan(value):
-        return None
-    return max(float(value), MIN_LOGPROB)
 
 
 class ClientGone(Exception):
@@ -119,12 +109,12 @@ class StreamResponse(Response):
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         # aclosing: if we are cancelled mid-send, the wrapper still cancels its pending read.
-        async with closing(self._with_keep_alive()) as chunks:
+        async with contextlib.aclosing(self._with_keep_alive()) as chunks:
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _with_keep_alive(self) -> AsyncIterator[bytes]:
+    async def _with_keep_alive(self) -> AsyncGenerator[bytes, None]:
         """The chunks, with keep-alives in the gaps and errors turned into in-band events.
 
         Each ``__anext__`` runs as a task we can wait on with a timeout *without* cancelling
@@ -172,19 +162,6 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-@contextlib.asynccontextmanager
-async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """``contextlib.aclosing`` for anything typed as an AsyncIterator (closed if it can be).
-
-    Closing deterministically matters: an abandoned ``AsyncEngine.generate`` only aborts its
-    engine request when closed, and the garbage collector may take its time.
-    """
-    try:
-        yield iterator
-    finally:
-        await _aclose(iterator)
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -1,4 +1,4 @@
-"""OpenAI chat/completions bodies -> a validated engine request, as OpenAI and vLLM read them.
+"""OpenAI's dialect: chat and completions bodies in, as OpenAI and vLLM read them.
 
 Defaults are OpenAI's: ``temperature`` 1.0 (sampling; 0 is greedy), ``top_p`` 1.0, chat
 ``max_completion_tokens``/``max_tokens`` up to the context, completions ``max_tokens`` 16.
@@ -7,31 +7,107 @@ vLLM's extras that benchmark tools send are honoured (``ignore_eos``, ``min_toke
 ``skip_special_tokens``, ``include_stop_str_in_output``). What we cannot do is refused with a
 400 rather than silently ignored: ``n``/``best_of`` > 1, several prompts, ``suffix``, a
 non-empty ``logit_bias``, tools, structured output, non-text content parts.
+
+The response side (chunks, answers, errors) is in ``openai_render.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from rillet.errors import ValidationError
-from rillet.protocol import EngineRequest
 from rillet.sampling import SamplingParams
-from rillet.server.schemas import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    OpenAICommon,
-    stop_list,
-)
-from rillet.server.state import ServerState
+from rillet.server.dialects.fields import Lenient, Stop, stop_list
+from rillet.server.limits import FieldNames
+from rillet.server.spec import ChatPrompt, GenerationSpec
+
+if TYPE_CHECKING:
+    from rillet.tokenizer import Tokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+CHAT_FIELDS = FieldNames(prompt="messages", max_new_tokens="max_tokens")
+COMPLETION_FIELDS = FieldNames(prompt="prompt", max_new_tokens="max_tokens")
+
+
+class StreamOptions(Lenient):
+    #: vLLM: when the object is present, usage is included unless said otherwise.
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(Lenient):
+    """OpenAI's sampling fields with vLLM's extras; the WebSocket's frames use them too."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras that benchmark tools send.
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    best_of: int | None = None
+
+
+class OpenAICommon(SamplingFields):
+    """Fields shared by chat and completions."""
+
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(OpenAICommon):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+
+
+class CompletionRequest(OpenAICommon):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
 
 
 @dataclass
 class OpenAIPlan:
-    request: EngineRequest
+    spec: GenerationSpec
+    chat: bool
     stream: bool
     include_usage: bool
     #: Chat: per-token logprobs wanted. Completions: ``logprobs`` is not None.
@@ -40,44 +116,52 @@ class OpenAIPlan:
     echo: str = ""
 
 
-def plan_chat(state: ServerState, body: ChatCompletionRequest) -> OpenAIPlan:
-    """Validate a chat request, render the chat template, build the engine request."""
+def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
+    """Validate a chat request and map it (the service renders the chat template)."""
     if body.tools and body.tool_choice != "none":
         raise ValidationError("tools are not supported by this server")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise ValidationError("`response_format` other than text is not supported")
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`logprobs` must be true when `top_logprobs` is used")
-    messages = [_message(m) for m in body.messages]
     add_generation_prompt = (
         True if body.add_generation_prompt is None else body.add_generation_prompt
     )
-    prompt = state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    chat = ChatPrompt([message_dict(m) for m in body.messages], add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = _sampling(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
-    # The template already carries BOS where the model wants one (transformers does the same).
-    request = _make_request(state, prompt, params, add_special_tokens=False)
-    return OpenAIPlan(request, bool(body.stream), _include_usage(body), bool(body.logprobs))
+    params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
+    return OpenAIPlan(
+        GenerationSpec(chat, params, names=CHAT_FIELDS),
+        chat=True,
+        stream=bool(body.stream),
+        include_usage=_include_usage(body),
+        logprobs=bool(body.logprobs),
+    )
 
 
-def plan_completion(state: ServerState, body: CompletionRequest) -> OpenAIPlan:
+def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan:
     if body.suffix:
         raise ValidationError("`suffix` is not supported")
     prompt = _single_prompt(body.prompt)
     if body.logprobs is not None and body.logprobs < 0:
         raise ValidationError("`logprobs` must be a non-negative integer")
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    params = _sampling(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
-    request = _make_request(state, prompt, params, add_special_tokens=True)
+    params = sampling_params(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
     echo = ""
     if body.echo:
-        echo = prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(prompt)
+        echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     return OpenAIPlan(
-        request, bool(body.stream), _include_usage(body), body.logprobs is not None, echo
+        GenerationSpec(prompt, params, names=COMPLETION_FIELDS),
+        chat=False,
+        stream=bool(body.stream),
+        include_usage=_include_usage(body),
+        logprobs=body.logprobs is not None,
+        echo=echo,
     )
 
 
-def _message(message: ChatMessage) -> dict[str, Any]:
+def message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as the chat template sees it: text parts joined, no ``null`` content."""
     content = message.content
     if isinstance(content, list):
         for part in content:
@@ -104,9 +188,10 @@ def _include_usage(body: OpenAICommon) -> bool:
     return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
-def _sampling(
-    body: OpenAICommon, max_tokens: int | None, logprobs: bool, top_logprobs: int
+def sampling_params(
+    body: SamplingFields, max_tokens: int | None, logprobs: bool, top_logprobs: int
 ) -> SamplingParams:
+    """OpenAI's (and vLLM's) sampling fields as engine params."""
     if body.n not in (None, 1) or body.best_of not in (None, 1):
         raise ValidationError("`n` and `best_of` must be 1: this server returns one choice")
     if body.logit_bias:
@@ -131,27 +216,3 @@ def _sampling(
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens is not False,
     )
-
-
-def _make_request(
-    state: ServerState, prompt: str | list[int], params: SamplingParams, add_special_tokens: bool
-) -> EngineRequest:
-    if params.max_new_tokens is not None and params.max_new_tokens <= 0:
-        raise ValidationError("`max_tokens` must be at least 1")
-    request = state.engine.make_request(prompt, params, add_special_tokens=add_special_tokens)
-    num_prompt = len(request.prompt_token_ids)
-    if num_prompt > state.max_input_tokens:
-        raise ValidationError(
-            f"the prompt has {num_prompt} tokens; this server accepts at most "
-            f"{state.max_input_tokens}"
-        )
-    room = state.max_total_tokens - num_prompt
-    if params.max_new_tokens is None:
-        params.max_new_tokens = room
-    elif params.max_new_tokens > room:
-        raise ValidationError(
-            f"this model's maximum context length is {state.max_total_tokens} tokens; you "
-            f"requested {num_prompt + params.max_new_tokens} ({num_prompt} in the prompt, "
-            f"{params.max_new_tokens} for the completion)"
-        )
-    return request

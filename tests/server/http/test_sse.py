@@ -1,7 +1,5 @@
-"""Unit tests of the server's pure parts: SSE framing, the streaming response (keep-alive,
-in-band errors, disconnect -> producer cancelled), the error table's two shapes, and the
-lenient request schemas. No model, no sockets: a plain ASGI receive/send pair drives the
-response."""
+"""SSE framing and the streaming response (keep-alive, in-band errors, disconnect ->
+producer cancelled). No model, no sockets: a plain ASGI receive/send pair drives it."""
 
 from __future__ import annotations
 
@@ -12,16 +10,14 @@ from typing import Any
 
 import pytest
 
-from rillet.errors import OverloadedError, ValidationError
-from rillet.server.errors import error_response, openai_error_events, tgi_error_events
-from rillet.server.schemas import ChatCompletionRequest, GenerateRequest, stop_list
-from rillet.server.sse import (
+from rillet.errors import OverloadedError
+from rillet.server.http.errors import OPENAI_ERRORS, TGI_ERRORS
+from rillet.server.http.sse import (
     DONE,
     KEEP_ALIVE,
     ClientGone,
     StreamResponse,
     cancel_on_disconnect,
-    clean_logprob,
     sse_event,
 )
 
@@ -33,12 +29,6 @@ def test_event_is_one_compact_data_line_with_lf_framing() -> None:
     assert event == b'data: {"text":"\xc3\xa9\\n","n":[1,2],"x":null}\n\n'
     assert event.count(b"\n") == 2 and b"\r" not in event
     assert DONE == b"data: [DONE]\n\n" and KEEP_ALIVE == b":\n\n"
-
-
-def test_logprobs_are_json_safe() -> None:
-    assert clean_logprob(float("nan")) is None
-    assert clean_logprob(float("-inf")) == -9999.0
-    assert clean_logprob(-0.5) == -0.5 and clean_logprob(None) is None
 
 
 class Wire:
@@ -73,7 +63,7 @@ async def run(response: StreamResponse, wire: Wire) -> None:
 
 def make(chunks: AsyncIterator[bytes], closed: list[int], **kwargs: Any) -> StreamResponse:
     return StreamResponse(
-        chunks, error_chunks=tgi_error_events, on_close=lambda: closed.append(1), **kwargs
+        chunks, error_chunks=TGI_ERRORS.events, on_close=lambda: closed.append(1), **kwargs
     )
 
 
@@ -127,7 +117,7 @@ async def test_unexpected_exceptions_become_generation_errors() -> None:
         yield b""
 
     wire = Wire()
-    response = StreamResponse(chunks(), error_chunks=openai_error_events)
+    response = StreamResponse(chunks(), error_chunks=OPENAI_ERRORS.events)
     await run(response, wire)
     first, done, _ = wire.body.split(b"\n\n")
     error = json.loads(first.removeprefix(b"data: "))["error"]
@@ -179,42 +169,3 @@ async def test_cancel_on_disconnect_returns_or_cancels() -> None:
     with pytest.raises(ClientGone):
         await asyncio.wait_for(pending, 5)
     assert cancelled.is_set()
-
-
-def test_error_shapes_per_route_family() -> None:
-    exc = ValidationError("`inputs` cannot be empty")
-    tgi = error_response(exc, "/generate")
-    assert tgi.status_code == 422
-    assert json.loads(tgi.body) == {
-        "error": "Input validation error: `inputs` cannot be empty",
-        "error_type": "validation",
-    }
-    oai = error_response(exc, "/v1/chat/completions")
-    assert oai.status_code == 400
-    assert json.loads(oai.body)["error"] == {
-        "message": "`inputs` cannot be empty",
-        "type": "validation",
-        "param": None,
-        "code": 400,
-    }
-    busy = error_response(OverloadedError(), "/v1/completions")
-    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
-    assert json.loads(busy.body)["error"]["message"] == "Model is overloaded"
-    assert tgi_error_events(exc)[-1] != DONE and openai_error_events(exc)[-1] == DONE
-
-
-def test_schemas_are_lenient() -> None:
-    body = GenerateRequest.model_validate(
-        {"inputs": "x", "parameters": {"stop": "a", "top_k": None, "unknown": 1}, "extra": []}
-    )
-    assert body.parameters is not None and stop_list(body.parameters.stop) == ["a"]
-    chat = ChatCompletionRequest.model_validate(
-        {
-            "model": "https://example.com/any",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-            "logprobs": None,
-            "stream_options": {},
-            "ignore_eos": True,
-        }
-    )
-    assert chat.stream_options is not None and chat.stream_options.include_usage is True

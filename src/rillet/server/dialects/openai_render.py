@@ -1,0 +1,143 @@
+"""OpenAI's JSON out: chunks, whole answers and errors, as vLLM sends them.
+
+``serving_chat.py`` / ``serving_completion.py`` shapes: a stable ``chatcmpl-``/``cmpl-`` id,
+a first chat chunk ``{"role":"assistant","content":""}`` sent with the first engine output,
+content-only deltas, ``finish_reason`` on the last one, and a ``choices: []`` usage chunk
+only when ``stream_options.include_usage``. The transport adds ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rillet.errors import RilletError
+from rillet.protocol import GeneratedToken, RequestOutput
+from rillet.server.dialects.fields import clean_logprob
+from rillet.server.dialects.openai import OpenAIPlan
+
+if TYPE_CHECKING:
+    from rillet.tokenizer import Tokenizer
+
+
+def status(exc: RilletError) -> int:
+    """OpenAI and vLLM answer bad input with 400 (TGI's 422 is kept on TGI's routes)."""
+    return 400 if exc.http_status == 422 else exc.http_status
+
+
+def error_body(exc: RilletError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.error_type,
+            "param": None,
+            "code": status(exc),
+        }
+    }
+
+
+class OpenAIRenderer:
+    """The fields every chunk and answer of one request repeats, and their shapes."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, model_name: str, planned: OpenAIPlan, request_id: str
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.plan = planned
+        self.chat = planned.chat
+        self.id = f"chatcmpl-{request_id}" if self.chat else f"cmpl-{request_id}"
+        self.object = "chat.completion.chunk" if self.chat else "text_completion"
+        self.created = int(time.time())
+        self._text_offset = len(planned.echo)
+        self._started = False
+
+    def envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model_name,
+            **fields,
+        }
+
+    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The chunks for one engine output (the first carries the role, or the echo)."""
+        chunks = []
+        text = out.text
+        if not self._started:
+            self._started = True
+            if self.chat:
+                delta = {"role": "assistant", "content": ""}
+                first = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                chunks.append(self.envelope(self.object, choices=[first]))
+            text = self.plan.echo + text
+        finish = out.finish_reason.to_openai() if out.finish_reason else None
+        if text or finish or (self.plan.logprobs and out.tokens):
+            choice = self.choice(text, out.tokens, finish)
+            chunks.append(self.envelope(self.object, choices=[choice]))
+        return chunks
+
+    def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
+        usage = self.usage(last.num_prompt_tokens, last.num_generated_tokens)
+        return self.envelope(self.object, choices=[], usage=usage)
+
+    def answer(self, result: RequestOutput) -> dict[str, Any]:
+        """The whole ``chat.completion`` / ``text_completion`` for a merged generation."""
+        assert result.finish_reason is not None
+        choice = self.choice(
+            self.plan.echo + result.text, result.tokens, result.finish_reason.to_openai()
+        )
+        obj = "text_completion"
+        if self.chat:
+            message = {"role": "assistant", "content": choice.pop("delta")["content"]}
+            choice = {"index": 0, "message": message, **choice}
+            obj = "chat.completion"
+        usage = self.usage(result.num_prompt_tokens, result.num_generated_tokens)
+        return self.envelope(obj, choices=[choice], usage=usage)
+
+    def choice(self, text: str, tokens: list[GeneratedToken], finish: str | None) -> dict[str, Any]:
+        logprobs = self.logprobs(tokens) if self.plan.logprobs else None
+        if self.chat:
+            return {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, tokens: list[GeneratedToken]) -> dict[str, Any]:
+        raw = [self.tokenizer.decode([t.id], skip_special_tokens=False) for t in tokens]
+        if self.chat:  # {"content": [{token, logprob, bytes, top_logprobs}]}
+            return {
+                "content": [
+                    {
+                        **_logprob_entry(text, t.logprob),
+                        "top_logprobs": [_logprob_entry(a.text, a.logprob) for a in t.top],
+                    }
+                    for t, text in zip(tokens, raw, strict=True)
+                ]
+            }
+        offsets = []  # completions' legacy shape
+        for t in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(t.text)
+        return {
+            "text_offset": offsets,
+            "token_logprobs": [clean_logprob(t.logprob) for t in tokens],
+            "tokens": raw,
+            "top_logprobs": [{a.text: clean_logprob(a.logprob) for a in t.top} for t in tokens],
+        }
+
+    @staticmethod
+    def usage(num_prompt: int, num_generated: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": num_generated,
+            "total_tokens": num_prompt + num_generated,
+        }
+
+
+def _logprob_entry(text: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": text, "logprob": clean_logprob(logprob), "bytes": list(text.encode())}

@@ -1,0 +1,88 @@
+"""The HTTP app: ``create_app(engine, config)`` wires the doors onto one generation service.
+
+Every route family renders its own failures (``errors.py``); the handlers here only answer
+what no route took: unknown routes and wrong methods, in the format the path suggests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rillet import __version__
+from rillet.errors import MethodNotAllowedError, NotFoundError, RilletError, ValidationError
+from rillet.server.config import ServerConfig
+from rillet.server.http import openai, tgi
+from rillet.server.http.body import service_of
+from rillet.server.http.errors import format_for_path
+from rillet.server.metrics import CONTENT_TYPE
+from rillet.server.service import EngineLike, GenerationService
+
+
+def create_app(
+    engine: EngineLike, config: ServerConfig | None = None, *, owns_engine: bool = True
+) -> FastAPI:
+    """A FastAPI app serving ``engine``. With ``owns_engine`` the app's shutdown stops it."""
+    service = GenerationService(engine, config or ServerConfig())
+    return create_service_app(service, owns_engine=owns_engine)
+
+
+def create_service_app(service: GenerationService, *, owns_engine: bool = True) -> FastAPI:
+    """The HTTP doors over an existing service (which other doors may share)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.draining = True
+        if owns_engine:
+            await service.engine.shutdown()
+
+    app = FastAPI(
+        title="rillet",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.rillet = service
+    app.include_router(tgi.router)
+    app.include_router(openai.router)
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    _add_fallback_handlers(app)
+    return app
+
+
+async def metrics(request: Request) -> Response:
+    return Response(service_of(request).render_metrics(), media_type=CONTENT_TYPE)
+
+
+def _add_fallback_handlers(app: FastAPI) -> None:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        error: RilletError
+        if exc.status_code == 404:
+            error = NotFoundError(f"no route {request.method} {path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowedError(str(exc.detail))
+        else:
+            error = ValidationError(str(exc.detail))
+        response = format_for_path(path).response(error)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def on_request_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return format_for_path(request.url.path).response(
+            ValidationError(f"{where}: {first['msg']}")
+        )
+
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_request_validation)

@@ -1,0 +1,96 @@
+"""How the HTTP door renders a :class:`~rillet.errors.RilletError`: each route family
+declares its :class:`ErrorFormat`, and its routes render every error in it.
+
+The status and ``error_type`` come from ``rillet.errors`` (the one table) and the body's
+shape from the route's dialect. The HTTP part decided here is the transport: a JSON
+response before a stream starts (``retry-after`` on 429), and once it has started, an
+in-band SSE event (OpenAI streams then add ``[DONE]``; text/plain has no error event).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from rillet.errors import InternalError, OverloadedError, RilletError
+from rillet.server.dialects import openai_render, tgi
+from rillet.server.http.sse import DONE, ClientGone, sse_event
+
+log = logging.getLogger("rillet.server")
+
+#: ``retry-after`` on 429: the openai SDK honours it; others back off on their own.
+RETRY_AFTER_S = 1
+
+
+def _table_status(exc: RilletError) -> int:
+    return exc.http_status
+
+
+@dataclass(frozen=True)
+class ErrorFormat:
+    """One route family's error shape."""
+
+    body: Callable[[RilletError], Any]
+    status: Callable[[RilletError], int] = _table_status
+    #: Sent after the in-band error event (OpenAI's ``[DONE]``).
+    terminator: bytes | None = None
+    #: False for bodies with no way to say "error" mid-stream (text/plain: it just ends).
+    in_band: bool = True
+
+    def response(self, exc: RilletError) -> JSONResponse:
+        """The JSON answer to a request that failed before its response started."""
+        headers = {"retry-after": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
+        return JSONResponse(self.body(exc), self.status(exc), headers=headers)
+
+    def events(self, exc: RilletError) -> list[bytes]:
+        """In-band, after the stream started: one error event, then the terminator."""
+        if not self.in_band:
+            return []
+        events = [sse_event(self.body(exc))]
+        if self.terminator is not None:
+            events.append(self.terminator)
+        return events
+
+
+TGI_ERRORS = ErrorFormat(tgi.error_body)
+OPENAI_ERRORS = ErrorFormat(openai_render.error_body, openai_render.status, DONE)
+PLAIN_ERRORS = ErrorFormat(tgi.error_body, in_band=False)
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def rendered_by(errors: ErrorFormat) -> type[APIRoute]:
+    """A route class whose handlers answer every failure in ``errors``' format: the door
+    chooses the shape, whatever the path. Unexpected exceptions are logged and answered as
+    an internal error; a client that left a non-streaming request gets 499."""
+
+    class DoorRoute(APIRoute):
+        def get_route_handler(self) -> Handler:
+            handler = super().get_route_handler()
+
+            async def render_errors(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RilletError as exc:
+                    return errors.response(exc)
+                except ClientGone:
+                    # Nobody is listening; 499 (nginx's "client closed request") for the logs.
+                    return Response(status_code=499)
+                except Exception as exc:
+                    log.exception("unhandled error on %s %s", request.method, request.url.path)
+                    return errors.response(InternalError(f"internal error: {type(exc).__name__}"))
+
+            return render_errors
+
+    return DoorRoute
+
+
+def format_for_path(path: str) -> ErrorFormat:
+    """For requests no route took (404, 405): the path is all there is to go on."""
+    return OPENAI_ERRORS if path.startswith("/v1/") else TGI_ERRORS

@@ -1,0 +1,308 @@
+"""The generation service: the one recipe under every front door.
+
+A door (HTTP routes, the WebSocket, gRPC) reads its frames, lets its dialect turn them into
+a :class:`~rillet.server.spec.GenerationSpec`, and calls :meth:`GenerationService.start`:
+
+    admit (one count, one draining state: 429 ``overloaded`` / 503 ``unavailable``)
+      -> plan (the dialect) -> tokenize, chat template, token limits
+      -> stream or collect over the engine, with metrics recorded here
+      -> close (the permit comes back exactly once, however the request ended)
+
+Nothing here imports Starlette, SSE, WebSocket or gRPC code: the door renders what comes
+out (outputs and :class:`~rillet.errors.RilletError`\\ s) in its own format.
+
+Cancellation has one path: a door cancels the task that consumes :meth:`Generation.stream`
+(a disconnect, a cancel frame, a cancelled RPC), the ``CancelledError`` closes the engine's
+generator, and ``AsyncEngine.generate`` aborts the request before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from rillet.errors import (
+    IncompleteGenerationError,
+    OverloadedError,
+    RilletError,
+    UnavailableError,
+    ValidationError,
+)
+from rillet.protocol import EngineRequest, FinishReason, RequestOutput
+from rillet.sampling import SamplingParams
+from rillet.server.auth import check_api_key
+from rillet.server.config import ServerConfig
+from rillet.server.limits import TokenLimits
+from rillet.server.metrics import EngineStatsLike, ServerMetrics
+from rillet.server.spec import ChatPrompt, GenerationSpec
+
+if TYPE_CHECKING:
+    from rillet.tokenizer import Tokenizer
+
+log = logging.getLogger("rillet.server")
+
+
+class EngineLike(Protocol):
+    """What the service needs of an engine: ``AsyncEngine``, or a fake in unit tests."""
+
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> EngineRequest: ...
+
+    def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
+
+    def stats(self) -> EngineStatsLike: ...
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    async def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
+class HasSpec(Protocol):
+    @property
+    def spec(self) -> GenerationSpec: ...
+
+
+P = TypeVar("P", bound=HasSpec)
+
+
+class GenerationService:
+    """One engine, one admission count, one set of limits and metrics, for every door."""
+
+    def __init__(
+        self, engine: EngineLike, config: ServerConfig, metrics: ServerMetrics | None = None
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_name = config.served_model_name or engine.model_name
+        self.limits = TokenLimits.resolve(
+            config.max_input_tokens, config.max_total_tokens, engine.max_model_len
+        )
+        self.metrics = metrics or ServerMetrics()
+        self.limit = config.max_concurrent_requests
+        #: Admitted generations not yet closed, on every door (``--max-concurrent-requests``).
+        self.in_flight = 0
+        self.draining = False
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def is_ready(self) -> bool:
+        """False while draining or when the engine is down (``/health`` says 503)."""
+        return not self.draining and self.engine.is_healthy
+
+    def check_key(self, presented: str | None) -> None:
+        """AuthenticationError unless ``presented`` is the configured key (if any)."""
+        check_api_key(presented, self.config.api_key)
+
+    # ---- the recipe -------------------------------------------------------------------
+
+    def admit(self, route: str) -> Generation:
+        """Take a permit or refuse at once: UnavailableError (503) while draining,
+        OverloadedError (429) at the limit. Never a queue."""
+        error: RilletError | None = None
+        if self.draining:
+            error = UnavailableError("the server is shutting down")
+        elif self.in_flight >= self.limit:
+            error = OverloadedError()
+        if error is not None:
+            self.metrics.requests.labels(route, error.error_type).inc()
+            raise error
+        self.in_flight += 1
+        return Generation(self, route)
+
+    def start(self, route: str, plan: Callable[[], P]) -> tuple[Generation, P]:
+        """Admit, then run the dialect's ``plan`` and build its engine request.
+
+        A plan that fails (bad input) is recorded and its permit returned before the error
+        propagates to the door.
+        """
+        generation = self.admit(route)
+        try:
+            planned = plan()
+            generation.request = self.build_request(planned.spec)
+        except BaseException as exc:
+            if isinstance(exc, RilletError):
+                generation.fail(exc)
+            generation.close()
+            raise
+        return generation, planned
+
+    def build_request(self, spec: GenerationSpec) -> EngineRequest:
+        """Tokenize (with the chat template for messages), truncate, check the limits.
+
+        The limits come before the engine's own checks, so a long prompt is refused in the
+        client's words and with the configured limit, not the context length.
+        """
+        names = spec.names
+        self.limits.check_cap(spec.params, names)
+        prompt = spec.prompt
+        if isinstance(prompt, ChatPrompt):
+            ids = self._render_chat(prompt, spec)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValidationError(f"`{names.prompt}` cannot be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if spec.truncate is not None:
+            self.limits.check_truncate(spec.truncate, names)
+            ids = ids[-spec.truncate :]
+        if not ids:
+            raise ValidationError(f"`{names.prompt}` cannot be empty")
+        self.limits.apply(len(ids), spec.params, names)
+        return self.engine.make_request(ids, spec.params)
+
+    def _render_chat(self, chat: ChatPrompt, spec: GenerationSpec) -> list[int]:
+        messages = list(chat.messages)
+        while True:
+            text = self.tokenizer.apply_chat_template(messages, chat.add_generation_prompt)
+            # The template already carries BOS where the model wants one (as transformers).
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if not chat.drop_oldest_turns or self.limits.fits(len(ids), spec.params.max_new_tokens):
+                return ids
+            shorter = _without_oldest_turn(messages)
+            if shorter is None:
+                return ids  # only the last turn is left: the limit check will refuse it
+            messages = shorter
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render(self.engine.stats(), self.in_flight)
+
+    async def drain(self, grace_s: float, give_up: Callable[[], bool] = lambda: False) -> None:
+        """Refuse new work, let requests in flight finish for ``grace_s``, then end the rest.
+
+        Ending the rest = shutting the engine down, which ends every open stream with an
+        IncompleteGenerationError (each door renders it in-band).
+        """
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline and not give_up():
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            log.warning("ending %d request(s) still in flight", self.in_flight)
+        await self.engine.shutdown()
+        deadline = time.monotonic() + 2.0
+        while self.in_flight and time.monotonic() < deadline and not give_up():
+            await asyncio.sleep(0.05)
+
+
+def _without_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``messages`` without the oldest non-system turn (a user message and the assistant
+    reply after it go together, so roles keep alternating), or None if only the last turn
+    is left."""
+    turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+    if len(turns) <= 1:
+        return None
+    first = turns[0]
+    drop = {first}
+    if messages[first].get("role") == "user" and len(turns) > 2:
+        following = turns[1]
+        if messages[following].get("role") == "assistant":
+            drop.add(following)
+    return [m for i, m in enumerate(messages) if i not in drop]
+
+
+class Generation:
+    """One admitted generation: its engine request, its metrics and its permit.
+
+    The outcome starts as ``cancelled`` (what is left if the consumer goes away) and becomes
+    ``success`` or the error's ``error_type``. :meth:`close` returns the permit; it runs
+    exactly once, and a door must call it however the request ended.
+    """
+
+    def __init__(self, service: GenerationService, route: str) -> None:
+        self.service = service
+        self.route = route
+        self.request: EngineRequest | None = None
+        self.start_time = time.monotonic()
+        self.outcome = "cancelled"
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self._last_token_time: float | None = None
+        self._queue_observed = False
+        self._closed = False
+
+    async def stream(self) -> AsyncGenerator[RequestOutput, None]:
+        """The engine's outputs for this request, observed for metrics.
+
+        Raises the request's error (a RilletError) in place of the next output. An abort the
+        consumer did not ask for (the engine's own) is an IncompleteGenerationError.
+        """
+        assert self.request is not None, "start() builds the request"
+        try:
+            # Closed at once, not when the garbage collector gets to it: closing the
+            # engine's generator is what aborts the request in the engine.
+            async with contextlib.aclosing(self.service.engine.generate(self.request)) as outputs:
+                async for out in outputs:
+                    self._observe(out)
+                    if out.finish_reason is FinishReason.ABORT:
+                        raise IncompleteGenerationError("the request was aborted by the engine")
+                    yield out
+            self.outcome = "success"
+        except RilletError as exc:
+            self.fail(exc)
+            raise
+
+    async def collect(self) -> RequestOutput:
+        """Run the request to its end; every output merged into one."""
+        merged: RequestOutput | None = None
+        async with contextlib.aclosing(self.stream()) as outputs:
+            async for out in outputs:
+                if merged is None:
+                    merged = out
+                else:
+                    merged.merge(out)
+        assert merged is not None, "a finished stream has at least its final output"
+        return merged
+
+    def fail(self, error: RilletError) -> None:
+        self.outcome = error.error_type
+
+    def close(self) -> None:
+        """Return the permit and record the request (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        service = self.service
+        service.in_flight -= 1
+        metrics = service.metrics
+        metrics.requests.labels(self.route, self.outcome).inc()
+        metrics.request_duration.observe(time.monotonic() - self.start_time)
+        metrics.prompt_tokens.inc(self.num_prompt_tokens)
+
+    def _observe(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        metrics = self.service.metrics
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        self.num_generated_tokens = out.num_generated_tokens or self.num_generated_tokens
+        if not self._queue_observed and out.first_scheduled_time is not None:
+            self._queue_observed = True
+            metrics.queue_time.observe(max(0.0, out.first_scheduled_time - self.start_time))
+        if out.tokens:
+            if self._last_token_time is None:
+                metrics.time_to_first_token.observe(now - self.start_time)
+            else:
+                # Merged deltas (a slow reader) spread their gap over their tokens.
+                gap = (now - self._last_token_time) / len(out.tokens)
+                for _ in out.tokens:
+                    metrics.inter_token_latency.observe(gap)
+            self._last_token_time = now
+            metrics.generated_tokens.inc(len(out.tokens))

@@ -1,0 +1,78 @@
+"""Serve an ASGI app with real uvicorn on 127.0.0.1, inside the test's own event loop.
+
+For fast tests of the doors on a :class:`~fake_engine.FakeEngine`: real sockets and real
+clients, while the test holds and releases the fake engine's requests on the same loop.
+``door(**ServerConfig fields)`` serves rillet's app on a fresh fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+
+from fake_engine import FakeEngine
+from rillet.server.config import ServerConfig
+from rillet.server.http.app import create_app
+from rillet.server.service import GenerationService
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """``async with serving(app) as url``: uvicorn on a free loopback port until exit."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+        await asyncio.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def until(condition: Any) -> None:
+    """Wait for ``condition()`` (the server closes a request just after its last byte)."""
+    while not condition():
+        await asyncio.sleep(0.002)
+
+
+@dataclass
+class Door:
+    """rillet's HTTP app on a fake engine, served on loopback, with a client for it."""
+
+    url: str
+    engine: FakeEngine
+    service: GenerationService
+    http: httpx.AsyncClient
+
+
+@contextlib.asynccontextmanager
+async def door(**config: Any) -> AsyncIterator[Door]:
+    """``async with door(max_concurrent_requests=1) as d``: a fresh fake engine and app."""
+    engine = FakeEngine()
+    app = create_app(engine, ServerConfig(**config), owns_engine=False)  # type: ignore[arg-type]
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        yield Door(url, engine, app.state.rillet, http)
+
+
+@contextlib.asynccontextmanager
+async def held_stream(d: Door) -> AsyncIterator[None]:
+    """One TGI stream in flight and held in the engine until the block exits."""
+    d.engine.pause()
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 5}}
+    async with d.http.stream("POST", "/generate_stream", json=body) as response:
+        assert response.status_code == 200
+        await d.engine.wait_running(1)
+        yield
+        d.engine.resume()
+        await response.aread()

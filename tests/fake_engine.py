@@ -1,0 +1,175 @@
+"""A fake engine made of rillet's own protocol types, for fast tests of the layers above it.
+
+It has the interface the generation service needs (``EngineLike``): a real ``Tokenizer``
+(one token per character, built in memory, with ChatML's special tokens), real request
+validation (``build_request``), and ``generate`` answering from a script instead of a
+model. Tests hold it: with :meth:`FakeEngine.pause`, every request stops after its first
+output and waits until :meth:`resume` or :meth:`step`, so a test decides when a stream
+ends instead of racing it. Used by unit tests of the service and the doors only; the
+integration tests run the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import string
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from rillet.engine.inputs import build_request
+from rillet.errors import IncompleteGenerationError, RilletError
+from rillet.protocol import EngineRequest, FinishReason, GeneratedToken, RequestOutput
+from rillet.sampling import SamplingParams
+from rillet.tokenizer import Tokenizer
+
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
+EOS_ID = 2
+#: What every request answers, one character per token, unless a test sets ``reply``.
+DEFAULT_REPLY = "Hello world"
+
+
+def char_tokenizer() -> Tokenizer:
+    """One token per character of printable ASCII; ``<|im_end|>`` is EOS."""
+    alphabet = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *alphabet])}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    return Tokenizer(backend, eos_token_ids=[EOS_ID])
+
+
+@dataclass
+class FakeStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+class FakeEngine:
+    """Answers every request with ``reply`` (cut at ``max_new_tokens``), one token per output."""
+
+    def __init__(self, max_model_len: int = 256, model_name: str = "fake-model") -> None:
+        self.tokenizer = char_tokenizer()
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.reply = DEFAULT_REPLY
+        #: Raised in place of the output after this many tokens (None: no failure).
+        self.fail_after: tuple[int, RilletError] | None = None
+        self.requests: list[EngineRequest] = []
+        self.running: dict[str, EngineRequest] = {}
+        self.aborted: list[str] = []
+        self.finished: list[str] = []
+        #: Outputs each request has produced so far.
+        self.num_outputs: dict[str, int] = {}
+        self._healthy = True
+        self._gate: asyncio.Event | None = None
+        self._shutdown = False
+
+    # ---- what tests drive -------------------------------------------------------------
+
+    def pause(self) -> None:
+        """From now on, every request waits after each output until resumed (or stepped)."""
+        self._gate = asyncio.Event()
+
+    def resume(self) -> None:
+        """Let every request run to its end."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    async def step(self) -> None:
+        """Let every waiting request produce one more output; return once each has."""
+        before = {rid: self.num_outputs[rid] for rid in self.running}
+        gate, self._gate = self._gate, asyncio.Event()
+        if gate is not None:
+            gate.set()
+        while any(rid in self.running and self.num_outputs[rid] == n for rid, n in before.items()):
+            await asyncio.sleep(0.001)
+
+    async def wait_running(self, count: int) -> None:
+        """Until ``count`` requests are running and have each produced an output."""
+        while sum(1 for rid in self.running if self.num_outputs[rid]) < count:
+            await asyncio.sleep(0.001)
+
+    # ---- EngineLike -------------------------------------------------------------------
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> EngineRequest:
+        return build_request(
+            self.tokenizer,
+            self.tokenizer.vocab_size,
+            self.max_model_len,
+            prompt,
+            params,
+            request_id,
+            add_special_tokens,
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+        if self._shutdown:
+            raise IncompleteGenerationError("the server is shutting down")
+        rid = request.request_id
+        self.requests.append(request)
+        cap = request.params.max_new_tokens or len(self.reply)
+        text = self.reply[:cap]
+        finished = False
+        self.num_outputs[rid] = 0
+        self.running[rid] = request
+        try:
+            for i, char in enumerate(text):
+                if self.fail_after is not None and i == self.fail_after[0]:
+                    finished = True
+                    raise self.fail_after[1]
+                last = i == len(text) - 1
+                reason = None
+                if last:
+                    reason = FinishReason.LENGTH if len(text) == cap else FinishReason.EOS_TOKEN
+                token_id = self.tokenizer.encode(char, add_special_tokens=False)[0]
+                finished = last
+                self.num_outputs[rid] = i + 1
+                yield RequestOutput(
+                    request_id=rid,
+                    tokens=[GeneratedToken(token_id, char, -0.5, False)],
+                    text=char,
+                    finish_reason=reason,
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                    num_generated_tokens=i + 1,
+                )
+                if not last:
+                    await self._wait_turn()
+        finally:
+            del self.running[rid]
+            (self.finished if finished else self.aborted).append(rid)
+
+    async def _wait_turn(self) -> None:
+        while self._gate is not None and not self._shutdown:
+            gate = self._gate
+            await gate.wait()
+            if self._gate is not gate:  # step() or resume(): this turn is granted
+                break
+        if self._shutdown:
+            raise IncompleteGenerationError("the server is shutting down")
+        await asyncio.sleep(0)
+
+    def stats(self) -> FakeStats:
+        return FakeStats(len(self.running), 0, 0.0)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._healthy and not self._shutdown
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Open streams end with IncompleteGenerationError, as the real engine's do."""
+        self._shutdown = True
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()

@@ -1,0 +1,228 @@
+"""The generation service on a fake engine: admission, draining, token limits, the chat
+prompt, streaming and collecting with metrics, and the one cancellation path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from fake_engine import FakeEngine
+from rillet.errors import (
+    AuthenticationError,
+    GenerationError,
+    IncompleteGenerationError,
+    OverloadedError,
+    UnavailableError,
+    ValidationError,
+)
+from rillet.protocol import FinishReason
+from rillet.sampling import SamplingParams
+from rillet.server.config import ServerConfig
+from rillet.server.limits import FieldNames
+from rillet.server.service import GenerationService
+from rillet.server.spec import ChatPrompt, GenerationSpec
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def make_service(**config: object) -> tuple[GenerationService, FakeEngine]:
+    engine = FakeEngine(max_model_len=64)
+    return GenerationService(engine, ServerConfig(**config)), engine  # type: ignore[arg-type]
+
+
+class Plan:
+    def __init__(self, spec: GenerationSpec) -> None:
+        self.spec = spec
+
+
+def plan_of(prompt: str = "Hi", max_new_tokens: int | None = 5) -> Plan:
+    return Plan(GenerationSpec(prompt, SamplingParams(max_new_tokens=max_new_tokens)))
+
+
+def requests_total(service: GenerationService, route: str, outcome: str) -> float:
+    value = service.metrics.registry.get_sample_value(
+        "rillet_requests_total", {"route": route, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_one_count_refuses_at_once_past_the_limit_and_frees_on_close() -> None:
+    service, _ = make_service(max_concurrent_requests=2)
+    first, second = service.admit("a"), service.admit("b")
+    with pytest.raises(OverloadedError):
+        service.admit("c")
+    assert service.in_flight == 2 and requests_total(service, "c", "overloaded") == 1
+    first.close()
+    first.close()  # idempotent: the permit comes back once
+    assert service.in_flight == 1
+    service.admit("c").close()
+    second.close()
+    assert service.in_flight == 0
+
+
+async def test_draining_refuses_with_unavailable() -> None:
+    service, _ = make_service()
+    service.draining = True
+    with pytest.raises(UnavailableError) as refused:
+        service.admit("generate")
+    assert refused.value.http_status == 503 and refused.value.grpc_code == "UNAVAILABLE"
+    assert not service.is_ready
+
+
+async def test_a_plan_that_fails_returns_its_permit_and_records_the_outcome() -> None:
+    service, _ = make_service(max_concurrent_requests=1)
+
+    def bad_plan() -> Plan:
+        raise ValidationError("no")
+
+    with pytest.raises(ValidationError):
+        service.start("generate", bad_plan)
+    assert service.in_flight == 0 and requests_total(service, "generate", "validation") == 1
+    with pytest.raises(ValidationError, match="`inputs` cannot be empty"):
+        service.start("generate", lambda: plan_of(""))
+    assert service.in_flight == 0
+
+
+async def test_limits_one_check_in_the_clients_own_words() -> None:
+    service, _ = make_service(max_input_tokens=10, max_total_tokens=20)
+    names = FieldNames(prompt="prompt", max_new_tokens="max_tokens")
+    too_long = GenerationSpec("x" * 11, SamplingParams(max_new_tokens=1), names=names)
+    with pytest.raises(
+        ValidationError, match=r"^`prompt` must have less than 10 tokens\. Given: 11$"
+    ):
+        service.build_request(too_long)
+    over = GenerationSpec("x" * 10, SamplingParams(max_new_tokens=11), names=names)
+    with pytest.raises(ValidationError, match=r"`prompt` tokens \+ `max_tokens` must be <= 20"):
+        service.build_request(over)
+    zero = GenerationSpec("x", SamplingParams(max_new_tokens=0), names=names)
+    with pytest.raises(ValidationError, match="`max_tokens` must be strictly positive"):
+        service.build_request(zero)
+    # No cap: the room left in the context.
+    request = service.build_request(GenerationSpec("x" * 4, SamplingParams(max_new_tokens=None)))
+    assert request.params.max_new_tokens == 16
+
+
+async def test_truncate_keeps_the_last_prompt_tokens() -> None:
+    service, engine = make_service(max_input_tokens=10)
+    spec = GenerationSpec("abcdefghijklmnop", SamplingParams(max_new_tokens=2), truncate=3)
+    request = service.build_request(spec)
+    assert engine.tokenizer.decode(request.prompt_token_ids) == "nop"
+    with pytest.raises(ValidationError, match="`truncate` must be strictly positive"):
+        service.build_request(GenerationSpec("abc", SamplingParams(), truncate=11))
+
+
+async def test_chat_prompt_renders_the_template_and_can_drop_the_oldest_turns() -> None:
+    service, engine = make_service(max_input_tokens=60)
+    system = {"role": "system", "content": "S"}
+    turns = [
+        {"role": "user", "content": "first question " * 2},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "now?"},
+    ]
+    params = SamplingParams(max_new_tokens=2)
+    kept = service.build_request(
+        GenerationSpec(ChatPrompt([system, *turns], drop_oldest_turns=True), params)
+    )
+    text = engine.tokenizer.decode(kept.prompt_token_ids, skip_special_tokens=False)
+    # The oldest user/assistant pair went; the system message and the last turn stayed.
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nnow?<|im_end|>\n" + (
+        "<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValidationError, match="`inputs` must have less than 60 tokens"):
+        service.build_request(GenerationSpec(ChatPrompt([system, *turns]), params))
+
+
+async def test_stream_and_collect_record_metrics_once() -> None:
+    service, engine = make_service()
+    generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
+    result = await generation.collect()
+    generation.close()
+    assert result.text == "Hello" and result.finish_reason is FinishReason.LENGTH
+    assert [t.text for t in result.tokens] == list("Hello")
+    assert result.num_generated_tokens == 5 and generation.outcome == "success"
+    metrics = service.metrics.registry
+    assert metrics.get_sample_value("rillet_generated_tokens_total") == 5
+    assert requests_total(service, "generate", "success") == 1
+    assert engine.finished == [generation.request.request_id]  # type: ignore[union-attr]
+
+
+async def test_cancelling_the_consumer_aborts_the_engine_request() -> None:
+    service, engine = make_service()
+    engine.pause()
+    generation, _ = service.start("ws", lambda: plan_of("Hi", 5))
+    received: list[str] = []
+
+    async def consume() -> None:
+        try:
+            async with contextlib.aclosing(generation.stream()) as outputs:
+                async for out in outputs:
+                    received.append(out.text)
+        finally:
+            generation.close()
+
+    task = asyncio.ensure_future(consume())
+    await engine.wait_running(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert received == ["H"]
+    assert engine.aborted == [generation.request.request_id]  # type: ignore[union-attr]
+    assert not engine.running and service.in_flight == 0
+    assert requests_total(service, "ws", "cancelled") == 1
+
+
+async def test_engine_errors_reach_the_consumer_and_the_outcome() -> None:
+    service, engine = make_service()
+    engine.fail_after = (2, GenerationError("boom"))
+    generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
+    with pytest.raises(GenerationError, match="boom"):
+        await generation.collect()
+    generation.close()
+    assert requests_total(service, "generate", "generation") == 1
+
+
+async def test_drain_lets_requests_finish_then_ends_the_rest() -> None:
+    service, engine = make_service()
+    engine.pause()
+    quick, _ = service.start("a", lambda: plan_of("Hi", 3))
+    slow, _ = service.start("b", lambda: plan_of("Hi", 5))
+    results: dict[str, object] = {}
+
+    async def run(name: str, generation: object) -> None:
+        try:
+            results[name] = (await generation.collect()).text  # type: ignore[attr-defined]
+        except IncompleteGenerationError as exc:
+            results[name] = exc
+        finally:
+            generation.close()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.ensure_future(run("quick", quick)), asyncio.ensure_future(run("slow", slow))]
+    await engine.wait_running(2)
+    done = asyncio.Event()
+    # The drain may end early only when nothing is in flight; "slow" never gets there alone.
+    drain = asyncio.ensure_future(service.drain(grace_s=60, give_up=done.is_set))
+    await asyncio.sleep(0)
+    with pytest.raises(UnavailableError):
+        service.admit("c")
+    await engine.step()
+    await engine.step()  # "quick" has its 3 tokens now; "slow" has 3 of 5
+    while "quick" not in results:
+        await asyncio.sleep(0.001)
+    assert results["quick"] == "Hel" and service.in_flight == 1
+    done.set()  # grace is over: the engine shuts down and "slow" ends in error
+    await drain
+    await asyncio.gather(*tasks)
+    assert isinstance(results["slow"], IncompleteGenerationError)
+    assert service.in_flight == 0 and not service.is_ready
+
+
+def test_the_key_is_checked_in_one_place() -> None:
+    service, _ = make_service(api_key="s3cret")
+    service.check_key("s3cret")
+    for wrong in (None, "", "s3cre", "s3cret ", "S3CRET"):
+        with pytest.raises(AuthenticationError):
+            service.check_key(wrong)
+    open_service, _ = make_service()
+    open_service.check_key(None)
