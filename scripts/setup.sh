@@ -31,6 +31,15 @@ if [[ "$(cat .venv/.rillet-stamp 2>/dev/null)" != "$stamp" && "$(cat .venv/.rill
     echo "$stamp" > .venv/.rillet-stamp
 fi
 
+if (( want_test )) && ! command -v chromium >/dev/null; then
+    # The page's tests run in real headless Chromium: Debian's (Playwright's own browser
+    # download does not work offline).
+    echo "setup: installing Debian's chromium for the page tests" >&2
+    sudo_=""; (( EUID == 0 )) || sudo_="sudo"
+    $sudo_ apt-get install -y -q chromium >/dev/null \
+        || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q chromium >/dev/null; }
+fi
+
 if (( want_test )); then
     tgi_stamp=$(stamp_of)
     if [[ "$(cat .venv-tgi/.rillet-stamp 2>/dev/null)" != "$tgi_stamp" ]]; then

@@ -139,11 +139,26 @@ def test_disconnect_while_waiting_for_a_non_stream_answer_aborts(server: ServerH
 
 
 def test_ray_serve_tutorial_client_streams_plain_text(server: ServerHandle) -> None:
-    # The tutorial's client: POST with the prompt in the query, no body (quoted here: "+").
-    response = requests.post(f"{server.url}/?prompt={quote(EOS_PROMPT)}", stream=True, timeout=60)
+    # The tutorial's client, verbatim: the prompt in the query, unquoted (requests quotes it).
+    prompt = "Tell me a story about dogs."
+    response = requests.post(f"{server.url}/?prompt={prompt}", stream=True, timeout=60)
     response.raise_for_status()
     chunks = list(response.iter_content(chunk_size=None, decode_unicode=True))
     assert response.headers["content-type"].startswith("text/plain")
+    # The prompt is the user's turn, through the chat template: the same greedy story as chat.
+    chat = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 128,
+        "temperature": 0,
+    }
+    answer = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
+    expected = answer["choices"][0]["message"]["content"]
+    assert "".join(chunks) == expected and len(chunks) > 10
+
+
+def test_plain_text_raw_true_sends_the_prompt_as_is(server: ServerHandle) -> None:
+    url = f"{server.url}/?prompt={quote(EOS_PROMPT)}&raw=true"
+    chunks = list(requests.post(url, stream=True, timeout=60).iter_content(None, True))
     expected = httpx.post(
         server.url + "/generate",
         json={"inputs": EOS_PROMPT, "parameters": {"max_new_tokens": 128}},

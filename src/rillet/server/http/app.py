@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rillet import __version__
 from rillet.errors import MethodNotAllowedError, NotFoundError, RilletError, ValidationError
+from rillet.server import ws
 from rillet.server.config import ServerConfig
-from rillet.server.http import openai, tgi
+from rillet.server.http import openai, page, tgi
 from rillet.server.http.body import service_of
 from rillet.server.http.errors import format_for_path
 from rillet.server.metrics import CONTENT_TYPE
@@ -49,9 +50,13 @@ def create_service_app(service: GenerationService, *, owns_engine: bool = True) 
         redoc_url=None,
     )
     app.state.rillet = service
+    app.include_router(page.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
+    app.mount("/static", page.static_files(), name="static")
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.add_api_websocket_route("/", ws.tutorial_chat)
+    app.add_api_websocket_route("/ws", ws.multiplexed)
     _add_fallback_handlers(app)
     return app
 

@@ -22,7 +22,11 @@ from rillet.server.service import Generation
 
 def plain_stream(request: Request, prompt: str) -> StreamResponse:
     service = service_of(request)
-    generation, _ = service.start("plain", lambda: plain.plan(prompt, request.query_params))
+    has_template = service.tokenizer.has_chat_template
+    generation, _ = service.start(
+        "plain",
+        lambda: plain.plan(prompt, request.query_params, has_chat_template=has_template),
+    )
     return stream_response(
         generation,
         _chunks(generation),

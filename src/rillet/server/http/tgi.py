@@ -138,9 +138,9 @@ async def info(request: Request) -> dict[str, Any]:
 
 
 @router.get("/health")
-@router.get("/")
 async def health(request: Request) -> Response:
-    """200 with an empty body; 503 (draining, or the engine is down) when unhealthy."""
+    """200 with an empty body; 503 (draining, or the engine is down) when unhealthy. Also
+    ``GET /`` for clients that are not browsers (``page.py``)."""
     if not service_of(request).is_ready:
         return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, 503)
     return Response(status_code=200)
