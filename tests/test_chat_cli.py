@@ -156,7 +156,12 @@ def test_chat_keeps_the_conversation_and_ctrl_c_stops_a_reply(
     _, _, fourth_prompt = _turn(chat, "Thanks!")
     assert fourth_prompt > second_prompt
     chat.expect(r">>> ")
-    chat.type(CTRL_C)  # Ctrl-C at the prompt leaves
+    # Ctrl-C at the prompt leaves. A key first, and its echo: once readline has echoed it,
+    # it is back waiting for input, where a SIGINT interrupts it (one that lands while
+    # readline is still setting up, right after it prints the prompt, is lost in CPython).
+    chat.type("x")
+    chat.expect(r"x")
+    chat.type(CTRL_C)
     assert chat.wait() == 0
 
 
