@@ -76,3 +76,26 @@ async def held_stream(d: Door) -> AsyncIterator[None]:
         yield
         d.engine.resume()
         await response.aread()
+
+
+@dataclass
+class GrpcDoor:
+    """The gRPC door on a fake engine, on loopback: ``target`` is ``127.0.0.1:port``."""
+
+    target: str
+    engine: FakeEngine
+    service: GenerationService
+
+
+@contextlib.asynccontextmanager
+async def grpc_door(**config: Any) -> AsyncIterator[GrpcDoor]:
+    """``async with grpc_door(max_concurrent_requests=1) as d``: KServe v2 on a fake engine."""
+    from rillet.server.grpc_server import start_grpc_server
+
+    engine = FakeEngine()
+    service = GenerationService(engine, ServerConfig(**config))  # type: ignore[arg-type]
+    server, port = await start_grpc_server(service, "127.0.0.1", 0)
+    try:
+        yield GrpcDoor(f"127.0.0.1:{port}", engine, service)
+    finally:
+        await server.stop(grace=None)

@@ -66,27 +66,31 @@ class FakeEngine:
         #: Outputs each request has produced so far.
         self.num_outputs: dict[str, int] = {}
         self._healthy = True
-        self._gate: asyncio.Event | None = None
+        self._paused = False
+        #: While paused: how many outputs each request may have produced.
+        self._allowed: dict[str, int] = {}
+        self._changed = asyncio.Event()
         self._shutdown = False
 
     # ---- what tests drive -------------------------------------------------------------
 
     def pause(self) -> None:
-        """From now on, every request waits after each output until resumed (or stepped)."""
-        self._gate = asyncio.Event()
+        """From now on, each request stops after its outputs so far (a new one after its
+        first) until :meth:`step` or :meth:`resume`."""
+        self._paused = True
+        self._allowed = {rid: max(1, n) for rid, n in self.num_outputs.items()}
 
     def resume(self) -> None:
         """Let every request run to its end."""
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            gate.set()
+        self._paused = False
+        self._wake()
 
     async def step(self) -> None:
-        """Let every waiting request produce one more output; return once each has."""
+        """Let every running request produce one more output; return once each has."""
         before = {rid: self.num_outputs[rid] for rid in self.running}
-        gate, self._gate = self._gate, asyncio.Event()
-        if gate is not None:
-            gate.set()
+        for rid, count in before.items():
+            self._allowed[rid] = count + 1
+        self._wake()
         while any(rid in self.running and self.num_outputs[rid] == n for rid, n in before.items()):
             await asyncio.sleep(0.001)
 
@@ -123,6 +127,7 @@ class FakeEngine:
         text = self.reply[:cap]
         finished = False
         self.num_outputs[rid] = 0
+        self._allowed.setdefault(rid, 1)
         self.running[rid] = request
         try:
             for i, char in enumerate(text):
@@ -145,20 +150,23 @@ class FakeEngine:
                     num_generated_tokens=i + 1,
                 )
                 if not last:
-                    await self._wait_turn()
+                    await self._wait_turn(rid)
         finally:
             del self.running[rid]
             (self.finished if finished else self.aborted).append(rid)
 
-    async def _wait_turn(self) -> None:
-        while self._gate is not None and not self._shutdown:
-            gate = self._gate
-            await gate.wait()
-            if self._gate is not gate:  # step() or resume(): this turn is granted
-                break
+    async def _wait_turn(self, rid: str) -> None:
+        """Before a request's next output: wait while paused and it has used its turns."""
+        while self._paused and not self._shutdown and self.num_outputs[rid] >= self._allowed[rid]:
+            changed = self._changed
+            await changed.wait()
         if self._shutdown:
             raise IncompleteGenerationError("the server is shutting down")
         await asyncio.sleep(0)
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def stats(self) -> FakeStats:
         return FakeStats(len(self.running), 0, 0.0)
@@ -170,6 +178,4 @@ class FakeEngine:
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Open streams end with IncompleteGenerationError, as the real engine's do."""
         self._shutdown = True
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            gate.set()
+        self._wake()

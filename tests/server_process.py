@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _BANNER = re.compile(r"serving .* on (http://[\d.]+:\d+)")
+_GRPC_BANNER = re.compile(r"gRPC:\s+([\d.]+:\d+)")
 
 
 @dataclass
 class ServerHandle:
-    """A running server: ``url`` has no trailing slash."""
+    """A running server: ``url`` has no trailing slash; ``grpc_target`` is ``host:port``."""
 
     url: str
     proc: subprocess.Popen[bytes]
     log_path: Path
     args: list[str] = field(default_factory=list)
+    grpc_target: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -59,9 +62,13 @@ def start_server(
     threads: int = 1,
     env: dict[str, str] | None = None,
 ) -> ServerHandle:
-    """Start ``rillet serve`` with ``extra_args`` and wait until it is healthy."""
+    """Start ``rillet serve`` with ``extra_args`` and wait until it is healthy.
+
+    Its gRPC door gets a free port of its own (``grpc_target``), unless ``extra_args`` set one.
+    """
     fd, log_name = tempfile.mkstemp(prefix="rillet-serve-", suffix=".log")
-    args = ["--host", "127.0.0.1", "--port", "0", "--threads", str(threads), *extra_args]
+    grpc = [] if "--grpc-port" in extra_args else ["--grpc-port", str(free_port())]
+    args = ["--host", "127.0.0.1", "--port", "0", "--threads", str(threads), *grpc, *extra_args]
     with os.fdopen(fd, "wb") as log_file:
         proc = subprocess.Popen(
             [python, "-m", "rillet", "serve", *args],
@@ -79,12 +86,22 @@ def start_server(
                 match = _BANNER.search(handle.log())
                 handle.url = match.group(1) if match else ""
             if handle.url and _healthy(handle.url):
+                match = _GRPC_BANNER.search(handle.log())
+                handle.grpc_target = match.group(1) if match else ""
                 return handle
             time.sleep(0.2)
         raise RuntimeError(f"rillet serve not healthy after {timeout}s:\n{handle.log()}")
     except BaseException:
         handle.stop(timeout=5)
         raise
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the server fails loudly if one takes it first:
+    its gRPC door binds without SO_REUSEPORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _healthy(url: str) -> bool:

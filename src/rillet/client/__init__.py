@@ -3,6 +3,8 @@
 Same surface as the ``text-generation`` client: ``generate``, ``generate_stream`` and the
 same response types, plus ``chat`` on the OpenAI route; :class:`AsyncClient` is the twin.
 It needs httpx and pydantic only: importing it never imports torch or the engine.
+:class:`StreamingClient` / :class:`AsyncStreamingClient` (NuPIC's callback client, on
+Triton's gRPC protocol) add grpcio and protobuf, imported when first used.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "AsyncClient",
+    "AsyncStreamingClient",
     "AuthenticationError",
     "BadRequestError",
     "BestOfSequence",
@@ -76,6 +79,7 @@ __all__ = [
     "Response",
     "StreamDetails",
     "StreamResponse",
+    "StreamingClient",
     "Token",
     "UnavailableError",
     "UnknownError",
@@ -83,3 +87,12 @@ __all__ = [
     "ValidationError",
     "parse_error",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The gRPC clients load grpcio on first use, so HTTP-only users never import it.
+    if name in ("StreamingClient", "AsyncStreamingClient"):
+        from rillet.client import streaming
+
+        return getattr(streaming, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,8 @@ import uvicorn
 from rillet.server.config import ServerConfig
 
 if TYPE_CHECKING:
+    import grpc
+
     from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
@@ -35,16 +37,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register ``serve`` (imports nothing heavy: torch loads only when it runs)."""
     p = subparsers.add_parser(
         "serve",
-        help="serve a model over the TGI and OpenAI HTTP APIs",
-        description="Serve a model over HTTP: TGI (/generate, /generate_stream, /) and "
-        "OpenAI (/v1/chat/completions, /v1/completions) with token streaming.",
+        help="serve a model: TGI, OpenAI, WebSocket, Triton HTTP and gRPC, streaming tokens",
+        description="Serve a model with token streaming over TGI's HTTP API (/generate, "
+        "/generate_stream), OpenAI's (/v1/chat/completions, /v1/completions), plain text "
+        "(POST /?prompt=), WebSockets (/ and /ws), a browser page (GET /), Triton's HTTP "
+        "generate (/v2/models/NAME/generate_stream) and Triton's gRPC (KServe v2).",
     )
     p.add_argument("--model", help="model folder or .gguf file (default: bundled SmolLM2-135M)")
     p.add_argument("--host", default=_DEFAULTS.host, help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (0 picks a free one)")
     p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 instead of --host")
     p.add_argument(
-        "--grpc-port", type=int, default=_DEFAULTS.grpc_port, help="reserved for the gRPC server"
+        "--grpc-port",
+        type=int,
+        default=_DEFAULTS.grpc_port,
+        help="port of the gRPC door (Triton's KServe v2, for tritonclient), on the same host "
+        "as HTTP (default %(default)s; 0 turns it off)",
     )
     p.add_argument("--served-model-name", help="model name shown in /info and responses")
     p.add_argument(
@@ -148,15 +156,38 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn re-raises the SIGINT it handled once it is done: that is our normal exit.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
-    return 0
+    return 1 if server.failed else 0
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's Server with a drain step before its own shutdown."""
+    """uvicorn's Server with the gRPC door beside it and a drain step before shutdown."""
 
     def __init__(self, config: uvicorn.Config, service: GenerationService) -> None:
         super().__init__(config)
         self.service = service
+        self.grpc_server: grpc.aio.Server | None = None
+        self.failed = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.service.config
+        if config.grpc_port:
+            from rillet.server.grpc_server import start_grpc_server
+
+            try:
+                self.grpc_server, port = await start_grpc_server(
+                    self.service, config.host, config.grpc_port
+                )
+            except RuntimeError as exc:  # the port is taken (SO_REUSEPORT is off)
+                print(
+                    f"rillet serve: cannot serve gRPC on port {config.grpc_port}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.failed = self.should_exit = True
+                return
+            shown = "127.0.0.1" if config.host == "0.0.0.0" else config.host
+            print(f"  gRPC:   {shown}:{port} (KServe v2, tritonclient)", flush=True)
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
@@ -164,6 +195,8 @@ class _DrainingServer(uvicorn.Server):
         grace = self.service.config.shutdown_grace_s
         log.info("draining: up to %.0fs for requests in flight", grace)
         await self.service.drain(grace, give_up=lambda: self.force_exit)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
         await super().shutdown(sockets)
 
 

@@ -17,7 +17,7 @@ from rillet import __version__
 from rillet.errors import MethodNotAllowedError, NotFoundError, RilletError, ValidationError
 from rillet.server import ws
 from rillet.server.config import ServerConfig
-from rillet.server.http import openai, page, tgi
+from rillet.server.http import openai, page, tgi, triton
 from rillet.server.http.body import service_of
 from rillet.server.http.errors import format_for_path
 from rillet.server.metrics import CONTENT_TYPE
@@ -53,6 +53,7 @@ def create_service_app(service: GenerationService, *, owns_engine: bool = True) 
     app.include_router(page.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
+    app.include_router(triton.router)
     app.mount("/static", page.static_files(), name="static")
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.add_api_websocket_route("/", ws.tutorial_chat)

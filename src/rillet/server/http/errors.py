@@ -92,5 +92,6 @@ def rendered_by(errors: ErrorFormat) -> type[APIRoute]:
 
 
 def format_for_path(path: str) -> ErrorFormat:
-    """For requests no route took (404, 405): the path is all there is to go on."""
+    """For requests no route took (404, 405): the path is all there is to go on (Triton's
+    ``/v2`` routes answer ``{"error": ...}``, which TGI's shape also has)."""
     return OPENAI_ERRORS if path.startswith("/v1/") else TGI_ERRORS

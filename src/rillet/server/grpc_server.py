@@ -1,0 +1,289 @@
+"""The gRPC door: Triton's ``inference.GRPCInferenceService`` (KServe v2) on grpc.aio.
+
+Stock ``tritonclient[grpc]`` works against it unmodified. ``ModelStreamInfer`` carries many
+requests on one call: each runs in a task of its own, its responses carry its ``id``, and the
+last one has ``triton_final_response`` set (or an empty response of its own does, when the
+request asks with ``triton_enable_empty_final_response``). A request that fails (unknown
+model, bad tensors, overload) gets an ``error_message`` response naming its id, and the
+stream stays open. The call ends once the client has half-closed and every request in it
+has finished (``stop_stream()`` waits for exactly that).
+
+The door stands on the generation service like every other: the same admission count, the
+API key from ``authorization: Bearer`` metadata, one cancellation path (a cancelled call
+cancels its requests' tasks, which aborts them in the engine), the error table's gRPC codes.
+:class:`KServeHandler` holds the logic without grpc's context, so Ray Serve's gRPC proxy
+(``rillet.deploy.ray``) can serve it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from rillet import __version__
+from rillet.errors import RilletError, ValidationError
+from rillet.kserve import grpc_service_pb2 as pb
+from rillet.kserve import tensors
+from rillet.kserve.rpc import add_GRPCInferenceServiceServicer_to_server
+from rillet.server.auth import bearer_token
+from rillet.server.dialects import kserve
+from rillet.server.service import Generation, GenerationService
+
+log = logging.getLogger("rillet.server")
+
+Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
+#: Above gRPC's 4 MiB default: tritonclient itself allows messages up to 2 GiB.
+MAX_MESSAGE_BYTES = 64 << 20
+_DATA_TYPES = {
+    "BYTES": pb.TYPE_STRING,
+    "BOOL": pb.TYPE_BOOL,
+    "UINT32": pb.TYPE_UINT32,
+    "FP32": pb.TYPE_FP32,
+}
+
+
+def decode_request(request: pb.ModelInferRequest) -> kserve.KServeRequest:
+    """Tensors as Python values (ValidationError on a malformed tensor)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise ValidationError(
+            f"{len(raw)} raw input contents for {len(request.inputs)} inputs: one each is needed"
+        )
+    inputs: dict[str, list[Any]] = {}
+    for i, tensor in enumerate(request.inputs):
+        contents = tensor.contents if tensor.HasField("contents") else None
+        inputs[tensor.name] = tensors.decode(
+            tensor.name, tensor.datatype, list(tensor.shape), raw[i] if raw else None, contents
+        )
+    return kserve.KServeRequest(
+        id=request.id,
+        model_name=request.model_name,
+        inputs=inputs,
+        parameters={name: _parameter(value) for name, value in request.parameters.items()},
+        requested_outputs=[output.name for output in request.outputs],
+    )
+
+
+def _parameter(value: pb.InferParameter) -> Any:
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice is not None else None
+
+
+def infer_response(
+    request: pb.ModelInferRequest, outputs: Sequence[kserve.Output], final: bool | None
+) -> pb.ModelInferResponse:
+    """A response with raw outputs; ``final`` sets ``triton_final_response`` (not on unary)."""
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version or "1", id=request.id
+    )
+    for output in outputs:
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=[len(output.values)])
+        response.raw_output_contents.append(tensors.encode(output.datatype, output.values))
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+def error_response(
+    request: pb.ModelInferRequest, error: RilletError
+) -> pb.ModelStreamInferResponse:
+    """An in-stream error, as Triton sends one: the id is in the message too, because
+    tritonclient hands the callback the message and not the response."""
+    message = f"[request id: {request.id or '<none>'}] {error.error_type}: {error.message}"
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=infer_response(request, [], final=True)
+    )
+
+
+class KServeHandler:
+    """The service's RPCs on protobuf messages, with no grpc context (auth is the caller's)."""
+
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    # ---- health and metadata --------------------------------------------------------
+
+    def model_ready(self, name: str) -> bool:
+        return name in kserve.model_names(self.service.model_name) and self.service.is_ready
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="rillet", version=__version__, extensions=["model_configuration", "generate"]
+        )
+
+    def model_metadata(self, name: str) -> pb.ModelMetadataResponse:
+        kserve.check_model(name, self.service.model_name)
+        response = pb.ModelMetadataResponse(name=name, versions=["1"], platform="rillet")
+        for field, specs in ((response.inputs, kserve.INPUTS), (response.outputs, kserve.OUTPUTS)):
+            for tensor_name, datatype, shape in specs:
+                field.add(name=tensor_name, datatype=datatype, shape=shape)
+        return response
+
+    def model_config(self, name: str) -> pb.ModelConfigResponse:
+        kserve.check_model(name, self.service.model_name)
+        config = pb.ModelConfig(name=name, platform="rillet", backend="rillet", max_batch_size=0)
+        config.model_transaction_policy.decoupled = True
+        for tensor_name, datatype, shape in kserve.INPUTS:
+            config.input.add(
+                name=tensor_name,
+                data_type=_DATA_TYPES[datatype],
+                dims=shape,
+                optional=tensor_name != "text_input",
+            )
+        for tensor_name, datatype, shape in kserve.OUTPUTS:
+            config.output.add(name=tensor_name, data_type=_DATA_TYPES[datatype], dims=shape)
+        return pb.ModelConfigResponse(config=config)
+
+    # ---- inference ------------------------------------------------------------------
+
+    def start(
+        self, request: pb.ModelInferRequest, route: str, one_response: bool = False
+    ) -> tuple[Generation, kserve.KServePlan]:
+        """Admit and plan one request (a RilletError if it cannot run)."""
+        decoded = decode_request(request)
+        kserve.check_model(decoded.model_name, self.service.model_name)
+        return self.service.start(route, lambda: kserve.plan(decoded, one_response=one_response))
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """``ModelInfer``: the one whole answer."""
+        generation, plan = self.start(request, "grpc_infer", one_response=True)
+        try:
+            result = await generation.collect()
+        finally:
+            generation.close()
+        outputs = kserve.KServeRenderer(plan).outputs(result, plan.echo + result.text, final=True)
+        return infer_response(request, outputs, final=None)
+
+    async def stream_infer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], write: Write
+    ) -> None:
+        """``ModelStreamInfer``: every request on the call, concurrently, until the client
+        has half-closed and all have finished. Cancelling this cancels them all."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                task = asyncio.ensure_future(self._one(request, write))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(set(running))
+
+    async def _one(self, request: pb.ModelInferRequest, write: Write) -> None:
+        try:
+            generation, plan = self.start(request, "grpc_stream")
+        except RilletError as exc:
+            await write(error_response(request, exc))
+            return
+        renderer = kserve.KServeRenderer(plan)
+        flag_on_data = not plan.empty_final
+        try:
+            if plan.stream:
+                async with contextlib.aclosing(generation.stream()) as outputs:
+                    async for out in outputs:
+                        if out.text or out.finished:
+                            data = renderer.outputs(out, out.text, final=out.finished)
+                            final = out.finished and flag_on_data
+                            await write(_streamed(infer_response(request, data, final)))
+            else:
+                result = await generation.collect()
+                data = renderer.outputs(result, plan.echo + result.text, final=True)
+                await write(_streamed(infer_response(request, data, flag_on_data)))
+            if plan.empty_final:
+                await write(_streamed(infer_response(request, [], final=True)))
+        except RilletError as exc:
+            await write(error_response(request, exc))
+        finally:
+            generation.close()
+
+
+def _streamed(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+class GrpcServicer:
+    """The grpc.aio servicer: the API key from metadata, errors as the table's codes."""
+
+    def __init__(self, handler: KServeHandler) -> None:
+        self.handler = handler
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.handler.service.is_ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.handler.model_ready(request.name))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return self.handler.server_metadata()
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        return await _answer(context, lambda: self.handler.model_metadata(request.name))
+
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        return await _answer(context, lambda: self.handler.model_config(request.name))
+
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        await self._authorize(context)
+        try:
+            return await self.handler.infer(request)
+        except RilletError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+            raise  # abort() raises; this line is for the type checker
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> None:
+        await self._authorize(context)
+        lock = asyncio.Lock()
+
+        async def write(response: pb.ModelStreamInferResponse) -> None:
+            async with lock:  # one write at a time on a call
+                await context.write(response)
+
+        await self.handler.stream_infer(requests, write)
+
+    async def _authorize(self, context: Any) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            self.handler.service.check_key(bearer_token(metadata.get("authorization")))
+        except RilletError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+
+
+async def _answer(context: Any, make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except RilletError as exc:
+        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+
+
+async def start_grpc_server(
+    service: GenerationService, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC door on ``host:port`` (0: any free port); ``(server, bound port)``.
+
+    ``SO_REUSEPORT`` is off: a second server on the same port fails here, loudly, instead
+    of silently sharing the port's connections with the first.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    add_GRPCInferenceServiceServicer_to_server(GrpcServicer(KServeHandler(service)), server)
+    bracketed = f"[{host}]" if ":" in host else host
+    bound = server.add_insecure_port(f"{bracketed}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,91 @@
+"""The KServe dialect: vLLM-backend inputs to a spec, and the outputs of each response."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rillet.errors import NotFoundError, ValidationError
+from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
+from rillet.server.dialects import kserve
+from rillet.server.spec import ChatPrompt
+
+
+def request(**inputs: object) -> kserve.KServeRequest:
+    return kserve.KServeRequest(
+        id="1", model_name="m", inputs={k: [v] for k, v in inputs.items()}, parameters={}
+    )
+
+
+def test_sampling_parameters_are_vllm_names_and_strings_are_cast() -> None:
+    sampling = json.dumps({"temperature": "0.1", "top_p": "0.95", "max_tokens": "100"})
+    plan = kserve.plan(request(text_input=b"Hi", sampling_parameters=sampling.encode()))
+    params = plan.spec.params
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.1, 0.95, 100)
+    assert plan.spec.prompt == "Hi" and not plan.stream and plan.echo == "Hi"
+    # Without the tensor, the request's parameters are read the same way (Triton's own
+    # parameters left out); vLLM's default of 16 tokens.
+    from_parameters = kserve.KServeRequest(
+        "2", "m", {"text_input": [b"Hi"]}, {"temperature": 0.0, "triton_x": True, "priority": 1}
+    )
+    assert kserve.plan(from_parameters).spec.params.is_greedy
+    assert kserve.plan(from_parameters).spec.params.max_new_tokens == kserve.DEFAULT_MAX_TOKENS
+
+
+def test_streaming_excludes_the_prompt_and_refuses_to_include_it() -> None:
+    assert kserve.plan(request(text_input=b"Hi", stream=True)).echo == ""
+    with pytest.raises(ValidationError, match="exclude_input_in_output"):
+        kserve.plan(request(text_input=b"Hi", stream=True, exclude_input_in_output=False))
+    with pytest.raises(ValidationError, match="streaming endpoint"):
+        kserve.plan(request(text_input=b"Hi", stream=True), one_response=True)
+
+
+def test_messages_are_a_chat_and_bad_inputs_are_named() -> None:
+    chat = kserve.plan(request(messages=json.dumps([{"role": "user", "content": "Hi"}]).encode()))
+    assert isinstance(chat.spec.prompt, ChatPrompt) and chat.echo == ""
+    for bad, message in (
+        (request(stream=True), "'text_input' is required"),
+        (request(text_input=5), "must be BYTES"),
+        (request(text_input=b"Hi", stream=1), "'stream' must be BOOL"),
+        (request(text_input=b"Hi", colour=b"red"), "unexpected input"),
+        (request(messages=b"[{}]"), "'messages' must be"),
+        (request(text_input=b"Hi", sampling_parameters=b"[]"), "JSON object"),
+        (request(text_input=b"Hi", sampling_parameters=b'{"top_k": "many"}'), "top_k"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            kserve.plan(bad)
+    with pytest.raises(NotFoundError):
+        kserve.check_model("other", "m")
+    kserve.check_model("m.streaming", "m")
+
+
+def test_outputs_follow_the_return_flags_and_the_requested_names() -> None:
+    plan = kserve.plan(
+        request(
+            text_input=b"Hi",
+            return_finish_reason=True,
+            return_num_input_tokens=True,
+            return_num_output_tokens=True,
+            return_cumulative_logprob=True,
+        )
+    )
+    renderer = kserve.KServeRenderer(plan)
+    first = RequestOutput("r", [GeneratedToken(1, "a", -0.5, False)], "a", None, 3, 1)
+    last = RequestOutput(
+        "r", [GeneratedToken(2, "b", -0.25, False)], "b", FinishReason.LENGTH, 3, 2
+    )
+    made = [
+        {o.name: o.values for o in renderer.outputs(out, out.text, out.finished)}
+        for out in (first, last)
+    ]
+    assert made[0] == {
+        "text_output": [b"a"],
+        "finish_reason": [b"None"],
+        "num_input_tokens": [3],
+        "num_output_tokens": [1],
+        "cumulative_logprob": [-0.5],
+    }
+    assert made[1]["finish_reason"] == [b"length"] and made[1]["cumulative_logprob"] == [-0.75]
+    plan.requested_outputs = ["text_output"]
+    assert [o.name for o in kserve.KServeRenderer(plan).outputs(last, "b", True)] == ["text_output"]
