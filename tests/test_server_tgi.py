@@ -152,30 +152,6 @@ def test_truncate_keeps_the_last_tokens(server: ServerHandle) -> None:
     assert events[-1]["details"]["input_length"] == 3
 
 
-@pytest.mark.parametrize(
-    ("parameters", "message"),
-    [
-        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences"),
-        ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5"),
-        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
-        ({"max_new_tokens": 9000}, "`max_new_tokens` must be <="),
-        ({"best_of": 2}, "`best_of`"),
-        ({"temperature": -1}, "`temperature`"),
-        ({"top_p": 1.5}, "`top_p`"),
-        ({"truncate": 0}, "`truncate`"),
-    ],
-)
-def test_invalid_parameters_are_422_validation(
-    server: ServerHandle, parameters: dict[str, Any], message: str
-) -> None:
-    for path in ("/generate", "/generate_stream", "/"):
-        response = post(server, path, {"inputs": PROMPT, "parameters": parameters})
-        assert response.status_code == 422, response.text
-        body = response.json()
-        assert body["error_type"] == "validation"
-        assert body["error"].startswith("Input validation error: ") and message in body["error"]
-
-
 def test_decoder_input_details_refused_when_streaming(server: ServerHandle) -> None:
     body = {"inputs": PROMPT, "parameters": {"decoder_input_details": True}}
     response = post(server, "/generate_stream", body)

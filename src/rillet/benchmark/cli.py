@@ -32,7 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--url", default="http://127.0.0.1:8080", help="server base URL (a /v1 suffix is fine)")
     add("--model", default="smollm2", help="the request's model field")
-    add("--api", choices=["chat", "completions"], default="chat", help="OpenAI route to load")
+    add(
+        "--api",
+        choices=["chat", "completions", "grpc"],
+        default="chat",
+        help="OpenAI route to load, or grpc: Triton's ModelStreamInfer (--grpc-url, --model "
+        "must be the served name)",
+    )
+    add("--grpc-url", default="127.0.0.1:8001", help="host:port of the gRPC door (--api grpc)")
     add("--concurrency", default="1,4,16,64", help="comma-separated levels (default: 1,4,16,64)")
     add("--max-tokens", type=int, default=128, help="output tokens per request (default: 128)")
     add("--requests-per-level", type=int, help="requests per level (default: max(8, 4 x C))")
@@ -102,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         api_key=args.api_key,
         label=args.label,
         server_pid=args.server_pid,
+        grpc_target=args.grpc_url,
     )
     config.validate()
     return config

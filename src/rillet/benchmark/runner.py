@@ -10,12 +10,13 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -31,6 +32,8 @@ FORMAT_VERSION = 1
 
 #: Called with each level's row as soon as the level ends, and with its records.
 RowSink = Callable[[dict[str, Any], list[RequestRecord]], None]
+#: Sends request ``record.index`` and fills its record (SSE over HTTP, or gRPC).
+Send = Callable[[RequestRecord], Awaitable[RequestRecord]]
 
 
 class WarmupFailed(Exception):
@@ -50,8 +53,21 @@ def make_client(config: BenchConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout)
 
 
+@contextlib.asynccontextmanager
+async def open_transport(config: BenchConfig) -> AsyncIterator[Send]:
+    """The run's one client: an HTTP pool for the OpenAI APIs, a gRPC channel for ``grpc``."""
+    if config.api == "grpc":
+        from rillet.benchmark.grpc_stream import grpc_sender
+
+        async with grpc_sender(config) as send:
+            yield send
+        return
+    async with make_client(config) as client:
+        yield lambda record: stream_request(client, config, record)
+
+
 async def run_level(
-    client: httpx.AsyncClient, config: BenchConfig, concurrency: int, progress: Progress
+    send: Send, config: BenchConfig, concurrency: int, progress: Progress
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
     """Run one level; return its summary row (without the run metadata) and its records."""
     planned = config.requests_for(concurrency)
@@ -62,7 +78,7 @@ async def run_level(
         while (index := next(indices)) < planned:
             record = RequestRecord(index)
             records.append(record)
-            await stream_request(client, config, record)
+            await send(record)
             progress.advance(record)
 
     progress.start_level(concurrency, planned)
@@ -88,14 +104,14 @@ async def run_level(
     return row, records
 
 
-async def warm_up(client: httpx.AsyncClient, config: BenchConfig, progress: Progress) -> None:
+async def warm_up(send: Send, config: BenchConfig, progress: Progress) -> None:
     """Untimed requests first (lazy init, caches); the first also checks the server works.
 
     They send the levels' exact body: a shorter ``max_tokens`` could clash with a
     ``min_tokens`` given in ``extra_body``.
     """
     for i in range(config.warmup):
-        record = await stream_request(client, config, RequestRecord(-1 - i))
+        record = await send(RequestRecord(-1 - i))
         if not record.ok and i == 0:
             hint = ""
             if record.status is not None and 400 <= record.status < 500:
@@ -112,7 +128,7 @@ def run_metadata(config: BenchConfig) -> dict[str, Any]:
     """Fields repeated in every JSON line, so each line stands on its own."""
     return {
         "label": config.name,
-        "url": config.base_url,
+        "url": config.grpc_target if config.api == "grpc" else config.base_url,
         "api": config.api,
         "model": config.model,
         "max_tokens": config.max_tokens,
@@ -137,11 +153,11 @@ async def run_benchmark(
     """
     rows: list[dict[str, Any]] = []
     meta = run_metadata(config)
-    async with make_client(config) as client:
-        await warm_up(client, config, progress)
+    async with open_transport(config) as send:
+        await warm_up(send, config, progress)
         for concurrency in config.concurrency:
             started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            level, records = await run_level(client, config, concurrency, progress)
+            level, records = await run_level(send, config, concurrency, progress)
             row = {**meta, "started_at": started_at, **level}
             rows.append(row)
             if on_row is not None:

@@ -38,10 +38,22 @@ class RequestRecord:
     finish_reason: str | None = None
     error: str | None = None
     cancelled: bool = False
+    _last: float = field(default=0.0, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None and not self.cancelled
+
+    def add_delta(self, text: str, now: float, start: float) -> None:
+        """A piece of content read at ``now`` (perf_counter) of a request sent at ``start``:
+        the first sets TTFT, the others add a gap since the previous one."""
+        if self.ttft is None:
+            self.ttft = now - start
+        else:
+            self.gaps.append(now - start - self._last)
+        self._last = now - start
+        self.num_deltas += 1
+        self.num_chars += len(text)
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +108,6 @@ async def stream_request(
                 text = (await resp.aread()).decode(errors="replace")
                 record.error = f"HTTP {resp.status_code}: {' '.join(text.split())[:200]}"
                 return record
-            last: float | None = None
             async for line in resp.aiter_lines():
                 now = time.perf_counter()
                 if not line.startswith("data:"):
@@ -107,13 +118,7 @@ async def stream_request(
                     break
                 text = _read_event(payload, config, record)
                 if text:
-                    if last is None:
-                        record.ttft = now - start
-                    else:
-                        record.gaps.append(now - last)
-                    last = now
-                    record.num_deltas += 1
-                    record.num_chars += len(text)
+                    record.add_delta(text, now, start)
         record.latency = time.perf_counter() - start
         if record.error is None:
             if record.num_deltas == 0:

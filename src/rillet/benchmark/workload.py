@@ -36,7 +36,9 @@ PROMPTS: tuple[str, ...] = (
     "Explain how a database keeps data safe when the power fails mid-write.",
 )
 
-Api = Literal["chat", "completions"]
+#: ``chat`` and ``completions`` stream SSE from the OpenAI routes; ``grpc`` streams the same
+#: chat prompts over Triton's gRPC ``ModelStreamInfer`` (to ``grpc_target``).
+Api = Literal["chat", "completions", "grpc"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class BenchConfig:
     api_key: str | None = None
     label: str = ""
     server_pid: int | None = None
+    grpc_target: str = "127.0.0.1:8001"
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -90,13 +93,18 @@ class BenchConfig:
 
     @property
     def endpoint(self) -> str:
+        if self.api == "grpc":
+            return f"grpc://{self.grpc_target} (ModelStreamInfer)"
         route = "/v1/chat/completions" if self.api == "chat" else "/v1/completions"
         return self.base_url + route
 
     @property
     def name(self) -> str:
         """The label written into every JSON line."""
-        return self.label or f"{self.base_url} {self.model}"
+        if self.label:
+            return self.label
+        where = f"grpc {self.grpc_target}" if self.api == "grpc" else self.base_url
+        return f"{where} {self.model}"
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: enough for the loop to reach its steady state."""

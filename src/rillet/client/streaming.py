@@ -106,22 +106,14 @@ def rpc_error(error: grpc.RpcError) -> ClientError:
     return parse_error(None, {"error": details or str(code), "error_type": error_type})
 
 
-def _metadata(api_key: str | None) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {api_key}")] if api_key else []
-
-
 _OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
 ]
 
 
-class StreamingClient:
-    """Blocking client: ``generate(prompt, callback=...)`` streams over one gRPC call.
-
-    Stopping early (an exception in the callback, Ctrl-C) cancels the call, and the server
-    aborts the generation.
-    """
+class _Base:
+    """The model, the channel and the key; the twins differ in their channel's kind."""
 
     def __init__(
         self,
@@ -134,9 +126,23 @@ class StreamingClient:
         self.model_name = model_name
         self.url = url
         self.timeout = timeout
-        self._metadata = _metadata(api_key)
-        self._channel = grpc.insecure_channel(url, options=_OPTIONS)
+        self._metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+        self._channel = self._open(url)
         self._stub = Stub(self._channel)
+
+    def _open(self, url: str) -> Any:
+        raise NotImplementedError
+
+
+class StreamingClient(_Base):
+    """Blocking client: ``generate(prompt, callback=...)`` streams over one gRPC call.
+
+    Stopping early (an exception in the callback, Ctrl-C) cancels the call, and the server
+    aborts the generation.
+    """
+
+    def _open(self, url: str) -> grpc.Channel:
+        return grpc.insecure_channel(url, options=_OPTIONS)
 
     def generate(
         self,
@@ -188,24 +194,12 @@ class StreamingClient:
         self.close()
 
 
-class AsyncStreamingClient:
+class AsyncStreamingClient(_Base):
     """The asyncio twin: ``await generate(prompt, callback=...)``; the callback may be a
     plain function or a coroutine function."""
 
-    def __init__(
-        self,
-        model_name: str,
-        url: str = "localhost:8001",
-        *,
-        api_key: str | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self.model_name = model_name
-        self.url = url
-        self.timeout = timeout
-        self._metadata = _metadata(api_key)
-        self._channel = grpc.aio.insecure_channel(url, options=_OPTIONS)
-        self._stub = Stub(self._channel)
+    def _open(self, url: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(url, options=_OPTIONS)
 
     async def generate(
         self,

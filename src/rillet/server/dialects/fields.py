@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pydantic
 from pydantic import BaseModel, ConfigDict
 
 #: vLLM clamps logprobs to this so ``-inf`` never reaches JSON.
@@ -33,3 +34,10 @@ def clean_logprob(value: float | None) -> float | None:
     if value is None or math.isnan(value):
         return None
     return max(float(value), MIN_LOGPROB)
+
+
+def first_problem(exc: pydantic.ValidationError, where_default: str) -> str:
+    """``"<field path>: <message>"`` of a body's first problem, for a ValidationError."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or where_default
+    return f"{where}: {first['msg']}"

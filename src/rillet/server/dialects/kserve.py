@@ -31,7 +31,7 @@ import pydantic
 
 from rillet.errors import NotFoundError, ValidationError
 from rillet.protocol import RequestOutput
-from rillet.server.dialects.fields import clean_logprob
+from rillet.server.dialects.fields import clean_logprob, first_problem
 from rillet.server.dialects.openai import SamplingFields, sampling_params
 from rillet.server.limits import FieldNames
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -228,9 +228,8 @@ def _sampling_fields(request: KServeRequest) -> SamplingFields:
     try:
         return _Sampling.model_validate(data)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "sampling_parameters"
-        raise ValidationError(f"sampling parameter {where}: {first['msg']}") from None
+        problem = first_problem(exc, "sampling_parameters")
+        raise ValidationError(f"sampling parameter {problem}") from None
 
 
 @dataclass

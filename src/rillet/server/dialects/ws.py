@@ -25,7 +25,7 @@ import pydantic
 from rillet.errors import RilletError, ValidationError
 from rillet.protocol import RequestOutput
 from rillet.sampling import SamplingParams
-from rillet.server.dialects.fields import clean_logprob
+from rillet.server.dialects.fields import clean_logprob, first_problem
 from rillet.server.dialects.openai import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -91,9 +91,7 @@ def plan_generate(frame: dict[str, Any]) -> WsPlan:
     try:
         body = GenerateFrame.model_validate(frame)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "frame"
-        raise ValidationError(f"{where}: {first['msg']}") from None
+        raise ValidationError(first_problem(exc, "frame")) from None
     if (body.messages is None) == (body.prompt is None):
         raise ValidationError("a `generate` frame needs exactly one of `messages` and `prompt`")
     params = sampling_params(body, body.max_tokens, bool(body.logprobs), 0)

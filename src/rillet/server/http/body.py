@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from rillet.errors import PayloadTooLargeError, ValidationError
 from rillet.server.auth import bearer_token
+from rillet.server.dialects.fields import first_problem
 from rillet.server.service import GenerationService
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -62,10 +63,9 @@ def parse_model(model: type[M], data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
         raise ValidationError(
-            f"Failed to deserialize the JSON body into the target type: {where}: {first['msg']}"
+            "Failed to deserialize the JSON body into the target type: "
+            + first_problem(exc, "body")
         ) from None
 
 
