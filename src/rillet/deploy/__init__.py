@@ -1,0 +1,1 @@
+"""Ways to run rillet beyond ``rillet serve``: ``rillet.deploy.ray`` (Ray Serve)."""

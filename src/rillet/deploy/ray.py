@@ -1,0 +1,219 @@
+"""rillet on Ray Serve: the very app of ``rillet serve``, as N replicas behind Serve's proxies.
+
+    serve run rillet.deploy.ray:app num_replicas=2 threads=1
+    serve run examples/ray/serve.yaml            # with Serve's gRPC proxy for tritonclient
+
+Each replica owns one engine (in a process of its own, as ``rillet serve`` runs it) and one
+generation service, and serves every HTTP door through Serve's HTTP proxy (TGI, OpenAI,
+plain text, the WebSocket chat and ``/ws``, the page, Triton HTTP), with an
+``x-rillet-replica`` header naming it. Through Serve's gRPC proxy (``grpc_options`` with
+``rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server``) it serves Triton's
+``GRPCInferenceService``, so stock tritonclient streams through Ray.
+
+Backpressure keeps its meaning: ``max_ongoing_requests`` per replica is the engine's stream
+capacity (``max_concurrent_requests``, not Serve's default of 5; a stream holds its slot
+until it ends), and past ``max_queued_requests`` waiting in a proxy Serve refuses at once:
+429 with ``retry-after`` over HTTP (Serve's text body), ``RESOURCE_EXHAUSTED`` over gRPC.
+Serve's health check asks the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from rillet.config import EngineConfig
+from rillet.errors import RilletError
+from rillet.kserve import grpc_service_pb2 as pb
+from rillet.server.auth import bearer_token
+from rillet.server.config import ServerConfig
+from rillet.server.grpc_server import KServeHandler
+from rillet.server.service import GenerationService
+
+log = logging.getLogger("rillet.deploy")
+
+_SERVER = ServerConfig()
+
+
+class RayAppArgs(BaseModel):
+    """The builder's arguments (``serve run rillet.deploy.ray:app key=value ...`` or a config
+    file's ``args``). Serve's own knobs first, then ``rillet serve``'s options by their names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Serve: replicas, autoscaling, resources, backpressure.
+    #: Replicas (Serve's default is 1; a config file's ``deployments`` may set it instead).
+    num_replicas: int | None = None
+    #: When set, replicas scale between min and max on ongoing requests per replica.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    #: Per replica; default: the engine's capacity, ``max_concurrent_requests``.
+    max_ongoing_requests: int | None = None
+    #: Requests Serve queues for the deployment before refusing with 429 (-1: no limit).
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0
+    num_cpus: float | None = None
+    num_gpus: float = 0.0
+    # rillet serve's options.
+    model: str | None = None
+    threads: int | None = None
+    dtype: str | None = None
+    served_model_name: str | None = None
+    max_concurrent_requests: int = _SERVER.max_concurrent_requests
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_tokens: int | None = None
+    quantized_max_batch_tokens: int | None = None
+    api_key: str | None = None
+    keep_alive_interval: float = _SERVER.keep_alive_interval_s
+    engine_in_process: bool = False
+
+
+@serve.ingress()
+class RilletReplica:
+    """One replica: an engine, its generation service, the HTTP app and the gRPC methods."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from rillet.engine.async_engine import AsyncEngine
+
+        options = RayAppArgs.model_validate(args)
+        engine_config = EngineConfig.from_env(
+            model=options.model,
+            dtype=options.dtype,
+            max_model_len=options.max_total_tokens,
+            max_num_batched_tokens=options.max_batch_tokens,
+            num_threads=options.threads,
+            quantized_max_batch_tokens=options.quantized_max_batch_tokens,
+        )
+        engine = AsyncEngine.from_config(engine_config, own_process=not options.engine_in_process)
+        config = ServerConfig(
+            grpc_port=0,  # Serve's gRPC proxy is the gRPC door here
+            served_model_name=options.served_model_name,
+            max_concurrent_requests=options.max_concurrent_requests,
+            max_input_tokens=options.max_input_tokens,
+            max_total_tokens=options.max_total_tokens,
+            api_key=options.api_key,
+            keep_alive_interval_s=options.keep_alive_interval,
+        )
+        self.service = GenerationService(engine, config)
+        self.kserve = KServeHandler(self.service)
+        self.name = serve.get_replica_context().replica_id.unique_id
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from rillet.server.http.app import create_service_app
+
+        return create_service_app(self.service, instance=self.name)
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine has died is replaced."""
+        if not self.service.engine.is_healthy:
+            raise RuntimeError("the engine has stopped")
+
+    # ---- Triton's GRPCInferenceService, through Serve's gRPC proxy ---------------------
+
+    async def ServerLive(self, request: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.service.is_ready)
+
+    async def ModelReady(self, request: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.kserve.model_ready(request.name))
+
+    async def ServerMetadata(self, request: Any) -> pb.ServerMetadataResponse:
+        return self.kserve.server_metadata()
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return _answer(
+            grpc_context, lambda: self.kserve.model_metadata(request.name), pb.ModelMetadataResponse
+        )
+
+    async def ModelConfig(self, request: Any, grpc_context: Any) -> Any:
+        return _answer(
+            grpc_context, lambda: self.kserve.model_config(request.name), pb.ModelConfigResponse
+        )
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> pb.ModelInferResponse:
+        try:
+            self._authorize(grpc_context)
+            return await self.kserve.infer(request)
+        except RilletError as exc:
+            _set_error(grpc_context, exc)
+            return pb.ModelInferResponse()
+
+    async def ModelStreamInfer(
+        self, request_stream: Any, grpc_context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            self._authorize(grpc_context)
+        except RilletError as exc:
+            _set_error(grpc_context, exc)
+            return
+        # Responses go through a bounded queue: a slow reader slows its requests' writes
+        # (the engine merges their deltas meanwhile), never the engine.
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(64)
+        work = asyncio.ensure_future(self.kserve.stream_infer(request_stream, responses.put))
+        work.add_done_callback(lambda _: responses.put_nowait(None))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            work.result()
+        finally:
+            work.cancel()  # the client went away: its requests are aborted
+
+    def _authorize(self, grpc_context: Any) -> None:
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        self.service.check_key(bearer_token(metadata.get("authorization")))
+
+
+def _set_error(grpc_context: Any, exc: RilletError) -> None:
+    grpc_context.set_code(grpc.StatusCode[exc.grpc_code])
+    grpc_context.set_details(exc.message)
+
+
+def _answer(grpc_context: Any, make: Any, empty: Any) -> Any:
+    try:
+        return make()
+    except RilletError as exc:
+        _set_error(grpc_context, exc)
+        return empty()
+
+
+def app(args: RayAppArgs | dict[str, Any]) -> Application:
+    """The application builder: ``serve run rillet.deploy.ray:app [key=value ...]``, or a
+    config file's ``import_path`` with its ``args`` (Serve passes them as a dict)."""
+    args = RayAppArgs.model_validate(args)
+    options: dict[str, Any] = {
+        "max_ongoing_requests": args.max_ongoing_requests or args.max_concurrent_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "backpressure_config": BackpressureConfig(
+            status_code=429, retry_after_s=args.retry_after_s
+        ),
+        "ray_actor_options": {
+            "num_cpus": args.num_cpus if args.num_cpus is not None else float(args.threads or 1),
+            "num_gpus": args.num_gpus,
+        },
+        # Loading a model takes seconds; Serve's default 30 s health-check timeout is ample.
+        "health_check_period_s": 10,
+    }
+    if args.min_replicas is not None or args.max_replicas is not None:
+        least = args.min_replicas if args.min_replicas is not None else 1
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=least,
+            max_replicas=args.max_replicas if args.max_replicas is not None else max(least, 1),
+            target_ongoing_requests=args.target_ongoing_requests
+            or 0.5 * args.max_concurrent_requests,
+        )
+    elif args.num_replicas is not None:
+        options["num_replicas"] = args.num_replicas
+    deployment = serve.deployment(name="rillet")(RilletReplica).options(**options)
+    return deployment.bind(args.model_dump())

@@ -1,0 +1,332 @@
+"""rillet on a real local Ray cluster (``ray.init(num_cpus=2)``): ``rillet.deploy.ray:app`` as
+2 replicas of the bundled model at 1 thread each, behind Serve's HTTP and gRPC proxies.
+
+Each replica's engine admits 2 streams here (``max_concurrent_requests=2``), so Serve gives
+each replica 2 requests at a time (``max_ongoing_requests`` follows it), and each proxy
+queues 2 more (``max_queued_requests=2``). Requests are held where a test needs them by
+freezing the replicas' engine processes (SIGSTOP), as the single-server tests do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import ray  # the ray extra (scripts/setup.sh --test installs it)
+import requests
+
+from server_process import child_pids, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@dataclass
+class Cluster:
+    url: str
+    grpc_target: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    from ray import serve
+
+    from rillet.deploy.ray import RayAppArgs, app
+
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={
+                "port": grpc_port,
+                "grpc_servicer_functions": [
+                    "rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server"
+                ],
+            },
+        )
+        # 2 queued, not 1: two requests that arrive together may both count as queued for
+        # a moment while Serve's router picks replicas (the tutorial test sends two at once).
+        args = RayAppArgs(
+            num_replicas=2, threads=1, max_concurrent_requests=2, max_queued_requests=2
+        )
+        serve.run(app(args), name="rillet", route_prefix="/")
+        url = f"http://127.0.0.1:{http_port}"
+        model = httpx.get(url + "/info", timeout=30).json()["model_id"]
+        yield Cluster(url, f"127.0.0.1:{grpc_port}", model)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_pids() -> list[int]:
+    """The replicas' worker processes: Ray titles them ``ray::ServeReplica:<app>:<name>``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().startswith(b"ray::ServeReplica:rillet"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def frozen_engines() -> Iterator[None]:
+    """SIGSTOP every replica's engine process until the block exits: their requests can
+    neither advance nor finish, while Serve's proxies and the replicas' Python keep going."""
+    pids = [child for pid in replica_pids() for child in child_pids(pid)]
+    assert pids, "each replica runs its engine in a child process"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def replica_metrics(cluster: Cluster, replica: str, predicate: Any) -> str:
+    """/metrics of ``replica`` once ``predicate(text)`` holds (Serve routes each scrape to
+    either replica; 120 s bound the wait, and the last scrape is shown if it runs out)."""
+    deadline, last = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:
+        response = httpx.get(cluster.url + "/metrics", timeout=30)
+        if response.headers["x-rillet-replica"] == replica:
+            last = response.text
+            if predicate(last):
+                return last
+        time.sleep(0.05)
+    running = [line for line in last.splitlines() if line.startswith("rillet_requests_")]
+    raise AssertionError(f"replica {replica} never got there: {running}")
+
+
+LONG_TGI = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
+SHORT_TGI = {"inputs": "The sea is", "parameters": {"max_new_tokens": 4}}
+
+
+def test_both_replicas_serve_and_report_healthy(cluster: Cluster) -> None:
+    from ray import serve
+
+    status = serve.status().applications["rillet"]
+    deployment = status.deployments["rillet"]
+    assert deployment.status == "HEALTHY" and deployment.replica_states == {"RUNNING": 2}
+    # Serve's router picks between two idle replicas at random: 40 requests all landing on
+    # one of them has a probability of 2**-39.
+    names = set()
+    for _ in range(40):
+        answer = httpx.post(cluster.url + "/generate", json=SHORT_TGI, timeout=60)
+        assert answer.status_code == 200
+        names.add(answer.headers["x-rillet-replica"])
+    assert len(names) == 2
+
+
+def test_streams_arrive_incrementally_through_the_proxy(cluster: Cluster) -> None:
+    tgi = {"inputs": "The sea is", "parameters": {"max_new_tokens": 12}}
+    chat = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 12,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    for route, body in (("/generate_stream", tgi), ("/v1/chat/completions", chat)):
+        with httpx.stream("POST", cluster.url + route, json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            with frozen_engines():
+                # The engine is frozen mid-answer: what arrived came before the rest exists.
+                assert "generated_text" not in first or '"generated_text":null' in first
+            events = [first, *(line for line in lines if line.startswith("data:"))]
+        assert len(events) >= 12, route
+    from websockets.sync.client import connect
+
+    with connect(cluster.url.replace("http", "ws") + "/ws") as sock:
+        frame = {"type": "generate", "id": 1, "prompt": "The sea is", "max_tokens": 12}
+        sock.send(json.dumps(frame | {"ignore_eos": True}))
+        first_frame = json.loads(sock.recv())
+        with frozen_engines():
+            assert first_frame["type"] == "token"
+        frames = [first_frame]
+        while frames[-1]["type"] == "token":
+            frames.append(json.loads(sock.recv()))
+    assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 12
+    assert len(frames) > 2
+
+
+def test_a_disconnect_aborts_in_the_replica(cluster: Cluster) -> None:
+    with contextlib.ExitStack() as thaw:
+        with httpx.stream(
+            "POST", cluster.url + "/generate_stream", json=LONG_TGI, timeout=60
+        ) as response:
+            replica = response.headers["x-rillet-replica"]
+            next(line for line in response.iter_lines() if line.startswith("data:"))
+            thaw.enter_context(frozen_engines())  # running, and it stays so until the abort
+        before = replica_metrics(cluster, replica, lambda text: True)
+    after = replica_metrics(
+        cluster,
+        replica,
+        lambda text: (
+            metric(text, "rillet_requests_running") == 0
+            and metric(text, "rillet_requests_in_flight") == 0
+        ),
+    )
+    cancelled = 'rillet_requests_total{outcome="cancelled",route="generate_stream"}'
+    assert metric(after, cancelled) >= metric(before, cancelled)
+    assert metric(after, cancelled) >= 1
+
+
+def chat_answer(cluster: Cluster, prompt: str, max_tokens: int) -> str:
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    answer = httpx.post(cluster.url + "/v1/chat/completions", json=body, timeout=120).json()
+    return str(answer["choices"][0]["message"]["content"])
+
+
+def test_the_tutorials_clients_work_unmodified(cluster: Cluster) -> None:
+    # The text client, from two "terminals" at once (the tutorial's batching check).
+    prompts = ["Introduce yourself to me!", "Tell me a story about dogs."]
+    texts: dict[str, str] = {}
+
+    def text_client(prompt: str) -> None:
+        try:
+            response = requests.post(
+                f"{cluster.url}/?prompt={prompt}&max_new_tokens=48", stream=True
+            )
+            response.raise_for_status()
+            texts[prompt] = "".join(response.iter_content(chunk_size=None, decode_unicode=True))
+        except Exception as exc:  # shown by the assertion below
+            texts[prompt] = repr(exc)
+
+    terminals = [threading.Thread(target=text_client, args=(p,)) for p in prompts]
+    for terminal in terminals:
+        terminal.start()
+    for terminal in terminals:
+        terminal.join(120)
+    for prompt in prompts:
+        assert texts[prompt] == chat_answer(cluster, prompt, 48) and texts[prompt]
+
+    # The WebSocket chat client: two turns on one socket.
+    from websockets.sync.client import connect
+
+    replies = []
+    with connect(cluster.url.replace("http", "ws")) as websocket:
+        for turn in ("What is the capital of France?", "What was my previous question?"):
+            websocket.send(turn)
+            pieces = []
+            while (message := websocket.recv()) != "<<Response Finished>>":
+                pieces.append(message)
+            replies.append("".join(pieces))
+    assert "What is the capital of France?" in replies[1]
+
+
+def triton_inputs(prompt: str, sampling: dict[str, Any], stream: bool) -> list[Any]:
+    import tritonclient.grpc as tc
+
+    inputs = [
+        tc.InferInput("text_input", [1], "BYTES"),
+        tc.InferInput("stream", [1], "BOOL"),
+        tc.InferInput("sampling_parameters", [1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([stream], dtype=bool))
+    inputs[2].set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=np.object_))
+    return inputs
+
+
+def test_tritonclient_streams_through_serves_grpc_proxy(cluster: Cluster) -> None:
+    import tritonclient.grpc as tc
+
+    inputs = triton_inputs("The sea is", {"max_tokens": 16, "temperature": 0}, stream=True)
+    results: queue.Queue[Any] = queue.Queue()
+    text, responses = "", 0
+    with tc.InferenceServerClient(cluster.grpc_target) as client:
+        assert client.is_server_live() and client.is_model_ready(cluster.model)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(cluster.model, inputs, request_id="r")
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            text += result.as_numpy("text_output")[0].decode()
+            responses += 1
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    completion = httpx.post(
+        cluster.url + "/v1/completions",
+        json={"prompt": "The sea is", "max_tokens": 16, "temperature": 0},
+        timeout=60,
+    ).json()
+    assert text == completion["choices"][0]["text"] and responses > 5
+
+
+async def test_past_the_queue_a_request_is_refused_at_once(cluster: Cluster) -> None:
+    """Last in the module: it fills every slot. Engines frozen, nothing can finish: 4 streams
+    held (2 per replica; each one's headers mean a replica took it), then each proxy queues
+    2 more and refuses the rest at once: 429 with retry-after over HTTP, RESOURCE_EXHAUSTED
+    over gRPC."""
+    import tritonclient.grpc as tc
+
+    from rillet.client.errors import OverloadedError, parse_error
+
+    refusals: asyncio.Queue[httpx.Response] = asyncio.Queue()
+
+    async def extra(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", "/generate_stream", json=LONG_TGI) as response:
+            if response.status_code == 200:  # it was queued: once admitted, a token, then close
+                await anext(
+                    line async for line in response.aiter_lines() if line.startswith("data:")
+                )
+            else:
+                await response.aread()
+                await refusals.put(response)
+
+    grpc_answers: queue.Queue[Any] = queue.Queue()
+    unary = triton_inputs("The sea is", {"max_tokens": 4}, stream=False)
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=120) as client,
+        contextlib.AsyncExitStack() as held,
+    ):
+        with frozen_engines():
+            for _ in range(4):
+                stream = client.stream("POST", "/generate_stream", json=LONG_TGI)
+                assert (await held.enter_async_context(stream)).status_code == 200
+            extras = [asyncio.ensure_future(extra(client)) for _ in range(4)]
+            refused = await refusals.get()  # only a refusal can answer while frozen
+            with tc.InferenceServerClient(cluster.grpc_target) as triton:
+                for _ in range(3):
+                    triton.async_infer(
+                        cluster.model,
+                        unary,
+                        callback=lambda result, error: grpc_answers.put((result, error)),
+                    )
+                result, grpc_error = await asyncio.to_thread(grpc_answers.get, timeout=120)
+            # Leaving the block closes the channel: the gRPC requests still queued go too.
+        await held.aclose()  # the held streams end: their slots free up for the queued ones
+        await asyncio.gather(*extras)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "backpressure" in refused.text  # Serve's own body: Serve refused it
+    error = parse_error(429, refused.text, retry_after=1.0)
+    assert isinstance(error, OverloadedError)  # what rillet.client raises for it
+    assert result is None and grpc_error.status() == "StatusCode.RESOURCE_EXHAUSTED"
