@@ -11,62 +11,20 @@ markdown table of the median over rounds; JSON lines go to ``bench/out/grpc-<tim
     .venv/bin/python bench/grpc_vs_sse.py                  # c=1,16,64, 2 rounds
     .venv/bin/python bench/grpc_vs_sse.py --concurrency 1,16 --rounds 1
 
-Stdlib only; the harness is ``bench/serve.py`` (``rillet bench``), run with the project venv.
+Stdlib only; the load is ``bench/serve.py`` (``rillet bench``), run with the project venv.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = ROOT / ".venv" / "bin" / "python"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_server(out: Path, threads: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
-    http_port, grpc_port = free_port(), free_port()
-    log = (out / "server.log").open("wb")
-    command = [
-        str(PYTHON),
-        "-m",
-        "rillet",
-        "serve",
-        "--port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--threads",
-        threads,
-        "--max-concurrent-requests",
-        "512",
-    ]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/info", timeout=2) as response:
-                model = json.load(response)["model_id"]
-            return proc, url, f"127.0.0.1:{grpc_port}", model
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"rillet serve did not start; see {out / 'server.log'}")
+from harness import ROOT, load, start_server
 
 
 def run(
@@ -78,33 +36,10 @@ def run(
     out: Path,
     round_: int,
     pid: int,
-) -> list[dict[str, object]]:
+) -> list[dict]:
+    extra = ("--api", "grpc", "--grpc-url", target) if api == "grpc" else ()
     lines = out / f"{api}-{round_}.jsonl"
-    command = [
-        str(PYTHON),
-        str(ROOT / "bench" / "serve.py"),
-        "--url",
-        url,
-        "--model",
-        model,
-        "--concurrency",
-        args.concurrency,
-        "--max-tokens",
-        str(args.max_tokens),
-        "--level-timeout",
-        str(args.level_timeout),
-        "--out",
-        str(lines),
-        "--no-progress",
-        "--server-pid",
-        str(pid),
-        "--label",
-        f"{api} round {round_}",
-    ]
-    if api == "grpc":
-        command += ["--api", "grpc", "--grpc-url", target]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in lines.read_text().splitlines()]
+    return load(args, f"{api} round {round_}", url, model, lines, server_pid=pid, extra=extra)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from grpc_vs_sse import PYTHON, ROOT, free_port, start_server
+from harness import ROOT, free_port, load, start_server
 
 SYSTEMS = ("direct", "ray-1x2", "ray-2x1")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -77,40 +76,19 @@ def measured(
     return rows, {role: 1000 * seconds / tokens for role, seconds in spent.items()}
 
 
-def load(args: argparse.Namespace, system: str, url: str, out: Path, pid: int | None) -> list[dict]:
-    lines = out / f"{system}.jsonl"
+def load_system(
+    args: argparse.Namespace, system: str, url: str, out: Path, pid: int | None
+) -> list[dict]:
     with urllib.request.urlopen(url + "/info", timeout=30) as response:
         model = json.load(response)["model_id"]
-    command = [
-        str(PYTHON),
-        str(ROOT / "bench" / "serve.py"),
-        "--url",
-        url,
-        "--model",
-        model,
-        "--concurrency",
-        args.concurrency,
-        "--max-tokens",
-        str(args.max_tokens),
-        "--level-timeout",
-        str(args.level_timeout),
-        "--out",
-        str(lines),
-        "--no-progress",
-        "--label",
-        system,
-    ]
-    if pid is not None:
-        command += ["--server-pid", str(pid)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in lines.read_text().splitlines()]
+    return load(args, system, url, model, out / f"{system}.jsonl", server_pid=pid)
 
 
 def run_direct(args: argparse.Namespace, out: Path) -> tuple[list[dict], dict[str, float]]:
     proc, url, _, _ = start_server(out, "2")
     try:
         roles = {"HTTP server": [proc.pid], "engine": children(proc.pid)}
-        return measured(roles, partial(load, args, "direct", url, out, proc.pid))
+        return measured(roles, partial(load_system, args, "direct", url, out, proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -144,7 +122,7 @@ def run_on_ray(
                 "engine": [child for pid in replicas for child in children(pid)],
             }
             url = f"http://127.0.0.1:{port}"
-            results[system] = measured(roles, partial(load, args, system, url, out, None))
+            results[system] = measured(roles, partial(load_system, args, system, url, out, None))
             serve.delete("rillet")
     finally:
         serve.shutdown()

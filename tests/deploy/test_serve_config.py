@@ -52,3 +52,17 @@ def test_autoscaling_on_ongoing_requests() -> None:
 def test_unknown_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="max_concurent_requests"):
         RayAppArgs.model_validate({"max_concurent_requests": 3})
+
+
+def test_every_rillet_serve_option_is_an_argument_by_its_name() -> None:
+    import argparse
+
+    from rillet.server.serve_cmd import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {action.dest for action in serve.choices["serve"]._actions} - {"help"}
+    # Serve's proxies listen, and Serve's graceful_shutdown_timeout_s drains a replica.
+    not_on_ray = {"host", "port", "expose", "grpc_port", "log_level", "shutdown_grace"}
+    assert options - not_on_ray <= set(RayAppArgs.model_fields), options - not_on_ray

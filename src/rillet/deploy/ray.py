@@ -30,12 +30,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from rillet.config import EngineConfig
 from rillet.errors import RilletError
 from rillet.kserve import grpc_service_pb2 as pb
 from rillet.server.auth import bearer_token
 from rillet.server.config import ServerConfig
 from rillet.server.grpc_server import KServeHandler
+from rillet.server.serve_cmd import configs_of
 from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.deploy")
@@ -72,6 +72,7 @@ class RayAppArgs(BaseModel):
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_batch_tokens: int | None = None
+    small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
     api_key: str | None = None
     keep_alive_interval: float = _SERVER.keep_alive_interval_s
@@ -86,24 +87,9 @@ class RilletReplica:
         from rillet.engine.async_engine import AsyncEngine
 
         options = RayAppArgs.model_validate(args)
-        engine_config = EngineConfig.from_env(
-            model=options.model,
-            dtype=options.dtype,
-            max_model_len=options.max_total_tokens,
-            max_num_batched_tokens=options.max_batch_tokens,
-            num_threads=options.threads,
-            quantized_max_batch_tokens=options.quantized_max_batch_tokens,
-        )
+        # Serve's gRPC proxy is the gRPC door here, and Serve's HTTP proxy listens.
+        engine_config, config = configs_of(options, grpc_port=0)
         engine = AsyncEngine.from_config(engine_config, own_process=not options.engine_in_process)
-        config = ServerConfig(
-            grpc_port=0,  # Serve's gRPC proxy is the gRPC door here
-            served_model_name=options.served_model_name,
-            max_concurrent_requests=options.max_concurrent_requests,
-            max_input_tokens=options.max_input_tokens,
-            max_total_tokens=options.max_total_tokens,
-            api_key=options.api_key,
-            keep_alive_interval_s=options.keep_alive_interval,
-        )
         self.service = GenerationService(engine, config)
         self.kserve = KServeHandler(self.service)
         self.name = serve.get_replica_context().replica_id.unique_id

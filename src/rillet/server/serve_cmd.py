@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -25,6 +25,7 @@ from rillet.server.config import ServerConfig
 if TYPE_CHECKING:
     import grpc
 
+    from rillet.config import EngineConfig
     from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
@@ -104,34 +105,46 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]:
+    """The engine's and the server's configuration from ``rillet serve``'s options, by their
+    names (argparse's namespace, or ``rillet.deploy.ray``'s arguments); ``server`` adds what
+    only the caller knows (where to listen)."""
     from rillet.config import EngineConfig
+
+    engine = EngineConfig.from_env(
+        model=options.model,
+        dtype=options.dtype,
+        max_model_len=options.max_total_tokens,
+        max_num_batched_tokens=options.max_batch_tokens,
+        num_threads=options.threads,
+        small_batch_tokens=options.small_batch_tokens,
+        quantized_max_batch_tokens=options.quantized_max_batch_tokens,
+    )
+    config = ServerConfig(
+        served_model_name=options.served_model_name,
+        max_concurrent_requests=options.max_concurrent_requests,
+        max_input_tokens=options.max_input_tokens,
+        max_total_tokens=options.max_total_tokens,
+        api_key=options.api_key,
+        keep_alive_interval_s=options.keep_alive_interval,
+        **server,
+    )
+    return engine, config
+
+
+def run(args: argparse.Namespace) -> int:
     from rillet.engine.async_engine import AsyncEngine
     from rillet.errors import RilletError
     from rillet.server.http.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        server_config = ServerConfig(
+        engine_config, server_config = configs_of(
+            args,
             host="0.0.0.0" if args.expose else args.host,
             port=args.port,
             grpc_port=args.grpc_port,
-            served_model_name=args.served_model_name,
-            max_concurrent_requests=args.max_concurrent_requests,
-            max_input_tokens=args.max_input_tokens,
-            max_total_tokens=args.max_total_tokens,
-            api_key=args.api_key,
-            keep_alive_interval_s=args.keep_alive_interval,
             shutdown_grace_s=args.shutdown_grace,
-        )
-        engine_config = EngineConfig.from_env(
-            model=args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_total_tokens,
-            max_num_batched_tokens=args.max_batch_tokens,
-            num_threads=args.threads,
-            small_batch_tokens=args.small_batch_tokens,
-            quantized_max_batch_tokens=args.quantized_max_batch_tokens,
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
             engine = AsyncEngine.from_config(engine_config, own_process=not args.engine_in_process)
