@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
 from rillet.client import AsyncStreamingClient, StreamingClient
 from server_process import ServerHandle, frozen_engine
+from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -48,18 +48,6 @@ def completion(server: ServerHandle, prompt: str, max_tokens: int) -> str:
     return str(answer["choices"][0]["text"])
 
 
-def inputs(prompt: str, sampling: dict[str, Any]) -> list[tc.InferInput]:
-    made = [
-        tc.InferInput("text_input", [1], "BYTES"),
-        tc.InferInput("stream", [1], "BOOL"),
-        tc.InferInput("sampling_parameters", [1], "BYTES"),
-    ]
-    made[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
-    made[1].set_data_from_numpy(np.array([True], dtype=bool))
-    made[2].set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=np.object_))
-    return made
-
-
 def test_tritonclient_streams_the_http_routes_greedy_text(server: ServerHandle) -> None:
     model = model_of(server)
     results: queue.Queue[Any] = queue.Queue()
@@ -69,7 +57,7 @@ def test_tritonclient_streams_the_http_routes_greedy_text(server: ServerHandle) 
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         for key, prompt in PROMPTS.items():  # two requests interleaved on one stream
             sampling = {"max_tokens": 24, "temperature": 0}
-            client.async_stream_infer(model, inputs(prompt, sampling), request_id=key)
+            client.async_stream_infer(model, vllm_inputs(prompt, sampling=sampling), request_id=key)
         finished: set[str] = set()
         while finished != set(PROMPTS):
             result, error = results.get(timeout=60)
@@ -93,7 +81,7 @@ async def test_aio_client_and_the_streaming_client(server: ServerHandle) -> None
             sampling = {"max_tokens": 16, "temperature": 0}
             yield {
                 "model_name": model,
-                "inputs": inputs(PROMPTS["sea"], sampling),
+                "inputs": vllm_inputs(PROMPTS["sea"], sampling=sampling),
                 "request_id": "a",
             }
 
@@ -129,7 +117,9 @@ def test_a_cancelled_stream_frees_the_engine(server: ServerHandle) -> None:
     endless = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     with contextlib.ExitStack() as thaw, tc.InferenceServerClient(server.grpc_target) as client:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, inputs(PROMPTS["count"], endless), request_id="long")
+        client.async_stream_infer(
+            model, vllm_inputs(PROMPTS["count"], sampling=endless), request_id="long"
+        )
         result, error = results.get(timeout=60)
         assert error is None and result.get_response().id == "long"
         thaw.enter_context(frozen_engine(server))  # running, and it stays so

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import ray  # the ray extra (scripts/setup.sh --test installs it)
 import requests
 
 from server_process import child_pids, free_port
+from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -241,24 +241,10 @@ def test_the_tutorials_clients_work_unmodified(cluster: Cluster) -> None:
     assert "What is the capital of France?" in replies[1]
 
 
-def triton_inputs(prompt: str, sampling: dict[str, Any], stream: bool) -> list[Any]:
-    import tritonclient.grpc as tc
-
-    inputs = [
-        tc.InferInput("text_input", [1], "BYTES"),
-        tc.InferInput("stream", [1], "BOOL"),
-        tc.InferInput("sampling_parameters", [1], "BYTES"),
-    ]
-    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
-    inputs[1].set_data_from_numpy(np.array([stream], dtype=bool))
-    inputs[2].set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=np.object_))
-    return inputs
-
-
 def test_tritonclient_streams_through_serves_grpc_proxy(cluster: Cluster) -> None:
     import tritonclient.grpc as tc
 
-    inputs = triton_inputs("The sea is", {"max_tokens": 16, "temperature": 0}, stream=True)
+    inputs = vllm_inputs("The sea is", sampling={"max_tokens": 16, "temperature": 0})
     results: queue.Queue[Any] = queue.Queue()
     text, responses = "", 0
     with tc.InferenceServerClient(cluster.grpc_target) as client:
@@ -303,7 +289,7 @@ async def test_past_the_queue_a_request_is_refused_at_once(cluster: Cluster) -> 
                 await refusals.put(response)
 
     grpc_answers: queue.Queue[Any] = queue.Queue()
-    unary = triton_inputs("The sea is", {"max_tokens": 4}, stream=False)
+    unary = vllm_inputs("The sea is", stream=False, sampling={"max_tokens": 4})
     async with (
         httpx.AsyncClient(base_url=cluster.url, timeout=120) as client,
         contextlib.AsyncExitStack() as held,

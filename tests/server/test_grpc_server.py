@@ -6,7 +6,6 @@ health, metadata and config."""
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,23 +19,11 @@ from tritonclient.utils import InferenceServerException
 from app_server import grpc_door, until
 from rillet.client import AsyncStreamingClient, OverloadedError, StreamingClient
 from rillet.client import AuthenticationError as ClientAuthError
+from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(30)
 
 MODEL = "fake-model"
-
-
-def inputs(
-    prompt: str, *, stream: bool = True, sampling: dict[str, Any] | None = None
-) -> list[tc.InferInput]:
-    made = [tc.InferInput("text_input", [1], "BYTES"), tc.InferInput("stream", [1], "BOOL")]
-    made[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
-    made[1].set_data_from_numpy(np.array([stream], dtype=bool))
-    if sampling is not None:
-        params = tc.InferInput("sampling_parameters", [1], "BYTES")
-        params.set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=np.object_))
-        made.append(params)
-    return made
 
 
 def collect(results: queue.Queue[Any], ids: set[str]) -> list[tuple[str, str, bool]]:
@@ -67,10 +54,10 @@ async def test_sync_client_streams_two_requests_interleaved_on_one_stream() -> N
             with tc.InferenceServerClient(d.target) as client:
                 client.start_stream(callback=lambda result, error: results.put((result, error)))
                 client.async_stream_infer(
-                    MODEL, inputs("Hi", sampling={"max_tokens": 5}), request_id="a"
+                    MODEL, vllm_inputs("Hi", sampling={"max_tokens": 5}), request_id="a"
                 )
                 client.async_stream_infer(
-                    MODEL, inputs("Hi", sampling={"max_tokens": "2"}), request_id="b"
+                    MODEL, vllm_inputs("Hi", sampling={"max_tokens": "2"}), request_id="b"
                 )
                 seen = collect(results, {"a", "b"})
                 client.stop_stream()  # returns once the server ended the call
@@ -97,7 +84,7 @@ async def test_aio_stream_infer_ends_each_request_with_the_final_flag() -> None:
                 sampling = {"max_tokens": 3}
                 yield {
                     "model_name": model,
-                    "inputs": inputs("Hi", sampling=sampling),
+                    "inputs": vllm_inputs("Hi", sampling=sampling),
                     "request_id": key,
                 }
 
@@ -127,7 +114,7 @@ async def test_the_empty_final_response_when_asked_for() -> None:
                 for key, empty_final in (("plain", False), ("empty", True)):
                     client.async_stream_infer(
                         MODEL,
-                        inputs("Hi", sampling={"max_tokens": 2}),
+                        vllm_inputs("Hi", sampling={"max_tokens": 2}),
                         request_id=key,
                         enable_empty_final_response=empty_final,
                     )
@@ -158,8 +145,8 @@ async def test_errors_name_their_request_and_the_stream_stays_open() -> None:
         def run() -> list[tuple[str, str, bool]]:
             with tc.InferenceServerClient(d.target) as client:
                 client.start_stream(callback=lambda result, error: results.put((result, error)))
-                client.async_stream_infer("nope", inputs("Hi"), request_id="unknown")
-                bad = inputs("Hi", sampling={"max_tokens": 2})
+                client.async_stream_infer("nope", vllm_inputs("Hi"), request_id="unknown")
+                bad = vllm_inputs("Hi", sampling={"max_tokens": 2})
                 bad[2].set_data_from_numpy(np.array([b"{not json"], dtype=np.object_))
                 client.async_stream_infer(MODEL, bad, request_id="badjson")
                 wrong_type = tc.InferInput("text_input", [1], "INT32")
@@ -169,7 +156,7 @@ async def test_errors_name_their_request_and_the_stream_stays_open() -> None:
                 missing[0].set_data_from_numpy(np.array([True], dtype=bool))
                 client.async_stream_infer(MODEL, missing, request_id="missing")
                 client.async_stream_infer(
-                    MODEL, inputs("Hi", sampling={"max_tokens": 1}), request_id="fine"
+                    MODEL, vllm_inputs("Hi", sampling={"max_tokens": 1}), request_id="fine"
                 )
                 seen = collect(results, {"unknown", "badjson", "badtype", "missing", "fine"})
                 client.stop_stream()
@@ -198,11 +185,11 @@ async def test_overload_is_an_in_stream_error_and_resource_exhausted_on_unary() 
         held = asyncio.ensure_future(asyncio.to_thread(holder.generate, "Hi", max_tokens=5))
         await d.engine.wait_running(1)
         with pytest.raises(InferenceServerException) as unary:
-            await client.infer(MODEL, inputs("Hi", stream=False))
+            await client.infer(MODEL, vllm_inputs("Hi", stream=False))
         assert unary.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
 
         async def one() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": MODEL, "inputs": inputs("Hi"), "request_id": "busy"}
+            yield {"model_name": MODEL, "inputs": vllm_inputs("Hi"), "request_id": "busy"}
 
         async for result, error in client.stream_infer(one()):
             assert result is None and "[request id: busy] overloaded: Model is overloaded" in str(
@@ -222,13 +209,13 @@ async def test_the_key_is_checked_on_inference_only() -> None:
         assert await client.is_server_live() and await client.is_model_ready(MODEL)
         for headers in (None, {"authorization": "Bearer wrong"}):
             with pytest.raises(InferenceServerException) as refused:
-                await client.infer(MODEL, inputs("Hi", stream=False), headers=headers)
+                await client.infer(MODEL, vllm_inputs("Hi", stream=False), headers=headers)
             assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
         with pytest.raises(ClientAuthError):
             await AsyncStreamingClient(MODEL, url=d.target, api_key="wrong").generate("Hi")
         answer = await client.infer(
             MODEL,
-            inputs("Hi", stream=False, sampling={"max_tokens": 2}),
+            vllm_inputs("Hi", stream=False, sampling={"max_tokens": 2}),
             headers={"authorization": "Bearer k3y"},
         )
         # Not streamed, the prompt starts the one answer (vLLM's exclude_input_in_output).
@@ -247,7 +234,7 @@ async def test_cancelling_the_stream_aborts_its_requests() -> None:
             for key in ("p", "q"):
                 yield {
                     "model_name": MODEL,
-                    "inputs": inputs("Hi", sampling={"max_tokens": 5}),
+                    "inputs": vllm_inputs("Hi", sampling={"max_tokens": 5}),
                     "request_id": key,
                 }
             await asyncio.Event().wait()  # the client keeps the call open
