@@ -114,6 +114,14 @@ class PayloadTooLargeError(RilletError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class HeadersTooLargeError(RilletError):
+    """Request headers over the size limit (431)."""
+
+    error_type = "validation"
+    http_status = 431
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class ModelLoadError(RilletError):
     """A model could not be loaded: missing path, broken file, unsupported architecture.
 
@@ -134,6 +142,7 @@ class EngineDeadError(GenerationError):
 ERROR_TABLE: tuple[type[RilletError], ...] = (
     ValidationError,
     PayloadTooLargeError,
+    HeadersTooLargeError,
     AuthenticationError,
     NotFoundError,
     MethodNotAllowedError,

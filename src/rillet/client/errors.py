@@ -137,6 +137,7 @@ _BY_STATUS: dict[int, type[ClientError]] = {
     422: ValidationError,
     424: GenerationError,
     429: OverloadedError,
+    431: ValidationError,
     500: InternalError,
     503: UnavailableError,
 }

@@ -75,6 +75,11 @@ class RayAppArgs(BaseModel):
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
     api_key: str | None = None
+    max_body_bytes: int = _SERVER.max_body_bytes
+    max_header_bytes: int = _SERVER.max_header_bytes
+    max_stop_sequences: int = _SERVER.max_stop_sequences
+    max_stop_length: int = _SERVER.max_stop_length
+    max_messages: int = _SERVER.max_messages
     keep_alive_interval: float = _SERVER.keep_alive_interval_s
     engine_in_process: bool = False
 

@@ -12,8 +12,10 @@ class ServerConfig:
     ``max_input_tokens`` / ``max_total_tokens`` of ``None`` follow the engine's context
     (``max_total_tokens = max_model_len``, ``max_input_tokens = max_total_tokens - 1``);
     ``TokenLimits.resolve`` settles them once the engine is loaded.
-    ``max_stop_sequences`` and ``max_top_n_tokens`` are TGI's defaults (4 and 5) and apply
-    to the TGI routes only; OpenAI's ``top_logprobs`` goes up to 20 (``sampling.py``).
+    ``max_stop_sequences`` and ``max_top_n_tokens`` are TGI's defaults (4 and 5);
+    ``max_top_n_tokens`` applies to the TGI routes only (OpenAI's ``top_logprobs`` goes up
+    to 20, ``sampling.py``). The limits on what a request carries (body, headers, stop
+    sequences, messages) hold on every door.
     """
 
     host: str = "127.0.0.1"
@@ -26,7 +28,11 @@ class ServerConfig:
     api_key: str | None = None
     #: TGI's ``--payload-limit`` default.
     max_body_bytes: int = 2_000_000
+    #: All request headers together (names and values), as a browser's cookies may need.
+    max_header_bytes: int = 16_384
     max_stop_sequences: int = 4
+    max_stop_length: int = 512
+    max_messages: int = 1024
     max_top_n_tokens: int = 5
     #: A ``:`` comment goes out after this long without an event, so proxies with idle
     #: timeouts (commonly 30-60 s) keep the stream open while a request waits or prefills.
@@ -44,5 +50,12 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.keep_alive_interval_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("keep-alive interval must be positive, grace non-negative")
-        if self.max_body_bytes <= 0:
-            raise ValueError("the body size limit must be positive")
+        for name in (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_stop_sequences",
+            "max_stop_length",
+            "max_messages",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")

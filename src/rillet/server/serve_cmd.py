@@ -61,11 +61,43 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         default=_DEFAULTS.max_concurrent_requests,
         help="generations in flight on every door together; past it a request is refused at "
-        "once with 429 `overloaded` (default %(default)s)",
+        "once with 429 `overloaded` (default: %(default)s)",
     )
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
+    # What a request may carry, on every door; past each limit a clear 4xx.
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_DEFAULTS.max_body_bytes,
+        help="request body size, 413 past it (default: %(default)s; JSON may also nest at "
+        "most 64 levels)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=_DEFAULTS.max_header_bytes,
+        help="all request headers together, 431 past it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-stop-sequences",
+        type=int,
+        default=_DEFAULTS.max_stop_sequences,
+        help="stop sequences per request (default: %(default)s, as TGI and OpenAI)",
+    )
+    p.add_argument(
+        "--max-stop-length",
+        type=int,
+        default=_DEFAULTS.max_stop_length,
+        help="characters per stop sequence (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-messages",
+        type=int,
+        default=_DEFAULTS.max_messages,
+        help="chat messages per request (default: %(default)s)",
+    )
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
     p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -127,6 +159,11 @@ def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]
         max_total_tokens=options.max_total_tokens,
         api_key=options.api_key,
         keep_alive_interval_s=options.keep_alive_interval,
+        max_body_bytes=options.max_body_bytes,
+        max_header_bytes=options.max_header_bytes,
+        max_stop_sequences=options.max_stop_sequences,
+        max_stop_length=options.max_stop_length,
+        max_messages=options.max_messages,
         **server,
     )
     return engine, config

@@ -150,6 +150,7 @@ class GenerationService:
         client's words and with the configured limit, not the context length.
         """
         names = spec.names
+        self._check_shape(spec)
         self.limits.check_cap(spec.params, names)
         prompt = spec.prompt
         if isinstance(prompt, ChatPrompt):
@@ -167,6 +168,29 @@ class GenerationService:
             raise ValidationError(f"`{names.prompt}` cannot be empty")
         self.limits.apply(len(ids), spec.params, names)
         return self.engine.make_request(ids, spec.params)
+
+    def _check_shape(self, spec: GenerationSpec) -> None:
+        """What a request may carry besides tokens, the same on every door: stop sequences
+        (TGI's limit of 4, which OpenAI's API also has) and messages. The stop-string check
+        runs on every detokenized piece, so the longest one bounds its work."""
+        config, stop = self.config, spec.params.stop
+        if len(stop) > config.max_stop_sequences:
+            raise ValidationError(
+                f"`stop` supports up to {config.max_stop_sequences} stop sequences. "
+                f"Given: {len(stop)}"
+            )
+        longest = max(map(len, stop), default=0)
+        if longest > config.max_stop_length:
+            raise ValidationError(
+                f"a stop sequence may have at most {config.max_stop_length} characters. "
+                f"Given: {longest}"
+            )
+        chat = spec.prompt
+        if isinstance(chat, ChatPrompt) and len(chat.messages) > config.max_messages:
+            raise ValidationError(
+                f"`messages` may hold at most {config.max_messages} messages. "
+                f"Given: {len(chat.messages)}"
+            )
 
     def _render_chat(self, chat: ChatPrompt, spec: GenerationSpec) -> list[int]:
         messages = list(chat.messages)

@@ -47,18 +47,24 @@ async def _accept(websocket: WebSocket) -> GenerationService | None:
     try:
         service.check_key(presented)
     except RilletError as exc:
-        try:
-            await websocket.send_denial_response(JSONResponse(tgi.error_body(exc), exc.http_status))
-        except RuntimeError:  # a server without the denial extension: policy violation
-            await websocket.close(code=1008, reason=exc.message)
+        await refuse_handshake(websocket, exc)
         return None
     await websocket.accept()
     return service
 
 
+async def refuse_handshake(websocket: WebSocket, exc: RilletError) -> None:
+    """No socket: an HTTP answer with the error's status and TGI's JSON body instead."""
+    try:
+        await websocket.send_denial_response(JSONResponse(tgi.error_body(exc), exc.http_status))
+    except RuntimeError:  # a server without the denial extension: policy violation
+        await websocket.close(code=1008, reason=exc.message)
+
+
 async def tutorial_chat(websocket: WebSocket) -> None:
     """Each text frame is the user's turn; the reply streams as text frames, then
-    ``<<Response Finished>>``. The conversation lives as long as the socket."""
+    ``<<Response Finished>>``. The conversation lives as long as the socket; it keeps the
+    last ``max_messages`` messages (older turns would be dropped to fit the context anyway)."""
     service = await _accept(websocket)
     if service is None:
         return
@@ -68,6 +74,7 @@ async def tutorial_chat(websocket: WebSocket) -> None:
     try:
         while (text := await turns.get()) is not None:
             conversation.append({"role": "user", "content": text})
+            del conversation[: -service.config.max_messages]
             turn = asyncio.ensure_future(_chat_reply(websocket, service, conversation))
             await asyncio.wait({turn, reader}, return_when=asyncio.FIRST_COMPLETED)
             if not turn.done():  # the client left mid-reply

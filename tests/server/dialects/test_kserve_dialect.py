@@ -89,3 +89,14 @@ def test_outputs_follow_the_return_flags_and_the_requested_names() -> None:
     assert made[1]["finish_reason"] == [b"length"] and made[1]["cumulative_logprob"] == [-0.75]
     plan.requested_outputs = ["text_output"]
     assert [o.name for o in kserve.KServeRenderer(plan).outputs(last, "b", True)] == ["text_output"]
+
+
+def test_json_in_tensors_and_parameters_is_guarded() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    for bad, message in (
+        (request(text_input=b"Hi", sampling_parameters=deep), "nested deeper than 64"),
+        (request(messages=deep), "nested deeper than 64"),
+        (kserve.KServeRequest("3", "m", {"text_input": [b"Hi"]}, {"stop": "[oops"}), "'stop'"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            kserve.plan(bad)

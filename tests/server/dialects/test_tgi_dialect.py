@@ -71,7 +71,6 @@ def test_a_given_seed_is_kept_and_tgi_keeps_stop_strings_in_the_text() -> None:
 @pytest.mark.parametrize(
     ("parameters", "stream", "message"),
     [
-        ({"stop": ["a", "b", "c", "d", "e"]}, False, "`stop` supports up to 4 stop sequences"),
         ({"top_n_tokens": 6}, False, "`top_n_tokens` must be >= 0 and <= 5"),
         ({"best_of": 2}, False, "`best_of`"),
         ({"temperature": -1}, False, "`temperature`"),

@@ -7,13 +7,45 @@ Bodies are lenient as real servers are: unknown keys are ignored (TGI has no
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from rillet.errors import ValidationError
+
 #: vLLM clamps logprobs to this so ``-inf`` never reaches JSON.
 MIN_LOGPROB = -9999.0
+
+#: JSON nested deeper than this is refused before it is parsed. Python's json recurses once
+#: per level, so about 1,000 levels (a 2 KB body) raise RecursionError. Our bodies need 5
+#: (messages with content parts); tool schemas nest a few levels more.
+MAX_JSON_DEPTH = 64
+
+# A JSON string (skipped whole: brackets inside it do not count), a quote that opens a string
+# never closed (the rest is that string), or one bracket. Possessive quantifiers and the stop
+# at an unclosed string keep the scan linear, whatever the input.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|"|[\[\]{}]', re.DOTALL)
+
+
+def json_loads(raw: str | bytes) -> Any:
+    """``json.loads``, but JSON nested deeper than :data:`MAX_JSON_DEPTH` is a
+    ValidationError instead of a RecursionError. Malformed JSON raises ValueError as
+    ``json.loads`` does."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # only then can it be too deep
+        depth = 0
+        for match in _JSON_TOKENS.finditer(text):
+            token = match.group()
+            if token == '"':
+                break  # an unclosed string: json.loads will refuse it
+            depth += 1 if token in "[{" else -1 if token in "]}" else 0
+            if depth > MAX_JSON_DEPTH:
+                raise ValidationError(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(raw)
 
 
 class Lenient(BaseModel):

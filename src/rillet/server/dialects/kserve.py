@@ -31,7 +31,7 @@ import pydantic
 
 from rillet.errors import NotFoundError, ValidationError
 from rillet.protocol import RequestOutput
-from rillet.server.dialects.fields import clean_logprob, first_problem
+from rillet.server.dialects.fields import clean_logprob, first_problem, json_loads
 from rillet.server.dialects.openai import SamplingFields, sampling_params
 from rillet.server.limits import FieldNames
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -166,7 +166,7 @@ def _prompt(request: KServeRequest) -> str | ChatPrompt:
     if "messages" in request.inputs:
         raw = _single(request, "messages")
         try:
-            messages = raw if isinstance(raw, list) else json.loads(raw)
+            messages = raw if isinstance(raw, list) else json_loads(raw)
         except (ValueError, UnicodeDecodeError, TypeError) as exc:
             raise ValidationError(f"input 'messages' is not JSON: {exc}") from None
         if (
@@ -212,7 +212,7 @@ def _sampling_fields(request: KServeRequest) -> SamplingFields:
     if "sampling_parameters" in request.inputs:
         raw = _single(request, "sampling_parameters")
         try:
-            data = raw if isinstance(raw, dict) else json.loads(raw)
+            data = raw if isinstance(raw, dict) else json_loads(raw)
         except (ValueError, UnicodeDecodeError, TypeError) as exc:
             raise ValidationError(f"input 'sampling_parameters' is not JSON: {exc}") from None
         if not isinstance(data, dict):
@@ -224,7 +224,10 @@ def _sampling_fields(request: KServeRequest) -> SamplingFields:
             if key not in _RESERVED and not key.startswith("triton_")
         }
     if isinstance(data.get("stop"), str) and data["stop"].startswith("["):
-        data["stop"] = json.loads(data["stop"])  # a JSON list sent as a string parameter
+        try:  # a JSON list sent as a string parameter
+            data["stop"] = json_loads(data["stop"])
+        except ValueError as exc:
+            raise ValidationError(f"parameter 'stop' is not a JSON list: {exc}") from None
     try:
         return _Sampling.model_validate(data)
     except pydantic.ValidationError as exc:

@@ -94,11 +94,7 @@ def plan(
         )
     if p.temperature is not None and p.temperature < 0:
         raise ValidationError("`temperature` must be strictly positive")
-    stop = stop_list(p.stop)
-    if len(stop) > config.max_stop_sequences:
-        raise ValidationError(
-            f"`stop` supports up to {config.max_stop_sequences} stop sequences. Given: {len(stop)}"
-        )
+    stop = stop_list(p.stop)  # their number and length: GenerationService._check_shape
     top_n = p.top_n_tokens or 0
     if not 0 <= top_n <= config.max_top_n_tokens:
         raise ValidationError(

@@ -16,7 +16,6 @@ route's for the same messages and fields.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ import pydantic
 from rillet.errors import RilletError, ValidationError
 from rillet.protocol import RequestOutput
 from rillet.sampling import SamplingParams
-from rillet.server.dialects.fields import clean_logprob, first_problem
+from rillet.server.dialects.fields import clean_logprob, first_problem, json_loads
 from rillet.server.dialects.openai import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -63,7 +62,7 @@ def parse_frame(text: str) -> tuple[FrameId, str, dict[str, Any]]:
     """``(id, type, frame)`` of a client frame; ValidationError if it is not one. The id is
     returned whenever the frame has one, so the error can name it."""
     try:
-        frame = json.loads(text)
+        frame = json_loads(text)
     except ValueError as exc:
         raise ValidationError(f"the frame is not valid JSON: {exc}") from None
     if not isinstance(frame, dict):

@@ -9,13 +9,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rillet import __version__
-from rillet.errors import MethodNotAllowedError, NotFoundError, RilletError, ValidationError
+from rillet.errors import (
+    HeadersTooLargeError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RilletError,
+    ValidationError,
+)
 from rillet.server import ws
 from rillet.server.config import ServerConfig
 from rillet.server.http import openai, page, tgi, triton
@@ -68,7 +74,29 @@ def create_service_app(
     _add_fallback_handlers(app)
     if instance is not None:
         app.add_middleware(InstanceHeader, instance=instance)
+    app.add_middleware(HeaderLimit, limit=service.config.max_header_bytes)
     return app
+
+
+class HeaderLimit:
+    """Pure ASGI middleware: requests whose headers together pass ``limit`` bytes get 431 in
+    their route's error format (a WebSocket handshake is refused), before any route runs."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.limit:
+                exc = HeadersTooLargeError(f"the request headers pass {self.limit} bytes")
+                if scope["type"] == "websocket":
+                    await ws.refuse_handshake(WebSocket(scope, receive, send), exc)
+                    return
+                await format_for_path(scope["path"]).response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class InstanceHeader:

@@ -8,7 +8,6 @@ never FastAPI's default 422 shape or axum's text/plain.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 import pydantic
@@ -16,7 +15,7 @@ from starlette.requests import Request
 
 from rillet.errors import PayloadTooLargeError, ValidationError
 from rillet.server.auth import bearer_token
-from rillet.server.dialects.fields import first_problem
+from rillet.server.dialects.fields import first_problem, json_loads
 from rillet.server.service import GenerationService
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -50,7 +49,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ValidationError("the request body is empty; expected a JSON object")
     try:
-        data = json.loads(body)
+        data = json_loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationError(f"Failed to parse the request body as JSON: {exc}") from None
     if not isinstance(data, dict):
