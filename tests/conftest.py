@@ -14,11 +14,23 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fixtures_models import tiny_model_dir
 from server_process import ServerHandle, start_server
 
 __all__ = ["tiny_model_dir"]
+
+# Property tests are deterministic: the same examples on every run (no example database, a
+# fixed seed), so a failure in CI fails the same way here. No deadline: the VM is noisy.
+settings.register_profile(
+    "rillet",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("rillet")
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from json_strategies import json_objects
 from rillet.client.sse import ServerSentEvent, SSEDecoder, aiter_events, iter_events
+from rillet.server.http.sse import sse_event
 
 # What a TGI server puts on the wire, with a keep-alive comment, a 3-byte UTF-8 character
 # and a 4-byte emoji that chunking will split.
@@ -124,3 +130,24 @@ def test_async_iteration_uses_the_same_decoder() -> None:
         return [event async for event in aiter_events(chunks())]
 
     assert asyncio.run(collect()) == TGI_EVENTS
+
+
+@given(
+    payloads=st.lists(json_objects, max_size=6),
+    keep_alive_after=st.sets(st.integers(0, 6)),
+    crlf=st.booleans(),
+    data=st.data(),
+)
+def test_the_servers_events_come_back_whatever_the_chunking(
+    payloads: list[dict[str, Any]], keep_alive_after: set[int], crlf: bool, data: st.DataObject
+) -> None:
+    """The server's framing (``sse_event``) read back by the client's parser, with
+    keep-alive comments between events and the bytes cut anywhere, UTF-8 included."""
+    wire = b": keep-alive\n\n" if 0 in keep_alive_after else b""
+    for n, payload in enumerate(payloads, 1):
+        wire += sse_event(payload) + (b": keep-alive\n\n" if n in keep_alive_after else b"")
+    if crlf:
+        wire = wire.replace(b"\n", b"\r\n")
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(wire)), max_size=12)))
+    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    assert [json.loads(event.data) for event in iter_events(chunks)] == payloads

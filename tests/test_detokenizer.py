@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rillet.engine.detokenizer import (
@@ -217,15 +219,16 @@ def test_window_stays_bounded(trained: Adapter) -> None:
     assert trained.max_decode_len <= MAX_WINDOW_TOKENS
 
 
-def test_random_ids_match_full_decode(bytes_tok: Adapter) -> None:
-    # Arbitrary ids, invalid UTF-8 and specials included: still exactly the full decode.
-    rng = random.Random(99)
-    pool = [*range(bytes_tok.backend.get_vocab_size())]
-    for _ in range(400):
-        ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]
-        for skip in (True, False):
-            pieces, rest = replay(bytes_tok, ids, [rng.choice(pool)], skip)
-            assert "".join(pieces) + rest == bytes_tok.decode(ids, skip)
+@given(data=st.data(), skip=st.booleans())
+@settings(max_examples=300)
+def test_any_ids_match_full_decode(bytes_tok: Adapter, data: st.DataObject, skip: bool) -> None:
+    # Arbitrary ids, invalid UTF-8, characters split across tokens and specials included:
+    # the pieces always join to exactly the full decode.
+    ids = st.integers(0, bytes_tok.backend.get_vocab_size() - 1)
+    token_ids = data.draw(st.lists(ids, max_size=40))
+    prompt = data.draw(st.lists(ids, max_size=2))
+    pieces, rest = replay(bytes_tok, token_ids, prompt, skip)
+    assert "".join(pieces) + rest == bytes_tok.decode(token_ids, skip)
 
 
 def test_invalid_bytes_are_released_after_bounded_lookahead(bytes_tok: Adapter) -> None:
@@ -343,29 +346,33 @@ def test_empty_stop_string_is_a_validation_error() -> None:
         StopStringMatcher(["ok", ""], include_stop_str_in_output=False)
 
 
-def test_random_splits_match_reference() -> None:
-    rng = random.Random(42)
-    alphabet = "abc中😀"
-    for _ in range(2000):
-        stop = [
-            "".join(rng.choices(alphabet, k=rng.randint(1, 4))) for _ in range(rng.randint(0, 3))
-        ]
-        text = "".join(rng.choices(alphabet, k=rng.randint(0, 20)))
-        include = rng.random() < 0.5
-        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, len(text))))
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        matcher = StopStringMatcher(stop, include)
-        seen, released, hit = "", "", None
-        for piece in pieces:
-            seen += piece
-            visible, now = matcher.feed(piece)
-            released += visible
-            hit = hit or now
-            if hit is None:  # held back exactly what could still start a stop string
-                safe = next(i for i in range(len(seen) + 1) if _could_start(seen[i:], stop))
-                assert released == seen[:safe]
-        released += matcher.finish()
-        assert (released, hit) == expected_visible(text, stop, include)
+STOP_ALPHABET = "abc中😀"
+
+
+@given(
+    text=st.text(STOP_ALPHABET, max_size=20),
+    stop=st.lists(st.text(STOP_ALPHABET, min_size=1, max_size=4), max_size=3),
+    include=st.booleans(),
+    data=st.data(),
+)
+@settings(max_examples=500)
+def test_any_chunking_matches_the_reference(
+    text: str, stop: list[str], include: bool, data: st.DataObject
+) -> None:
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(text)))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    matcher = StopStringMatcher(stop, include)
+    seen, released, hit = "", "", None
+    for piece in pieces:
+        seen += piece
+        visible, now = matcher.feed(piece)
+        released += visible
+        hit = hit or now
+        if hit is None:  # held back exactly what could still start a stop string
+            safe = next(i for i in range(len(seen) + 1) if _could_start(seen[i:], stop))
+            assert released == seen[:safe]
+    released += matcher.finish()
+    assert (released, hit) == expected_visible(text, stop, include)
 
 
 def _could_start(suffix: str, stop: list[str]) -> bool:
