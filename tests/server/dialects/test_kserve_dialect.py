@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rillet.errors import NotFoundError, ValidationError
+from json_strategies import json_values
+from rillet.errors import NotFoundError, RilletError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
 from rillet.server.dialects import kserve
 from rillet.server.spec import ChatPrompt
@@ -100,3 +104,40 @@ def test_json_in_tensors_and_parameters_is_guarded() -> None:
     ):
         with pytest.raises(ValidationError, match=message):
             kserve.plan(bad)
+
+
+TENSOR_NAMES = [
+    "text_input",
+    "messages",
+    "stream",
+    "sampling_parameters",
+    "exclude_input_in_output",
+    "return_finish_reason",
+    "return_num_output_tokens",
+    "max_tokens",
+]
+elements = st.lists(
+    json_values
+    | st.binary(max_size=8)
+    | st.floats()
+    | st.builds(lambda v: json.dumps(v).encode(), json_values),
+    max_size=3,
+)
+
+
+@given(
+    inputs=st.dictionaries(st.sampled_from(TENSOR_NAMES), elements, max_size=5),
+    parameters=st.dictionaries(
+        st.sampled_from(["temperature", "stop", "max_tokens", "seed"]), json_values
+    ),
+    one_response=st.booleans(),
+)
+@settings(max_examples=400)
+def test_any_tensors_are_a_plan_or_a_typed_error(
+    inputs: dict[str, list[object]], parameters: dict[str, object], one_response: bool
+) -> None:
+    """Wrong types, shapes and JSON: a plan whose parameters validate, or a RilletError (the
+    gRPC door sends it as INVALID_ARGUMENT on the stream, which stays up)."""
+    request = kserve.KServeRequest("f", "m", inputs, parameters)
+    with contextlib.suppress(RilletError):
+        kserve.plan(request, one_response=one_response).spec.params.validate()

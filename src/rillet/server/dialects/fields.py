@@ -35,6 +35,8 @@ def json_loads(raw: str | bytes) -> Any:
     """``json.loads``, but JSON nested deeper than :data:`MAX_JSON_DEPTH` is a
     ValidationError instead of a RecursionError. Malformed JSON raises ValueError as
     ``json.loads`` does."""
+    if not isinstance(raw, str | bytes):  # as json.loads: a TypeError
+        raise TypeError(f"JSON must be str or bytes, not {type(raw).__name__}")
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # only then can it be too deep
         depth = 0
