@@ -66,6 +66,7 @@ class FakeEngine:
         #: Outputs each request has produced so far.
         self.num_outputs: dict[str, int] = {}
         self._healthy = True
+        self.restarts = 0
         self._paused = False
         #: While paused: how many outputs each request may have produced.
         self._allowed: dict[str, int] = {}

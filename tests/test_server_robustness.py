@@ -1,12 +1,17 @@
 """What must hold whatever clients do: bad bodies get 4xx JSON on every route, a disconnect
 aborts the request in the engine, and the Ray Serve tutorial's plain-text client streams.
+And what must hold when the engine dies: open streams end with an error event, then the
+server brings the engine back by itself.
 (Tokens reaching ``curl -N`` one by one is checked on a held fake engine, in
 ``server/http/test_http_doors.py``.)"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import signal
 import time
 from typing import Any
 from urllib.parse import quote
@@ -15,7 +20,7 @@ import httpx
 import pytest
 import requests
 
-from server_process import ServerHandle, frozen_engine
+from server_process import ServerHandle, child_pids, frozen_engine, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -165,3 +170,33 @@ def test_plain_text_raw_true_sends_the_prompt_as_is(server: ServerHandle) -> Non
         timeout=60,
     ).json()["generated_text"]
     assert "".join(chunks) == expected and len(chunks) > 1
+
+
+def test_a_killed_engine_ends_open_streams_then_the_server_brings_it_back() -> None:
+    handle = start_server()
+    try:
+        body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
+        with httpx.stream("POST", handle.url + "/generate_stream", json=body, timeout=60) as r:
+            events = r.iter_lines()
+            next(line for line in events if line.startswith("data:"))
+            # Frozen, the stream cannot end on its own before the kill lands.
+            with frozen_engine(handle) as killed:
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+            rest = [json.loads(line[5:]) for line in events if line.startswith("data:")]
+        # Nothing more than one error event after the kill (some tokens may have been on
+        # their way), in TGI's in-band shape.
+        assert rest and all("token" in event for event in rest[:-1])
+        assert rest[-1]["error_type"] == "generation"
+        assert "engine process died" in rest[-1]["error"]
+        assert wait_for(lambda: httpx.get(handle.url + "/health").status_code == 200, 120)
+        answer = httpx.post(
+            handle.url + "/generate",
+            json={"inputs": "The sea is", "parameters": {"max_new_tokens": 3}},
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["generated_text"]
+        assert metric(handle, "rillet_engine_restarts") == 1
+        assert set(child_pids(handle.proc.pid)).isdisjoint(killed)
+    finally:
+        handle.stop()

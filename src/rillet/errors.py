@@ -134,7 +134,8 @@ class ModelLoadError(RilletError):
 
 
 class EngineDeadError(GenerationError):
-    """The engine thread died; every open stream receives this and new requests get it too."""
+    """The engine core died (its process or its thread); every open stream receives this,
+    and so does every request until the engine is back (``AsyncEngine``'s restarts)."""
 
 
 #: The table: every error a client can meet, with its ``error_type``, HTTP status and gRPC

@@ -12,11 +12,20 @@ iterating (client disconnect -> CancelledError, ``aclose()``, an exception, a ``
 sends ``abort`` to the core, which frees the request's blocks before its next step. A door
 that cancels from outside (a WebSocket cancel frame, a cancelled RPC) cancels the task
 that consumes the stream, so it takes this same path.
+
+When the core dies (its process killed, the loop broken), every open stream gets an
+EngineDeadError at once and the engine reports unhealthy. An engine that can ``respawn``
+its backend (the process backend: it reloads the model in a new child) then comes back by
+itself, up to :data:`MAX_RESTARTS` times, waiting 1, 2, 4 ... seconds first; after that it
+stays dead, and requests get EngineDeadError until the server is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +48,13 @@ if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
 
 __all__ = ["AsyncEngine", "EngineStats"]
+
+log = logging.getLogger("rillet.engine")
+
+#: How many times a dead core is brought back, over the engine's life.
+MAX_RESTARTS = 3
+#: The wait before the first restart; it doubles for each one after.
+RESTART_BACKOFF_S = 1.0
 
 
 class EngineBackend(Protocol):
@@ -63,7 +79,9 @@ class AsyncEngine:
         model_name: str,
         max_model_len: int,
         vocab_size: int,
+        respawn: Callable[[], EngineBackend] | None = None,
     ) -> None:
+        """``respawn`` makes a fresh backend for the same model when the core dies."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -74,6 +92,9 @@ class AsyncEngine:
         self._started = False
         self._stopping = False
         self._dead: BaseException | None = None
+        self._respawn = respawn
+        #: Cores brought back so far (``rillet_engine_restarts_total``).
+        self.restarts = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, own_process: bool = False) -> AsyncEngine:
@@ -88,7 +109,12 @@ class AsyncEngine:
             process = EngineProcess(config)
             info = process.info
             return cls(
-                process, info.tokenizer, info.model_name, info.max_model_len, info.vocab_size
+                process,
+                info.tokenizer,
+                info.model_name,
+                info.max_model_len,
+                info.vocab_size,
+                respawn=lambda: EngineProcess(config),
             )
         from rillet.engine.builder import build_engine
 
@@ -214,7 +240,41 @@ class AsyncEngine:
         if self._stopping:
             return  # shutdown() ends the open streams itself
         self._dead = exc
-        self._post([(rid, EngineDeadError(str(exc))) for rid in list(self._collectors)])
+        open_ids = list(self._collectors)
+        for rid in open_ids:
+            self._processor.drop(rid)
+        self._post([(rid, EngineDeadError(str(exc))) for rid in open_ids])
+        if self._respawn is not None and self.restarts < MAX_RESTARTS:
+            restart = threading.Thread(target=self._restart, name="rillet-engine-restart")
+            restart.daemon = True
+            restart.start()
+        else:
+            log.error("the engine is dead and will not be restarted: %s", exc)
+
+    def _restart(self) -> None:
+        """Bring the core back in a new backend, with backoff; until then, unhealthy."""
+        assert self._respawn is not None
+        while self.restarts < MAX_RESTARTS and not self._stopping:
+            delay = RESTART_BACKOFF_S * 2**self.restarts
+            self.restarts += 1
+            log.warning(
+                "restarting the engine in %.0f s (restart %d of %d)",
+                delay,
+                self.restarts,
+                MAX_RESTARTS,
+            )
+            time.sleep(delay)
+            try:
+                backend = self._respawn()
+            except Exception:
+                log.exception("restarting the engine failed")
+                continue
+            # The new core starts on the next request (_ensure_started); healthy from now.
+            self._backend, self._started = backend, False
+            self._dead = None
+            log.warning("the engine is back")
+            return
+        log.error("the engine is dead and will not be restarted")
 
 
 def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:

@@ -41,6 +41,11 @@ class ServerMetrics:
         self.kv_cache_usage = Gauge(
             "rillet_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r
         )
+        self.engine_restarts = Gauge(
+            "rillet_engine_restarts",
+            "Times the engine core died and was brought back",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "rillet_requests_in_flight",
             "Admitted generation requests (what --max-concurrent-requests limits)",
@@ -84,8 +89,9 @@ class ServerMetrics:
             registry=r,
         )
 
-    def render(self, stats: EngineStatsLike, num_in_flight: int) -> bytes:
+    def render(self, stats: EngineStatsLike, num_in_flight: int, engine_restarts: int) -> bytes:
         """The Prometheus text exposition, with gauges refreshed from ``stats``."""
+        self.engine_restarts.set(engine_restarts)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)

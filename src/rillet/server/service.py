@@ -68,6 +68,11 @@ class EngineLike(Protocol):
     @property
     def is_healthy(self) -> bool: ...
 
+    @property
+    def restarts(self) -> int:
+        """Times the core died and came back."""
+        ...
+
     async def shutdown(self, timeout: float = 10.0) -> None: ...
 
 
@@ -208,7 +213,7 @@ class GenerationService:
     # ---- lifecycle --------------------------------------------------------------------
 
     def render_metrics(self) -> bytes:
-        return self.metrics.render(self.engine.stats(), self.in_flight)
+        return self.metrics.render(self.engine.stats(), self.in_flight, self.engine.restarts)
 
     async def drain(self, grace_s: float, give_up: Callable[[], bool] = lambda: False) -> None:
         """Refuse new work, let requests in flight finish for ``grace_s``, then end the rest.
