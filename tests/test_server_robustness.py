@@ -200,3 +200,47 @@ def test_a_killed_engine_ends_open_streams_then_the_server_brings_it_back() -> N
         assert set(child_pids(handle.proc.pid)).isdisjoint(killed)
     finally:
         handle.stop()
+
+
+def test_a_failed_forward_ends_its_streams_in_their_formats_and_serving_goes_on() -> None:
+    # The engine's fault hook: the first step that runs 2 requests raises in its forward.
+    handle = start_server(env={"RILLET_FAIL_FORWARD_AT_BATCH_SIZE": "2"})
+    try:
+        tgi_body = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
+        chat_body = {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 50,
+            "stream": True,
+        }
+        with contextlib.ExitStack() as streams:
+            tgi = streams.enter_context(
+                httpx.stream("POST", handle.url + "/generate_stream", json=tgi_body, timeout=60)
+            )
+            tgi_events = (line for line in tgi.iter_lines() if line.startswith("data:"))
+            next(tgi_events)  # running alone: batches of 1
+            with frozen_engine(handle):  # the chat joins it: the next step runs 2
+                chat = streams.enter_context(
+                    httpx.stream(
+                        "POST", handle.url + "/v1/chat/completions", json=chat_body, timeout=60
+                    )
+                )
+                assert wait_for(lambda: metric(handle, "rillet_requests_in_flight") == 2)
+            tgi_rest = [json.loads(line[5:]) for line in tgi_events]
+            chat_rest = [line[6:] for line in chat.iter_lines() if line.startswith("data: ")]
+        assert all("token" in event for event in tgi_rest[:-1])
+        assert tgi_rest[-1]["error_type"] == "generation"
+        assert "fault injected" in tgi_rest[-1]["error"]
+        assert chat_rest[-1] == "[DONE]"
+        error = json.loads(chat_rest[-2])["error"]
+        assert error["type"] == "generation" and "fault injected" in error["message"]
+        # The server serves on, with the same engine.
+        answer = httpx.post(
+            handle.url + "/generate",
+            json={"inputs": "The sea is", "parameters": {"max_new_tokens": 3}},
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["generated_text"]
+        assert metric(handle, "rillet_engine_restarts") == 0
+        assert metric(handle, "rillet_requests_running") == 0
+    finally:
+        handle.stop()

@@ -32,6 +32,9 @@ class EngineConfig:
     GGUF). 0 turns them off.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
+    ``fail_forward_at_batch_size`` is a fault-injection hook for tests
+    (``RILLET_FAIL_FORWARD_AT_BATCH_SIZE``): the first model step that runs exactly that many
+    requests raises inside its forward, once.
     """
 
     model: str | None = None
@@ -49,6 +52,7 @@ class EngineConfig:
     native_kernels: bool = True
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
+    fail_forward_at_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -76,5 +80,9 @@ class EngineConfig:
                 values[field_name] = os.environ[var]
         if os.environ.get("RILLET_NATIVE_KERNELS") == "0":
             values["native_kernels"] = False
+        if os.environ.get("RILLET_FAIL_FORWARD_AT_BATCH_SIZE"):
+            values["fail_forward_at_batch_size"] = int(
+                os.environ["RILLET_FAIL_FORWARD_AT_BATCH_SIZE"]
+            )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

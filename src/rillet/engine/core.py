@@ -34,6 +34,8 @@ class EngineCore:
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.counters = EngineCounters()
+        #: The requests of the step being run (empty between steps).
+        self.executing: list[str] = []
 
     def add_request(self, request: EngineRequest) -> None:
         num_prompt = len(request.prompt_token_ids)
@@ -65,7 +67,10 @@ class EngineCore:
         self.counters.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
             return []
+        # If the forward raises, these (and only these) requests are in an unknown state.
+        self.executing = [s.request.request_id for s in scheduled.scheduled]
         result = self.runner.execute(scheduled)
+        self.executing = []
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
         self._count(scheduled.scheduled, result)
         return [self._delta(request, result) for request in updated]

@@ -4,8 +4,8 @@ The same loop runs on the engine thread of an in-process engine and as the main 
 an engine process (``engine_process.py``); what differs is only where commands come from
 (a queue or a pipe) and where reports go (straight to the front end's collectors, or down
 the pipe). Keeping one loop keeps one set of rules: commands are applied between steps,
-so an abort frees a request's blocks before the next step; a failed step fails only the
-requests in flight and the loop serves on.
+so an abort frees a request's blocks before the next step; a failed forward fails only the
+requests it ran and the loop serves on.
 """
 
 from __future__ import annotations
@@ -127,16 +127,19 @@ class CoreLoop:
         try:
             stop_hits = self._reporter.step(self.core.step())
         except Exception as exc:
-            # A failed step poisons only the requests in flight: fail them all, free their
-            # blocks, and keep serving new requests.
+            # A failed forward poisons only the requests it ran: fail them, free their blocks
+            # (their KV is never entered in the prefix cache: that happens after a forward
+            # succeeds), and keep serving the rest. A failure anywhere else in the step leaves
+            # the batch unknown: fail every request in flight.
             log.exception("engine step failed")
-            self._fail_all(GenerationError(f"generation failed: {exc}"))
+            failed = self.core.executing or self.core.scheduler.request_ids()
+            self.core.executing = []
+            self._fail(failed, GenerationError(f"generation failed: {exc}"))
             return
         for request_id in stop_hits:
             self.core.finish_request(request_id, FinishReason.STOP_SEQUENCE)
 
-    def _fail_all(self, error: RilletError) -> None:
-        failed = self.core.scheduler.request_ids()
+    def _fail(self, failed: list[str], error: RilletError) -> None:
         for request_id in failed:
             self.core.abort_request(request_id)
         self._reporter.errors([(request_id, error) for request_id in failed])

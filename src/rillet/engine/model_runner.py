@@ -35,6 +35,10 @@ class StepResult:
     prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
 
 
+class InjectedFault(RuntimeError):
+    """What ``fail_forward_at_batch_size`` raises (tests of the engine's fault handling)."""
+
+
 class ModelRunner:
     """Holds the model, its paged KV cache and the sampler; ``execute`` runs one step."""
 
@@ -48,6 +52,7 @@ class ModelRunner:
         seed: int | None = None,
         native: ModuleType | None = None,
         small_batch_tokens: int = 0,
+        fail_at_batch_size: int | None = None,
     ) -> None:
         cfg = model.config
         self.eos_token_ids = tuple(sorted(eos_token_ids))
@@ -68,6 +73,8 @@ class ModelRunner:
         self.native = native  # compiled CPU kernels (``cpu_kernels.load``), or None
         self.max_threads = torch.get_num_threads()
         self.small_batch_tokens = small_batch_tokens
+        #: Fault injection (EngineConfig.fail_forward_at_batch_size): fires once.
+        self.fail_at_batch_size = fail_at_batch_size
         self._generators: dict[str, torch.Generator | None] = {}
         # Prompt logits are kept per request until its prompt is fully computed, so
         # prompt logprobs work across chunked prefill.
@@ -85,6 +92,9 @@ class ModelRunner:
         self._pick_threads(step.num_batched_tokens)
         input_ids, positions, slots = self._flat_inputs(scheduled)
         meta = self._attention_metadata(scheduled, slots, positions)
+        if self.fail_at_batch_size == len(scheduled):
+            self.fail_at_batch_size = None
+            raise InjectedFault(f"a fault injected into the forward of {len(scheduled)} requests")
         hidden = self.model(input_ids, self.kv_caches, meta)
 
         result = StepResult()
