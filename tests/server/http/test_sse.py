@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given
 
+from json_strategies import json_objects
 from rillet.errors import OverloadedError
 from rillet.server.http.errors import OPENAI_ERRORS, TGI_ERRORS
 from rillet.server.http.sse import (
@@ -169,3 +171,12 @@ async def test_cancel_on_disconnect_returns_or_cancels() -> None:
     with pytest.raises(ClientGone):
         await asyncio.wait_for(pending, 5)
     assert cancelled.is_set()
+
+
+@given(payload=json_objects)
+def test_an_event_is_one_line_to_any_line_splitter(payload: dict[str, Any]) -> None:
+    """``str.splitlines`` (httpx's ``iter_lines``, so huggingface_hub's reader) also breaks
+    lines at U+0085, U+2028 and U+2029, which JSON may leave raw in a string."""
+    lines = sse_event(payload).decode().splitlines()
+    assert len(lines) == 2 and lines[1] == ""  # the event's line, then the blank one
+    assert json.loads(lines[0].removeprefix("data: ")) == payload

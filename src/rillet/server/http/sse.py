@@ -32,9 +32,18 @@ DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+#: Characters JSON may leave raw that line splitters other than SSE's break lines at:
+#: Python's ``str.splitlines``, which httpx's ``iter_lines`` (and so huggingface_hub's
+#: stream reader) follows. A token whose text held one cut its event in two (bench/soak.py
+#: found it). Escaped, the JSON value is the same.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    """Compact JSON, UTF-8 characters kept as they are (serde_json's output)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON, UTF-8 characters kept as they are (serde_json's output), except the
+    three that some clients take for line breaks."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.translate(_LINE_BREAKERS)
 
 
 def sse_event(obj: Any) -> bytes:
