@@ -67,37 +67,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
     # What a request may carry, on every door; past each limit a clear 4xx.
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=_DEFAULTS.max_body_bytes,
-        help="request body size, 413 past it (default: %(default)s; JSON may also nest at "
-        "most 64 levels)",
-    )
-    p.add_argument(
-        "--max-header-bytes",
-        type=int,
-        default=_DEFAULTS.max_header_bytes,
-        help="all request headers together, 431 past it (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-stop-sequences",
-        type=int,
-        default=_DEFAULTS.max_stop_sequences,
-        help="stop sequences per request (default: %(default)s, as TGI and OpenAI)",
-    )
-    p.add_argument(
-        "--max-stop-length",
-        type=int,
-        default=_DEFAULTS.max_stop_length,
-        help="characters per stop sequence (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-messages",
-        type=int,
-        default=_DEFAULTS.max_messages,
-        help="chat messages per request (default: %(default)s)",
-    )
+    for option, what in (
+        ("--max-body-bytes", "request body size, 413 past it (JSON may nest at most 64 levels)"),
+        ("--max-header-bytes", "all request headers together, 431 past it"),
+        ("--max-stop-sequences", "stop sequences per request, as TGI and OpenAI"),
+        ("--max-stop-length", "characters per stop sequence"),
+        ("--max-messages", "chat messages per request"),
+    ):
+        default = getattr(_DEFAULTS, option.removeprefix("--").replace("-", "_"))
+        p.add_argument(option, type=int, default=default, help=f"{what} (default: %(default)s)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
     p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
