@@ -127,11 +127,11 @@ def is_running(pid: int) -> bool:
 
 def child_pids(pid: int) -> list[int]:
     """The direct children of process ``pid`` (Linux ``/proc``)."""
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended while we looked
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return children
 
 
 @contextlib.contextmanager
