@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import subprocess
@@ -50,6 +51,16 @@ def start_server(out: Path, threads: str) -> tuple[subprocess.Popen[bytes], str,
             time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"rillet serve did not start; see {out / 'server.log'}")
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of process ``pid`` (Linux ``/proc``; a thread that ends while
+    we look is skipped)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def load(

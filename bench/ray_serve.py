@@ -33,7 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from harness import ROOT, free_port, load, start_server
+from harness import ROOT, children, free_port, load, start_server
 
 SYSTEMS = ("direct", "ray-1x2", "ray-2x1")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -49,11 +49,6 @@ def processes(title: str) -> list[int]:
         except OSError:
             pass
     return found
-
-
-def children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task").iterdir()
-    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import ROOT, start_server
+from harness import ROOT, children, start_server
 from websockets.asyncio.client import connect
 
 from rillet.client import AsyncStreamingClient
@@ -274,9 +274,8 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         tree.append(current)
-        for task in Path(f"/proc/{current}/task").iterdir():
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError):  # a process that ended meanwhile
+            todo += children(current)
     return tree
 
 

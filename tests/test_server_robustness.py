@@ -172,6 +172,16 @@ def test_plain_text_raw_true_sends_the_prompt_as_is(server: ServerHandle) -> Non
     assert "".join(chunks) == expected and len(chunks) > 1
 
 
+def assert_serves(handle: ServerHandle) -> None:
+    """A short generation answers 200 with text."""
+    answer = httpx.post(
+        handle.url + "/generate",
+        json={"inputs": "The sea is", "parameters": {"max_new_tokens": 3}},
+        timeout=60,
+    )
+    assert answer.status_code == 200 and answer.json()["generated_text"]
+
+
 def test_a_killed_engine_ends_open_streams_then_the_server_brings_it_back() -> None:
     handle = start_server()
     try:
@@ -190,12 +200,7 @@ def test_a_killed_engine_ends_open_streams_then_the_server_brings_it_back() -> N
         assert rest[-1]["error_type"] == "generation"
         assert "engine process died" in rest[-1]["error"]
         assert wait_for(lambda: httpx.get(handle.url + "/health").status_code == 200, 120)
-        answer = httpx.post(
-            handle.url + "/generate",
-            json={"inputs": "The sea is", "parameters": {"max_new_tokens": 3}},
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.json()["generated_text"]
+        assert_serves(handle)
         assert metric(handle, "rillet_engine_restarts") == 1
         assert set(child_pids(handle.proc.pid)).isdisjoint(killed)
     finally:
@@ -233,13 +238,7 @@ def test_a_failed_forward_ends_its_streams_in_their_formats_and_serving_goes_on(
         assert chat_rest[-1] == "[DONE]"
         error = json.loads(chat_rest[-2])["error"]
         assert error["type"] == "generation" and "fault injected" in error["message"]
-        # The server serves on, with the same engine.
-        answer = httpx.post(
-            handle.url + "/generate",
-            json={"inputs": "The sea is", "parameters": {"max_new_tokens": 3}},
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.json()["generated_text"]
+        assert_serves(handle)  # with the same engine:
         assert metric(handle, "rillet_engine_restarts") == 0
         assert metric(handle, "rillet_requests_running") == 0
     finally:

@@ -32,7 +32,6 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from rillet.errors import RilletError
 from rillet.kserve import grpc_service_pb2 as pb
-from rillet.server.auth import bearer_token
 from rillet.server.config import ServerConfig
 from rillet.server.grpc_server import KServeHandler
 from rillet.server.serve_cmd import configs_of
@@ -135,7 +134,7 @@ class RilletReplica:
 
     async def ModelInfer(self, request: Any, grpc_context: Any) -> pb.ModelInferResponse:
         try:
-            self._authorize(grpc_context)
+            self.kserve.authorize(grpc_context.invocation_metadata())
             return await self.kserve.infer(request)
         except RilletError as exc:
             _set_error(grpc_context, exc)
@@ -145,7 +144,7 @@ class RilletReplica:
         self, request_stream: Any, grpc_context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:
-            self._authorize(grpc_context)
+            self.kserve.authorize(grpc_context.invocation_metadata())
         except RilletError as exc:
             _set_error(grpc_context, exc)
             return
@@ -160,10 +159,6 @@ class RilletReplica:
             work.result()
         finally:
             work.cancel()  # the client went away: its requests are aborted
-
-    def _authorize(self, grpc_context: Any) -> None:
-        metadata = dict(grpc_context.invocation_metadata() or ())
-        self.service.check_key(bearer_token(metadata.get("authorization")))
 
 
 def _set_error(grpc_context: Any, exc: RilletError) -> None:

@@ -93,7 +93,7 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._respawn = respawn
-        #: Cores brought back so far (``rillet_engine_restarts_total``).
+        #: Cores brought back so far (``rillet_engine_restarts``).
         self.restarts = 0
 
     @classmethod

@@ -42,20 +42,18 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_requests <= 0:
-            raise ValueError("--max-concurrent-requests must be positive")
-        for name in ("max_input_tokens", "max_total_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if self.keep_alive_interval_s <= 0 or self.shutdown_grace_s < 0:
-            raise ValueError("keep-alive interval must be positive, grace non-negative")
         for name in (
+            "max_concurrent_requests",
+            "max_input_tokens",
+            "max_total_tokens",
             "max_body_bytes",
             "max_header_bytes",
             "max_stop_sequences",
             "max_stop_length",
             "max_messages",
         ):
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)  # None: follow the engine (the token limits)
+            if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.keep_alive_interval_s <= 0 or self.shutdown_grace_s < 0:
+            raise ValueError("keep-alive interval must be positive, grace non-negative")

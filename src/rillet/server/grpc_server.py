@@ -106,6 +106,10 @@ class KServeHandler:
     def __init__(self, service: GenerationService) -> None:
         self.service = service
 
+    def authorize(self, metadata: Any) -> None:
+        """The API key from a call's metadata (``authorization: Bearer KEY``)."""
+        self.service.check_key(bearer_token(dict(metadata or ()).get("authorization")))
+
     # ---- health and metadata --------------------------------------------------------
 
     def model_ready(self, name: str) -> bool:
@@ -253,9 +257,8 @@ class GrpcServicer:
         await self.handler.stream_infer(requests, write)
 
     async def _authorize(self, context: Any) -> None:
-        metadata = dict(context.invocation_metadata() or ())
         try:
-            self.handler.service.check_key(bearer_token(metadata.get("authorization")))
+            self.handler.authorize(context.invocation_metadata())
         except RilletError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
 
