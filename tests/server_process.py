@@ -96,6 +96,18 @@ def start_server(
         raise
 
 
+def metric(handle: ServerHandle, name: str) -> float:
+    """The value of series ``name`` (with its labels, as exposed) in the server's /metrics."""
+    with urllib.request.urlopen(f"{handle.url}/metrics", timeout=10) as response:
+        return metric_value(response.read().decode(), name)
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of series ``name`` in a Prometheus text exposition (0 if absent)."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def free_port() -> int:
     """A port nobody listens on now (the server fails loudly if one takes it first:
     its gRPC door binds without SO_REUSEPORT)."""

@@ -9,18 +9,16 @@ end. Screenshots go to ``test-artifacts/`` at the repository root.
 from __future__ import annotations
 
 import itertools
-import re
 import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
-from server_process import ServerHandle, frozen_engine
+from server_process import ServerHandle, frozen_engine, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -41,12 +39,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-default-apps",
 ]
-
-
-def metric(server: ServerHandle, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest_asyncio.fixture(loop_scope="function")  # the test's own loop, as Playwright's

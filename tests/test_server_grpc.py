@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import queue
-import re
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
 from rillet.client import AsyncStreamingClient, StreamingClient
-from server_process import ServerHandle, frozen_engine
+from server_process import ServerHandle, frozen_engine, metric
 from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -34,12 +33,6 @@ PROMPTS = {"sea": "The sea is", "count": "Count: one, two,"}
 
 def model_of(server: ServerHandle) -> str:
     return str(httpx.get(server.url + "/info").json()["model_id"])
-
-
-def metric(server: ServerHandle, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def completion(server: ServerHandle, prompt: str, max_tokens: int) -> str:

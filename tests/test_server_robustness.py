@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import time
 from typing import Any
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import requests
 
-from server_process import ServerHandle, child_pids, frozen_engine, start_server
+from server_process import ServerHandle, child_pids, frozen_engine, metric, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -50,12 +49,6 @@ INVALID_VALUES = (
     b'{"messages": [], "prompt": "x", "inputs": "x", "max_tokens": -1, "parameters": '
     b'{"max_new_tokens": -1}}'
 )
-
-
-def metric(server: ServerHandle, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def wait_for(predicate: Any, timeout: float = 15.0) -> bool:

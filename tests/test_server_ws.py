@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from typing import Any
 
@@ -15,19 +14,13 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from server_process import ServerHandle, frozen_engine
+from server_process import ServerHandle, frozen_engine, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 def ws_url(server: ServerHandle, path: str) -> str:
     return server.url.replace("http://", "ws://") + path
-
-
-def metric(server: ServerHandle, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def until(predicate: Any) -> None:

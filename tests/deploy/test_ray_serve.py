@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import queue
-import re
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ import pytest
 import ray  # the ray extra (scripts/setup.sh --test installs it)
 import requests
 
-from server_process import child_pids, free_port
+from server_process import child_pids, free_port, metric_value
 from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -98,11 +97,6 @@ def frozen_engines() -> Iterator[None]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def replica_metrics(cluster: Cluster, replica: str, predicate: Any) -> str:
@@ -185,13 +179,13 @@ def test_a_disconnect_aborts_in_the_replica(cluster: Cluster) -> None:
         cluster,
         replica,
         lambda text: (
-            metric(text, "rillet_requests_running") == 0
-            and metric(text, "rillet_requests_in_flight") == 0
+            metric_value(text, "rillet_requests_running") == 0
+            and metric_value(text, "rillet_requests_in_flight") == 0
         ),
     )
     cancelled = 'rillet_requests_total{outcome="cancelled",route="generate_stream"}'
-    assert metric(after, cancelled) >= metric(before, cancelled)
-    assert metric(after, cancelled) >= 1
+    assert metric_value(after, cancelled) >= metric_value(before, cancelled)
+    assert metric_value(after, cancelled) >= 1
 
 
 def chat_answer(cluster: Cluster, prompt: str, max_tokens: int) -> str:

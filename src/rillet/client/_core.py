@@ -156,12 +156,30 @@ def error_from_non_stream(status: int, headers: Mapping[str, str], content: byte
     return ProtocolError(f"expected text/event-stream, got {kind}", status_code=status)
 
 
+#: Sent on streamed calls when the client may resume: rillet then numbers the events and
+#: names the stream (other servers ignore it).
+RESUMABLE_HEADERS = {"x-rillet-resumable": "1"}
+STREAM_ID_HEADER = "x-rillet-stream-id"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The request that picks a dropped stream up: ``GET path`` with ``headers``."""
+
+    path: str
+    headers: dict[str, str]
+
+
 class StreamReader(Generic[T]):
     """Turns the bytes of an event stream into items; raises in-band error events.
 
     Both routes' conventions are handled: ``data: [DONE]`` ends an OpenAI stream; a TGI
     stream ends after the event that ``call.is_last`` recognises. Either way, :meth:`end`
     raises if the body closed before the stream's end.
+
+    A stream the server made resumable (it named it in ``x-rillet-stream-id``) survives
+    its connection: after a drop, :meth:`resume_after` says how to ask for the events after
+    the last one read, and the new connection's bytes are fed here as the old one's were.
     """
 
     def __init__(self, call: Call[T]) -> None:
@@ -169,12 +187,25 @@ class StreamReader(Generic[T]):
         self._sse = SSEDecoder()
         self.started = False  # an item was handed out: retrying now would repeat tokens
         self.finished = False
+        self.stream_id: str | None = None
+        self.last_event_id = ""
+        self._cut: IncompleteGenerationError | None = None
+        self._resuming = False  # a resume was asked for and has not brought an event yet
+
+    def connected(self, headers: Mapping[str, str]) -> None:
+        """A connection's event stream starts: parse it afresh (a drop may have cut an
+        event in half), and learn the stream's id if the server made it resumable."""
+        self._sse = SSEDecoder()
+        self.stream_id = headers.get(STREAM_ID_HEADER) or self.stream_id
 
     def feed(self, chunk: bytes) -> Iterator[T]:
         """Items completed by this chunk, lazily: an error event raises in its place."""
         for event in self._sse.feed(chunk):
             if self.finished:
                 continue  # e.g. trailing bytes after [DONE]
+            if event.id:
+                self.last_event_id = event.id
+            self._resuming = False
             if event.data == "[DONE]":
                 self.finished = True
                 continue
@@ -189,7 +220,19 @@ class StreamReader(Generic[T]):
     def end(self) -> None:
         """Call when the body is exhausted: a stream cut short is an error, not a success."""
         if not self.finished:
-            raise IncompleteGenerationError("the stream ended before its final event")
+            self._cut = IncompleteGenerationError("the stream ended before its final event")
+            raise self._cut
+
+    def resume_after(self, error: ClientError) -> Resume | None:
+        """How to pick the stream up after ``error``, or None to raise it: only a dropped
+        connection (a transport error, or a body cut short) of a resumable stream, and
+        once per drop (a resume that brings no event before dropping is the last)."""
+        dropped = isinstance(error, APIConnectionError) or error is self._cut
+        if not dropped or self.stream_id is None or self.finished or self._resuming:
+            return None
+        self._resuming = True
+        headers = {"last-event-id": self.last_event_id} if self.last_event_id else {}
+        return Resume(f"/streams/{self.stream_id}", headers)
 
 
 @dataclass(frozen=True, slots=True)

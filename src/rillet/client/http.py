@@ -12,6 +12,7 @@ the abort must happen at once.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Coroutine, Generator, Mapping
 from typing import Any, Literal, TypeVar, Unpack, overload
@@ -40,13 +41,18 @@ class _Base:
         api_key: str | None,
         headers: Mapping[str, str] | None,
         max_retries: int,
+        resumable: bool,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = _core.request_headers(api_key, headers)
+        self._stream_headers = {**self._headers, **(_core.RESUMABLE_HEADERS if resumable else {})}
         self._retry = _core.RetryPolicy(max_retries=max_retries)
 
     def _url(self, call: Call[Any]) -> str:
         return self.base_url + call.path
+
+    def _resume_request(self, resume: _core.Resume) -> tuple[str, str, None, dict[str, str]]:
+        return "GET", self.base_url + resume.path, None, {**self._headers, **resume.headers}
 
 
 class Client(_Base):
@@ -62,6 +68,11 @@ class Client(_Base):
     out while tokens keep coming. ``max_retries`` retries requests refused as overloaded
     (429), honouring ``retry-after``; off by default. ``http_client`` lets you bring your own
     ``httpx.Client`` (proxies, TLS); it is then yours to close.
+
+    With ``resumable`` (the default), streams survive a dropped connection: rillet keeps a
+    stream's events for a while (``--resume-window``), and the client asks for the ones after
+    the last it read (``GET /streams/<id>``), once per drop, without repeating or losing a
+    token. Servers that do not offer it (TGI) ignore the request header.
     """
 
     def __init__(
@@ -72,9 +83,10 @@ class Client(_Base):
         timeout: float | None = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         max_retries: int = 0,
+        resumable: bool = True,
         http_client: httpx.Client | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, headers, max_retries)
+        super().__init__(base_url, api_key, headers, max_retries, resumable)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
 
@@ -140,18 +152,9 @@ class Client(_Base):
         while True:
             reader = _core.StreamReader(call)
             try:
-                with (
-                    _core.transport_errors(),
-                    self._http.stream(
-                        "POST", self._url(call), json=call.body, headers=self._headers
-                    ) as response,
-                ):
-                    status, headers = response.status_code, response.headers
-                    if not _core.is_event_stream(status, headers):
-                        raise _core.error_from_non_stream(status, headers, response.read())
-                    for chunk in response.iter_bytes():
-                        yield from reader.feed(chunk)
-                reader.end()
+                yield from self._follow(
+                    reader, "POST", self._url(call), call.body, self._stream_headers
+                )
                 return
             except OverloadedError as error:
                 # Retrying is safe only before the first token reached the caller.
@@ -160,6 +163,35 @@ class Client(_Base):
                     raise
             time.sleep(delay)
             attempt += 1
+
+    def _follow(
+        self,
+        reader: _core.StreamReader[T],
+        method: str,
+        url: str,
+        body: Any,
+        headers: Mapping[str, str],
+    ) -> Generator[T, None, None]:
+        """The stream's items; after a dropped connection, its resume's."""
+        while True:
+            try:
+                with (
+                    _core.transport_errors(),
+                    self._http.stream(method, url, json=body, headers=headers) as response,
+                ):
+                    status, response_headers = response.status_code, response.headers
+                    if not _core.is_event_stream(status, response_headers):
+                        raise _core.error_from_non_stream(status, response_headers, response.read())
+                    reader.connected(response_headers)
+                    for chunk in response.iter_bytes():
+                        yield from reader.feed(chunk)
+                reader.end()
+                return
+            except ClientError as error:
+                resume = reader.resume_after(error)
+                if resume is None:
+                    raise
+                method, url, body, headers = self._resume_request(resume)
 
 
 class AsyncClient(_Base):
@@ -181,9 +213,10 @@ class AsyncClient(_Base):
         timeout: float | None = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         max_retries: int = 0,
+        resumable: bool = True,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, headers, max_retries)
+        super().__init__(base_url, api_key, headers, max_retries, resumable)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
 
@@ -249,18 +282,12 @@ class AsyncClient(_Base):
         while True:
             reader = _core.StreamReader(call)
             try:
-                with _core.transport_errors():
-                    async with self._http.stream(
-                        "POST", self._url(call), json=call.body, headers=self._headers
-                    ) as response:
-                        status, headers = response.status_code, response.headers
-                        if not _core.is_event_stream(status, headers):
-                            content = await response.aread()
-                            raise _core.error_from_non_stream(status, headers, content)
-                        async for chunk in response.aiter_bytes():
-                            for item in reader.feed(chunk):
-                                yield item
-                reader.end()
+                follow = self._follow(
+                    reader, "POST", self._url(call), call.body, self._stream_headers
+                )
+                async with contextlib.aclosing(follow) as items:
+                    async for item in items:
+                        yield item
                 return
             except OverloadedError as error:
                 # Retrying is safe only before the first token reached the caller.
@@ -269,3 +296,34 @@ class AsyncClient(_Base):
                     raise
             await asyncio.sleep(delay)
             attempt += 1
+
+    async def _follow(
+        self,
+        reader: _core.StreamReader[T],
+        method: str,
+        url: str,
+        body: Any,
+        headers: Mapping[str, str],
+    ) -> AsyncGenerator[T, None]:
+        """The stream's items; after a dropped connection, its resume's."""
+        while True:
+            try:
+                with _core.transport_errors():
+                    async with self._http.stream(
+                        method, url, json=body, headers=headers
+                    ) as response:
+                        status, response_headers = response.status_code, response.headers
+                        if not _core.is_event_stream(status, response_headers):
+                            content = await response.aread()
+                            raise _core.error_from_non_stream(status, response_headers, content)
+                        reader.connected(response_headers)
+                        async for chunk in response.aiter_bytes():
+                            for item in reader.feed(chunk):
+                                yield item
+                reader.end()
+                return
+            except ClientError as error:
+                resume = reader.resume_after(error)
+                if resume is None:
+                    raise
+                method, url, body, headers = self._resume_request(resume)

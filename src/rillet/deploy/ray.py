@@ -79,6 +79,9 @@ class RayAppArgs(BaseModel):
     max_stop_sequences: int = _SERVER.max_stop_sequences
     max_stop_length: int = _SERVER.max_stop_length
     max_messages: int = _SERVER.max_messages
+    resume_window: float = _SERVER.resume_window_s
+    max_resume_bytes: int = _SERVER.max_resume_bytes
+    max_resume_stream_bytes: int = _SERVER.max_resume_stream_bytes
     keep_alive_interval: float = _SERVER.keep_alive_interval_s
     engine_in_process: bool = False
 

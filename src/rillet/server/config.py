@@ -37,6 +37,12 @@ class ServerConfig:
     #: A ``:`` comment goes out after this long without an event, so proxies with idle
     #: timeouts (commonly 30-60 s) keep the stream open while a request waits or prefills.
     keep_alive_interval_s: float = 5.0
+    #: Seconds a resumable stream (``X-Rillet-Resumable: 1``) nobody reads is kept, its
+    #: generation still running, for ``GET /streams/<sid>``; 0 turns resumable streams off.
+    resume_window_s: float = 30.0
+    #: Events kept for resumes, all streams together and per stream (the oldest go first).
+    max_resume_bytes: int = 64 << 20
+    max_resume_stream_bytes: int = 4 << 20
     #: On SIGINT/SIGTERM, streams in flight get this long to finish before they are ended
     #: with an error event.
     shutdown_grace_s: float = 10.0
@@ -51,9 +57,13 @@ class ServerConfig:
             "max_stop_sequences",
             "max_stop_length",
             "max_messages",
+            "max_resume_bytes",
+            "max_resume_stream_bytes",
         ):
             value = getattr(self, name)  # None: follow the engine (the token limits)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.keep_alive_interval_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("keep-alive interval must be positive, grace non-negative")
+        if self.resume_window_s < 0:
+            raise ValueError("--resume-window must not be negative")

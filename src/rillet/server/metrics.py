@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -88,6 +89,14 @@ class ServerMetrics:
             labelnames=("route", "outcome"),
             registry=r,
         )
+
+    def watch_streams(self, streams: Sized) -> None:
+        """Report ``len(streams)``, the resumable streams held, at scrape time."""
+        Gauge(
+            "rillet_resumable_streams",
+            "Resumable streams held (read, or waiting for a resume)",
+            registry=self.registry,
+        ).set_function(lambda: len(streams))
 
     def render(self, stats: EngineStatsLike, num_in_flight: int, engine_restarts: int) -> bytes:
         """The Prometheus text exposition, with gauges refreshed from ``stats``."""

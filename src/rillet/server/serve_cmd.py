@@ -73,9 +73,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ("--max-stop-sequences", "stop sequences per request, as TGI and OpenAI"),
         ("--max-stop-length", "characters per stop sequence"),
         ("--max-messages", "chat messages per request"),
+        ("--max-resume-bytes", "events kept for resumable streams, all together"),
+        ("--max-resume-stream-bytes", "events kept for one resumable stream"),
     ):
         default = getattr(_DEFAULTS, option.removeprefix("--").replace("-", "_"))
         p.add_argument(option, type=int, default=default, help=f"{what} (default: %(default)s)")
+    p.add_argument(
+        "--resume-window",
+        type=float,
+        default=_DEFAULTS.resume_window_s,
+        help="seconds a resumable stream (request header `X-Rillet-Resumable: 1`) waits for "
+        "its client to come back (GET /streams/SID with Last-Event-ID) before its generation "
+        "is aborted; 0 turns resumable streams off (default: %(default)s)",
+    )
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
     p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -142,6 +152,9 @@ def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]
         max_stop_sequences=options.max_stop_sequences,
         max_stop_length=options.max_stop_length,
         max_messages=options.max_messages,
+        resume_window_s=options.resume_window,
+        max_resume_bytes=options.max_resume_bytes,
+        max_resume_stream_bytes=options.max_resume_stream_bytes,
         **server,
     )
     return engine, config

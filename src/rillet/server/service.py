@@ -38,6 +38,7 @@ from rillet.server.auth import check_api_key
 from rillet.server.config import ServerConfig
 from rillet.server.limits import TokenLimits
 from rillet.server.metrics import EngineStatsLike, ServerMetrics
+from rillet.server.resumable import ResumeLimits, StreamStore
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
 if TYPE_CHECKING:
@@ -101,6 +102,14 @@ class GenerationService:
         #: Admitted generations not yet closed, on every door (``--max-concurrent-requests``).
         self.in_flight = 0
         self.draining = False
+        #: Resumable streams (the HTTP door's ``X-Rillet-Resumable``), for every replica
+        #: of the app over this service.
+        self.streams = StreamStore(
+            ResumeLimits(
+                config.resume_window_s, config.max_resume_bytes, config.max_resume_stream_bytes
+            )
+        )
+        self.metrics.watch_streams(self.streams)
 
     @property
     def tokenizer(self) -> Tokenizer:

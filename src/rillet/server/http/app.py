@@ -24,7 +24,7 @@ from rillet.errors import (
 )
 from rillet.server import ws
 from rillet.server.config import ServerConfig
-from rillet.server.http import openai, page, tgi, triton
+from rillet.server.http import openai, page, streams, tgi, triton
 from rillet.server.http.body import service_of
 from rillet.server.http.errors import format_for_path
 from rillet.server.metrics import CONTENT_TYPE
@@ -52,6 +52,7 @@ def create_service_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         service.draining = True
+        await service.streams.close()
         if owns_engine:
             await service.engine.shutdown()
 
@@ -67,6 +68,7 @@ def create_service_app(
     app.include_router(tgi.router)
     app.include_router(openai.router)
     app.include_router(triton.router)
+    app.include_router(streams.router)
     app.mount("/static", page.static_files(), name="static")
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.add_api_websocket_route("/", ws.tutorial_chat)

@@ -61,7 +61,7 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
         service.tokenizer, service.model_name, planned, generation.request.request_id
     )
     if planned.stream:
-        return stream_response(generation, _events(generation, renderer), OPENAI_ERRORS)
+        return stream_response(generation, _events(generation, renderer), OPENAI_ERRORS, request)
     return JSONResponse(renderer.answer(await collect_answer(request, generation)))
 
 

@@ -1,38 +1,92 @@
-"""The HTTP door's two ways to answer an admitted generation: a stream or one body.
+"""The HTTP door's ways to answer an admitted generation: a stream, a resumable stream, or
+one body.
 
-Both close the :class:`~rillet.server.service.Generation` (its permit comes back) however
-the response ends, and both take the service's one cancellation path when the client
-goes away: the task consuming the engine's outputs is cancelled.
+Each closes the :class:`~rillet.server.service.Generation` (its permit comes back) however
+the response ends, and each takes the service's one cancellation path when the generation
+is given up: the task consuming the engine's outputs is cancelled. For a plain stream that
+happens when the client goes away; for a resumable one, when nobody has come back for it
+within the resume window (``rillet.server.resumable``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 
 from rillet.errors import RilletError
 from rillet.protocol import RequestOutput
+from rillet.server.auth import bearer_token
 from rillet.server.http.errors import ErrorFormat
-from rillet.server.http.sse import StreamResponse, cancel_on_disconnect
+from rillet.server.http.sse import StreamResponse, cancel_on_disconnect, in_band_errors
+from rillet.server.resumable import ResumableStream
 from rillet.server.service import Generation
+
+#: Opt-in request header (``1``) for a resumable SSE stream: some SSE parsers choke on ``id:``.
+RESUMABLE_HEADER = "x-rillet-resumable"
+#: The response header naming a resumable stream, for ``GET /streams/<sid>``.
+STREAM_ID_HEADER = "x-rillet-stream-id"
 
 
 def stream_response(
     generation: Generation,
     chunks: AsyncIterator[bytes],
     errors: ErrorFormat,
+    request: Request | None = None,
     **options: Any,
 ) -> StreamResponse:
-    """``chunks`` streamed; an error after the first byte in ``errors``' in-band format."""
+    """``chunks`` streamed; an error after the first byte in ``errors``' in-band format.
+
+    With the ``request`` of an SSE route that asked for it (``X-Rillet-Resumable: 1``, and
+    ``--resume-window`` not 0), the stream is resumable: see :func:`resumable_response`.
+    """
 
     def error_chunks(exc: RilletError) -> list[bytes]:
         generation.fail(exc)
         return errors.events(exc)
 
     options.setdefault("keep_alive_interval", generation.service.config.keep_alive_interval_s)
+    store = generation.service.streams
+    asked = request is not None and request.headers.get(RESUMABLE_HEADER) == "1"
+    if asked and store.limits.enabled:
+        assert request is not None
+        events = _closing(in_band_errors(chunks, error_chunks), generation)
+        stream = store.open(bearer_token(request.headers.get("authorization")), sse_with_id)
+        store.produce(stream, events)
+        return follow_response(stream, 0, errors, **options)
     return StreamResponse(chunks, error_chunks=error_chunks, on_close=generation.close, **options)
+
+
+def follow_response(
+    stream: ResumableStream, after: int, errors: ErrorFormat, **options: Any
+) -> StreamResponse:
+    """A response that follows ``stream`` from event ``after`` on (the first response, or a
+    resume), as the reader in charge until it ends or another takes over."""
+    token = stream.attach(after)
+    return StreamResponse(
+        stream.follow(token, after),
+        error_chunks=errors.events,  # the events are rendered already; a follow cannot fail
+        on_close=lambda: stream.detach(token),
+        headers={STREAM_ID_HEADER: stream.sid},
+        **options,
+    )
+
+
+def sse_with_id(number: int, event: bytes) -> bytes:
+    """An SSE event (``data: ...\\n\\n``) with its number as the event id, first."""
+    return b"id: %d\n%b" % (number, event)
+
+
+async def _closing(
+    events: AsyncGenerator[bytes, None], generation: Generation
+) -> AsyncGenerator[bytes, None]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        generation.close()
 
 
 async def collect_answer(request: Request, generation: Generation) -> RequestOutput:

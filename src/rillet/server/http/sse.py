@@ -102,7 +102,7 @@ class StreamResponse(Response):
         try:
             await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not streamer.done():
-                log.info("client disconnected mid-stream; aborting its request")
+                log.info("client disconnected mid-stream")
         finally:
             for task in (streamer, watcher):
                 task.cancel()
@@ -129,7 +129,7 @@ class StreamResponse(Response):
         Each ``__anext__`` runs as a task we can wait on with a timeout *without* cancelling
         it (``wait_for`` would cancel the producer and so abort the request).
         """
-        iterator = self.chunks
+        iterator = in_band_errors(self.chunks, self.error_chunks)
         pending: asyncio.Future[bytes] | None = None
         try:
             while True:
@@ -145,21 +145,31 @@ class StreamResponse(Response):
                     chunk = finished.result()
                 except StopAsyncIteration:
                     return
-                except RilletError as exc:
-                    for error_chunk in self.error_chunks(exc):
-                        yield error_chunk
-                    return
-                except Exception as exc:
-                    log.exception("stream failed")
-                    for error_chunk in self.error_chunks(GenerationError(f"{exc}")):
-                        yield error_chunk
-                    return
-                if chunk:  # an empty chunk would end a chunked body early
-                    yield chunk
+                yield chunk
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
                 await asyncio.wait({pending})
+            await iterator.aclose()
+
+
+async def in_band_errors(
+    chunks: AsyncIterator[bytes], error_chunks: ErrorChunks
+) -> AsyncGenerator[bytes, None]:
+    """``chunks`` without empty ones (an empty chunk would end a chunked body early), then,
+    if they fail, the failure as the route's in-band error events: a :class:`RilletError`
+    as itself, any other exception (logged) as a generation error."""
+    try:
+        async for chunk in chunks:
+            if chunk:
+                yield chunk
+    except RilletError as exc:
+        for error_chunk in error_chunks(exc):
+            yield error_chunk
+    except Exception as exc:
+        log.exception("stream failed")
+        for error_chunk in error_chunks(GenerationError(f"{exc}")):
+            yield error_chunk
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

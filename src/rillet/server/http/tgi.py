@@ -47,7 +47,7 @@ async def _start(request: Request, route: str, body: tgi.GenerateRequest, stream
     )
     renderer = tgi.TgiRenderer(service.tokenizer, plan)
     if stream:
-        return stream_response(generation, _events(generation, renderer), TGI_ERRORS)
+        return stream_response(generation, _events(generation, renderer), TGI_ERRORS, request)
     answer = renderer.answer(await collect_answer(request, generation))
     return JSONResponse([answer] if route == "compat" else answer, headers=_headers(generation))
 
