@@ -87,7 +87,8 @@ async def test_health_and_metadata() -> None:
         assert (await d.http.get("/v2/health/live")).status_code == 200
         assert (await d.http.get("/v2/health/ready")).status_code == 200
         assert (await d.http.get(f"/v2/models/{MODEL}/ready")).status_code == 200
-        assert (await d.http.get("/v2/models/nope/ready")).status_code == 503
+        unknown = await d.http.get("/v2/models/nope/ready")
+        assert unknown.status_code == 404 and "unknown model" in unknown.json()["error"]
         assert (await d.http.get("/v2")).json()["name"] == "rillet"
         metadata = (await d.http.get(f"/v2/models/{MODEL}")).json()
         assert metadata["inputs"][0] == {"name": "text_input", "datatype": "BYTES", "shape": [1]}

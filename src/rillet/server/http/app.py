@@ -24,7 +24,7 @@ from rillet.errors import (
 )
 from rillet.server import ws
 from rillet.server.config import ServerConfig
-from rillet.server.http import openai, page, streams, tgi, triton
+from rillet.server.http import openai, openapi, page, streams, tgi, triton
 from rillet.server.http.body import service_of
 from rillet.server.http.errors import format_for_path
 from rillet.server.metrics import CONTENT_TYPE
@@ -74,6 +74,7 @@ def create_service_app(
     app.add_api_websocket_route("/", ws.tutorial_chat)
     app.add_api_websocket_route("/ws", ws.multiplexed)
     _add_fallback_handlers(app)
+    openapi.install(app)
     if instance is not None:
         app.add_middleware(InstanceHeader, instance=instance)
     app.add_middleware(HeaderLimit, limit=service.config.max_header_bytes)

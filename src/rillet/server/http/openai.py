@@ -25,6 +25,7 @@ from rillet.server.http.body import (
     service_of,
 )
 from rillet.server.http.errors import OPENAI_ERRORS, rendered_by
+from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import DONE, sse_event
 from rillet.server.service import Generation
@@ -65,12 +66,16 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
     return JSONResponse(renderer.answer(await collect_answer(request, generation)))
 
 
-@router.post("/chat/completions", dependencies=_auth)
+@router.post(
+    "/chat/completions",
+    dependencies=_auth,
+    openapi_extra=json_body(openai.ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     return await _start(request, "chat_completions", chat=True)
 
 
-@router.post("/completions", dependencies=_auth)
+@router.post("/completions", dependencies=_auth, openapi_extra=json_body(openai.CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _start(request, "completions", chat=False)
 

@@ -22,6 +22,7 @@ from rillet.server.http.body import (
     service_of,
 )
 from rillet.server.http.errors import TGI_ERRORS, rendered_by
+from rillet.server.http.openapi import json_body
 from rillet.server.http.plain import plain_stream
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import sse_event
@@ -29,6 +30,7 @@ from rillet.server.service import Generation
 
 router = APIRouter(route_class=rendered_by(TGI_ERRORS))
 _auth = [Depends(require_api_key)]
+_body = json_body(tgi.GenerateRequest)
 
 
 async def _events(generation: Generation, renderer: tgi.TgiRenderer) -> AsyncIterator[bytes]:
@@ -62,19 +64,19 @@ def _headers(generation: Generation) -> dict[str, str]:
     }
 
 
-@router.post("/generate", dependencies=_auth)
+@router.post("/generate", dependencies=_auth, openapi_extra=_body)
 async def generate(request: Request) -> Response:
     body = parse_model(tgi.GenerateRequest, parse_json(await read_body(request)))
     return await _start(request, "generate", body, stream=False)
 
 
-@router.post("/generate_stream", dependencies=_auth)
+@router.post("/generate_stream", dependencies=_auth, openapi_extra=_body)
 async def generate_stream(request: Request) -> Response:
     body = parse_model(tgi.GenerateRequest, parse_json(await read_body(request)))
     return await _start(request, "generate_stream", body, stream=True)
 
 
-@router.post("/", dependencies=_auth)
+@router.post("/", dependencies=_auth, openapi_extra=_body)
 async def compat_generate(request: Request) -> Response:
     """TGI's ``/`` (dispatch on ``stream``; non-stream answers a JSON array), and the Ray Serve
     tutorial's ``POST /?prompt=...`` with no body, answered as streamed text/plain."""
@@ -86,7 +88,7 @@ async def compat_generate(request: Request) -> Response:
     return await _start(request, "compat", body, stream=bool(body.stream))
 
 
-@router.post("/tokenize", dependencies=_auth)
+@router.post("/tokenize", dependencies=_auth, openapi_extra=_body)
 async def tokenize(request: Request) -> Response:
     """``[{"id", "text", "start", "stop"}]`` with byte offsets into ``inputs``."""
     body = parse_model(tgi.GenerateRequest, parse_json(await read_body(request)))

@@ -25,6 +25,7 @@ from rillet.protocol import RequestOutput
 from rillet.server.dialects import kserve
 from rillet.server.http.body import parse_json, read_body, require_api_key, service_of
 from rillet.server.http.errors import ErrorFormat, rendered_by
+from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import sse_event
 from rillet.server.service import Generation
@@ -40,6 +41,17 @@ TRITON_ERRORS = ErrorFormat(lambda exc: {"error": exc.message}, _status)
 router = APIRouter(prefix="/v2", route_class=rendered_by(TRITON_ERRORS))
 _auth = [Depends(require_api_key)]
 _INPUT_NAMES = {name for name, _, _ in kserve.INPUTS}
+#: Triton's generate extension: the model's inputs as top-level fields, beside ``parameters``.
+_body = json_body(
+    {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "text_input": {"type": "string"},
+            "parameters": {"type": "object"},
+        },
+    }
+)
 
 
 def _decode(model: str, body: dict[str, Any]) -> kserve.KServeRequest:
@@ -83,8 +95,12 @@ def _start(
     return generation, plan, decoded
 
 
-@router.post("/models/{model}/generate", dependencies=_auth)
-@router.post("/models/{model}/versions/{version}/generate", dependencies=_auth)
+@router.post("/models/{model}/generate", dependencies=_auth, openapi_extra=_body)
+@router.post(
+    "/models/{model}/versions/{version}/generate",
+    dependencies=_auth,
+    include_in_schema=False,  # the same route, pinned to a version
+)
 async def generate(request: Request, model: str) -> Response:
     body = parse_json(await read_body(request))
     generation, plan, decoded = _start(request, model, body, "triton_generate", True)
@@ -93,8 +109,12 @@ async def generate(request: Request, model: str) -> Response:
     return JSONResponse(_answer(model, decoded, outputs))
 
 
-@router.post("/models/{model}/generate_stream", dependencies=_auth)
-@router.post("/models/{model}/versions/{version}/generate_stream", dependencies=_auth)
+@router.post("/models/{model}/generate_stream", dependencies=_auth, openapi_extra=_body)
+@router.post(
+    "/models/{model}/versions/{version}/generate_stream",
+    dependencies=_auth,
+    include_in_schema=False,  # the same route, pinned to a version
+)
 async def generate_stream(request: Request, model: str) -> Response:
     body = parse_json(await read_body(request))
     generation, plan, decoded = _start(request, model, body, "triton_generate_stream", False)
@@ -141,7 +161,7 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/models/{model}")
-@router.get("/models/{model}/versions/{version}")
+@router.get("/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, model: str) -> dict[str, Any]:
     kserve.check_model(model, service_of(request).model_name)
 
@@ -158,8 +178,9 @@ async def model_metadata(request: Request, model: str) -> dict[str, Any]:
 
 
 @router.get("/models/{model}/ready")
-@router.get("/models/{model}/versions/{version}/ready")
+@router.get("/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, model: str) -> Response:
+    """200 when ready, 503 while not (draining, the engine down); an unknown model is 404."""
     service = service_of(request)
-    is_ready = model in kserve.model_names(service.model_name) and service.is_ready
-    return Response(status_code=200 if is_ready else 503)
+    kserve.check_model(model, service.model_name)
+    return Response(status_code=200 if service.is_ready else 503)
