@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(out: Path, threads: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
+def start_server(
+    out: Path, threads: str, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str, str, str]:
     http_port, grpc_port = free_port(), free_port()
     log = (out / "server.log").open("wb")
     command = [
@@ -38,6 +41,7 @@ def start_server(out: Path, threads: str) -> tuple[subprocess.Popen[bytes], str,
         threads,
         "--max-concurrent-requests",
         "512",
+        *extra,
     ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"

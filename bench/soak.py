@@ -9,7 +9,12 @@ Loopback only. 64 workers each loop over scenarios on every door (TGI SSE, OpenA
 - ``cancel``: cancel mid-stream the door's own way (a ``cancel`` frame on /ws; cancelling the
   RPC on gRPC; closing the response on HTTP);
 - ``slow``: stop reading for 2-5 s mid-stream, then read to the end;
-- ``bad``: a request that must be refused with a 4xx (or an error frame / gRPC status).
+- ``bad``: a request that must be refused with a 4xx (or an error frame / gRPC status);
+- ``resume`` (HTTP doors): a resumable stream (``X-Rillet-Resumable``) dropped after a random
+  number of events, then picked up with ``GET /streams/<sid>`` and ``Last-Event-ID``: the
+  event ids must run on without a gap or a repeat, to the stream's proper end;
+- ``abandon`` (HTTP doors): a resumable stream dropped and never resumed, which the server
+  must abort once its resume window (5 s here) passes.
 
 It reports crashes (the server or its engine process gone, engine restarts), 5xx answers
 and in-band ``internal`` errors, hung streams (no byte for 60 s), the running gauge and KV
@@ -47,7 +52,18 @@ from rillet.client.errors import ClientError
 
 HUNG_S = 60.0
 DOORS = ("tgi", "openai", "ws", "grpc")
-SCENARIOS = {"full": 0.45, "disconnect": 0.15, "cancel": 0.15, "slow": 0.15, "bad": 0.10}
+SCENARIOS = {
+    "full": 0.40,
+    "disconnect": 0.10,
+    "cancel": 0.10,
+    "slow": 0.15,
+    "bad": 0.10,
+    "resume": 0.10,
+    "abandon": 0.05,
+}
+#: Scenarios only the HTTP doors have (resumable streams).
+HTTP_ONLY = ("resume", "abandon")
+RESUME_WINDOW_S = 5
 PROMPTS = [
     "Tell me a story about a lighthouse.",
     "What is the capital of France?",
@@ -89,6 +105,8 @@ class Soak:
     async def run_one(self, http: httpx.AsyncClient, grpc: AsyncStreamingClient) -> None:
         door = self.rng.choice(DOORS)
         scenario = self.rng.choices(list(SCENARIOS), weights=list(SCENARIOS.values()))[0]
+        if scenario in HTTP_ONLY:
+            door = self.rng.choice(("tgi", "openai"))
         key = f"{door}/{scenario}"
         self.tally.runs[key] += 1
         max_tokens = self.rng.randint(16, 128)
@@ -137,7 +155,9 @@ class Soak:
             if scenario == "bad":
                 body["messages"] = "not a list"
         started = time.monotonic()
-        async with http.stream("POST", route, json=body) as response:
+        resumable = scenario in HTTP_ONLY
+        headers = {"x-rillet-resumable": "1"} if resumable else {}
+        async with http.stream("POST", route, json=body, headers=headers) as response:
             if response.status_code >= 500:
                 self.tally.server_errors.append(f"{door}: HTTP {response.status_code}")
                 return
@@ -150,31 +170,72 @@ class Soak:
                 self.tally.unexpected.append(f"{door}: HTTP {response.status_code}")
                 await within(response.aread(), f"{door} refusal body")
                 return
-            lines = response.aiter_lines()
-            events, stop_after = 0, self._stop_after()
-            while True:
-                try:
-                    line = await within(anext(lines), f"{door} next line")
-                except StopAsyncIteration:
-                    break
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    continue
-                event = json.loads(payload)
-                if "error" in event:  # an in-band error event (a token's text may say "error")
-                    error = event["error"]
-                    kind = event.get("error_type") or error.get("type")
-                    self.tally.server_errors.append(f"{door}: in-band {kind}: {error}")
-                    return
-                events += 1
-                if scenario in ("disconnect", "cancel") and events >= stop_after:
-                    return  # leaving the block closes the connection mid-stream
-                if scenario == "slow" and events == stop_after:
-                    await asyncio.sleep(self.rng.uniform(2, 5))
-            if scenario == "full":
-                self._healthy(events, time.monotonic() - started)
+            stop_after = self._stop_after()
+            read = await self._events(response, door, scenario, stop_after)
+            sid = response.headers.get("x-rillet-stream-id")
+        if read is None:
+            return
+        events, last_id, ended = read
+        if scenario == "full":
+            self._healthy(events, time.monotonic() - started)
+        if scenario != "resume" or ended:
+            return
+        # Dropped (leaving the block closed the connection); pick the stream up again.
+        if sid is None:
+            self.tally.unexpected.append(f"{door}/resume: no x-rillet-stream-id")
+            return
+        resumed = {"last-event-id": str(last_id)}
+        async with http.stream("GET", f"/streams/{sid}", headers=resumed) as response:
+            if response.status_code != 200:
+                self.tally.unexpected.append(f"{door}/resume: HTTP {response.status_code}")
+                await within(response.aread(), f"{door} resume refusal")
+                return
+            rest = await self._events(response, door, "full", 0, first_id=last_id + 1)
+        if rest is not None and not rest[2]:
+            self.tally.unexpected.append(f"{door}/resume: the resumed stream did not end")
+
+    async def _events(
+        self,
+        response: httpx.Response,
+        door: str,
+        scenario: str,
+        stop_after: int,
+        first_id: int = 1,
+    ) -> tuple[int, int, bool] | None:
+        """Read an SSE body as ``scenario`` says: the events read, the last event id, and
+        whether the stream reached its end; None after an in-band error (tallied). Event ids,
+        when there are any, must run on from ``first_id`` without a gap or a repeat."""
+        lines = response.aiter_lines()
+        events, next_id, last_id = 0, first_id, first_id - 1
+        while True:
+            try:
+                line = await within(anext(lines), f"{door} next line")
+            except StopAsyncIteration:
+                return events, last_id, False
+            if line.startswith("id:"):
+                number = int(line[3:].strip())
+                if number != next_id:
+                    self.tally.unexpected.append(f"{door}: event id {number}, expected {next_id}")
+                next_id, last_id = number + 1, number
+                continue
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return events, last_id, True
+            event = json.loads(payload)
+            if "error" in event:  # an in-band error event (a token's text may say "error")
+                error = event["error"]
+                kind = event.get("error_type") or error.get("type")
+                self.tally.server_errors.append(f"{door}: in-band {kind}: {error}")
+                return None
+            events += 1
+            if door == "tgi" and event.get("generated_text") is not None:
+                return events, last_id, True
+            if scenario in ("disconnect", "cancel", *HTTP_ONLY) and events >= stop_after:
+                return events, last_id, False  # the caller's leaving closes the connection
+            if scenario == "slow" and events == stop_after:
+                await asyncio.sleep(self.rng.uniform(2, 5))
 
     async def ws(self, scenario: str, prompt: str, max_tokens: int) -> None:
         async with connect(self.url.replace("http", "ws") + "/ws") as sock:
@@ -296,6 +357,7 @@ def scrape(url: str) -> dict[str, float]:
         "rillet_requests_in_flight",
         "rillet_kv_cache_usage_ratio",
         "rillet_engine_restarts",
+        "rillet_resumable_streams",
     )
     found = {}
     for name in wanted:
@@ -324,6 +386,8 @@ def report(args: argparse.Namespace, soak: Soak, facts: dict[str, Any]) -> str:
         f"{facts['idle']['rillet_requests_running']:.0f} / "
         f"{facts['idle']['rillet_requests_waiting']:.0f} / "
         f"{facts['idle']['rillet_requests_in_flight']:.0f} |",
+        f"| resumable streams held once idle | "
+        f"{facts['idle']['rillet_resumable_streams']:.0f} |",
         f"| KV cache usage once idle | {facts['idle']['rillet_kv_cache_usage_ratio']:.4f} |",
         f"| RSS at start / end (MiB, server + engine) | {facts['rss_start']:.0f} / "
         f"{facts['rss_end']:.0f} ({100 * (facts['rss_end'] / facts['rss_start'] - 1):+.1f} %) |",
@@ -350,7 +414,8 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / "bench" / "out" / time.strftime("soak-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    proc, url, grpc_target, model = start_server(out, args.threads)
+    window = ["--resume-window", str(RESUME_WINDOW_S)]
+    proc, url, grpc_target, model = start_server(out, args.threads, window)
     try:
         # One request first: the kernels are warm and the RSS baseline is a serving one.
         httpx.post(
@@ -361,7 +426,8 @@ def main() -> None:
         rss_start = rss_mib(proc.pid)
         soak = Soak(url, grpc_target, model, random.Random(args.seed))
         asyncio.run(soak.run(args.workers, args.minutes * 60))
-        time.sleep(2)  # the last aborts land within a step; give the scrape a moment
+        # The last aborts land within a step; abandoned streams once their window passes.
+        time.sleep(RESUME_WINDOW_S + 2)
         facts = {
             "alive": proc.poll() is None,
             "idle": scrape(url),
