@@ -386,8 +386,7 @@ def report(args: argparse.Namespace, soak: Soak, facts: dict[str, Any]) -> str:
         f"{facts['idle']['rillet_requests_running']:.0f} / "
         f"{facts['idle']['rillet_requests_waiting']:.0f} / "
         f"{facts['idle']['rillet_requests_in_flight']:.0f} |",
-        f"| resumable streams held once idle | "
-        f"{facts['idle']['rillet_resumable_streams']:.0f} |",
+        f"| resumable streams held once idle | {facts['idle']['rillet_resumable_streams']:.0f} |",
         f"| KV cache usage once idle | {facts['idle']['rillet_kv_cache_usage_ratio']:.4f} |",
         f"| RSS at start / end (MiB, server + engine) | {facts['rss_start']:.0f} / "
         f"{facts['rss_end']:.0f} ({100 * (facts['rss_end'] / facts['rss_start'] - 1):+.1f} %) |",
@@ -414,15 +413,14 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / "bench" / "out" / time.strftime("soak-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    window = ["--resume-window", str(RESUME_WINDOW_S)]
-    proc, url, grpc_target, model = start_server(out, args.threads, window)
+    # A 1 GiB cache: the warm-up below cycles through all of it, so the RSS baseline has the
+    # whole cache resident (its pages are taken as they are first written).
+    options = ["--resume-window", str(RESUME_WINDOW_S), "--kv-cache-memory", "1"]
+    proc, url, grpc_target, model = start_server(out, args.threads, options)
     try:
-        # One request first: the kernels are warm and the RSS baseline is a serving one.
-        httpx.post(
-            url + "/generate",
-            json={"inputs": "Hi", "parameters": {"max_new_tokens": 8}},
-            timeout=120,
-        )
+        # A minute of the same load first, not measured: the kernels are warm, the KV cache
+        # and the allocator's pools are filled, so the RSS baseline is a serving one.
+        asyncio.run(Soak(url, grpc_target, model, random.Random(-1)).run(args.workers, 60))
         rss_start = rss_mib(proc.pid)
         soak = Soak(url, grpc_target, model, random.Random(args.seed))
         asyncio.run(soak.run(args.workers, args.minutes * 60))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rillet.models import cpu_kernels
-from rillet.models.attention import AttentionMetadata, _decode_with_sdpa
+from rillet.models.attention import AttentionMetadata, _decode_with_sdpa, allocate_kv_caches
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -54,3 +54,23 @@ def test_kernel_result_does_not_depend_on_the_batch(native) -> None:  # type: ig
             native, q[i : i + 1], key_cache, value_cache, tables[i : i + 1], lens[i : i + 1], 0.125
         )
         assert torch.equal(alone, batched[i : i + 1])
+
+
+def resident_bytes() -> int:
+    """This process's resident set (Linux ``/proc/self/statm``, in pages)."""
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_cpu_kv_cache_is_zero_and_takes_ram_only_where_written() -> None:
+    before = resident_bytes()
+    caches = allocate_kv_caches(2, 4096, 16, 8, 128, torch.bfloat16, "cpu")  # 2 x 2 x 128 MiB
+    assert resident_bytes() - before < 64 << 20
+    key, value = caches[0]
+    assert key.shape == (4096, 16, 8, 128) and key.dtype == torch.bfloat16
+    key[7].fill_(1.5)  # written: that block's pages, and only those, become resident
+    assert resident_bytes() - before < 64 << 20
+    assert key[7].eq(1.5).all() and not key[8].any() and not value[7].any()
+    assert key.count_nonzero() == key[7].numel() and not value.any()  # zero elsewhere

@@ -226,19 +226,65 @@ def test_no_admission_in_a_step_that_preempted() -> None:
         max_num_batched_tokens=32,
         max_model_len=16,
         block_size=4,
-        num_blocks=4,
+        num_blocks=5,
         enable_prefix_caching=False,
     )
     sched, model = Scheduler(cfg), FakeModel(cfg)
     sched.add_request(make_request("a", list(range(1, 9)), max_new_tokens=8))
     sched.add_request(make_request("b", list(range(20, 28)), max_new_tokens=8))
     sched.add_request(make_request("c", [99], max_new_tokens=1))
-    step(sched, model)  # a and b take all 4 blocks
+    step(sched, model)  # a and b take 4 blocks; c waits (the last one is the reserve)
     output, _ = step(sched, model)  # a needs a 3rd block: b is preempted, c must wait
     assert [r.request_id for r in output.preempted] == ["b"]
     assert [s.request.request_id for s in output.scheduled] == ["a"]
     assert [r.request_id for r in sched.waiting] == ["b", "c"]
     run_all(sched, model)
+
+
+def test_prompts_wait_rather_than_enter_a_cache_they_cannot_finish_in() -> None:
+    # 10 blocks of 4. a's 20-token prompt takes 5 blocks and grows to 7. b's 20-token prompt
+    # would have started with a 1-block chunk, then needed 5 blocks beside a's 7: admitting
+    # it on its first chunk means preempting and recomputing. It waits instead.
+    cfg = SchedulerConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=12,
+        max_model_len=32,
+        block_size=4,
+        num_blocks=10,
+        enable_prefix_caching=False,
+    )
+    sched, model = Scheduler(cfg), FakeModel(cfg)
+    a = make_request("a", list(range(1, 21)), max_new_tokens=8)
+    b = make_request("b", list(range(40, 60)), max_new_tokens=2)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched, model)
+    output, _ = step(sched, model)  # a's last chunk (8 tokens) leaves budget for b's first
+    assert [s.request for s in output.scheduled] == [a]
+    assert list(sched.waiting) == [b]
+    assert sched.block_manager.can_allocate(b, 4, [])  # its first chunk alone would fit
+    preempted: list[Request] = []
+    run_all(sched, model, lambda out: preempted.extend(out.preempted))
+    assert preempted == []
+    assert a.output_token_ids == expected_tokens(a.prompt_token_ids, 8)
+    assert b.output_token_ids == expected_tokens(b.prompt_token_ids, 2)
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_alone_a_prompt_may_take_the_whole_cache() -> None:
+    cfg = SchedulerConfig(
+        max_num_seqs=2,
+        max_num_batched_tokens=8,
+        max_model_len=32,
+        block_size=4,
+        num_blocks=8,
+        enable_prefix_caching=False,
+    )
+    sched, model = Scheduler(cfg), FakeModel(cfg)
+    whole = make_request("whole", list(range(1, 31)), max_new_tokens=2)  # 32 tokens: 8 blocks
+    sched.add_request(whole)
+    run_all(sched, model)
+    assert whole.output_token_ids == expected_tokens(whole.prompt_token_ids, 2)
 
 
 def test_a_request_preempting_itself_waits_for_the_next_step() -> None:
@@ -247,18 +293,18 @@ def test_a_request_preempting_itself_waits_for_the_next_step() -> None:
         max_num_batched_tokens=4,
         max_model_len=16,
         block_size=4,
-        num_blocks=4,
+        num_blocks=5,  # 4 for the two, 1 kept in reserve: b is admitted
     )
     sched, model = Scheduler(cfg), FakeModel(cfg)
     a = make_request("a", list(range(1, 9)), max_new_tokens=8)
     b = make_request("b", [30, 31, 32, 33], max_new_tokens=8)
     sched.add_request(a)
     sched.add_request(b)
-    while True:
+    for _ in range(100):
         output, _ = step(sched, model)
         if output.preempted:
             break
-    # b needed a 5th block; the only unscheduled candidate was b itself. Its recompute
+    # b needed a 6th block; the only unscheduled candidate was b itself. Its recompute
     # chunk would fit the budget and the block it freed, but it must not rejoin yet.
     assert output.preempted == [b] and b.num_preemptions == 1
     assert [s.request for s in output.scheduled] == [a]

@@ -19,8 +19,9 @@ class EngineConfig:
     """How to load the model and run the engine.
 
     ``model=None`` serves the bundled SmolLM2-135M-Instruct. The KV cache is sized from
-    ``kv_cache_memory_bytes`` unless ``num_kv_blocks`` pins it (tests use that to force
-    preemption). ``max_num_batched_tokens`` is the per-step token budget that bounds how
+    ``kv_cache_memory_bytes`` (``None``: :func:`auto_kv_cache_bytes`, from the memory the
+    machine has) unless ``num_kv_blocks`` pins it (tests use that to force preemption).
+    ``max_num_batched_tokens`` is the per-step token budget that bounds how
     long one step (and so every stream's inter-token gap) can take while prompts prefill.
     Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
     cores to the server's own threads (0 = always use every thread).
@@ -42,7 +43,7 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
@@ -66,6 +67,8 @@ class EngineConfig:
             raise ModelLoadError("quantized_max_batch_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ModelLoadError("num_kv_blocks must be positive")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ModelLoadError("the KV cache memory must be positive")
 
     @classmethod
     def from_env(cls, **overrides: object) -> EngineConfig:
@@ -86,3 +89,29 @@ class EngineConfig:
             )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+#: The automatic KV cache takes this share of the memory available at start-up, within
+#: these bounds: a fifth leaves room for the weights, the server and other processes, and
+#: 4 GiB is what vLLM's CPU backend is commonly given (``VLLM_CPU_KVCACHE_SPACE``).
+AUTO_KV_SHARE = 0.2
+AUTO_KV_MIN_BYTES = 512 << 20
+AUTO_KV_MAX_BYTES = 8 << 30
+
+
+def auto_kv_cache_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """The default KV cache size: a fifth of ``MemAvailable``, between 512 MiB and 8 GiB
+    (1 GiB where the kernel does not say). On this 24 GiB machine: about 4 GiB, 180k tokens
+    of SmolLM2-135M. CPU pages are only taken as the cache fills (``allocate_kv_caches``)."""
+    try:
+        with open(meminfo) as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+            else:
+                return 1 << 30
+    except (OSError, ValueError, IndexError):
+        return 1 << 30
+    share = int(available * AUTO_KV_SHARE)
+    return max(AUTO_KV_MIN_BYTES, min(AUTO_KV_MAX_BYTES, share))

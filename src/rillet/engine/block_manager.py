@@ -145,6 +145,18 @@ class BlockManager:
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         return max(0, num_needed - len(request.block_ids) - len(computed_block_ids))
 
+    def num_blocks_to_allocate(
+        self, request: Request, num_new_tokens: int, computed_block_ids: list[int]
+    ) -> int:
+        """Free blocks :meth:`allocate` would take with the same arguments (new blocks, and
+        cached hits that sit in the free list)."""
+        num_touched_free = sum(1 for b in computed_block_ids if self.blocks[b].ref_count == 0)
+        return self._num_new_blocks(request, num_new_tokens, computed_block_ids) + num_touched_free
+
+    def num_blocks_to_cover(self, request: Request, num_tokens: int) -> int:
+        """Blocks a request holding its block table still needs for ``num_tokens`` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(request.block_ids))
+
     def can_allocate(
         self, request: Request, num_new_tokens: int, computed_block_ids: list[int]
     ) -> bool:
@@ -153,9 +165,9 @@ class BlockManager:
         Cached hits that sit in the free list count against the free blocks: touching them
         takes them out of it.
         """
-        num_touched_free = sum(1 for b in computed_block_ids if self.blocks[b].ref_count == 0)
-        num_new = self._num_new_blocks(request, num_new_tokens, computed_block_ids)
-        return num_new + num_touched_free <= len(self._free)
+        return self.num_blocks_to_allocate(request, num_new_tokens, computed_block_ids) <= len(
+            self._free
+        )
 
     def allocate(
         self, request: Request, num_new_tokens: int, computed_block_ids: list[int]

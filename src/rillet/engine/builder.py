@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rillet.config import EngineConfig
+from rillet.config import EngineConfig, auto_kv_cache_bytes
 from rillet.engine.core import EngineCore
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
@@ -114,8 +114,15 @@ def build_engine(config: EngineConfig) -> EngineParts:
             cfg.max_position_embeddings,
             max_model_len,
         )
+    kv_bytes = config.kv_cache_memory_bytes or auto_kv_cache_bytes()
     num_blocks = config.num_kv_blocks or max(
-        1, config.kv_cache_memory_bytes // (kv_bytes_per_token(cfg, dtype) * config.block_size)
+        1, kv_bytes // (kv_bytes_per_token(cfg, dtype) * config.block_size)
+    )
+    log.info(
+        "KV cache: %d blocks of %d tokens (%.2f GiB)",
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size * kv_bytes_per_token(cfg, dtype) / (1 << 30),
     )
     if num_blocks * config.block_size < max_model_len:
         raise ModelLoadError(

@@ -16,6 +16,9 @@ own fresh K/V with a causal mask and never touches the cache for reading.
 
 from __future__ import annotations
 
+import math
+import mmap
+import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -70,12 +73,23 @@ def allocate_kv_caches(
     """One (key, value) pair of zeroed cache tensors per layer."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return [
-        (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
-        for _ in range(num_layers)
+        (_zeroed(shape, dtype, device), _zeroed(shape, dtype, device)) for _ in range(num_layers)
     ]
+
+
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On CPU it lives in an anonymous mapping, which the kernel hands out
+    zeroed and backs with RAM page by page as it is first written: a cache sized for the
+    machine (gigabytes) costs only what the traffic fills. ``torch.zeros`` would write, and
+    so take, every page at start-up."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    pages = mmap.mmap(-1, max(1, count * itemsize))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": an mmap is writable
+        return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
 def paged_attention(

@@ -66,6 +66,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        metavar="GIB",
+        help="GiB for the KV cache (default: a fifth of the memory available at start, "
+        "between 0.5 and 8; on CPU, RAM is taken only as the cache fills)",
+    )
     # What a request may carry, on every door; past each limit a clear 4xx.
     for option, what in (
         ("--max-body-bytes", "request body size, 413 past it (JSON may nest at most 64 levels)"),
@@ -136,6 +143,9 @@ def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]
         dtype=options.dtype,
         max_model_len=options.max_total_tokens,
         max_num_batched_tokens=options.max_batch_tokens,
+        kv_cache_memory_bytes=(
+            None if options.kv_cache_memory is None else int(options.kv_cache_memory * (1 << 30))
+        ),
         num_threads=options.threads,
         small_batch_tokens=options.small_batch_tokens,
         quantized_max_batch_tokens=options.quantized_max_batch_tokens,
