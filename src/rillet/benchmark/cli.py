@@ -51,6 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not ask for stream_options.include_usage (tokens are then counted as deltas)",
     )
+    add(
+        "--input-tokens",
+        type=int,
+        help="prompts of exactly N tokens of real text, a different one per request (no "
+        "prefix cache can help); exact for --api completions, the chat template adds its own",
+    )
+    add(
+        "--shared-prefix-tokens",
+        type=int,
+        help="every prompt starts with the same N-token text, then a short question of its own",
+    )
+    add(
+        "--tokenizer",
+        help="model folder or .gguf whose tokenizer counts --input-tokens (default: the bundled "
+        "SmolLM2, which vLLM and llama.cpp serve with the same tokenizer)",
+    )
     add("--extra-body", default="{}", help="JSON object merged into every request body")
     add("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     add(
@@ -110,9 +126,28 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         label=args.label,
         server_pid=args.server_pid,
         grpc_target=args.grpc_url,
+        prompts=_prompt_set(args),
     )
     config.validate()
     return config
+
+
+def _prompt_set(args: argparse.Namespace) -> Any:
+    """The long-prompt workload the options ask for, or None (the built-in prompts)."""
+    if args.input_tokens is None and args.shared_prefix_tokens is None:
+        return None
+    for option in (args.input_tokens, args.shared_prefix_tokens):
+        if option is not None and option < 1:
+            raise ValueError("--input-tokens and --shared-prefix-tokens must be at least 1")
+    from rillet.benchmark.long_prompts import PromptSet
+    from rillet.models.loader import load_model_files
+
+    tokenizer = load_model_files(args.tokenizer).tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    return PromptSet(encode, tokenizer.decode, args.input_tokens, args.shared_prefix_tokens)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

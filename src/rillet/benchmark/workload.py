@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +70,8 @@ class BenchConfig:
     label: str = ""
     server_pid: int | None = None
     grpc_target: str = "127.0.0.1:8001"
+    #: The prompt of request ``i`` (``long_prompts.PromptSet``); None: the built-in PROMPTS.
+    prompts: Callable[[int], str] | None = field(default=None, compare=False)
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -113,6 +115,8 @@ class BenchConfig:
         return max(8, 4 * concurrency)
 
     def prompt(self, index: int) -> str:
+        if self.prompts is not None:
+            return self.prompts(index)
         return PROMPTS[index % len(PROMPTS)]
 
     def body(self, prompt: str) -> dict[str, Any]:
