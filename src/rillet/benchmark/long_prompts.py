@@ -15,6 +15,7 @@ text is cut at a token boundary, decoded, and re-encoded until it counts ``n`` t
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 
 from rillet.benchmark.workload import PROMPTS
@@ -35,14 +36,20 @@ Decode = Callable[[list[int]], str]
 def corpus_text() -> str:
     """Every docstring (module, classes, functions) of the corpus modules, in order."""
     pieces: list[str] = []
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        pieces.append(module.__doc__ or "")
-        for attr in sorted(vars(module)):
-            doc = getattr(getattr(module, attr), "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 200 and doc not in pieces:
-                pieces.append(doc)
+    with warnings.catch_warnings():  # typing.io and friends warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in _MODULES:
+            _collect(importlib.import_module(name), pieces)
     return "\n\n".join(p.strip() for p in pieces if p.strip())
+
+
+def _collect(module: object, pieces: list[str]) -> None:
+    """The module's docstring, then its members' long ones (in name order)."""
+    pieces.append(module.__doc__ or "")
+    for attr in sorted(vars(module)):
+        doc = getattr(getattr(module, attr), "__doc__", None)
+        if isinstance(doc, str) and len(doc) > 200 and doc not in pieces:
+            pieces.append(doc)
 
 
 def exact_text(encode: Encode, decode: Decode, lead: str, ids: list[int], n: int) -> str:
