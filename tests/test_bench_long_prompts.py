@@ -23,7 +23,8 @@ def test_every_prompt_has_exactly_n_tokens_and_its_own_first_block(tokenizer) ->
     assert [len(encode(t)) for t in texts] == [1024] * 20
     first_blocks = {tuple(encode(t)[:16]) for t in texts}
     assert len(first_blocks) == 20  # a prefix cache finds nothing to share
-    assert prompts(3) == texts[3]  # the same run twice sends the same prompts
+    assert prompts(3) not in texts  # a new level's request 3 gets a new document
+    assert prompts.document(3) == texts[3]  # and a run repeats the same documents
 
 
 def test_a_shared_prefix_is_exact_and_the_same_for_every_request(tokenizer) -> None:  # type: ignore[no-untyped-def]

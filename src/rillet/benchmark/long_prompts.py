@@ -15,6 +15,7 @@ text is cut at a token boundary, decoded, and re-encoded until it counts ``n`` t
 from __future__ import annotations
 
 import importlib
+import itertools
 import warnings
 from collections.abc import Callable
 
@@ -81,6 +82,7 @@ class PromptSet:
         self.encode, self.decode = encode, decode
         self.ids = encode(corpus_text())
         self.input_tokens = input_tokens
+        self._documents = itertools.count()
         self.shared = None
         if shared_prefix_tokens is not None:
             self.shared = exact_text(encode, decode, "", self.ids, shared_prefix_tokens)
@@ -89,10 +91,17 @@ class PromptSet:
             raise ValueError(f"prompts of {limit} tokens need a longer corpus")
 
     def __call__(self, index: int) -> str:
+        """The prompt of request ``index`` of a level. Documents are numbered by call, not
+        by ``index``: each level (and the warm-up) restarts its indices, and a document
+        seen at an earlier level would be served from the prefix cache."""
         if self.shared is not None:
             return f"{self.shared}\n\nQuestion {index}: {PROMPTS[index % len(PROMPTS)]}"
+        return self.document(next(self._documents))
+
+    def document(self, number: int) -> str:
+        """Document ``number``: exactly ``input_tokens`` tokens, starting ``Document n.``."""
         assert self.input_tokens is not None
         n = self.input_tokens
         # A prime stride: consecutive requests start far apart in the corpus.
-        start = (index * 7919) % (len(self.ids) - 2 * n)
-        return exact_text(self.encode, self.decode, f"Document {index}.\n", self.ids[start:], n)
+        start = (number * 7919) % (len(self.ids) - 2 * n)
+        return exact_text(self.encode, self.decode, f"Document {number}.\n", self.ids[start:], n)
