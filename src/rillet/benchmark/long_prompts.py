@@ -18,6 +18,7 @@ import importlib
 import itertools
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 from rillet.benchmark.workload import PROMPTS
 
@@ -44,26 +45,40 @@ def corpus_text() -> str:
     return "\n\n".join(p.strip() for p in pieces if p.strip())
 
 
-def _collect(module: object, pieces: list[str]) -> None:
-    """The module's docstring, then its members' long ones (in name order)."""
+def _collect(module: ModuleType, pieces: list[str]) -> None:
+    """The module's docstring, then the long ones of the public classes and functions it
+    defines (in name order). Only its own and public: which submodules a package holds,
+    and some private helpers (other libraries patch ``typing``'s), depend on what the
+    process imported before, and the corpus must not."""
     pieces.append(module.__doc__ or "")
     for attr in sorted(vars(module)):
-        doc = getattr(getattr(module, attr), "__doc__", None)
+        if attr.startswith("_"):
+            continue
+        member = getattr(module, attr)
+        if getattr(member, "__module__", None) != module.__name__:
+            continue
+        doc = getattr(member, "__doc__", None)
         if isinstance(doc, str) and len(doc) > 200 and doc not in pieces:
             pieces.append(doc)
 
 
 def exact_text(encode: Encode, decode: Decode, lead: str, ids: list[int], n: int) -> str:
-    """``lead`` plus text decoded from ``ids``, counting exactly ``n`` tokens by ``encode``."""
-    take = max(0, n - len(encode(lead)))
-    for _ in range(20):
-        text = lead + decode(ids[:take])
-        count = len(encode(text))
-        if count == n:
-            return text
-        take += n - count
-        if take < 0 or take > len(ids):
-            break
+    """``lead`` plus text decoded from ``ids``, counting exactly ``n`` tokens by ``encode``.
+
+    Re-encoding decoded text can merge or split tokens at the cut, so the cut moves until
+    the count is right; where it jumps over ``n`` (one more id adds two tokens), the text
+    starts one id later and tries again.
+    """
+    for skip in range(32):
+        take = max(0, n - len(encode(lead)))
+        for _ in range(12):
+            text = lead + decode(ids[skip : skip + take])
+            count = len(encode(text))
+            if count == n:
+                return text
+            take += n - count
+            if take < 0 or skip + take > len(ids):
+                break
     raise ValueError(f"could not make a prompt of exactly {n} tokens")
 
 
