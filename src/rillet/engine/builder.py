@@ -114,15 +114,15 @@ def build_engine(config: EngineConfig) -> EngineParts:
             cfg.max_position_embeddings,
             max_model_len,
         )
-    kv_bytes = config.kv_cache_memory_bytes or auto_kv_cache_bytes()
+    bytes_per_block = kv_bytes_per_token(cfg, dtype) * config.block_size
     num_blocks = config.num_kv_blocks or max(
-        1, kv_bytes // (kv_bytes_per_token(cfg, dtype) * config.block_size)
+        1, (config.kv_cache_memory_bytes or auto_kv_cache_bytes()) // bytes_per_block
     )
     log.info(
         "KV cache: %d blocks of %d tokens (%.2f GiB)",
         num_blocks,
         config.block_size,
-        num_blocks * config.block_size * kv_bytes_per_token(cfg, dtype) / (1 << 30),
+        num_blocks * bytes_per_block / (1 << 30),
     )
     if num_blocks * config.block_size < max_model_len:
         raise ModelLoadError(

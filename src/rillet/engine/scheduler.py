@@ -218,12 +218,13 @@ class Scheduler:
             request = self.waiting[0]
             computed_ids, num_hit = bm.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if not bm.can_allocate(request, num_new, computed_ids):
+            first = bm.num_blocks_to_allocate(request, num_new, computed_ids)
+            if first > bm.num_free_blocks:
                 break
             whole = bm.num_blocks_to_allocate(request, request.num_tokens - num_hit, computed_ids)
             if self.running and whole + committed + reserve > bm.num_free_blocks:
                 break  # alone, a prompt may take the whole cache (it fits by construction)
-            committed += whole - bm.num_blocks_to_allocate(request, num_new, computed_ids)
+            committed += whole - first
             bm.allocate(request, num_new, computed_ids)
             self.waiting.popleft()
             request.num_computed_tokens = num_hit

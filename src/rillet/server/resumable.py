@@ -22,7 +22,6 @@ Nothing here knows HTTP: a stream is numbered byte strings, its owner's key and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -116,9 +115,7 @@ class ResumableStream:
             raise NotFoundError(f"the events after {after} of stream {self.sid} are gone")
         self._next_reader += 1
         self._reader = self._next_reader
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self.cancel_expiry()
         self._wake()  # the reader it replaces stops
         return self._reader
 
@@ -221,8 +218,7 @@ class StreamStore:
             self._forget(stream)
         for task in producers:
             task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*producers, return_exceptions=True)
+        await asyncio.gather(*producers, return_exceptions=True)
 
     def _forget(self, stream: ResumableStream) -> None:
         if self.streams.pop(stream.sid, None) is stream:

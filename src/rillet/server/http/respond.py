@@ -39,7 +39,8 @@ def stream_response(
     """``chunks`` streamed; an error after the first byte in ``errors``' in-band format.
 
     With the ``request`` of an SSE route that asked for it (``X-Rillet-Resumable: 1``, and
-    ``--resume-window`` not 0), the stream is resumable: see :func:`resumable_response`.
+    ``--resume-window`` not 0), the stream is resumable: a producer task fills a
+    :class:`~rillet.server.resumable.ResumableStream`, which :func:`follow_response` reads.
     """
 
     def error_chunks(exc: RilletError) -> list[bytes]:
@@ -48,9 +49,11 @@ def stream_response(
 
     options.setdefault("keep_alive_interval", generation.service.config.keep_alive_interval_s)
     store = generation.service.streams
-    asked = request is not None and request.headers.get(RESUMABLE_HEADER) == "1"
-    if asked and store.limits.enabled:
-        assert request is not None
+    if (
+        request is not None
+        and request.headers.get(RESUMABLE_HEADER) == "1"
+        and store.limits.enabled
+    ):
         events = _closing(in_band_errors(chunks, error_chunks), generation)
         stream = store.open(bearer_token(request.headers.get("authorization")), sse_with_id)
         store.produce(stream, events)
