@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +17,7 @@ import pytest
 
 from rillet.client import Client
 from rillet.client.sse import ServerSentEvent, iter_events
-from server_process import ServerHandle, frozen_engine, metric, start_server
+from server_process import ServerHandle, frozen_engine, metric, start_server, wait_for
 from tcp_proxy import DroppingProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -141,20 +140,14 @@ def test_a_stream_nobody_resumes_is_aborted_and_its_blocks_freed(
         # Held in the engine, the generation cannot end by itself while the window runs.
         with frozen_engine(keyed_server):
             connection.close()  # the connection drops
-            _wait_for(lambda: metric(keyed_server, "rillet_resumable_streams") == 0)
-    _wait_for(
+            assert wait_for(lambda: metric(keyed_server, "rillet_resumable_streams") == 0, 60)
+    assert wait_for(
         lambda: (
             metric(keyed_server, "rillet_requests_running") == 0
             and metric(keyed_server, "rillet_kv_cache_usage_ratio") == 0
             and metric(keyed_server, "rillet_requests_in_flight") == 0
-        )
+        ),
+        60,
     )
     assert metric(keyed_server, cancelled) == before + 1
     assert resume(keyed_server, sid, "5").status_code == 404
-
-
-def _wait_for(condition: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import time
 from typing import Any
 from urllib.parse import quote
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 import requests
 
-from server_process import ServerHandle, child_pids, frozen_engine, metric, start_server
+from server_process import ServerHandle, child_pids, frozen_engine, metric, start_server, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -49,15 +48,6 @@ INVALID_VALUES = (
     b'{"messages": [], "prompt": "x", "inputs": "x", "max_tokens": -1, "parameters": '
     b'{"max_new_tokens": -1}}'
 )
-
-
-def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("route", TGI_ROUTES + OPENAI_ROUTES)
