@@ -19,18 +19,15 @@ import grpc
 import grpc.aio
 
 from rillet.benchmark.stream import RequestRecord
-from rillet.benchmark.workload import BenchConfig
+from rillet.benchmark.workload import BenchConfig, Prompt
 from rillet.kserve import grpc_service_pb2 as pb
 from rillet.kserve import tensors
 from rillet.kserve.rpc import Stub
 
 
-def infer_request(config: BenchConfig, index: int) -> pb.ModelInferRequest:
-    sampling: dict[str, Any] = {"max_tokens": config.max_tokens, "temperature": config.temperature}
-    if config.ignore_eos:
-        sampling["ignore_eos"] = True
-    sampling.update(config.extra_body)
-    messages = [{"role": "user", "content": config.prompt(index)}]
+def infer_request(config: BenchConfig, index: int, prompt: Prompt) -> pb.ModelInferRequest:
+    sampling = config.sampling(prompt)
+    messages = [dict(m) for m in prompt.messages]
     request = pb.ModelInferRequest(model_name=config.model, id=str(index))
     for name, datatype, value in (
         ("messages", "BYTES", json.dumps(messages).encode()),
@@ -48,7 +45,9 @@ async def stream_grpc_request(
     stub: Stub, config: BenchConfig, record: RequestRecord
 ) -> RequestRecord:
     """Fill ``record`` from one streamed call; failures go into ``record.error``."""
-    request = infer_request(config, record.index)
+    prompt = config.prompt(record.index)
+    record.max_tokens = prompt.max_tokens or config.max_tokens
+    request = infer_request(config, record.index, prompt)
 
     async def one() -> AsyncIterator[pb.ModelInferRequest]:
         yield request

@@ -28,7 +28,8 @@ def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Draw output tok/s and TTFT p50/p99 (log scale) vs concurrency into ``path``."""
+    """Draw output tok/s and TTFT p50/p99 (log scale) vs each row's level into ``path``: its
+    concurrency, or its request rate in an open loop."""
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError as exc:
@@ -44,8 +45,8 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
 
     fig, (ax_tput, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, label_rows in by_label.items():
-        label_rows = sorted(label_rows, key=lambda r: r["concurrency"])
-        levels = [r["concurrency"] for r in label_rows]
+        label_rows = sorted(label_rows, key=_level)
+        levels = [_level(r) for r in label_rows]
         (line,) = ax_tput.plot(
             levels, [r["output_tok_s"] or 0 for r in label_rows], marker="o", label=label
         )
@@ -54,12 +55,13 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
             ttft = [_seconds(r["ttft_ms"][quantile]) for r in label_rows]
             ax_ttft.plot(levels, ttft, style, marker="o", color=color, label=f"{label} {quantile}")
     ticker = importlib.import_module("matplotlib.ticker")
-    all_levels = sorted({int(r["concurrency"]) for r in rows})
+    all_levels = sorted({_level(r) for r in rows})
+    open_loop = any(r.get("request_rate") is not None for r in rows)
     for ax in (ax_tput, ax_ttft):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(all_levels, [str(c) for c in all_levels])
+        ax.set_xticks(all_levels, [f"{c:g}" for c in all_levels])
         ax.xaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_xlabel("concurrent requests")
+        ax.set_xlabel("request rate (requests/s, Poisson)" if open_loop else "concurrent requests")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     ax_tput.set_ylabel("output tokens/s (aggregate)")
@@ -78,6 +80,11 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _level(row: dict[str, Any]) -> float:
+    rate = row.get("request_rate")
+    return float(rate) if rate is not None else float(row["concurrency"])
 
 
 def _seconds(ms: float | None) -> float:

@@ -47,8 +47,8 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
-    def start_level(self, concurrency: int, total: int) -> None:
-        self._label = f"c={concurrency}"
+    def start_level(self, label: str, total: int) -> None:
+        self._label = label
         self._total, self._done, self._errors, self._tokens = total, 0, 0, 0
         self._start = self._shown_at = time.perf_counter()
         if self.enabled and self._tqdm is not None:

@@ -1,10 +1,16 @@
-"""The closed loop: at each concurrency C, C workers keep one request each in flight.
+"""The load loops: closed (a level per concurrency) and open (a level per request rate).
 
-Workers draw request indices from one shared counter, so a level sends exactly
-``requests_for(C)`` requests (fewer only if its time cap strikes) and a slow request
-never stalls the others. Levels run one after another on one HTTP client whose
-connection pool is at least as large as the highest level, so no request waits for a
-connection.
+Closed: at concurrency C, C workers keep one request each in flight. They draw request
+indices from one shared counter, so a level sends exactly ``requests_for(C)`` requests
+(fewer only if its time cap strikes) and a slow request never stalls the others.
+
+Open: at rate R, requests start at Poisson arrival times (exponential gaps of mean 1/R,
+seeded, so two runs send at the same offsets) whether or not earlier ones have finished,
+as users do; ``concurrency`` caps those in flight, and a request due while the cap is full
+waits for a slot (its TTFT counts from when it is sent, as in ``vllm bench serve``).
+
+Levels run one after another on one HTTP client whose connection pool is at least as
+large as the most requests in flight, so no request waits for a connection.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -67,23 +74,31 @@ async def open_transport(config: BenchConfig) -> AsyncIterator[Send]:
 
 
 async def run_level(
-    send: Send, config: BenchConfig, concurrency: int, progress: Progress
+    send: Send, config: BenchConfig, level: float, progress: Progress
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
     """Run one level; return its summary row (without the run metadata) and its records."""
-    planned = config.requests_for(concurrency)
-    indices = itertools.count()
+    planned = config.requests_for(level)
     records: list[RequestRecord] = []
 
-    async def worker() -> None:
-        while (index := next(indices)) < planned:
-            record = RequestRecord(index)
-            records.append(record)
-            await send(record)
-            progress.advance(record)
+    async def one(index: int) -> None:
+        record = RequestRecord(index)
+        records.append(record)
+        await send(record)
+        progress.advance(record)
 
-    progress.start_level(concurrency, planned)
+    cap = config.concurrency[0] if config.request_rates else int(level)
+    progress.start_level(f"{level:g}/s" if config.request_rates else f"c={level}", planned)
     before = CpuSnapshot.take(config.server_pid)
-    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, planned))]
+    if config.request_rates:
+        tasks = [asyncio.create_task(_open_loop(one, planned, level, cap, config.seed))]
+    else:
+        indices = itertools.count()
+
+        async def worker() -> None:
+            while (index := next(indices)) < planned:
+                await one(index)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(min(cap, planned))]
     _, still_running = await asyncio.wait(tasks, timeout=config.level_timeout)
     for task in still_running:
         task.cancel()  # stream_request marks its record cancelled
@@ -94,14 +109,50 @@ async def run_level(
     records.sort(key=lambda r: r.index)
     row = summarize_level(
         records,
-        concurrency=concurrency,
+        concurrency=cap,
         num_planned=planned,
         max_tokens=config.max_tokens,
         wall=after.wall - before.wall,
+        goodput=config.goodput,
     )
+    if config.request_rates:
+        row["request_rate"] = level
     row["hit_level_timeout"] = bool(still_running)
     row.update(after.cores_since(before))
     return row, records
+
+
+def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds from a level's start at which its ``count`` requests arrive (Poisson)."""
+    rng = random.Random(f"{seed}:{rate}")
+    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(count)))
+
+
+async def _open_loop(
+    one: Callable[[int], Awaitable[None]], planned: int, rate: float, cap: int, seed: int
+) -> None:
+    """Start request ``i`` at its arrival offset (or when a slot frees, under ``cap``)."""
+    slots = asyncio.Semaphore(cap)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def held(index: int) -> None:
+        try:
+            await one(index)
+        finally:
+            slots.release()
+
+    running: list[asyncio.Task[None]] = []
+    try:
+        for index, offset in enumerate(arrival_offsets(planned, rate, seed)):
+            await asyncio.sleep(max(0.0, start + offset - loop.time()))
+            await slots.acquire()
+            running.append(asyncio.create_task(held(index)))
+        await asyncio.gather(*running)
+    finally:  # cancelled at the level's time cap: cancel what is in flight too
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def warm_up(send: Send, config: BenchConfig, progress: Progress) -> None:
@@ -134,6 +185,8 @@ def run_metadata(config: BenchConfig) -> dict[str, Any]:
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
         "ignore_eos": config.ignore_eos,
+        "loop": "open" if config.request_rates else "closed",
+        "seed": config.seed,
         "include_usage": config.include_usage,
         "extra_body": dict(config.extra_body),
         "keepalive": config.keepalive,
@@ -155,10 +208,10 @@ async def run_benchmark(
     meta = run_metadata(config)
     async with open_transport(config) as send:
         await warm_up(send, config, progress)
-        for concurrency in config.concurrency:
+        for level in config.levels:
             started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            level, records = await run_level(send, config, concurrency, progress)
-            row = {**meta, "started_at": started_at, **level}
+            summary, records = await run_level(send, config, level, progress)
+            row = {**meta, "started_at": started_at, **summary}
             rows.append(row)
             if on_row is not None:
                 on_row(row, records)

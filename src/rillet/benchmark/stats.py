@@ -9,13 +9,18 @@ Definitions, so that numbers from different servers mean the same thing:
 * TPOT: per request, (latency - TTFT) / (tokens - 1), tokens from ``usage`` when sent.
 * output tok/s: every token received during the level (cancelled requests' partial output
   included, counted as deltas) divided by the level's wall time.
+* prompt tok/s: the ``usage.prompt_tokens`` of successful requests over the wall time.
+* goodput: the share of started requests that succeeded and met every latency target
+  (``--goodput ttft=500,itl=50``, in ms), and those requests per second. A request's ``itl``
+  is the p99 of its own gaps, so one long stall fails it; ``tpot`` its mean time per token;
+  ``e2el`` its whole latency.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rillet.benchmark.stream import RequestRecord
@@ -53,6 +58,7 @@ def summarize_level(
     num_planned: int,
     max_tokens: int,
     wall: float,
+    goodput: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The level's counts, throughput and latency distributions (times in ms).
 
@@ -64,12 +70,9 @@ def summarize_level(
     # Cancelled requests carry no usage chunk: their deltas are the best count we have.
     tokens = sum(r.num_tokens for r in ok) + sum(r.num_deltas for r in cancelled)
     deltas = sum(r.num_deltas for r in ok)
-    tpots = [
-        (r.latency - r.ttft) / (r.num_tokens - 1)
-        for r in ok
-        if r.latency is not None and r.ttft is not None and r.num_tokens > 1
-    ]
-    return {
+    tpots = [tpot for r in ok if (tpot := _tpot(r)) is not None]
+    prompt_tokens = sum(r.prompt_tokens or 0 for r in ok)
+    row: dict[str, Any] = {
         "concurrency": concurrency,
         "planned": num_planned,
         "started": len(records),
@@ -81,9 +84,11 @@ def summarize_level(
         "output_tokens": tokens,
         "output_tok_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tok_s": round(prompt_tokens / wall, 2) if wall > 0 else None,
         "usage_reported": sum(1 for r in ok if r.usage_tokens is not None),
-        # With ignore_eos every request should hit the cap; fewer means the server ignored it.
-        "reached_max_tokens": sum(1 for r in ok if r.num_tokens >= max_tokens),
+        # With ignore_eos every request should hit its cap; fewer means the server ignored it.
+        "reached_max_tokens": sum(1 for r in ok if r.num_tokens >= (r.max_tokens or max_tokens)),
         "tokens_per_request_mean": round(tokens / len(ok), 2) if ok else None,
         "tokens_per_delta": round(sum(r.num_tokens for r in ok) / deltas, 3) if deltas else None,
         "finish_reasons": dict(Counter(str(r.finish_reason) for r in ok)),
@@ -92,6 +97,37 @@ def summarize_level(
         "tpot_ms": distribution_ms(tpots),
         "latency_ms": distribution_ms([r.latency for r in ok if r.latency is not None]),
     }
+    if goodput:
+        good = sum(1 for r in ok if meets(r, goodput))
+        row["goodput"] = {
+            "targets_ms": dict(goodput),
+            "good": good,
+            "share": round(good / len(records), 4) if records else None,
+            "requests_per_s": round(good / wall, 3) if wall > 0 else None,
+        }
+    return row
+
+
+def _tpot(record: RequestRecord) -> float | None:
+    """Mean seconds per token after the first, by the token count (not the deltas)."""
+    if record.latency is None or record.ttft is None or record.num_tokens < 2:
+        return None
+    return (record.latency - record.ttft) / (record.num_tokens - 1)
+
+
+def meets(record: RequestRecord, targets_ms: Mapping[str, float]) -> bool:
+    """Whether a successful request met every latency target (see the module docstring)."""
+    measured = {
+        "ttft": record.ttft,
+        "itl": percentile(record.gaps, 99) if record.gaps else 0.0,
+        "tpot": _tpot(record) or 0.0,
+        "e2el": record.latency,
+    }
+    for name, target in targets_ms.items():
+        value = measured[name]
+        if value is None or value * 1000.0 > target:
+            return False
+    return True
 
 
 def _error_kind(error: str | None) -> str:
@@ -99,39 +135,51 @@ def _error_kind(error: str | None) -> str:
     return " ".join((error or "unknown").split()[:6])[:80]
 
 
+def level_name(row: Mapping[str, Any]) -> str:
+    """How a row's level reads: its request rate in an open loop, else its concurrency."""
+    rate = row.get("request_rate")
+    return f"{rate:g}/s" if rate is not None else str(row["concurrency"])
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table of level rows, for the terminal (times in ms)."""
     columns: list[tuple[str, int]] = [
-        ("conc", 5),
+        ("level", 6),
         ("ok/sent", 8),
         ("err", 4),
         ("cncl", 4),
         ("wall_s", 7),
         ("tok/s", 8),
+        ("in_tok/s", 8),
         ("ttft50", 7),
         ("ttft99", 7),
         ("itl50", 7),
         ("itl99", 7),
         ("tpot50", 7),
         ("tok/req", 7),
+        ("good%", 6),
         ("srv_cpu", 7),
         ("other", 6),
     ]
     lines = [" ".join(name.rjust(width) for name, width in columns)]
     for row in rows:
+        good = row.get("goodput")
+        share = good["share"] if good else None
         cells = [
-            row["concurrency"],
+            level_name(row),
             f"{row['ok']}/{row['started']}",
             row["errors"],
             row["cancelled"],
             row["wall_s"],
             row["output_tok_s"],
+            row.get("prompt_tok_s"),
             row["ttft_ms"]["p50"],
             row["ttft_ms"]["p99"],
             row["itl_ms"]["p50"],
             row["itl_ms"]["p99"],
             row["tpot_ms"]["p50"],
             row["tokens_per_request_mean"],
+            None if share is None else 100.0 * share,
             row.get("server_cpu_cores"),
             row.get("other_cpu_cores"),
         ]

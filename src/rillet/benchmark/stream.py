@@ -27,6 +27,8 @@ class RequestRecord:
     """
 
     index: int
+    #: What the request asked for (its own length in a dataset, else the run's).
+    max_tokens: int | None = None
     status: int | None = None
     ttft: float | None = None
     latency: float | None = None
@@ -65,6 +67,7 @@ class RequestRecord:
         return {
             "index": self.index,
             "ok": self.ok,
+            "max_tokens": self.max_tokens,
             "status": self.status,
             "error": self.error,
             "cancelled": self.cancelled,
@@ -94,7 +97,9 @@ async def stream_request(
     Never raises for a failed request (the failure goes into ``record.error``), except
     CancelledError, which marks the record cancelled and propagates.
     """
-    body = config.body(config.prompt(record.index))
+    prompt = config.prompt(record.index)
+    record.max_tokens = prompt.max_tokens or config.max_tokens
+    body = config.body(prompt)
     start = time.perf_counter()
     saw_done = False
     try:

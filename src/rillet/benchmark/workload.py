@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +35,34 @@ PROMPTS: tuple[str, ...] = (
     "Describe how mapmakers measured the Earth before satellites existed.",
     "Explain how a database keeps data safe when the power fails mid-write.",
 )
+
+#: The latency targets ``--goodput`` takes, in milliseconds.
+GOODPUT_METRICS: tuple[str, ...] = ("ttft", "itl", "tpot", "e2el")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one request asks: a conversation, and its own output length when it has one.
+
+    ``max_tokens`` None means the run's ``--max-tokens`` (a dataset's prompts carry the
+    length of the answer the conversation really got, as ``vllm bench serve`` sends them).
+    """
+
+    messages: tuple[Mapping[str, str], ...]
+    max_tokens: int | None = None
+
+    @classmethod
+    def user(cls, text: str) -> Prompt:
+        return cls(({"role": "user", "content": text},))
+
+    def text(self) -> str:
+        """The conversation as one completions prompt: the last message alone when it is the
+        only one, else each turn on its own line after its role."""
+        if len(self.messages) == 1:
+            return self.messages[0]["content"]
+        turns = [f"{m['role'].capitalize()}: {m['content']}" for m in self.messages]
+        return "\n\n".join([*turns, "Assistant:"])
+
 
 #: ``chat`` and ``completions`` stream SSE from the OpenAI routes; ``grpc`` streams the same
 #: chat prompts over Triton's gRPC ``ModelStreamInfer`` (to ``grpc_target``).
@@ -70,8 +98,17 @@ class BenchConfig:
     label: str = ""
     server_pid: int | None = None
     grpc_target: str = "127.0.0.1:8001"
-    #: The prompt of request ``i`` (``long_prompts.PromptSet``); None: the built-in PROMPTS.
-    prompts: Callable[[int], str] | None = field(default=None, compare=False)
+    #: The prompt of request ``i`` (``long_prompts.PromptSet``, ``dataset.Conversations``);
+    #: None: the built-in PROMPTS.
+    prompts: Callable[[int], str | Prompt] | None = field(default=None, compare=False)
+    #: Open loop: a level per rate (requests/s, Poisson arrivals) instead of per concurrency;
+    #: ``concurrency`` then holds one cap on requests in flight (as vLLM's --max-concurrency).
+    request_rates: tuple[float, ...] = ()
+    #: Latency targets in ms a request must all meet to count towards goodput (``ttft``,
+    #: ``itl``: the request's p99 gap, ``tpot``, ``e2el``: its whole latency).
+    goodput: Mapping[str, float] = field(default_factory=dict)
+    #: Seeds the open loop's arrival times: two runs send at the same offsets.
+    seed: int = 0
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -87,6 +124,20 @@ class BenchConfig:
             raise ValueError("time caps must be positive")
         if self.warmup < 0:
             raise ValueError("--warmup cannot be negative")
+        if any(not rate > 0 for rate in self.request_rates):
+            raise ValueError("--request-rate levels must be positive numbers")
+        if self.request_rates and len(self.concurrency) != 1:
+            raise ValueError("with --request-rate, --concurrency is one cap on requests in flight")
+        unknown = set(self.goodput) - set(GOODPUT_METRICS)
+        if unknown:
+            raise ValueError(f"--goodput knows {', '.join(GOODPUT_METRICS)}; not {sorted(unknown)}")
+        if any(not target > 0 for target in self.goodput.values()):
+            raise ValueError("--goodput targets must be positive milliseconds")
+
+    @property
+    def levels(self) -> Sequence[float]:
+        """What each level varies: request rates in an open loop, else concurrencies."""
+        return self.request_rates or self.concurrency
 
     @property
     def base_url(self) -> str:
@@ -108,35 +159,42 @@ class BenchConfig:
         where = f"grpc {self.grpc_target}" if self.api == "grpc" else self.base_url
         return f"{where} {self.model}"
 
-    def requests_for(self, concurrency: int) -> int:
-        """Requests sent at one level: enough for the loop to reach its steady state."""
+    def requests_for(self, level: float) -> int:
+        """Requests sent at one level: enough for the loop to reach its steady state (a
+        closed loop's concurrency), or about a minute of arrivals (an open loop's rate)."""
         if self.requests_per_level is not None:
             return self.requests_per_level
-        return max(8, 4 * concurrency)
+        if self.request_rates:
+            return max(16, round(60 * level))
+        return max(8, 4 * int(level))
 
-    def prompt(self, index: int) -> str:
-        if self.prompts is not None:
-            return self.prompts(index)
-        return PROMPTS[index % len(PROMPTS)]
+    def prompt(self, index: int) -> Prompt:
+        if self.prompts is None:
+            return Prompt.user(PROMPTS[index % len(PROMPTS)])
+        prompt = self.prompts(index)
+        return Prompt.user(prompt) if isinstance(prompt, str) else prompt
 
-    def body(self, prompt: str) -> dict[str, Any]:
-        """The JSON body of one streaming request; ``extra_body`` wins over our fields."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "stream": True,
-            "max_tokens": self.max_tokens,
+    def sampling(self, prompt: Prompt) -> dict[str, Any]:
+        """The sampling fields of one request; ``extra_body`` wins over ours."""
+        fields: dict[str, Any] = {
+            "max_tokens": prompt.max_tokens or self.max_tokens,
             "temperature": self.temperature,
         }
+        if self.ignore_eos:
+            fields["ignore_eos"] = True  # vLLM's extra, honoured by rillet; others ignore it
+        return {**fields, **self.extra_body}
+
+    def body(self, prompt: Prompt) -> dict[str, Any]:
+        """The JSON body of one streaming request; ``extra_body`` wins over our fields."""
+        body: dict[str, Any] = {"model": self.model, "stream": True}
         if self.api == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = [dict(m) for m in prompt.messages]
         else:
-            body["prompt"] = prompt
+            body["prompt"] = prompt.text()
         if self.include_usage:
             # The only reliable token count when a server merges tokens into one delta.
             body["stream_options"] = {"include_usage": True}
-        if self.ignore_eos:
-            body["ignore_eos"] = True  # vLLM's extra, honoured by rillet; others ignore it
-        body.update(self.extra_body)
+        body.update(self.sampling(prompt))
         return body
 
     def headers(self) -> dict[str, str]:
