@@ -169,6 +169,44 @@ def test_chunked_prefill_while_another_request_decodes_every_step() -> None:
     assert short.output_token_ids == expected_tokens(short.prompt_token_ids, 20)
 
 
+def test_prompt_tokens_beside_decodes_are_bounded_but_a_lone_prompt_gets_the_budget() -> None:
+    cfg = SchedulerConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        max_model_len=128,
+        block_size=4,
+        num_blocks=64,
+        max_prefill_tokens_when_decoding=6,
+    )
+    sched, model = Scheduler(cfg), FakeModel(cfg)
+    first = make_request("first", list(range(1, 21)), max_new_tokens=20)
+    sched.add_request(first)
+    output, _ = step(sched, model)  # alone: the whole budget, no decode to protect
+    assert [s.num_new_tokens for s in output.scheduled] == [16]
+    output, _ = step(sched, model)
+    assert [s.num_new_tokens for s in output.scheduled] == [4]  # its last chunk samples
+    second = make_request("second", list(range(30, 45)), max_new_tokens=2)
+    third = make_request("third", list(range(50, 55)), max_new_tokens=2)
+    sched.add_request(second)
+    sched.add_request(third)
+    shapes = []
+    while second.num_output_tokens == 0:
+        output, _ = step(sched, model)
+        shapes.append([(s.request.request_id, s.num_new_tokens) for s in output.scheduled])
+    # Beside "first"'s decode, 6 prompt tokens per step whether admitted or already running;
+    # "third" waits: the bound is on the step, not per prompt.
+    assert shapes == [
+        [("first", 1), ("second", 6)],
+        [("first", 1), ("second", 6)],
+        [("first", 1), ("second", 3), ("third", 3)],
+    ]
+    run_all(sched, model)
+    for r in (first, second, third):
+        assert r.output_token_ids == expected_tokens(r.prompt_token_ids, r.max_new_tokens)
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_prefill_tokens_when_decoding=0)
+
+
 def test_budget_and_max_num_seqs_respected() -> None:
     cfg = SchedulerConfig(
         max_num_seqs=3, max_num_batched_tokens=20, max_model_len=64, block_size=4, num_blocks=64
@@ -500,6 +538,7 @@ def test_randomized_invariants(seed: int, prefix_caching: bool) -> None:
         block_size=4,
         num_blocks=14,
         enable_prefix_caching=prefix_caching,
+        max_prefill_tokens_when_decoding=rng.choice([None, 1, 5]),
     )
     sched, model = Scheduler(cfg), FakeModel(cfg)
     prefixes = [[rng.randrange(1, 900) for _ in range(rng.randrange(4, 20))] for _ in range(4)]

@@ -22,7 +22,9 @@ class EngineConfig:
     ``kv_cache_memory_bytes`` (``None``: :func:`auto_kv_cache_bytes`, from the memory the
     machine has) unless ``num_kv_blocks`` pins it (tests use that to force preemption).
     ``max_num_batched_tokens`` is the per-step token budget that bounds how
-    long one step (and so every stream's inter-token gap) can take while prompts prefill.
+    long one step (and so every stream's inter-token gap) can take while prompts prefill;
+    ``max_prefill_tokens_when_decoding`` bounds the prompt tokens of a step that also carries
+    decodes (None: no bound beyond the budget).
     Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
     cores to the server's own threads (0 = always use every thread).
     Steps of at most ``quantized_max_batch_tokens`` rows run the linear layers on 4-bit
@@ -47,6 +49,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
+    max_prefill_tokens_when_decoding: int | None = None
     enable_prefix_caching: bool = True
     seed: int | None = None
     num_threads: int | None = None
@@ -65,6 +68,9 @@ class EngineConfig:
             raise ModelLoadError("max_model_len must be positive")
         if self.quantized_max_batch_tokens is not None and self.quantized_max_batch_tokens < 0:
             raise ModelLoadError("quantized_max_batch_tokens must be >= 0")
+        bound = self.max_prefill_tokens_when_decoding
+        if bound is not None and bound <= 0:
+            raise ModelLoadError("max_prefill_tokens_when_decoding must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ModelLoadError("num_kv_blocks must be positive")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:

@@ -71,6 +71,7 @@ class RayAppArgs(BaseModel):
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_batch_tokens: int | None = None
+    max_prefill_tokens_when_decoding: int | None = None
     kv_cache_memory: float | None = None
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None

@@ -157,6 +157,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_tokens_when_decoding=config.max_prefill_tokens_when_decoding,
             max_model_len=max_model_len,
             block_size=config.block_size,
             num_blocks=num_blocks,

@@ -7,7 +7,9 @@ rule, so chunked prefill and prefix caching need no special phase.
 
 Order within a step: running requests first (decodes before multi-token chunks, so a long
 prompt never stalls the streams already flowing), then waiting requests FCFS while the
-budget, ``max_num_seqs`` and the KV blocks allow. When blocks run out for a running request,
+budget, ``max_num_seqs`` and the KV blocks allow. When the step carries decodes, its prompt
+tokens (chunks and admissions together) are capped at ``max_prefill_tokens_when_decoding``:
+each prompt token lengthens the step every running stream waits for. When blocks run out for a running request,
 the most recently arrived unscheduled running request is preempted by recompute: its blocks
 are freed and it goes back to the front of the queue with its tokens intact.
 """
@@ -36,11 +38,19 @@ class SchedulerConfig:
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
+    #: Prompt tokens a step may carry beside running decodes (None: the whole budget). A
+    #: step's time grows with its prompt tokens and every running stream waits for it, so
+    #: this bounds their inter-token gap while prompts prefill; alone, a prompt still gets
+    #: the whole budget.
+    max_prefill_tokens_when_decoding: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        bound = self.max_prefill_tokens_when_decoding
+        if bound is not None and bound <= 0:
+            raise ValueError("max_prefill_tokens_when_decoding must be positive")
         if self.block_size <= 0 or self.num_blocks <= 0:
             raise ValueError("block_size and num_blocks must be positive")
         # Otherwise the newest decodes could be starved of budget by older ones every step.
@@ -186,6 +196,8 @@ class Scheduler:
         preempted: list[Request] = []
         done: set[str] = set()
         bm = self.block_manager
+        prefill_bound = self.config.max_prefill_tokens_when_decoding
+        decodes = 0
 
         # Decodes (one token left) before chunks; arrival order within each group.
         for request in sorted(self.running, key=_is_chunk):
@@ -193,13 +205,21 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            left = request.num_tokens - request.num_computed_tokens
+            if left > 1 and decodes and prefill_bound is not None:
+                # The decodes are in (they sort first): cap what chunks add to this step.
+                budget = min(budget, prefill_bound)
+                prefill_bound = None
+            num_new = min(left, budget)
             if not self._make_room(request, num_new, done, preempted):
                 continue
             bm.allocate(request, num_new, [])
             scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
             done.add(request.request_id)
             budget -= num_new
+            decodes += left == 1
+        if decodes and prefill_bound is not None:
+            budget = min(budget, prefill_bound)  # no chunk was running: admissions get the cap
 
         # Admitting while preempting would just shuffle blocks between requests. A prompt is
         # admitted only if the free blocks hold all of it, beside what the running prompts

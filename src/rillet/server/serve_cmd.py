@@ -67,6 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
     p.add_argument(
+        "--max-prefill-tokens-when-decoding",
+        type=int,
+        help="prompt tokens a step may add beside running streams' decodes, which bounds "
+        "their inter-token gap while prompts prefill (default: the whole step budget)",
+    )
+    p.add_argument(
         "--kv-cache-memory",
         type=float,
         metavar="GIB",
@@ -143,6 +149,7 @@ def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]
         dtype=options.dtype,
         max_model_len=options.max_total_tokens,
         max_num_batched_tokens=options.max_batch_tokens,
+        max_prefill_tokens_when_decoding=options.max_prefill_tokens_when_decoding,
         kv_cache_memory_bytes=(
             None if options.kv_cache_memory is None else int(options.kv_cache_memory * (1 << 30))
         ),
