@@ -6,6 +6,7 @@ counts and how it writes it, never how fast the server was.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from rillet.benchmark.stats import percentile, summarize_level
+from rillet.benchmark.runner import arrival_offsets
+from rillet.benchmark.stats import meets, percentile, summarize_level
 from rillet.benchmark.stream import RequestRecord
 from rillet.cli import build_parser
 from server_process import ServerHandle
@@ -69,9 +71,74 @@ def test_bench_is_a_rillet_command() -> None:
     assert callable(args.func)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_open_loop_on_a_dataset_counts_goodput_and_each_requests_own_length(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    dataset = tmp_path / "conversations.json"
+    turns = [
+        [("human", "Name a colour."), ("gpt", "Blue is a colour " * 2)],  # 8 tokens or so
+        [("system", "Be brief."), ("human", "Say hi to me."), ("gpt", "Hi there, my friend!")],
+        [
+            ("human", "Count to three."),
+            ("gpt", "One, two, three."),
+            ("human", "Now to five."),
+            ("gpt", "One, two, three, four, five."),
+        ],
+    ]
+    entries = [
+        {"id": str(i), "conversations": [{"from": f, "value": v} for f, v in conversation]}
+        for i, conversation in enumerate(turns)
+    ]
+    dataset.write_text(json.dumps(entries))
+    argv = [sys.executable, str(SERVE_SCRIPT), "--url", server.url, "--no-progress"]
+    argv += ["--dataset", str(dataset), "--request-rate", "20,40", "--concurrency", "2"]
+    argv += ["--requests-per-level", "6", "--goodput", "ttft=600000,itl=600000"]
+    argv += ["--requests-out", str(tmp_path / "requests.jsonl")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["loop"], r["request_rate"], r["concurrency"]) for r in rows] == [
+        ("open", 20.0, 2),
+        ("open", 40.0, 2),
+    ]
+    per_request = [
+        json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()
+    ]
+    for row in rows:
+        assert (row["planned"], row["ok"], row["errors"], row["cancelled"]) == (6, 6, 0, 0)
+        # Each request asked for its answer's length and got exactly that (ignore_eos).
+        assert row["reached_max_tokens"] == 6
+        assert row["goodput"] == {
+            "targets_ms": {"ttft": 600000.0, "itl": 600000.0},
+            "good": 6,
+            "share": 1.0,
+            "requests_per_s": row["goodput"]["requests_per_s"],
+        }
+        assert row["prompt_tokens"] > 0 and row["prompt_tok_s"] > 0
+    # Every conversation's answer length appears: the file's three, twice each per level.
+    lengths = sorted(r["max_tokens"] for r in per_request)
+    assert len(set(lengths)) == 3 and lengths == sorted(lengths[::2] * 2)
+    assert all(r["num_tokens"] == r["max_tokens"] for r in per_request)
+
+
 @pytest.mark.parametrize(
     "bad",
-    [["--concurrency", "0,4"], ["--concurrency", "one"], ["--extra-body", "[1]"]],
+    [
+        ["--concurrency", "0,4"],
+        ["--concurrency", "one"],
+        ["--extra-body", "[1]"],
+        ["--request-rate", "0"],
+        ["--request-rate", "fast"],
+        ["--request-rate", "1", "--concurrency", "1,4"],
+        ["--goodput", "ttft"],
+        ["--goodput", "latency=5"],
+        ["--goodput", "ttft=-1"],
+        ["--dataset", "/nonexistent.json"],
+        ["--dataset", "/nonexistent.json", "--input-tokens", "16"],
+    ],
 )
 def test_bad_options_exit_2_before_any_request(
     bad: list[str], capsys: pytest.CaptureFixture[str]
@@ -116,6 +183,42 @@ def test_level_counts_add_up_with_merged_deltas_errors_and_cancellations() -> No
     assert row["itl_ms"]["max"] == 500.0
     # TPOT per token, not per delta: (1.1 - 0.1) / 5 and (0.5 - 0.2) / 1.
     assert row["tpot_ms"]["p50"] == pytest.approx(250.0)
+
+
+def test_goodput_needs_every_target_met_and_counts_failures_as_missed() -> None:
+    fast = _record(0, ttft=0.1, latency=0.5, gaps=[0.02] * 99 + [0.3], num_deltas=101)
+    stalled = _record(1, ttft=0.1, latency=0.5, gaps=[0.02] * 90 + [0.3] * 10, num_deltas=101)
+    slow_start = _record(2, ttft=0.9, latency=1.2, gaps=[0.01] * 9, num_deltas=10)
+    failed = _record(3, error="HTTP 429: overloaded")
+    targets = {"ttft": 500.0, "itl": 50.0}
+    # One stall in a hundred gaps is under the request's p99; ten are not.
+    assert [meets(r, targets) for r in (fast, stalled, slow_start)] == [True, False, False]
+    row = summarize_level(
+        [fast, stalled, slow_start, failed],
+        concurrency=4,
+        num_planned=4,
+        max_tokens=100,
+        wall=2.0,
+        goodput=targets,
+    )
+    assert row["goodput"] == {
+        "targets_ms": targets,
+        "good": 1,
+        "share": 0.25,
+        "requests_per_s": 0.5,
+    }
+    assert "goodput" not in summarize_level(
+        [fast], concurrency=1, num_planned=1, max_tokens=1, wall=1
+    )
+
+
+def test_poisson_arrivals_are_seeded_increasing_and_at_the_rate() -> None:
+    offsets = arrival_offsets(2000, rate=4.0, seed=7)
+    assert offsets == arrival_offsets(2000, rate=4.0, seed=7)
+    assert offsets != arrival_offsets(2000, rate=4.0, seed=8)
+    assert all(a < b for a, b in itertools.pairwise(offsets))
+    # 2,000 exponential gaps of mean 0.25 s: the sum is within 10 % of 500 s (about 4.5 sigma).
+    assert 450 < offsets[-1] < 550
 
 
 def test_plot_draws_a_png(tmp_path: Path) -> None:

@@ -16,12 +16,15 @@ from typing import Any
 from rillet.benchmark.workload import BenchConfig
 
 DESCRIPTION = (
-    "Closed-loop load generator for any OpenAI-compatible streaming endpoint: TTFT, "
-    "inter-token latency, tokens/s and errors at each concurrency level."
+    "Load generator for any OpenAI-compatible streaming endpoint, closed loop (a level per "
+    "concurrency) or open loop (a level per request rate): TTFT, inter-token latency, "
+    "tokens/s, goodput and errors at each level."
 )
-EXAMPLE = """example:
+EXAMPLE = """examples:
   rillet bench --url http://127.0.0.1:8080 --model smollm2 --concurrency 1,4,16,64 \\
       --max-tokens 128 --out bench/out/rillet.jsonl --plot bench/out/rillet.png
+  rillet bench --dataset bench/data/sharegpt-sample.json --request-rate 0.5,1,2 \\
+      --concurrency 64 --goodput ttft=1000,itl=100
 """
 
 
@@ -40,7 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "must be the served name)",
     )
     add("--grpc-url", default="127.0.0.1:8001", help="host:port of the gRPC door (--api grpc)")
-    add("--concurrency", default="1,4,16,64", help="comma-separated levels (default: 1,4,16,64)")
+    add(
+        "--concurrency",
+        default="1,4,16,64",
+        help="comma-separated levels (default: 1,4,16,64); with --request-rate, one cap on "
+        "requests in flight",
+    )
+    add(
+        "--request-rate",
+        help="open loop: comma-separated levels of requests/s, Poisson arrivals (default: "
+        "closed loop)",
+    )
+    add("--seed", type=int, default=0, help="seeds arrival times and the dataset's order")
+    add(
+        "--goodput",
+        help="latency targets in ms, e.g. ttft=500,itl=50 (also tpot, e2el): report the share "
+        "of requests meeting them all",
+    )
     add("--max-tokens", type=int, default=128, help="output tokens per request (default: 128)")
     add("--requests-per-level", type=int, help="requests per level (default: max(8, 4 x C))")
     add("--temperature", type=float, default=0.0)
@@ -61,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared-prefix-tokens",
         type=int,
         help="every prompt starts with the same N-token text, then a short question of its own",
+    )
+    add(
+        "--dataset",
+        type=Path,
+        help="ShareGPT-format JSON: one conversation per request, its history as the prompt "
+        "and its answer's length as max_tokens (bench/data/sharegpt-sample.json is ours)",
     )
     add(
         "--tokenizer",
@@ -107,6 +132,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--extra-body is not JSON: {exc}") from exc
     if not isinstance(extra, dict):
         raise ValueError("--extra-body must be a JSON object")
+    try:
+        rates = tuple(float(x) for x in (args.request_rate or "").split(",") if x.strip())
+    except ValueError:
+        text = args.request_rate
+        raise ValueError(f"--request-rate must be numbers like 0.5,1,2, got {text!r}") from None
     config = BenchConfig(
         url=args.url,
         model=args.model,
@@ -127,25 +157,50 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         server_pid=args.server_pid,
         grpc_target=args.grpc_url,
         prompts=_prompt_set(args),
+        request_rates=rates,
+        goodput=parse_targets(args.goodput or ""),
+        seed=args.seed,
     )
     config.validate()
     return config
 
 
+def parse_targets(text: str) -> dict[str, float]:
+    """``ttft=500,itl=50`` as ``{"ttft": 500.0, "itl": 50.0}`` (checked by validate())."""
+    targets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            targets[name.strip()] = float(value)
+        except ValueError:
+            hint = "name=ms pairs like ttft=500,itl=50"
+            raise ValueError(f"--goodput takes {hint}, got {item!r}") from None
+    return targets
+
+
 def _prompt_set(args: argparse.Namespace) -> Any:
-    """The long-prompt workload the options ask for, or None (the built-in prompts)."""
-    if args.input_tokens is None and args.shared_prefix_tokens is None:
+    """The workload the options ask for (long prompts, a dataset), or None (the built-in
+    prompts)."""
+    chosen = [args.input_tokens, args.shared_prefix_tokens, args.dataset]
+    if all(option is None for option in chosen):
         return None
+    if sum(option is not None for option in chosen) > 1:
+        raise ValueError("choose one of --input-tokens, --shared-prefix-tokens and --dataset")
     for option in (args.input_tokens, args.shared_prefix_tokens):
         if option is not None and option < 1:
             raise ValueError("--input-tokens and --shared-prefix-tokens must be at least 1")
-    from rillet.benchmark.long_prompts import PromptSet
     from rillet.models.loader import load_model_files
 
     tokenizer = load_model_files(args.tokenizer).tokenizer
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
+
+    if args.dataset is not None:
+        from rillet.benchmark.dataset import Conversations
+
+        return Conversations(args.dataset, lambda text: len(encode(text)), args.seed)
+    from rillet.benchmark.long_prompts import PromptSet
 
     return PromptSet(encode, tokenizer.decode, args.input_tokens, args.shared_prefix_tokens)
 

@@ -9,9 +9,11 @@ Order within a step: running requests first (decodes before multi-token chunks, 
 prompt never stalls the streams already flowing), then waiting requests FCFS while the
 budget, ``max_num_seqs`` and the KV blocks allow. When the step carries decodes, its prompt
 tokens (chunks and admissions together) are capped at ``max_prefill_tokens_when_decoding``:
-each prompt token lengthens the step every running stream waits for. When blocks run out for a running request,
-the most recently arrived unscheduled running request is preempted by recompute: its blocks
-are freed and it goes back to the front of the queue with its tokens intact.
+each prompt token lengthens the step every running stream waits for.
+
+When blocks run out for a running request, the most recently arrived unscheduled running
+request is preempted by recompute: its blocks are freed and it goes back to the front of the
+queue with its tokens intact.
 """
 
 from __future__ import annotations
