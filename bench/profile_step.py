@@ -11,15 +11,16 @@ cProfile table, which does show them.
     .venv/bin/python bench/profile_step.py 1 --small-batch-tokens 4   # one thread, as served
     .venv/bin/python bench/profile_step.py 16 --prefill-chunk 128      # + a 128-token chunk
 
-``--prefill-chunk P`` then adds one long prompt and times the steps that carry ``P`` of its
-tokens beside the N decodes (the step budget is set to N + P): what a prefilling prompt
-costs every running stream's inter-token latency.
+``--prefill-chunk P`` then adds one ``--prefill-prompt``-token prompt and times the steps
+that carry it, ``P`` tokens at a time, beside the N decodes: what a prefilling prompt costs
+every running stream's inter-token latency, and what the cap costs the prompt's TTFT.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import pstats
 import random
 import time
@@ -37,18 +38,14 @@ def main() -> None:
     parser.add_argument("--profile", choices=["torch", "python"])
     parser.add_argument("--small-batch-tokens", type=int, default=0)
     parser.add_argument("--prefill-chunk", type=int, default=0, help="prefill tokens per step")
+    parser.add_argument("--prefill-prompt", type=int, default=1024, help="its prompt's tokens")
     parser.add_argument("--quantized-max-batch-tokens", type=int, default=None)
     parser.add_argument(
         "--no-decoder-stack", action="store_true", help="decode steps through the Python layers"
     )
     args = parser.parse_args()
 
-    options = {}
-    if args.prefill_chunk:
-        options["max_num_batched_tokens"] = max(args.requests + args.prefill_chunk, 512)
-        options["max_prefill_tokens_when_decoding"] = args.prefill_chunk
     llm = LLM(
-        **options,
         small_batch_tokens=args.small_batch_tokens,
         quantized_max_batch_tokens=args.quantized_max_batch_tokens,
     )
@@ -73,20 +70,25 @@ def main() -> None:
         f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads"
     )
     if args.prefill_chunk:
-        steps = 8
-        prompt = [rng.randrange(100, vocab) for _ in range(args.prefill_chunk * (steps + 1))]
-        core.add_request(
-            build_request(llm.tokenizer, vocab, llm.parts.max_model_len, prompt, params)
+        # Set now, not at start: under the cap the N prompts above would still be prefilling.
+        scheduler = core.scheduler
+        scheduler.config = dataclasses.replace(
+            scheduler.config, max_prefill_tokens_when_decoding=args.prefill_chunk
         )
-        core.step()  # the first chunk may be smaller than the others: not timed
-        start = time.perf_counter()
-        for _ in range(steps):
+        prompt = [rng.randrange(100, vocab) for _ in range(args.prefill_prompt)]
+        request = build_request(llm.tokenizer, vocab, llm.parts.max_model_len, prompt, params)
+        core.add_request(request)
+        live = core.scheduler.get_request(request.request_id)
+        assert live is not None
+        steps, start = 0, time.perf_counter()
+        while live.num_output_tokens == 0:
             core.step()
+            steps += 1
         mixed = (time.perf_counter() - start) / steps
         print(
-            f"+ {args.prefill_chunk}-token prefill chunk: step {mixed * 1e3:.2f} ms "
-            f"({mixed / step:.2f}x the decode step), "
-            f"{args.prefill_chunk / (mixed - step):.0f} prefill tok/s beside the decodes"
+            f"+ a {args.prefill_prompt}-token prompt in {args.prefill_chunk}-token chunks: "
+            f"{steps} steps of {mixed * 1e3:.1f} ms ({mixed / step:.2f}x the decode step), "
+            f"first token after {steps * mixed:.2f} s"
         )
     if args.profile == "torch":
         with torch.profiler.profile() as prof:
