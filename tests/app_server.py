@@ -57,9 +57,13 @@ class Door:
 
 
 @contextlib.asynccontextmanager
-async def door(**config: Any) -> AsyncIterator[Door]:
-    """``async with door(max_concurrent_requests=1) as d``: a fresh fake engine and app."""
+async def door(
+    generation_defaults: dict[str, Any] | None = None, **config: Any
+) -> AsyncIterator[Door]:
+    """``async with door(max_concurrent_requests=1) as d``: a fresh fake engine and app;
+    ``generation_defaults`` stand in for the model's generation_config.json."""
     engine = FakeEngine()
+    engine.generation_defaults = dict(generation_defaults or {})
     app = create_app(engine, ServerConfig(**config), owns_engine=False)  # type: ignore[arg-type]
     async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
         yield Door(url, engine, app.state.rillet, http)

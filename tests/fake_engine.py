@@ -56,6 +56,8 @@ class FakeEngine:
         self.tokenizer = char_tokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        #: The model's sampling defaults, as a generation_config.json would give them.
+        self.generation_defaults: dict[str, object] = {}
         self.reply = DEFAULT_REPLY
         #: Raised in place of the output after this many tokens (None: no failure).
         self.fail_after: tuple[int, RilletError] | None = None

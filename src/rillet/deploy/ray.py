@@ -85,6 +85,11 @@ class RayAppArgs(BaseModel):
     max_resume_bytes: int = _SERVER.max_resume_bytes
     max_resume_stream_bytes: int = _SERVER.max_resume_stream_bytes
     keep_alive_interval: float = _SERVER.keep_alive_interval_s
+    default_temperature: float | None = None
+    default_top_p: float | None = None
+    default_top_k: int | None = None
+    default_min_p: float | None = None
+    default_repetition_penalty: float | None = None
     engine_in_process: bool = False
 
 

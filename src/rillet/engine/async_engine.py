@@ -26,8 +26,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
@@ -80,12 +80,16 @@ class AsyncEngine:
         max_model_len: int,
         vocab_size: int,
         respawn: Callable[[], EngineBackend] | None = None,
+        generation_defaults: Mapping[str, Any] | None = None,
     ) -> None:
-        """``respawn`` makes a fresh backend for the same model when the core dies."""
+        """``respawn`` makes a fresh backend for the same model when the core dies;
+        ``generation_defaults`` are the model's own sampling defaults (generation_config.json
+        names), which the server may apply to fields a request leaves unset."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.generation_defaults: Mapping[str, Any] = dict(generation_defaults or {})
         self._backend = backend
         self._processor = OutputProcessor(tokenizer)
         self._collectors: dict[str, RequestCollector] = {}
@@ -115,6 +119,7 @@ class AsyncEngine:
                 info.max_model_len,
                 info.vocab_size,
                 respawn=lambda: EngineProcess(config),
+                generation_defaults=info.generation_defaults,
             )
         from rillet.engine.builder import build_engine
 
@@ -131,6 +136,7 @@ class AsyncEngine:
             parts.model_name,
             parts.max_model_len,
             parts.model_config.vocab_size,
+            generation_defaults=parts.generation_defaults,
         )
 
     @property

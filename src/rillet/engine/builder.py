@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ class EngineParts:
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
+    #: The model's own sampling defaults (generation_config.json names), for the server.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,4 +201,5 @@ def build_engine(config: EngineConfig) -> EngineParts:
         max_model_len=max_model_len,
         dtype=dtype,
         device=device,
+        generation_defaults=files.generation_defaults,
     )

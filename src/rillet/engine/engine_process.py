@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rillet.engine.core_loop import Command, CommandKind, CoreLoop, EngineStats, engine_stats
 from rillet.errors import GenerationError, ModelLoadError, RilletError
@@ -53,6 +53,7 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     stats: EngineStats
+    generation_defaults: dict[str, Any]
 
 
 class EngineProcess:
@@ -200,6 +201,7 @@ def run_engine_process(
                 max_model_len=parts.max_model_len,
                 vocab_size=parts.model_config.vocab_size,
                 stats=engine_stats(core),
+                generation_defaults=parts.generation_defaults,
             ),
         )
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rillet.errors import ValidationError
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -46,6 +48,24 @@ class ServerConfig:
     #: On SIGINT/SIGTERM, streams in flight get this long to finish before they are ended
     #: with an error event.
     shutdown_grace_s: float = 10.0
+    #: ``--default-temperature`` & co.: what a request that leaves the field unset gets,
+    #: before the model's own defaults (``sampling_defaults.py``). None: no server default.
+    default_temperature: float | None = None
+    default_top_p: float | None = None
+    default_top_k: int | None = None
+    default_min_p: float | None = None
+    default_repetition_penalty: float | None = None
+
+    @property
+    def default_sampling(self) -> dict[str, float | int | None]:
+        """The ``--default-*`` flags by sampling field name."""
+        return {
+            "temperature": self.default_temperature,
+            "top_p": self.default_top_p,
+            "top_k": self.default_top_k,
+            "min_p": self.default_min_p,
+            "repetition_penalty": self.default_repetition_penalty,
+        }
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,3 +87,9 @@ class ServerConfig:
             raise ValueError("keep-alive interval must be positive, grace non-negative")
         if self.resume_window_s < 0:
             raise ValueError("--resume-window must not be negative")
+        from rillet.server.sampling_defaults import SamplingDefaults
+
+        try:
+            SamplingDefaults(self.default_sampling, {})
+        except ValidationError as exc:
+            raise ValueError(f"a --default-* sampling flag: {exc}") from None

@@ -134,6 +134,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=_DEFAULTS.shutdown_grace_s,
         help="seconds streams may run on after SIGINT/SIGTERM",
     )
+    sampling = p.add_argument_group(
+        "sampling defaults",
+        "What a request that leaves a field unset gets: this flag, else the model's own default "
+        "(generation_config.json, or a GGUF's general.sampling.*), else the API's (OpenAI: "
+        "temperature 1, top_p 1; TGI stays greedy unless the request samples). /info lists the "
+        "defaults in force and where each came from.",
+    )
+    for name, kind in (
+        ("temperature", float),
+        ("top-p", float),
+        ("top-k", int),
+        ("min-p", float),
+        ("repetition-penalty", float),
+    ):
+        sampling.add_argument(f"--default-{name}", type=kind, metavar="X")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -172,6 +187,11 @@ def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]
         resume_window_s=options.resume_window,
         max_resume_bytes=options.max_resume_bytes,
         max_resume_stream_bytes=options.max_resume_stream_bytes,
+        default_temperature=options.default_temperature,
+        default_top_p=options.default_top_p,
+        default_top_k=options.default_top_k,
+        default_min_p=options.default_min_p,
+        default_repetition_penalty=options.default_repetition_penalty,
         **server,
     )
     return engine, config

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from rillet.errors import (
@@ -39,6 +39,7 @@ from rillet.server.config import ServerConfig
 from rillet.server.limits import TokenLimits
 from rillet.server.metrics import EngineStatsLike, ServerMetrics
 from rillet.server.resumable import ResumeLimits, StreamStore
+from rillet.server.sampling_defaults import SamplingDefaults
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class EngineLike(Protocol):
     tokenizer: Tokenizer
     model_name: str
     max_model_len: int
+    #: The model's own sampling defaults (generation_config.json names).
+    generation_defaults: Mapping[str, Any]
 
     def make_request(
         self,
@@ -96,6 +99,9 @@ class GenerationService:
         self.model_name = config.served_model_name or engine.model_name
         self.limits = TokenLimits.resolve(
             config.max_input_tokens, config.max_total_tokens, engine.max_model_len
+        )
+        self.sampling_defaults = SamplingDefaults(
+            config.default_sampling, engine.generation_defaults
         )
         self.metrics = metrics or ServerMetrics()
         self.limit = config.max_concurrent_requests
@@ -164,6 +170,7 @@ class GenerationService:
         client's words and with the configured limit, not the context length.
         """
         names = spec.names
+        spec.params = self.sampling_defaults.apply(spec.params, spec.unset)
         self._check_shape(spec)
         self.limits.check_cap(spec.params, names)
         prompt = spec.prompt

@@ -37,10 +37,13 @@ class GenerationSpec:
     """One request as the service runs it.
 
     ``truncate`` keeps only the last N prompt tokens (TGI's ``truncate``). ``names`` are
-    the client's words for the fields a limit error talks about.
+    the client's words for the fields a limit error talks about. ``unset`` names the
+    sampling fields the request left to the server, which its defaults then fill
+    (``sampling_defaults.py``); ``params`` holds the API's own defaults for them.
     """
 
     prompt: Prompt
     params: SamplingParams
     truncate: int | None = None
     names: FieldNames = field(default=TGI_FIELDS)
+    unset: frozenset[str] = frozenset()

@@ -18,6 +18,7 @@ from huggingface_hub.errors import OverloadedError as HubOverloadedError
 from app_server import door, held_stream, until
 from rillet.client import AsyncClient, AuthenticationError, OverloadedError, Response
 from rillet.client.errors import IncompleteGenerationError as ClientIncomplete
+from rillet.server.sampling_defaults import MODEL_SOURCE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -244,3 +245,21 @@ async def test_curl_receives_each_token_as_it_is_generated() -> None:
         assert await curl.wait() == 0
         texts = [json.loads(e)["token"]["text"] for e in received.split(b"data: ")[1:]]
         assert texts == list("Hello")
+
+
+async def test_unset_sampling_fields_get_the_flag_then_the_models_default() -> None:
+    model = {"temperature": 0.6, "top_p": 0.9}
+    async with door(generation_defaults=model, default_top_p=0.8) as d:
+        info = (await d.http.get("/info")).json()
+        assert info["sampling_defaults"] == {
+            "temperature": {"value": 0.6, "source": MODEL_SOURCE},
+            "top_p": {"value": 0.8, "source": "--default-top-p"},
+        }
+        sdk = openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="k", max_retries=0)
+        await sdk.chat.completions.create(model="m", messages=CHAT["messages"], max_tokens=2)
+        await sdk.completions.create(model="m", prompt="Hi", max_tokens=2, temperature=1.3)
+        async with AsyncInferenceClient(d.url) as hub:
+            await hub.text_generation("Hi", max_new_tokens=2)  # greedy: TGI's own default
+            await hub.text_generation("Hi", max_new_tokens=2, do_sample=True, top_p=0.5)
+        seen = [(r.params.temperature, r.params.top_p) for r in d.engine.requests]
+        assert seen == [(0.6, 0.8), (1.3, 0.8), (0.0, 1.0), (0.6, 0.5)]

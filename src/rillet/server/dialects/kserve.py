@@ -32,7 +32,7 @@ import pydantic
 from rillet.errors import NotFoundError, ValidationError
 from rillet.protocol import RequestOutput
 from rillet.server.dialects.fields import clean_logprob, first_problem, json_loads
-from rillet.server.dialects.openai import SamplingFields, sampling_params
+from rillet.server.dialects.openai import SamplingFields, sampling_params, unset_fields
 from rillet.server.limits import FieldNames
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
@@ -153,7 +153,7 @@ def plan(request: KServeRequest, *, one_response: bool = False) -> KServePlan:
     echo = "" if exclude or isinstance(prompt, ChatPrompt) else prompt
     returns = [output for flag, output in RETURNS.items() if _flag(request, flag, False)]
     return KServePlan(
-        GenerationSpec(prompt, params, names=KSERVE_FIELDS),
+        GenerationSpec(prompt, params, names=KSERVE_FIELDS, unset=unset_fields(fields)),
         stream,
         echo,
         returns,

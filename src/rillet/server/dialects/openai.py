@@ -22,6 +22,7 @@ from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
 from rillet.server.dialects.fields import Lenient, Stop, stop_list
 from rillet.server.limits import FieldNames
+from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
     return OpenAIPlan(
-        GenerationSpec(chat, params, names=CHAT_FIELDS),
+        GenerationSpec(chat, params, names=CHAT_FIELDS, unset=unset_fields(body)),
         chat=True,
         stream=bool(body.stream),
         include_usage=_include_usage(body),
@@ -151,7 +152,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan
     if body.echo:
         echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     return OpenAIPlan(
-        GenerationSpec(prompt, params, names=COMPLETION_FIELDS),
+        GenerationSpec(prompt, params, names=COMPLETION_FIELDS, unset=unset_fields(body)),
         chat=False,
         stream=bool(body.stream),
         include_usage=_include_usage(body),
@@ -186,6 +187,11 @@ def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str
 
 def _include_usage(body: OpenAICommon) -> bool:
     return body.stream_options is not None and bool(body.stream_options.include_usage)
+
+
+def unset_fields(body: SamplingFields) -> frozenset[str]:
+    """The defaultable sampling fields this body leaves unset (``sampling_defaults.py``)."""
+    return frozenset(name for name in DEFAULTABLE if getattr(body, name) is None)
 
 
 def sampling_params(

@@ -23,6 +23,7 @@ from rillet.protocol import GeneratedToken, GeneratedTopToken, PromptToken, Requ
 from rillet.sampling import SamplingParams
 from rillet.server.config import ServerConfig
 from rillet.server.dialects.fields import Lenient, Stop, clean_logprob, stop_list
+from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import GenerationSpec
 
 if TYPE_CHECKING:
@@ -125,8 +126,11 @@ def plan(
         prompt_logprobs=bool(p.decoder_input_details),
     )
     full_text = p.return_full_text if p.return_full_text is not None else full_text_default
+    # TGI is greedy unless the request samples; a sampling request's unset fields are the
+    # server's to fill (sampling_defaults.py).
+    unset = frozenset(name for name in DEFAULTABLE if sampling and getattr(p, name, None) is None)
     return TgiPlan(
-        spec=GenerationSpec(body.inputs, params, truncate=p.truncate),
+        spec=GenerationSpec(body.inputs, params, truncate=p.truncate, unset=unset),
         details=bool(p.details),
         decoder_input_details=bool(p.decoder_input_details),
         top_n_tokens=top_n,

@@ -32,6 +32,7 @@ from rillet.server.dialects.openai import (
     SamplingFields,
     message_dict,
     sampling_params,
+    unset_fields,
 )
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
@@ -94,11 +95,14 @@ def plan_generate(frame: dict[str, Any]) -> WsPlan:
     if (body.messages is None) == (body.prompt is None):
         raise ValidationError("a `generate` frame needs exactly one of `messages` and `prompt`")
     params = sampling_params(body, body.max_tokens, bool(body.logprobs), 0)
+    unset = unset_fields(body)
     if body.messages is not None:
         chat = ChatPrompt([message_dict(m) for m in body.messages])
-        return WsPlan(GenerationSpec(chat, params, names=CHAT_FIELDS), bool(body.logprobs))
+        spec = GenerationSpec(chat, params, names=CHAT_FIELDS, unset=unset)
+        return WsPlan(spec, bool(body.logprobs))
     assert body.prompt is not None
-    return WsPlan(GenerationSpec(body.prompt, params, names=COMPLETION_FIELDS), bool(body.logprobs))
+    spec = GenerationSpec(body.prompt, params, names=COMPLETION_FIELDS, unset=unset)
+    return WsPlan(spec, bool(body.logprobs))
 
 
 def chat_turn(conversation: list[dict[str, Any]], max_total_tokens: int) -> WsPlan:

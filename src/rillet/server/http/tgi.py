@@ -136,6 +136,8 @@ async def info(request: Request) -> dict[str, Any]:
         "version": __version__,
         "sha": None,
         "docker_label": None,
+        # rillet's own: the defaults a request's unset sampling fields get, and their source.
+        "sampling_defaults": service.sampling_defaults.describe(),
     }
 
 
