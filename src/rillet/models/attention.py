@@ -134,22 +134,19 @@ def paged_attention(
 
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        # 4-D [1, H, L, d], not 3-D: only 4-D inputs reach PyTorch's flash kernel on CPU;
-        # 3-D ones take the math path, which materialises the scores (a 1,024-token prompt
-        # of SmolLM2: 1.29 s with 3-D, of which 1.08 s in the math path's ops).
-        q_c = q[rows].transpose(0, 1)[None]
+        q_c = q[rows].transpose(0, 1)  # [H, Lq, d]
         if chunk.context_block_ids is None:
-            k_c, v_c = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
+            k_c, v_c = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=group > 1
             )
         else:
-            k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])  # [1, Hkv, L, d]
-            v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])
+            k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])[0]  # [Hkv, L, d]
+            v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])[0]
             o = F.scaled_dot_product_attention(
                 q_c, k_c, v_c, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
             )
-        out[rows] = o[0].transpose(0, 1)
+        out[rows] = o.transpose(0, 1)
     return out
 
 
