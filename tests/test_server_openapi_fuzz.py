@@ -10,6 +10,7 @@ crash, and after all of it the server is healthy with nothing left in flight.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,12 @@ def assert_error_shape(path: str, body: Any) -> None:
 
 
 def assert_clean_stream(text: str) -> None:
-    """Every event of a 2xx stream is JSON (or ``[DONE]``) and none is an internal error."""
-    for line in text.splitlines():
+    """Every event of a 2xx stream is JSON (or ``[DONE]``) and none is an internal error.
+
+    Lines end at CR, LF or CRLF only, as SSE says: ``str.splitlines`` would also split at
+    U+2028, U+0085 and friends, which JSON leaves raw inside a token's text.
+    """
+    for line in re.split(r"\r\n|\r|\n", text):
         if not line.startswith("data:"):
             continue
         data = line.removeprefix("data:").strip()
