@@ -46,7 +46,7 @@ async def stream_grpc_request(
 ) -> RequestRecord:
     """Fill ``record`` from one streamed call; failures go into ``record.error``."""
     prompt = config.prompt(record.index)
-    record.max_tokens = prompt.max_tokens or config.max_tokens
+    record.max_tokens = config.max_tokens_of(prompt)
     request = infer_request(config, record.index, prompt)
 
     async def one() -> AsyncIterator[pb.ModelInferRequest]:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rillet.benchmark.stats import level_of
+
 
 class PlotUnavailable(Exception):
     """matplotlib is not installed."""
@@ -45,8 +47,8 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
 
     fig, (ax_tput, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, label_rows in by_label.items():
-        label_rows = sorted(label_rows, key=_level)
-        levels = [_level(r) for r in label_rows]
+        label_rows = sorted(label_rows, key=level_of)
+        levels = [level_of(r) for r in label_rows]
         (line,) = ax_tput.plot(
             levels, [r["output_tok_s"] or 0 for r in label_rows], marker="o", label=label
         )
@@ -55,7 +57,7 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
             ttft = [_seconds(r["ttft_ms"][quantile]) for r in label_rows]
             ax_ttft.plot(levels, ttft, style, marker="o", color=color, label=f"{label} {quantile}")
     ticker = importlib.import_module("matplotlib.ticker")
-    all_levels = sorted({_level(r) for r in rows})
+    all_levels = sorted({level_of(r) for r in rows})
     open_loop = any(r.get("request_rate") is not None for r in rows)
     for ax in (ax_tput, ax_ttft):
         ax.set_xscale("log", base=2)
@@ -80,11 +82,6 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def _level(row: dict[str, Any]) -> float:
-    rate = row.get("request_rate")
-    return float(rate) if rate is not None else float(row["concurrency"])
 
 
 def _seconds(ms: float | None) -> float:

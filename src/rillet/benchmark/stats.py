@@ -135,10 +135,16 @@ def _error_kind(error: str | None) -> str:
     return " ".join((error or "unknown").split()[:6])[:80]
 
 
-def level_name(row: Mapping[str, Any]) -> str:
-    """How a row's level reads: its request rate in an open loop, else its concurrency."""
+def level_of(row: Mapping[str, Any]) -> float:
+    """A row's level: its request rate in an open loop, else its concurrency."""
     rate = row.get("request_rate")
-    return f"{rate:g}/s" if rate is not None else str(row["concurrency"])
+    return float(rate) if rate is not None else float(row["concurrency"])
+
+
+def level_name(row: Mapping[str, Any]) -> str:
+    """How a row's level reads: ``2/s`` in an open loop, ``16`` in a closed one."""
+    suffix = "/s" if row.get("request_rate") is not None else ""
+    return f"{level_of(row):g}{suffix}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

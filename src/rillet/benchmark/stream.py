@@ -98,7 +98,7 @@ async def stream_request(
     CancelledError, which marks the record cancelled and propagates.
     """
     prompt = config.prompt(record.index)
-    record.max_tokens = prompt.max_tokens or config.max_tokens
+    record.max_tokens = config.max_tokens_of(prompt)
     body = config.body(prompt)
     start = time.perf_counter()
     saw_done = False

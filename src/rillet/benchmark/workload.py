@@ -174,10 +174,14 @@ class BenchConfig:
         prompt = self.prompts(index)
         return Prompt.user(prompt) if isinstance(prompt, str) else prompt
 
+    def max_tokens_of(self, prompt: Prompt) -> int:
+        """What ``prompt`` asks for: its own length (a dataset's answer), else the run's."""
+        return prompt.max_tokens or self.max_tokens
+
     def sampling(self, prompt: Prompt) -> dict[str, Any]:
         """The sampling fields of one request; ``extra_body`` wins over ours."""
         fields: dict[str, Any] = {
-            "max_tokens": prompt.max_tokens or self.max_tokens,
+            "max_tokens": self.max_tokens_of(prompt),
             "temperature": self.temperature,
         }
         if self.ignore_eos:
