@@ -8,6 +8,8 @@ rest (partial prefill chunks) only the KV cache is written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import accumulate
 from types import ModuleType
 
 import torch
@@ -18,6 +20,7 @@ from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rillet.models.attention import (
     AttentionMetadata,
     KVCache,
+    NativePrefills,
     PrefillChunk,
     allocate_kv_caches,
 )
@@ -179,10 +182,13 @@ class ModelRunner:
                 width = meta.decode_block_ids.shape[1] * self.block_size
                 mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
                 meta.decode_mask = mask.view(len(decodes), 1, 1, width)
+        prefills = scheduled[len(decodes) :]
+        if prefills and self.native is not None:
+            meta.native_prefills = self._native_prefills(prefills)
         row = len(decodes)
-        for s in scheduled[len(decodes) :]:
+        for s in prefills:
             chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)
-            if s.start_position > 0:
+            if s.start_position > 0 and self.native is None:
                 context_len = s.start_position + s.num_new_tokens
                 chunk.context_block_ids = self._block_table([s.request], [context_len])[0]
                 width = chunk.context_block_ids.shape[0] * self.block_size
@@ -192,6 +198,20 @@ class ModelRunner:
             meta.prefills.append(chunk)
             row += s.num_new_tokens
         return meta
+
+    def _native_prefills(self, prefills: list[ScheduledRequest]) -> NativePrefills:
+        """The chunks as the native kernel reads them: no masks, every context in the cache."""
+        lens = [s.num_new_tokens for s in prefills]
+        starts = [0, *accumulate(lens[:-1])]
+        positions = [s.start_position for s in prefills]
+        ends = [p + n for p, n in zip(positions, lens, strict=True)]
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
+        return NativePrefills(
+            block_ids=self._block_table([s.request for s in prefills], ends),
+            query_starts=as_tensor(starts),
+            query_lens=as_tensor(lens),
+            start_positions=as_tensor(positions),
+        )
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         rid = req.request_id

@@ -6,9 +6,13 @@ Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads,
 new tokens are written (by ``ops.rotary_and_cache``, before attention) through the flat
 view ``[num_slots, ...]`` with slot = block_id * block_size + offset.
 
-Contexts are read by gathering whole blocks (``index_select`` over the block axis: a few
-large contiguous copies instead of one small copy per token), padded to a whole number
-of blocks and masked. Decodes run as one batched SDPA: the GQA group is folded into the
+With the native kernels (``cpu_kernels``), decodes and prefill chunks read their contexts in
+place through the block tables, and a prefill row's result does not depend on how its
+prompt was chunked or whether its prefix came from the prefix cache.
+
+Without them, contexts are read by gathering whole blocks (``index_select`` over the block
+axis: a few large contiguous copies instead of one small copy per token), padded to a whole
+number of blocks and masked. Decodes run as one batched SDPA: the GQA group is folded into the
 query-length axis (``[D, kv_heads, group, head_dim]``) so no K/V head is copied
 ``group`` times. Prefill chunks run one SDPA each; a chunk with no cached prefix uses its
 own fresh K/V with a causal mask and never touches the cache for reading.
@@ -59,6 +63,19 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [D] int64
     native: ModuleType | None = None  # compiled CPU kernels (attention and fused ops), if any
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The native prefill kernel's view of ``prefills``: every chunk, cold or not, read from
+    # the cache through its block table (rows relative to the first prefill row).
+    native_prefills: NativePrefills | None = None
+
+
+@dataclass
+class NativePrefills:
+    """The prefill chunks of a step, as ``cpu_kernels.paged_prefill_attention`` reads them."""
+
+    block_ids: torch.Tensor  # [C, max blocks] int64, padded with block 0
+    query_starts: torch.Tensor  # [C] int64, each chunk's first row among the prefill rows
+    query_lens: torch.Tensor  # [C] int64
+    start_positions: torch.Tensor  # [C] int64, each chunk's first position
 
 
 def allocate_kv_caches(
@@ -132,6 +149,20 @@ def paged_attention(
     elif num_decodes:
         _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out)
 
+    if meta.native_prefills is not None and meta.native is not None:
+        chunks = meta.native_prefills
+        out[num_decodes:] = cpu_kernels.paged_prefill_attention(
+            meta.native,
+            q[num_decodes:],
+            key_cache,
+            value_cache,
+            chunks.block_ids,
+            chunks.query_starts,
+            chunks.query_lens,
+            chunks.start_positions,
+            scale,
+        )
+        return out
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         q_c = q[rows].transpose(0, 1)  # [H, Lq, d]

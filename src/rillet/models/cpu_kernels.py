@@ -4,6 +4,12 @@
   Gathering each sequence's context into a padded tensor and calling SDPA copied the whole
   KV context every step and cost more than the matmuls at high batch; the kernel reads each
   K/V row once, in place.
+- Prefill attention read the same way (``csrc/paged_prefill_attention.cpp``), flash-style
+  over 16-key tiles in position order. One layer of a 1,024-token bf16 prompt (9 heads, 3 KV
+  heads, 64 dims): 44.5 ms on SDPA's math path (what 3-D inputs get), 12.0 ms on its flash
+  kernel (4-D), 6.4-8.4 ms here, at the machine's vdpbf16ps rate; the whole prompt's prefill
+  went from 1.22 s to 0.79 s. And a row's result no longer depends on how its prompt was
+  chunked or whether its prefix came from the cache, which SDPA's kernels did not give.
 - The layer's elementwise steps (``csrc/fused_ops.cpp``, called through ``models.ops``):
   residual add + RMSNorm, RoPE + K/V cache write, SwiGLU. Each replaced a run of small torch
   ops whose dispatch cost more than their arithmetic.
@@ -37,6 +43,7 @@ _SOURCES = [
     for name in (
         "module.cpp",
         "paged_decode_attention.cpp",
+        "paged_prefill_attention.cpp",
         "fused_ops.cpp",
         "bf16_linear.cpp",
         "quantized_linear.cpp",
@@ -83,5 +90,31 @@ def paged_decode_attention(
     """query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]."""
     out: torch.Tensor = module.paged_decode_attention(
         query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale
+    )
+    return out
+
+
+def paged_prefill_attention(
+    module: ModuleType,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """query [P, H, d] (prefill rows; chunk c at rows ``query_starts[c]`` onwards, at
+    positions from ``positions[c]``), caches [blocks, block_size, Hkv, d] -> [P, H, d]."""
+    out: torch.Tensor = module.paged_prefill_attention(
+        query.contiguous(),
+        key_cache,
+        value_cache,
+        block_tables,
+        query_starts,
+        query_lens,
+        positions,
+        scale,
     )
     return out

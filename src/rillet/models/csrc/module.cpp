@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &rillet::paged_decode_attention, nogil,
         "decode attention over a paged KV cache");
+  m.def("paged_prefill_attention", &rillet::paged_prefill_attention, nogil,
+        "causal prefill attention over a paged KV cache");
   m.def("add_rms_norm", &rillet::add_rms_norm, nogil, "residual add + RMSNorm");
   m.def("rotary_and_cache", &rillet::rotary_and_cache, nogil,
         "rotary embedding of q and k, in place, and the K/V cache write");

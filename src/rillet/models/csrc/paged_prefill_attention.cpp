@@ -1,0 +1,417 @@
+// Prefill attention straight from the paged KV cache, for CPUs.
+//
+// The rows of one step's prefill chunks (whole prompts, chunks after a cached prefix,
+// recomputes) attend causally to their sequence's context, read in place through the block
+// table: no gathered copy of the context and no mask tensor. A chunk's own K/V is in the
+// cache already (rotary_and_cache runs first), so a cold chunk and a chunk after a cached
+// prefix take the same path.
+//
+// Flash-style: every query row keeps a running max, sum and fp32 output, and meets its
+// context 16 keys at a time, in position order from position 0. A row's arithmetic depends
+// only on its own query and its context, never on how the prompt was chunked, which rows
+// share its task, or which thread ran it: a prompt's attention is bitwise the same cold,
+// after a prefix-cache hit, or split into any chunks. (PyTorch's SDPA kernels tile by the
+// shapes they are given, so a cold prompt and a prefix-cache hit rounded differently there,
+// and a bf16 near-tie flipped a greedy answer between them.)
+//
+// A task is one chunk's run of kTileTokens positions for one KV head: its rows are those
+// positions times the `group` query heads sharing that KV head. The task first lays out
+// its context's K and V for its path (widened or paired, K transposed), once for all its
+// rows; then each group of kRows rows runs through every tile it can see with its scores,
+// running maxima and outputs in registers.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace rillet {
+namespace {
+
+constexpr int64_t kKeys = 16;        // keys per tile: one fp32 zmm of scores
+constexpr int64_t kTileTokens = 32;  // query positions per task
+
+// Where keys [0, n) of one KV head live: row t at cache + offset(t).
+struct ContextView {
+  const int64_t* table;
+  int64_t block_size, block_stride, token_stride, head_offset;
+  int64_t offset(int64_t t) const {
+    return table[t / block_size] * block_stride + (t % block_size) * token_stride + head_offset;
+  }
+};
+
+inline int64_t tiles_for(int64_t keys) { return (keys + kKeys - 1) / kKeys; }
+
+// The keys of a row at `pos` in the tile from k0: a prefix of the tile, possibly empty.
+inline int64_t valid_keys(int64_t pos, int64_t k0) {
+  return std::clamp<int64_t>(pos - k0 + 1, 0, kKeys);
+}
+
+// Portable path, any head size and CPU, one row at a time: fp32 queries (scaled), each tile
+// of K transposed to [d][16] and of V as [16][d]; lanes past the context are zero.
+template <typename T>
+struct GenericPath {
+  static constexpr int64_t kRows = 1;
+  int64_t d;
+  float scale;
+  std::vector<float> q, kt, v;
+  GenericPath(int64_t rows, int64_t d_, float scale_) : d(d_), scale(scale_), q(rows * d_) {}
+
+  void set_query(int64_t r, const T* src) {
+    for (int64_t i = 0; i < d; ++i) q[r * d + i] = src ? to_float(src[i]) * scale : 0.f;
+  }
+  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t keys) {
+    const int64_t size = tiles_for(keys) * kKeys * d;
+    if (static_cast<int64_t>(kt.size()) < size) kt.resize(size), v.resize(size);
+    std::fill(kt.begin(), kt.begin() + size, 0.f);
+    std::fill(v.begin(), v.begin() + size, 0.f);
+    for (int64_t t = 0; t < keys; ++t) {
+      const T* k_row = kc + view.offset(t);
+      const T* v_row = vc + view.offset(t);
+      float* k_tile = kt.data() + t / kKeys * kKeys * d;
+      for (int64_t i = 0; i < d; ++i) {
+        k_tile[i * kKeys + t % kKeys] = to_float(k_row[i]);
+        v[t * d + i] = to_float(v_row[i]);
+      }
+    }
+  }
+  // Rows [r0, r0 + kRows), at positions pos[], written to dst[] (nullptr: padding).
+  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+    std::vector<float> out(d);
+    for (int64_t r = 0; r < kRows; ++r) {
+      if (dst[r] == nullptr) continue;
+      float max = -FLT_MAX, sum = 0.f;
+      for (int64_t tile = 0; tile * kKeys <= pos[r]; ++tile) {
+        const int64_t n = valid_keys(pos[r], tile * kKeys);
+        const float* k_tile = kt.data() + tile * kKeys * d;
+        float scores[kKeys], p[kKeys];
+        float new_max = max;
+        for (int64_t j = 0; j < n; ++j) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < d; ++i) acc += q[(r0 + r) * d + i] * k_tile[i * kKeys + j];
+          scores[j] = acc;
+          new_max = std::max(new_max, acc);
+        }
+        const float alpha = std::exp(max - new_max);
+        sum *= alpha;
+        for (int64_t i = 0; i < d; ++i) out[i] *= alpha;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = std::exp(scores[j] - new_max);
+          sum += p[j];
+          const float* v_row = v.data() + (tile * kKeys + j) * d;
+          for (int64_t i = 0; i < d; ++i) out[i] += p[j] * v_row[i];
+        }
+        max = new_max;
+      }
+      for (int64_t i = 0; i < d; ++i) store(dst[r] + i, out[i] / sum);
+    }
+  }
+};
+
+#if defined(__AVX512F__)
+// One row's online-softmax update for a tile of scores, in registers: returns the row's
+// probabilities (zero past `valid`), and rescales its output `acc` and lane sums `sum`
+// only when the running max grows (most tiles after the first few leave it, and skip
+// the exp). With no valid key it is an exact no-op, so a row's result never depends on
+// the rows it runs beside. ROUND: probabilities rounded to bf16 first, as the bf16 path
+// multiplies them, so that the sum divides exactly what was accumulated.
+template <bool ROUND, int VEC>
+inline __m512 online_softmax(__m512 scores, int64_t valid, float& max, __m512& sum, __m512* acc) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512 s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-FLT_MAX), scores);
+  const float new_max = std::max(max, _mm512_reduce_max_ps(s));
+  __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
+  if constexpr (ROUND) {
+    e = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e))), 16));
+  }
+  if (new_max > max) {
+    const __m512 alpha = exp16(_mm512_set1_ps(max - new_max));
+    sum = _mm512_mul_ps(sum, alpha);
+    for (int j = 0; j < VEC; ++j) acc[j] = _mm512_mul_ps(acc[j], alpha);
+    max = new_max;
+  }
+  sum = _mm512_add_ps(sum, e);
+  return e;
+}
+
+template <typename T, int VEC>
+inline void store_row(T* dst, const __m512* acc, __m512 sum) {
+  if (dst == nullptr) return;
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int j = 0; j < VEC; ++j) store16(dst + j * 16, _mm512_mul_ps(acc[j], inv));
+}
+
+// Rows run together: as many as keep their outputs, lane sums and score chains in the 32
+// zmm registers (three at head size 64: with four, GCC spilled accumulators every tile).
+constexpr int64_t rows_for(int vec) { return vec <= 4 ? 3 : vec <= 8 ? 2 : 1; }
+
+// fp32 math for head_dim = 16 * VEC. Scores: sum over i of q[i] (broadcast) x kt[i]
+// (16 keys) in two chains per row (even and odd i), for independent FMA chains.
+template <typename T, int VEC>
+struct Fp32Path : GenericPath<T> {
+  static constexpr int D = VEC * 16;
+  static constexpr int64_t kRows = rows_for(VEC);
+  using GenericPath<T>::GenericPath;
+
+  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+    const float* q = this->q.data() + r0 * D;
+    __m512 acc[kRows][VEC], sum[kRows];
+    float max[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_setzero_ps();
+      sum[r] = _mm512_setzero_ps();
+      max[r] = -FLT_MAX;
+    }
+    alignas(64) float p[kRows][kKeys];
+    for (int64_t tile = 0; tile * kKeys <= pos[kRows - 1]; ++tile) {
+      const float* kt = this->kt.data() + tile * kKeys * D;
+      const float* v = this->v.data() + tile * kKeys * D;
+      __m512 even[kRows], odd[kRows];
+      for (int r = 0; r < kRows; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+      for (int i = 0; i < D; i += 2) {
+        const __m512 k0 = _mm512_loadu_ps(kt + i * kKeys);
+        const __m512 k1 = _mm512_loadu_ps(kt + (i + 1) * kKeys);
+        for (int r = 0; r < kRows; ++r) {
+          even[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + i]), k0, even[r]);
+          odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + i + 1]), k1, odd[r]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        _mm512_store_ps(p[r], online_softmax<false, VEC>(_mm512_add_ps(even[r], odd[r]),
+                                                         valid_keys(pos[r], tile * kKeys),
+                                                         max[r], sum[r], acc[r]));
+      const int64_t keys = valid_keys(pos[kRows - 1], tile * kKeys);
+      for (int64_t k = 0; k < keys; ++k) {
+        __m512 vk[VEC];
+        for (int j = 0; j < VEC; ++j) vk[j] = _mm512_loadu_ps(v + k * D + j * 16);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512 pk = _mm512_set1_ps(p[r][k]);
+          for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_fmadd_ps(pk, vk[j], acc[r][j]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) store_row<T, VEC>(dst[r], acc[r], sum[r]);
+  }
+};
+#endif
+
+#if defined(__AVX512BF16__)
+// bf16 data on vdpbf16ps, which multiplies pairs of bf16 exactly and adds in fp32: half the
+// instructions of the fp32 path (Zen 4 retires one 512-bit FMA a cycle, so that is the
+// bound). Operands are pairs along the reduced axis: the query's (q[2i], q[2i+1]) against
+// kp[i][key] = (k[key][2i], k[key][2i+1]); the probabilities (p[2k], p[2k+1]), rounded
+// to bf16, against vp[k][i] = (v[2k][i], v[2k+1][i]). The scale is applied to the scores.
+template <int VEC>
+struct Bf16Path {
+  using T = c10::BFloat16;
+  static constexpr int D = VEC * 16;
+  static constexpr int64_t kRows = rows_for(VEC);
+  float scale;
+  std::vector<uint32_t> q, kp, vp;
+  Bf16Path(int64_t rows, int64_t, float scale_) : scale(scale_), q(rows * D / 2) {}
+
+  void set_query(int64_t r, const T* src) {
+    if (src)
+      std::memcpy(q.data() + r * D / 2, src, D * sizeof(T));
+    else
+      std::fill(q.begin() + r * D / 2, q.begin() + (r + 1) * D / 2, 0u);
+  }
+  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t keys) {
+    const int64_t size = tiles_for(keys) * kKeys * D / 2;
+    if (static_cast<int64_t>(kp.size()) < size) kp.resize(size), vp.resize(size);
+    std::fill(kp.begin(), kp.begin() + size, 0u);
+    for (int64_t t = 0; t < keys; ++t) {
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(kc + view.offset(t));
+      uint32_t* k_tile = kp.data() + t / kKeys * kKeys * D / 2;
+      for (int i = 0; i < D / 2; ++i) k_tile[i * kKeys + t % kKeys] = pairs[i];
+    }
+    for (int64_t t = 0; t < tiles_for(keys) * kKeys; t += 2) {
+      const T* lo = t < keys ? vc + view.offset(t) : nullptr;
+      const T* hi = t + 1 < keys ? vc + view.offset(t + 1) : nullptr;
+      for (int i = 0; i < D; i += 16) {
+        const __m512i a = lo ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(lo + i)))
+                             : _mm512_setzero_si512();
+        const __m512i b = hi ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(hi + i)))
+                             : _mm512_setzero_si512();
+        _mm512_storeu_si512(vp.data() + t / 2 * D + i, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+      }
+    }
+  }
+  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+    const uint32_t* q_rows = q.data() + r0 * D / 2;
+    __m512 acc[kRows][VEC], sum[kRows];
+    float max[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_setzero_ps();
+      sum[r] = _mm512_setzero_ps();
+      max[r] = -FLT_MAX;
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    alignas(64) uint32_t pp[kRows][kKeys / 2];
+    for (int64_t tile = 0; tile * kKeys <= pos[kRows - 1]; ++tile) {
+      const uint32_t* k_tile = kp.data() + tile * kKeys * D / 2;
+      const uint32_t* v_tile = vp.data() + tile * kKeys * D / 2;
+      __m512 even[kRows], odd[kRows];
+      for (int r = 0; r < kRows; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+      for (int i = 0; i < D / 2; i += 2) {
+        const __m512bh k0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k_tile + i * kKeys));
+        const __m512bh k1 =
+            reinterpret_cast<__m512bh>(_mm512_loadu_si512(k_tile + (i + 1) * kKeys));
+        for (int r = 0; r < kRows; ++r) {
+          const uint32_t* row = q_rows + r * D / 2;
+          even[r] = _mm512_dpbf16_ps(
+              even[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(row[i])), k0);
+          odd[r] = _mm512_dpbf16_ps(
+              odd[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(row[i + 1])), k1);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 e = online_softmax<true, VEC>(
+            _mm512_mul_ps(_mm512_add_ps(even[r], odd[r]), vscale),
+            valid_keys(pos[r], tile * kKeys), max[r], sum[r], acc[r]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pp[r]),
+                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+      }
+      const int64_t keys = valid_keys(pos[kRows - 1], tile * kKeys);
+      for (int64_t k2 = 0; 2 * k2 < keys; ++k2) {
+        __m512bh vk[VEC];
+        for (int j = 0; j < VEC; ++j)
+          vk[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(v_tile + k2 * D + j * 16));
+        for (int r = 0; r < kRows; ++r) {
+          const __m512bh pk = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pp[r][k2]));
+          for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pk, vk[j]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) store_row<T, VEC>(dst[r], acc[r], sum[r]);
+  }
+};
+#endif
+
+struct Task {
+  int64_t chunk, kv_head, first, count;  // positions [first, first + count) of the chunk
+  int64_t cost;
+};
+
+struct Problem {
+  const int64_t *starts, *lens, *pos0, *tables;
+  int64_t num_chunks, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  float scale;
+};
+
+template <typename T, typename Path>
+void run_tasks(const Problem& pb, const T* q, const T* kc, const T* vc, T* o) {
+  const int64_t d = pb.head_dim, group = pb.num_heads / pb.num_kv_heads;
+  // Tasks, costliest first (a row's cost grows with its position), handed out one at a time:
+  // a causal prompt split in equal halves would leave one thread three quarters of the work.
+  std::vector<Task> tasks;
+  for (int64_t c = 0; c < pb.num_chunks; ++c)
+    for (int64_t first = 0; first < pb.lens[c]; first += kTileTokens) {
+      const int64_t count = std::min(kTileTokens, pb.lens[c] - first);
+      for (int64_t h = 0; h < pb.num_kv_heads; ++h)
+        tasks.push_back(Task{c, h, first, count, count * (pb.pos0[c] + first + count)});
+    }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  constexpr int64_t kRows = Path::kRows;
+  const int64_t max_rows = (kTileTokens * group + kRows - 1) / kRows * kRows;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Path path(max_rows, d, pb.scale);
+    for (int64_t index = next++; index < static_cast<int64_t>(tasks.size()); index = next++) {
+      const Task& task = tasks[index];
+      const int64_t rows = task.count * group;
+      const int64_t first_pos = pb.pos0[task.chunk] + task.first;
+      // Row r = (position first + r / group, query head kv_head * group + r % group), in
+      // position order. Rows past `rows` pad the last group: zero queries, never stored.
+      auto row_offset = [&](int64_t r) {
+        return ((pb.starts[task.chunk] + task.first + r / group) * pb.num_heads +
+                task.kv_head * group + r % group) * d;
+      };
+      const int64_t padded = (rows + kRows - 1) / kRows * kRows;
+      for (int64_t r = 0; r < padded; ++r) path.set_query(r, r < rows ? q + row_offset(r) : nullptr);
+      const ContextView view{pb.tables + task.chunk * pb.max_blocks, pb.block_size,
+                             pb.block_size * pb.num_kv_heads * d, pb.num_kv_heads * d,
+                             task.kv_head * d};
+      path.load_context(kc, vc, view, first_pos + task.count);
+      for (int64_t r0 = 0; r0 < padded; r0 += kRows) {
+        int64_t pos[kRows];
+        T* dst[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          pos[r] = first_pos + std::min(r0 + r, rows - 1) / group;
+          dst[r] = r0 + r < rows ? o + row_offset(r0 + r) : nullptr;
+        }
+        path.run_group(r0, pos, dst);
+      }
+    }
+  });
+}
+
+template <typename T>
+void prefill_attention(const at::Tensor& query,        // [P, H, d]
+                       const at::Tensor& key_cache,    // [NB, bs, Hkv, d]
+                       const at::Tensor& value_cache,  // [NB, bs, Hkv, d]
+                       const at::Tensor& block_tables, // [C, max_blocks] int64
+                       const at::Tensor& query_starts, // [C] int64, first row of each chunk
+                       const at::Tensor& query_lens,   // [C] int64
+                       const at::Tensor& positions,    // [C] int64, position of each first row
+                       double scale, at::Tensor& out) {
+  const Problem pb{query_starts.data_ptr<int64_t>(), query_lens.data_ptr<int64_t>(),
+                   positions.data_ptr<int64_t>(),    block_tables.data_ptr<int64_t>(),
+                   query_starts.size(0),             query.size(1),
+                   key_cache.size(2),                query.size(2),
+                   key_cache.size(1),                block_tables.size(1),
+                   static_cast<float>(scale)};
+  const T* q = query.data_ptr<T>();
+  const T* kc = key_cache.data_ptr<T>();
+  const T* vc = value_cache.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pb.head_dim == 64) return run_tasks<T, Bf16Path<4>>(pb, q, kc, vc, o);
+    if (pb.head_dim == 128) return run_tasks<T, Bf16Path<8>>(pb, q, kc, vc, o);
+    if (pb.head_dim == 256) return run_tasks<T, Bf16Path<16>>(pb, q, kc, vc, o);
+  }
+#endif
+#if defined(__AVX512F__)
+  if (pb.head_dim == 64) return run_tasks<T, Fp32Path<T, 4>>(pb, q, kc, vc, o);
+  if (pb.head_dim == 128) return run_tasks<T, Fp32Path<T, 8>>(pb, q, kc, vc, o);
+  if (pb.head_dim == 256) return run_tasks<T, Fp32Path<T, 16>>(pb, q, kc, vc, o);
+#endif
+  run_tasks<T, GenericPath<T>>(pb, q, kc, vc, o);
+}
+
+}  // namespace
+
+at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
+                                   at::Tensor block_tables, at::Tensor query_starts,
+                                   at::Tensor query_lens, at::Tensor positions, double scale) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "inputs must be contiguous");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  for (const at::Tensor* t : {&block_tables, &query_starts, &query_lens, &positions})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "block tables, starts, lengths, positions: int64");
+  auto tables = block_tables.contiguous();
+  auto starts = query_starts.contiguous();
+  auto lens = query_lens.contiguous();
+  auto pos = positions.contiguous();
+  auto out = at::empty_like(query);
+  RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, key_cache, value_cache, tables,
+                  starts, lens, pos, scale, out);
+  return out;
+}
+
+}  // namespace rillet
