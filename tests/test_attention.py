@@ -39,6 +39,35 @@ def test_kernel_matches_sdpa(native, dtype, tol, heads, kv_heads, head_dim) -> N
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 1, 256), (8, 2, 24)])
+def test_decode_kernel_honours_a_sliding_window(native, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
+    """Contexts shorter than, equal to and longer than the window of 17 (from mid-block)."""
+    gen = torch.Generator().manual_seed(11)
+    key_cache = torch.randn(64, 16, kv_heads, head_dim, generator=gen)
+    value_cache = torch.randn(64, 16, kv_heads, head_dim, generator=gen)
+    lens = torch.tensor([1, 17, 18, 40, 130])
+    tables = torch.randperm(64, generator=gen)[: 5 * 9].view(5, 9)
+    q = torch.randn(5, heads, head_dim, generator=gen)
+    width = 9 * 16
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.long),
+        positions=torch.zeros(0, dtype=torch.long),
+        num_decode_tokens=5,
+        decode_block_ids=tables,
+        decode_mask=(torch.arange(width)[None] < lens[:, None]).view(5, 1, 1, width),
+        decode_context_lens=lens,
+    )
+    expected = torch.empty_like(q)
+    _decode_with_sdpa(q, key_cache, value_cache, meta, 0.1, expected, window=17)
+    got = cpu_kernels.paged_decode_attention(
+        native, q, key_cache, value_cache, tables, lens, 0.1, window=17
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    unwindowed = torch.empty_like(q)
+    _decode_with_sdpa(q, key_cache, value_cache, meta, 0.1, unwindowed)
+    assert not torch.allclose(got[3:], unwindowed[3:])  # the window did cut something
+
+
 def test_kernel_result_does_not_depend_on_the_batch(native) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
     key_cache = torch.randn(32, 16, 3, 64, generator=gen).to(torch.bfloat16)
@@ -83,15 +112,20 @@ def _prefill_reference(
     table: torch.Tensor,
     start: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """fp32 causal attention of q [L, H, d] at positions start.. over the gathered context."""
+    """fp32 causal attention of q [L, H, d] at positions start.. over the gathered context
+    (a query at p sees keys p - window + 1 .. p under a sliding window)."""
     length, _, _ = q.shape
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     positions = torch.arange(start + length)
     slots = table[positions // block_size] * block_size + positions % block_size
     k = key_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).float()
     v = value_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).float()
-    mask = positions[None] <= torch.arange(start, start + length)[:, None]
+    queries = torch.arange(start, start + length)[:, None]
+    mask = positions[None] <= queries
+    if window is not None:
+        mask &= positions[None] > queries - window
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )
@@ -113,6 +147,7 @@ def _random_caches(
 CHUNKS = [(0, 45), (37, 20), (64, 1), (16, 16), (0, 1), (90, 150)]
 
 
+@pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
@@ -128,7 +163,7 @@ CHUNKS = [(0, 45), (37, 20), (64, 1), (16, 16), (0, 1), (90, 150)]
         (4, 4, 32),
     ],
 )
-def test_prefill_kernel_matches_sdpa(native, dtype, tol, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
+def test_prefill_kernel_matches_sdpa(native, window, dtype, tol, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
     key_cache, value_cache = _random_caches(gen, 160, kv_heads, head_dim, dtype)
     max_blocks = 16
@@ -147,10 +182,13 @@ def test_prefill_kernel_matches_sdpa(native, dtype, tol, heads, kv_heads, head_d
         torch.tensor(lens),
         torch.tensor([p for p, _ in CHUNKS]),
         scale,
+        window,
     )
     for c, (position, length) in enumerate(CHUNKS):
         rows = slice(int(starts[c]), int(starts[c]) + length)
-        expected = _prefill_reference(q[rows], key_cache, value_cache, tables[c], position, scale)
+        expected = _prefill_reference(
+            q[rows], key_cache, value_cache, tables[c], position, scale, window
+        )
         torch.testing.assert_close(got[rows].float(), expected, rtol=tol, atol=tol)
 
 

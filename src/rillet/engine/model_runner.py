@@ -24,7 +24,7 @@ from rillet.models.attention import (
     PrefillChunk,
     allocate_kv_caches,
 )
-from rillet.models.llama import LlamaForCausalLM
+from rillet.models.causal_lm import CausalLM
 from rillet.protocol import TopLogprob
 
 
@@ -47,7 +47,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         num_blocks: int,
         block_size: int,
         device: torch.device,
@@ -187,7 +187,9 @@ class ModelRunner:
             meta.native_prefills = self._native_prefills(prefills)
         row = len(decodes)
         for s in prefills:
-            chunk = PrefillChunk(query_start=row, query_len=s.num_new_tokens)
+            chunk = PrefillChunk(
+                query_start=row, query_len=s.num_new_tokens, start_position=s.start_position
+            )
             if s.start_position > 0 and self.native is None:
                 context_len = s.start_position + s.num_new_tokens
                 chunk.context_block_ids = self._block_table([s.request], [context_len])[0]

@@ -48,6 +48,7 @@ class PrefillChunk:
     query_len: int
     context_block_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    start_position: int = 0
 
 
 @dataclass
@@ -116,10 +117,12 @@ def paged_attention(
     cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attend; this step's K/V must already be in the cache. q [T, H, d], k/v [T, Hkv, d].
 
-    Returns [T, H, d].
+    ``window``: a sliding window (a query at p sees keys p - window + 1 .. p), None for full
+    causal attention. Returns [T, H, d].
     """
     key_cache, value_cache = cache
     num_decodes = meta.num_decode_tokens
@@ -134,6 +137,7 @@ def paged_attention(
             meta.decode_block_ids,
             meta.decode_context_lens,
             scale,
+            window,
         )
         if not meta.prefills:
             # A decode-only step, the steady state of streaming: the kernel's output is the
@@ -147,7 +151,7 @@ def paged_attention(
     if decoded is not None:
         out[:num_decodes] = decoded
     elif num_decodes:
-        _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out)
+        _decode_with_sdpa(q, key_cache, value_cache, meta, scale, out, window)
 
     if meta.native_prefills is not None and meta.native is not None:
         chunks = meta.native_prefills
@@ -161,21 +165,34 @@ def paged_attention(
             chunks.query_lens,
             chunks.start_positions,
             scale,
+            window,
         )
         return out
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         q_c = q[rows].transpose(0, 1)  # [H, Lq, d]
-        if chunk.context_block_ids is None:
+        if chunk.context_block_ids is None and window is None:
             k_c, v_c = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=group > 1
             )
         else:
-            k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])[0]  # [Hkv, L, d]
-            v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])[0]
+            if chunk.context_block_ids is None:  # a cold chunk: its own K/V, causal
+                k_c, v_c = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                q_pos = torch.arange(chunk.query_len, device=q.device)
+                mask = q_pos[None] <= q_pos[:, None]
+            else:
+                k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])[0]  # [Hkv, L, d]
+                v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])[0]
+                assert chunk.mask is not None
+                mask = chunk.mask
+            if window is not None:
+                first = chunk.start_position
+                q_pos = torch.arange(first, first + chunk.query_len, device=q.device)
+                k_pos = torch.arange(mask.shape[1], device=q.device)
+                mask = mask & (k_pos[None] > q_pos[:, None] - window)
             o = F.scaled_dot_product_attention(
-                q_c, k_c, v_c, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
+                q_c, k_c, v_c, attn_mask=mask, scale=scale, enable_gqa=group > 1
             )
         out[rows] = o.transpose(0, 1)
     return out
@@ -196,13 +213,20 @@ def _decode_with_sdpa(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    window: int | None = None,
 ) -> None:
     """Portable decode path: gather padded contexts, one batched SDPA."""
     assert meta.decode_block_ids is not None and meta.decode_mask is not None
+    mask = meta.decode_mask
+    if window is not None:
+        assert meta.decode_context_lens is not None
+        k_pos = torch.arange(mask.shape[-1], device=q.device)
+        first = (meta.decode_context_lens - window).view(-1, 1, 1, 1)
+        mask = mask & (k_pos >= first)
     num_decodes, num_heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
     k_ctx = _gather_blocks(key_cache, meta.decode_block_ids)  # [D, Hkv, L, d]
     v_ctx = _gather_blocks(value_cache, meta.decode_block_ids)
-    o = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, scale=scale)
+    o = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=mask, scale=scale)
     out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)

@@ -86,10 +86,12 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]."""
+    """query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]; ``window``: only
+    the last ``window`` keys of each context (None: all)."""
     out: torch.Tensor = module.paged_decode_attention(
-        query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale
+        query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale, window or 0
     )
     return out
 
@@ -104,9 +106,11 @@ def paged_prefill_attention(
     query_lens: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """query [P, H, d] (prefill rows; chunk c at rows ``query_starts[c]`` onwards, at
-    positions from ``positions[c]``), caches [blocks, block_size, Hkv, d] -> [P, H, d]."""
+    positions from ``positions[c]``), caches [blocks, block_size, Hkv, d] -> [P, H, d].
+    ``window``: a row at p sees keys p - window + 1 .. p (None: 0 .. p)."""
     out: torch.Tensor = module.paged_prefill_attention(
         query.contiguous(),
         key_cache,
@@ -116,5 +120,6 @@ def paged_prefill_attention(
         query_lens,
         positions,
         scale,
+        window or 0,
     )
     return out

@@ -59,7 +59,7 @@ at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor positions, at::Te
                      num_heads_, num_kv_heads_);
     at::Tensor q = qkv.slice(1, 0, q_width).view({rows, num_heads_, head_dim}).contiguous();
     at::Tensor attended = paged_decode_attention(q, layer.key_cache, layer.value_cache, block_tables,
-                                                 context_lens, scale_);
+                                                 context_lens, scale_, /*window=*/0);
     at::Tensor o = linear(attended.reshape({rows, q_width}).contiguous(), layer.o);
     at::Tensor mlp_in = add_rms_norm(o, residual, layer.post_norm, eps_);
     x = linear(silu_and_mul(linear(mlp_in, layer.gate_up)), layer.down);

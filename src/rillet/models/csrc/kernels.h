@@ -18,16 +18,20 @@
 
 namespace rillet {
 
-// query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]
+// query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]; window > 0: only the
+// last `window` keys of each context (a sliding window), 0: all.
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
-                                  at::Tensor block_tables, at::Tensor context_lens, double scale);
+                                  at::Tensor block_tables, at::Tensor context_lens, double scale,
+                                  int64_t window);
 
 // query [P, H, d]: the rows of prefill chunks, chunk c at rows [starts[c], starts[c] + lens[c])
 // and positions from positions[c], each attending causally to its own context through its
 // row of block_tables [C, max_blocks] -> [P, H, d]. The chunks' K/V must be in the cache.
+// window > 0: a row at p sees keys p - window + 1 .. p only.
 at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
                                    at::Tensor block_tables, at::Tensor query_starts,
-                                   at::Tensor query_lens, at::Tensor positions, double scale);
+                                   at::Tensor query_lens, at::Tensor positions, double scale,
+                                   int64_t window);
 
 // residual += x (when given), then x <- rms_norm(residual) * weight; see fused_ops.cpp.
 at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight,

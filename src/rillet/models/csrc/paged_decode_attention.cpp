@@ -45,10 +45,12 @@ inline void axpy(float* acc, float p, const T* v, int64_t n) {
   for (; i < n; ++i) acc[i] += p * to_float(v[i]);
 }
 
-// Where one task's rows live: K/V rows 0..len of kv head `kvh` of one sequence.
+// Where one task's rows live: K/V rows first..len of kv head `kvh` of one sequence (first
+// is past 0 only under a sliding window).
 struct TaskView {
   const int64_t* table;
-  int64_t len, block_size, token_stride, block_stride, head_offset;
+  int64_t len, block_size, token_stride, block_stride, head_offset, first;
+  int64_t count() const { return len - first; }
 };
 
 // fn(t, offset of row t) for t = 0..len, walking the block table block by block (no
@@ -68,14 +70,16 @@ inline void prefetch_block(const TaskView& view, const T* cache, int64_t b, int6
     for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(rows + i * stride + line);
 }
 
+// fn(t - first, offset of row t) for t = first..len.
 template <typename T, typename Fn>
 inline void for_each_row(const TaskView& view, const T* cache, int64_t row_bytes, Fn&& fn) {
-  int64_t t = 0;
-  for (int64_t b = 0; t < view.len; ++b) {
+  int64_t t = view.first;
+  for (int64_t b = view.first / view.block_size; t < view.len; ++b) {
     const int64_t base = view.table[b] * view.block_stride + view.head_offset;
-    const int64_t rows = std::min(view.block_size, view.len - t);
+    const int64_t end = std::min(view.block_size, view.len - b * view.block_size);
     prefetch_block(view, cache, b + 1, row_bytes);
-    for (int64_t i = 0; i < rows; ++i, ++t) fn(t, base + i * view.token_stride);
+    for (int64_t i = t - b * view.block_size; i < end; ++i, ++t)
+      fn(t - view.first, base + i * view.token_stride);
   }
 }
 
@@ -83,7 +87,7 @@ inline void for_each_row(const TaskView& view, const T* cache, int64_t row_bytes
 template <typename T>
 void attend_generic(const float* qf, int64_t group, int64_t head_dim, const T* kc, const T* vc,
                     const TaskView& view, float* scores, float* acc) {
-  const int64_t len = view.len;
+  const int64_t len = view.count();
   const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
   for_each_row(view, kc, row_bytes, [&](int64_t t, int64_t row) {
     for (int64_t g = 0; g < group; ++g)
@@ -142,7 +146,7 @@ template <typename T, int VEC, int GC>
 void attend_avx512(const float* qf, int64_t group, const T* kc, const T* vc,
                    const TaskView& view, float* scores, float* acc) {
   constexpr int D = VEC * 16;
-  const int64_t len = view.len;
+  const int64_t len = view.count();
   for (int64_t g0 = 0; g0 < group; g0 += GC) {
     __m512 q[GC][VEC];
     for (int g = 0; g < GC; ++g)
@@ -209,7 +213,7 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
                       const at::Tensor& value_cache,  // [NB, bs, Hkv, d]
                       const at::Tensor& block_tables, // [D, max_blocks] int64
                       const at::Tensor& context_lens, // [D] int64
-                      double scale, at::Tensor& out) {
+                      double scale, int64_t window, at::Tensor& out) {
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t head_dim = query.size(2);
@@ -233,13 +237,15 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
     std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kvh = task % num_kv_heads;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[seq] - window) : 0;
       const TaskView view{tables + seq * max_blocks, lens[seq], block_size,
-                          token_stride, block_stride, kvh * head_dim};
+                          token_stride, block_stride, kvh * head_dim, first};
       for (int64_t g = 0; g < group; ++g) {
         const T* src = q + (seq * num_heads + kvh * group + g) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) qf[g * head_dim + i] = to_float(src[i]) * fscale;
       }
-      if (static_cast<int64_t>(scores.size()) < group * view.len) scores.resize(group * view.len);
+      if (static_cast<int64_t>(scores.size()) < group * view.count())
+        scores.resize(group * view.count());
       if (fast != nullptr)
         fast(qf.data(), group, kc, vc, view, scores.data(), acc.data());
       else
@@ -256,7 +262,7 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
 
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
                                      at::Tensor value_cache, at::Tensor block_tables,
-                                     at::Tensor context_lens, double scale) {
+                                     at::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "inputs must be contiguous");
@@ -267,7 +273,7 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
   auto lens = context_lens.contiguous();
   auto out = at::empty_like(query);
   RILLET_DISPATCH(query.scalar_type(), decode_attention, query, key_cache, value_cache, tables,
-                  lens, scale, out);
+                  lens, scale, window, out);
   return out;
 }
 

@@ -49,10 +49,17 @@ struct ContextView {
 
 inline int64_t tiles_for(int64_t keys) { return (keys + kKeys - 1) / kKeys; }
 
-// The keys of a row at `pos` in the tile from k0: a prefix of the tile, possibly empty.
-inline int64_t valid_keys(int64_t pos, int64_t k0) {
-  return std::clamp<int64_t>(pos - k0 + 1, 0, kKeys);
-}
+// The keys a row sees: positions [first, pos] (first > 0 under a sliding window).
+struct RowKeys {
+  int64_t first, pos;
+  // Its lanes [begin, end) of the tile from k0 (possibly empty).
+  int64_t begin(int64_t k0) const { return std::clamp<int64_t>(first - k0, 0, kKeys); }
+  int64_t end(int64_t k0) const { return std::clamp<int64_t>(pos - k0 + 1, 0, kKeys); }
+  uint32_t mask(int64_t k0) const {
+    const int64_t b = begin(k0), e = end(k0);
+    return b >= e ? 0u : ((1u << e) - 1u) & ~((1u << b) - 1u);
+  }
+};
 
 // Portable path, any head size and CPU, one row at a time: fp32 queries (scaled), each tile
 // of K transposed to [d][16] and of V as [16][d]; lanes past the context are zero.
@@ -67,12 +74,14 @@ struct GenericPath {
   void set_query(int64_t r, const T* src) {
     for (int64_t i = 0; i < d; ++i) q[r * d + i] = src ? to_float(src[i]) * scale : 0.f;
   }
-  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t keys) {
-    const int64_t size = tiles_for(keys) * kKeys * d;
+  // Keys [first, keys) into their tiles (tiles before first's are left as they are).
+  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t first,
+                    int64_t keys) {
+    const int64_t size = tiles_for(keys) * kKeys * d, from = first / kKeys * kKeys * d;
     if (static_cast<int64_t>(kt.size()) < size) kt.resize(size), v.resize(size);
-    std::fill(kt.begin(), kt.begin() + size, 0.f);
-    std::fill(v.begin(), v.begin() + size, 0.f);
-    for (int64_t t = 0; t < keys; ++t) {
+    std::fill(kt.begin() + from, kt.begin() + size, 0.f);
+    std::fill(v.begin() + from, v.begin() + size, 0.f);
+    for (int64_t t = first; t < keys; ++t) {
       const T* k_row = kc + view.offset(t);
       const T* v_row = vc + view.offset(t);
       float* k_tile = kt.data() + t / kKeys * kKeys * d;
@@ -82,18 +91,19 @@ struct GenericPath {
       }
     }
   }
-  // Rows [r0, r0 + kRows), at positions pos[], written to dst[] (nullptr: padding).
-  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+  // Rows [r0, r0 + kRows), seeing keys[], written to dst[] (nullptr: padding).
+  void run_group(int64_t r0, const RowKeys* keys, T* const* dst) {
     std::vector<float> out(d);
     for (int64_t r = 0; r < kRows; ++r) {
       if (dst[r] == nullptr) continue;
+      std::fill(out.begin(), out.end(), 0.f);
       float max = -FLT_MAX, sum = 0.f;
-      for (int64_t tile = 0; tile * kKeys <= pos[r]; ++tile) {
-        const int64_t n = valid_keys(pos[r], tile * kKeys);
+      for (int64_t tile = keys[r].first / kKeys; tile * kKeys <= keys[r].pos; ++tile) {
+        const int64_t b = keys[r].begin(tile * kKeys), n = keys[r].end(tile * kKeys);
         const float* k_tile = kt.data() + tile * kKeys * d;
         float scores[kKeys], p[kKeys];
         float new_max = max;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = b; j < n; ++j) {
           float acc = 0.f;
           for (int64_t i = 0; i < d; ++i) acc += q[(r0 + r) * d + i] * k_tile[i * kKeys + j];
           scores[j] = acc;
@@ -102,7 +112,7 @@ struct GenericPath {
         const float alpha = std::exp(max - new_max);
         sum *= alpha;
         for (int64_t i = 0; i < d; ++i) out[i] *= alpha;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = b; j < n; ++j) {
           p[j] = std::exp(scores[j] - new_max);
           sum += p[j];
           const float* v_row = v.data() + (tile * kKeys + j) * d;
@@ -117,14 +127,14 @@ struct GenericPath {
 
 #if defined(__AVX512F__)
 // One row's online-softmax update for a tile of scores, in registers: returns the row's
-// probabilities (zero past `valid`), and rescales its output `acc` and lane sums `sum`
+// probabilities (zero outside `lanes`), and rescales its output `acc` and lane sums `sum`
 // only when the running max grows (most tiles after the first few leave it, and skip
 // the exp). With no valid key it is an exact no-op, so a row's result never depends on
 // the rows it runs beside. ROUND: probabilities rounded to bf16 first, as the bf16 path
 // multiplies them, so that the sum divides exactly what was accumulated.
 template <bool ROUND, int VEC>
-inline __m512 online_softmax(__m512 scores, int64_t valid, float& max, __m512& sum, __m512* acc) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+inline __m512 online_softmax(__m512 scores, uint32_t lanes, float& max, __m512& sum, __m512* acc) {
+  const __mmask16 mask = static_cast<__mmask16>(lanes);
   const __m512 s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-FLT_MAX), scores);
   const float new_max = std::max(max, _mm512_reduce_max_ps(s));
   __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
@@ -161,7 +171,7 @@ struct Fp32Path : GenericPath<T> {
   static constexpr int64_t kRows = rows_for(VEC);
   using GenericPath<T>::GenericPath;
 
-  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+  void run_group(int64_t r0, const RowKeys* keys, T* const* dst) {
     const float* q = this->q.data() + r0 * D;
     __m512 acc[kRows][VEC], sum[kRows];
     float max[kRows];
@@ -171,7 +181,8 @@ struct Fp32Path : GenericPath<T> {
       max[r] = -FLT_MAX;
     }
     alignas(64) float p[kRows][kKeys];
-    for (int64_t tile = 0; tile * kKeys <= pos[kRows - 1]; ++tile) {
+    // Rows are in position order: the first sees the first key, the last the last.
+    for (int64_t tile = keys[0].first / kKeys; tile * kKeys <= keys[kRows - 1].pos; ++tile) {
       const float* kt = this->kt.data() + tile * kKeys * D;
       const float* v = this->v.data() + tile * kKeys * D;
       __m512 even[kRows], odd[kRows];
@@ -186,10 +197,10 @@ struct Fp32Path : GenericPath<T> {
       }
       for (int r = 0; r < kRows; ++r)
         _mm512_store_ps(p[r], online_softmax<false, VEC>(_mm512_add_ps(even[r], odd[r]),
-                                                         valid_keys(pos[r], tile * kKeys),
+                                                         keys[r].mask(tile * kKeys),
                                                          max[r], sum[r], acc[r]));
-      const int64_t keys = valid_keys(pos[kRows - 1], tile * kKeys);
-      for (int64_t k = 0; k < keys; ++k) {
+      const int64_t end = keys[kRows - 1].end(tile * kKeys);
+      for (int64_t k = 0; k < end; ++k) {
         __m512 vk[VEC];
         for (int j = 0; j < VEC; ++j) vk[j] = _mm512_loadu_ps(v + k * D + j * 16);
         for (int r = 0; r < kRows; ++r) {
@@ -224,18 +235,19 @@ struct Bf16Path {
     else
       std::fill(q.begin() + r * D / 2, q.begin() + (r + 1) * D / 2, 0u);
   }
-  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t keys) {
-    const int64_t size = tiles_for(keys) * kKeys * D / 2;
+  void load_context(const T* kc, const T* vc, const ContextView& view, int64_t first,
+                    int64_t keys) {
+    const int64_t size = tiles_for(keys) * kKeys * D / 2, from = first / kKeys * kKeys * D / 2;
     if (static_cast<int64_t>(kp.size()) < size) kp.resize(size), vp.resize(size);
-    std::fill(kp.begin(), kp.begin() + size, 0u);
-    for (int64_t t = 0; t < keys; ++t) {
+    std::fill(kp.begin() + from, kp.begin() + size, 0u);
+    for (int64_t t = first; t < keys; ++t) {
       const uint32_t* pairs = reinterpret_cast<const uint32_t*>(kc + view.offset(t));
       uint32_t* k_tile = kp.data() + t / kKeys * kKeys * D / 2;
       for (int i = 0; i < D / 2; ++i) k_tile[i * kKeys + t % kKeys] = pairs[i];
     }
-    for (int64_t t = 0; t < tiles_for(keys) * kKeys; t += 2) {
-      const T* lo = t < keys ? vc + view.offset(t) : nullptr;
-      const T* hi = t + 1 < keys ? vc + view.offset(t + 1) : nullptr;
+    for (int64_t t = first / kKeys * kKeys; t < tiles_for(keys) * kKeys; t += 2) {
+      const T* lo = first <= t && t < keys ? vc + view.offset(t) : nullptr;
+      const T* hi = first <= t + 1 && t + 1 < keys ? vc + view.offset(t + 1) : nullptr;
       for (int i = 0; i < D; i += 16) {
         const __m512i a = lo ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
                                    reinterpret_cast<const __m256i*>(lo + i)))
@@ -247,7 +259,7 @@ struct Bf16Path {
       }
     }
   }
-  void run_group(int64_t r0, const int64_t* pos, T* const* dst) {
+  void run_group(int64_t r0, const RowKeys* keys, T* const* dst) {
     const uint32_t* q_rows = q.data() + r0 * D / 2;
     __m512 acc[kRows][VEC], sum[kRows];
     float max[kRows];
@@ -258,7 +270,8 @@ struct Bf16Path {
     }
     const __m512 vscale = _mm512_set1_ps(scale);
     alignas(64) uint32_t pp[kRows][kKeys / 2];
-    for (int64_t tile = 0; tile * kKeys <= pos[kRows - 1]; ++tile) {
+    // Rows are in position order: the first sees the first key, the last the last.
+    for (int64_t tile = keys[0].first / kKeys; tile * kKeys <= keys[kRows - 1].pos; ++tile) {
       const uint32_t* k_tile = kp.data() + tile * kKeys * D / 2;
       const uint32_t* v_tile = vp.data() + tile * kKeys * D / 2;
       __m512 even[kRows], odd[kRows];
@@ -278,12 +291,12 @@ struct Bf16Path {
       for (int r = 0; r < kRows; ++r) {
         const __m512 e = online_softmax<true, VEC>(
             _mm512_mul_ps(_mm512_add_ps(even[r], odd[r]), vscale),
-            valid_keys(pos[r], tile * kKeys), max[r], sum[r], acc[r]);
+            keys[r].mask(tile * kKeys), max[r], sum[r], acc[r]);
         _mm256_store_si256(reinterpret_cast<__m256i*>(pp[r]),
                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
       }
-      const int64_t keys = valid_keys(pos[kRows - 1], tile * kKeys);
-      for (int64_t k2 = 0; 2 * k2 < keys; ++k2) {
+      const int64_t end = keys[kRows - 1].end(tile * kKeys);
+      for (int64_t k2 = 0; 2 * k2 < end; ++k2) {
         __m512bh vk[VEC];
         for (int j = 0; j < VEC; ++j)
           vk[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(v_tile + k2 * D + j * 16));
@@ -307,6 +320,8 @@ struct Problem {
   const int64_t *starts, *lens, *pos0, *tables;
   int64_t num_chunks, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   float scale;
+  int64_t window;  // > 0: a sliding window
+  int64_t first_key(int64_t pos) const { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 };
 
 template <typename T, typename Path>
@@ -345,15 +360,16 @@ void run_tasks(const Problem& pb, const T* q, const T* kc, const T* vc, T* o) {
       const ContextView view{pb.tables + task.chunk * pb.max_blocks, pb.block_size,
                              pb.block_size * pb.num_kv_heads * d, pb.num_kv_heads * d,
                              task.kv_head * d};
-      path.load_context(kc, vc, view, first_pos + task.count);
+      path.load_context(kc, vc, view, pb.first_key(first_pos), first_pos + task.count);
       for (int64_t r0 = 0; r0 < padded; r0 += kRows) {
-        int64_t pos[kRows];
+        RowKeys keys[kRows];
         T* dst[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
-          pos[r] = first_pos + std::min(r0 + r, rows - 1) / group;
+          const int64_t pos = first_pos + std::min(r0 + r, rows - 1) / group;
+          keys[r] = RowKeys{pb.first_key(pos), pos};
           dst[r] = r0 + r < rows ? o + row_offset(r0 + r) : nullptr;
         }
-        path.run_group(r0, pos, dst);
+        path.run_group(r0, keys, dst);
       }
     }
   });
@@ -367,13 +383,13 @@ void prefill_attention(const at::Tensor& query,        // [P, H, d]
                        const at::Tensor& query_starts, // [C] int64, first row of each chunk
                        const at::Tensor& query_lens,   // [C] int64
                        const at::Tensor& positions,    // [C] int64, position of each first row
-                       double scale, at::Tensor& out) {
+                       double scale, int64_t window, at::Tensor& out) {
   const Problem pb{query_starts.data_ptr<int64_t>(), query_lens.data_ptr<int64_t>(),
                    positions.data_ptr<int64_t>(),    block_tables.data_ptr<int64_t>(),
                    query_starts.size(0),             query.size(1),
                    key_cache.size(2),                query.size(2),
                    key_cache.size(1),                block_tables.size(1),
-                   static_cast<float>(scale)};
+                   static_cast<float>(scale),        window};
   const T* q = query.data_ptr<T>();
   const T* kc = key_cache.data_ptr<T>();
   const T* vc = value_cache.data_ptr<T>();
@@ -397,7 +413,8 @@ void prefill_attention(const at::Tensor& query,        // [P, H, d]
 
 at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
                                    at::Tensor block_tables, at::Tensor query_starts,
-                                   at::Tensor query_lens, at::Tensor positions, double scale) {
+                                   at::Tensor query_lens, at::Tensor positions, double scale,
+                                   int64_t window) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "inputs must be contiguous");
@@ -410,7 +427,7 @@ at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::T
   auto pos = positions.contiguous();
   auto out = at::empty_like(query);
   RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, key_cache, value_cache, tables,
-                  starts, lens, pos, scale, out);
+                  starts, lens, pos, scale, window, out);
   return out;
 }
 
