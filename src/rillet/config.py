@@ -27,12 +27,14 @@ class EngineConfig:
     decodes (None: no bound beyond the budget).
     Steps of at most ``small_batch_tokens`` tokens run on one CPU thread, leaving the other
     cores to the server's own threads (0 = always use every thread).
-    Steps of at most ``quantized_max_batch_tokens`` rows run the linear layers on 4-bit
-    copies of the weights (8-bit for the LM head) with integer dot products: 2.7x fewer
-    bytes to read, and faster than bf16 at every step size measured. ``None`` turns them on
-    for every step where they cost no precision the checkpoint had: a CPU serving bf16, with
-    rillet's kernel (AVX512-VNNI), a checkpoint whose layers are already 4-bit (the bundled
-    GGUF). 0 turns them off.
+    Steps of at most ``quantized_max_batch_tokens`` rows run the linear layers on 4- or
+    8-bit copies of the weights with integer dot products: 2.7x fewer bytes to read (4-bit),
+    and faster than bf16 at every step size measured. ``None`` turns them on for every step
+    where they cost (next to) no precision the checkpoint had: a CPU serving bf16, with
+    rillet's kernel (AVX512-VNNI), an integer GGUF. Its Q4_0/Q4_1/Q4_K matrices run on the
+    4-bit kernel and Q5_*/Q8_0 on the 8-bit one with the file's own integers
+    (``models.gguf_codes``); others (Q6_K...) are quantized again at 8 bits, and the LM head
+    takes 8 bits unless the file's own are 4. 0 turns them off.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
     ``fail_forward_at_batch_size`` is a fault-injection hook for tests

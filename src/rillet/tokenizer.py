@@ -14,7 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from rillet.chat_template import CHATML_TEMPLATE, ChatTemplate
+from rillet.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, ChatTemplate
 from rillet.errors import ModelLoadError, ValidationError
 from rillet.jsonfile import read_json_object
 from rillet.tokenizer_gguf import build_gguf_backend
@@ -159,6 +159,12 @@ class Tokenizer:
             tid = meta.get(f"tokenizer.ggml.{key}_token_id")
             names[name] = tokens[int(tid)] if tid is not None and 0 <= tid < len(tokens) else None
         template = meta.get("tokenizer.chat_template")
+        turn_end = backend.token_to_id("<end_of_turn>")
+        if turn_end is not None and backend.token_to_id("<start_of_turn>") is not None:
+            # Gemma: llama.cpp ends a generation at <end_of_turn> too (its end-of-generation
+            # tokens), and a file without a template gets Gemma's turns, not ChatML.
+            eos_ids.append(turn_end)
+            template = template or GEMMA_TEMPLATE
         return cls(
             backend,
             bos_token_id=int(bos) if bos is not None else None,

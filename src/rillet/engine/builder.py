@@ -18,6 +18,7 @@ from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels
 from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
+from rillet.models.gemma3 import Gemma3ForCausalLM
 from rillet.models.linear import enable_packed_weights, enable_quantized_weights
 from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
@@ -133,25 +134,29 @@ def build_engine(config: EngineConfig) -> EngineParts:
             f"sequence of max_model_len={max_model_len}; raise the KV budget or lower it"
         )
 
-    model = LlamaForCausalLM.empty(cfg, dtype, device)
+    model_class = Gemma3ForCausalLM if cfg.architecture == "gemma3" else LlamaForCausalLM
+    model = model_class.empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
     native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
     quantized_rows = config.quantized_max_batch_tokens
+    source_bits = files.layer_weight_bits
     if quantized_rows is None:
-        # On only where it loses no precision the checkpoint had (see EngineConfig).
-        source_bits = files.layer_weight_bits
+        # On only where it loses no precision the checkpoint had (see EngineConfig): an
+        # integer GGUF, whose 4- and 5-bit and Q8_0 matrices go to the kernel as they are
+        # (gguf_codes) and whose others (Q6_K...) are quantized again at 8 bits.
         cpu_bf16 = (device.type, dtype) == ("cpu", torch.bfloat16)
-        coarse_source = source_bits is not None and source_bits <= QUANTIZED_LAYER_BITS
         # Every step: the integer kernel beats the bf16 one at every size measured, 1 to 512
         # rows (whole passes, bench/linear_kernels.py), and then results do not depend on
         # how many rows a step has.
-        quantized_rows = config.max_num_batched_tokens if cpu_bf16 and coarse_source else 0
+        quantized_rows = config.max_num_batched_tokens if cpu_bf16 and source_bits else 0
     quantized_layers = 0
-    if native is not None:
-        quantized_layers = enable_quantized_weights(
-            model, quantized_rows, native, QUANTIZED_LAYER_BITS
-        )
+    if native is not None and quantized_rows > 0:
+        if files.group_codes is not None:
+            model.load_group_codes(files.group_codes())
+        # Layers without codes of their own: 8 bits from a file with wider formats, else 4.
+        bits = 8 if source_bits and source_bits > QUANTIZED_LAYER_BITS else QUANTIZED_LAYER_BITS
+        quantized_layers = enable_quantized_weights(model, quantized_rows, native, bits)
     packed_layers = enable_packed_weights(model, native, config.max_num_batched_tokens)
     bind_attributes(model)  # last: after every weight copy above is in place
 

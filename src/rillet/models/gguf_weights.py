@@ -23,10 +23,11 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from rillet.errors import ModelLoadError
-from rillet.models.config import ModelConfig
+from rillet.models.config import GEMMA3_LOCAL_ROPE_THETA, GEMMA3_SLIDING_PATTERN, ModelConfig
+from rillet.models.gguf_codes import GroupCodes, group_codes
 
 #: GGUF ``general.architecture`` -> does llama.cpp permute its q/k rows?
-GGUF_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False}
+GGUF_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False, "gemma3": False}
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,6 +44,16 @@ _BLOCK = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+#: Gemma 3's own block tensors (its ``ffn_norm`` is the norm before the MLP). llama.cpp stores
+#: Gemma's norm weights as 1 + w (its RMSNorm multiplies by the weight); HF's are w.
+_GEMMA3_BLOCK = {
+    **_BLOCK,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 #: Tensors we knowingly skip: Llama-3.1 ``rope_freqs`` (per-dimension rope factors). rillet takes
@@ -82,15 +93,16 @@ def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
     return meta
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """The HF parameter name of GGUF tensor ``name``, or None if it has no HF counterpart."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
+    block = _GEMMA3_BLOCK if arch == "gemma3" else _BLOCK
     match = _BLOCK_NAME.fullmatch(name)
-    if match is None or match.group(2) not in _BLOCK:
+    if match is None or match.group(2) not in block:
         return None
     layer, part, suffix = match.groups()
-    return f"model.layers.{layer}.{_BLOCK[part]}.{suffix}"
+    return f"model.layers.{layer}.{block[part]}.{suffix}"
 
 
 def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -> ModelConfig:
@@ -129,6 +141,16 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -
     head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     bos = meta.get("tokenizer.ggml.bos_token_id")
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        # What llama.cpp (and transformers' GGUF reader) assume for the keys a file lacks.
+        layers = int(need("block_count"))
+        gemma = {
+            "sliding_layers": tuple(bool((i + 1) % GEMMA3_SLIDING_PATTERN) for i in range(layers)),
+            "sliding_window": int(need("attention.sliding_window")),
+            "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA,
+            "query_pre_attn_scalar": float(head_dim or hidden // heads),
+        }
     return ModelConfig(
         architecture=str(arch),
         vocab_size=int(vocab),
@@ -146,13 +168,16 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -
         attention_bias="blk.0.attn_q.bias" in shapes,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        **gemma,
     )
 
 
-def check_tensor_names(tensors: Sequence[ReaderTensor]) -> None:
+def check_tensor_names(tensors: Sequence[ReaderTensor], arch: str = "llama") -> None:
     """Refuse a file with tensors we would otherwise drop silently (another architecture's)."""
     unknown = [
-        t.name for t in tensors if t.name not in IGNORED_TENSORS and gguf_to_hf_name(t.name) is None
+        t.name
+        for t in tensors
+        if t.name not in IGNORED_TENSORS and gguf_to_hf_name(t.name, arch) is None
     ]
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -220,13 +245,40 @@ def iter_gguf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one tensor at a time, so only one is dequantized at once."""
     permuted = GGUF_ARCHITECTURES[config.architecture]
+    gemma = config.architecture == "gemma3"
     for tensor in reader.tensors:
-        name = gguf_to_hf_name(tensor.name)
+        name = gguf_to_hf_name(tensor.name, config.architecture)
         if name is None:
             continue
         weight = dequantize_tensor(tensor)
+        if gemma and name.endswith("norm.weight"):
+            weight = weight.float() - 1  # llama.cpp's 1 + w, back to HF's w
         if permuted and ".self_attn.q_proj." in name:
             weight = unpermute_rope_rows(weight, config.num_heads)
         elif permuted and ".self_attn.k_proj." in name:
             weight = unpermute_rope_rows(weight, config.num_kv_heads)
         yield name, weight
+
+
+def iter_gguf_group_codes(
+    reader: GGUFReader, config: ModelConfig
+) -> Iterator[tuple[str, GroupCodes]]:
+    """Yield ``(hf_name, codes)`` for every matrix stored in a format the integer kernel can
+    take as it is (``gguf_codes``), in HF's row order."""
+    permuted = GGUF_ARCHITECTURES[config.architecture]
+    for tensor in reader.tensors:
+        name = gguf_to_hf_name(tensor.name, config.architecture)
+        if name is None or len(tensor.shape) != 2:
+            continue
+        rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
+        codes = group_codes(tensor.data, GGMLQuantizationType(tensor.tensor_type), (rows, cols))
+        if codes is None:
+            continue
+        heads = None
+        if permuted and ".self_attn.q_proj." in name:
+            heads = config.num_heads
+        elif permuted and ".self_attn.k_proj." in name:
+            heads = config.num_kv_heads
+        if heads is not None:
+            codes = codes.rows(unpermute_rope_rows(torch.arange(rows), heads))
+        yield name, codes

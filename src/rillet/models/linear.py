@@ -23,9 +23,11 @@ instruction: at 64 rows 23 against 29 ms, at 512 rows 162 against 208 (bench/RES
 A layer uses its copy for steps of up to ``quantized_max_rows`` rows and its bf16 weight
 above that.
 
-The copy changes results: 4-bit weights are coarse unless the checkpoint already was 4-bit
-(the bundled GGUF is, and quantizing its dequantized weights gives back its own numbers),
-and the inputs are rounded to 8 bits per group of 32 as llama.cpp does.
+The copy changes results: 4-bit weights are coarse unless the checkpoint already was 4-bit,
+and the inputs are rounded to 8 bits per group of 32 as llama.cpp does. A GGUF's matrices
+in Q4_0/Q4_1/Q4_K (4 bits) or Q5_0/Q5_1/Q5_K/Q8_0 (8 bits) give the copy their own integers
+(``gguf_codes``, set by the loader with :meth:`Linear.add_source_codes`); other rows are
+quantized from the weight.
 ``bench/quantization_check.py`` measures what that does to the model.
 """
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rillet.models import group_quantization
+from rillet.models.gguf_codes import GroupCodes
 
 #: The largest relative error rillet's bf16 kernel may show on a probe: it differs from
 #: ``F.linear`` only in summation order, so anything above bf16 rounding is a bug.
@@ -64,6 +67,9 @@ class Linear(nn.Linear):
     quantized_bits: int = 0
     quantized_max_rows: int = 0
     quantized_native: ModuleType | None = None
+    #: The checkpoint's own integers for runs of this weight's rows (first row -> codes),
+    #: until the quantized copy is made from them.
+    source_codes: dict[int, GroupCodes] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized_native is not None and x.shape[0] <= self.quantized_max_rows:
@@ -128,7 +134,8 @@ class Linear(nn.Linear):
             or not native.quantized_linear_supported()
         ):
             return False
-        u, d, m = group_quantization.quantize(weight, bits)
+        u, d, m, bits = self._group_codes(bits)
+        self.source_codes = None  # in the copy now, or of no use
         packed = group_quantization.pack(u, d, m, bits)
         probe = _probe(5, weight)  # 4 + 1: a full row tile and a remainder
         expected = probe.float() @ group_quantization.dequantize(u, d, m).T
@@ -137,6 +144,39 @@ class Linear(nn.Linear):
         self.quantized_weight, self.quantized_bits = packed, bits
         self.quantized_max_rows, self.quantized_native = max_rows, native
         return True
+
+    def add_source_codes(self, first_row: int, codes: GroupCodes) -> None:
+        """Record the checkpoint's own integers for rows ``first_row`` onwards."""
+        rows, groups, _ = codes.u.shape
+        if first_row + rows > self.out_features or groups * group_quantization.GROUP != (
+            self.in_features
+        ):
+            raise ValueError(f"codes of shape {tuple(codes.u.shape)} do not fit {self}")
+        if self.source_codes is None:
+            self.source_codes = {}
+        self.source_codes[first_row] = codes
+
+    def _group_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(u, d, m, bits) of the copy: the checkpoint's own codes where every row has 4-bit
+        ones; else ``bits`` (8 if any row has codes: 4-bit codes are valid 8-bit ones)
+        quantized from the weight, with the rows that have codes set to them."""
+        parts = self.source_codes or {}
+        covered = sum(c.u.shape[0] for c in parts.values())
+        if parts and covered == self.out_features and all(c.bits == 4 for c in parts.values()):
+            bits = 4
+        elif parts:
+            bits = 8
+        if covered == self.out_features:  # every row from the file: nothing to quantize
+            groups = self.in_features // group_quantization.GROUP
+            u = torch.empty(self.out_features, groups, group_quantization.GROUP, dtype=torch.uint8)
+            d = torch.empty(self.out_features, groups, dtype=torch.float16)
+            m = torch.empty_like(d)
+        else:
+            u, d, m = group_quantization.quantize(self.weight, bits)
+        for first, codes in parts.items():
+            rows = slice(first, first + codes.u.shape[0])
+            u[rows], d[rows], m[rows] = codes.u, codes.d, codes.m
+        return u, d, m, bits
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:

@@ -11,15 +11,14 @@ for hooks on every call (about 2 us, ~300 calls a step) and rillet registers non
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from rillet.errors import ModelLoadError
 from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
+from rillet.models.causal_lm import CausalLM
 from rillet.models.config import ModelConfig
 from rillet.models.decoder_stack import DecoderStack, quantized
 from rillet.models.linear import Linear
@@ -115,27 +114,14 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp.forward(h, meta), residual
 
 
-class LlamaForCausalLM(nn.Module):
-    """The model. ``forward`` maps a flat batch of token ids to final hidden states.
-
-    ``decoder_stack`` (built by :meth:`build_decoder_stack` for the model runner, which
-    owns the KV caches) takes the decode-only steps it covers in one native call; see
-    ``models/decoder_stack.py``.
-    """
-
-    decoder_stack: DecoderStack | None = None
+class LlamaForCausalLM(CausalLM):
+    """The Llama family; its decode-only steps can run on the native decoder stack."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.rope = RotaryEmbedding(
-            config.head_dim,
-            config.max_position_embeddings,
-            config.rope_theta,
-            config.rope_scaling,
-            dtype,
-        )
+        self.rope = self._rope(config, dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -144,29 +130,18 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.to(dtype)
 
-    @classmethod
-    def empty(
-        cls, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"
-    ) -> LlamaForCausalLM:
-        """Allocate the model without initialising weights (``load_weights`` fills them all).
-
-        Random init of 135M parameters took ~2 s of every start-up for values that are
-        overwritten at once.
-        """
-        with torch.device("meta"):
-            model = cls(config, dtype)
-        model.to_empty(device=device)
-        # to_empty leaves buffers uninitialised and unties shared parameters: redo both.
-        model.rope = RotaryEmbedding(
+    @staticmethod
+    def _rope(config: ModelConfig, dtype: torch.dtype) -> RotaryEmbedding:
+        return RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
             dtype,
-        ).to(device)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model
+        )
+
+    def _init_buffers(self, device: torch.device | str) -> None:
+        self.rope = self._rope(self.config, self.dtype).to(device)
 
     def forward(
         self,
@@ -230,50 +205,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         return DecoderStack(stack, kv_caches, max_rows)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the rows that sample -> fp32 logits [N, vocab]."""
-        return self.lm_head.forward(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ModelLoadError on a
-        missing or misshapen tensor, so a broken checkpoint fails at start-up, not mid-request.
-        """
-        cfg = self.config
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        fused = {
-            "q_proj": ("qkv_proj", 0, q_size),
-            "k_proj": ("qkv_proj", q_size, kv_size),
-            "v_proj": ("qkv_proj", q_size + kv_size, kv_size),
-            "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-            "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
-        }
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        with torch.no_grad():
-            for hf_name, tensor in weights:
-                name = hf_name.removeprefix("model.")
-                if "rotary_emb" in name:
-                    continue
-                parts = name.split(".")
-                target, rows = name, None
-                if len(parts) >= 2 and parts[-2] in fused:
-                    fused_name, start, size = fused[parts[-2]]
-                    parts[-2] = fused_name
-                    target, rows = ".".join(parts), (start, size)
-                param = params.get(target)
-                if param is None:
-                    raise ModelLoadError(f"checkpoint has an unexpected tensor {hf_name!r}")
-                dest = param.data if rows is None else param.data.narrow(0, *rows)
-                if tuple(dest.shape) != tuple(tensor.shape):
-                    raise ModelLoadError(
-                        f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(dest.shape)}"
-                    )
-                dest.copy_(tensor.to(dest.dtype))
-                loaded.add(hf_name.removeprefix("model."))
-        self._check_complete(loaded)
-
-    def _check_complete(self, loaded: set[str]) -> None:
+    def _expected_tensors(self) -> set[str]:
+        """Every tensor a checkpoint must have, under our (unfused) names."""
         expected = {"embed_tokens.weight", "norm.weight"}
         if not self.config.tie_word_embeddings:
             expected.add("lm_head.weight")
@@ -293,7 +226,4 @@ class LlamaForCausalLM(nn.Module):
                 expected.add(prefix + leaf)
             if self.config.attention_bias:
                 expected.update(prefix + f"self_attn.{n}_proj.bias" for n in "qkv")
-        missing = sorted(expected - loaded)
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+        return expected

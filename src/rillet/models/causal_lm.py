@@ -1,0 +1,153 @@
+"""What every model class shares: loading HF-named tensors (fused on the way in), the
+checkpoint's own integer codes, the tied LM head and the logits.
+
+A model subclass builds its layers in ``__init__`` (``embed_tokens``, ``layers``, ``norm``,
+``lm_head`` and its rotary tables), runs them in ``forward``, names the tensors a checkpoint
+must have (``_expected_tensors``), and rebuilds its buffers after ``to_empty``
+(``_init_buffers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from rillet.errors import ModelLoadError
+from rillet.models.attention import AttentionMetadata, KVCache
+from rillet.models.config import ModelConfig
+from rillet.models.decoder_stack import DecoderStack
+from rillet.models.gguf_codes import GroupCodes
+from rillet.models.linear import Linear
+
+M = TypeVar("M", bound="CausalLM")
+
+
+class CausalLM(nn.Module):
+    """A decoder-only model: token ids -> final hidden states (``forward``) -> logits.
+
+    ``decoder_stack`` (built by :meth:`build_decoder_stack` for the model runner, which owns
+    the KV caches) takes the decode-only steps it covers in one native call, where a model
+    has one; see ``models/decoder_stack.py``.
+    """
+
+    config: ModelConfig
+    dtype: torch.dtype
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    lm_head: Linear
+    decoder_stack: DecoderStack | None = None
+
+    @classmethod
+    def empty(
+        cls: type[M], config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> M:
+        """Allocate the model without initialising weights (``load_weights`` fills them all).
+
+        Random init of 135M parameters took ~2 s of every start-up for values that are
+        overwritten at once.
+        """
+        with torch.device("meta"):
+            model = cls(config, dtype)
+        model.to_empty(device=device)
+        # to_empty leaves buffers uninitialised and unties shared parameters: redo both.
+        model._init_buffers(device)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def _init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the buffers (rotary tables) on ``device``."""
+        raise NotImplementedError
+
+    def forward(
+        self, input_ids: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """A flat batch of token ids -> final hidden states [T, hidden]."""
+        raise NotImplementedError
+
+    def build_decoder_stack(
+        self, kv_caches: list[KVCache], native: ModuleType | None
+    ) -> DecoderStack | None:
+        """The native decode-only stack, where this model has one (None: it has not)."""
+        return None
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the rows that sample -> fp32 logits [N, vocab]."""
+        return self.lm_head.forward(hidden).float()
+
+    def _fused_targets(self) -> dict[str, tuple[str, int, int]]:
+        """HF projection name -> (fused module name, first row, rows)."""
+        cfg = self.config
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return {
+            "q_proj": ("qkv_proj", 0, q_size),
+            "k_proj": ("qkv_proj", q_size, kv_size),
+            "v_proj": ("qkv_proj", q_size + kv_size, kv_size),
+            "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
+            "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
+        }
+
+    def _target(self, hf_name: str) -> tuple[str, tuple[int, int] | None]:
+        """Where an HF-named tensor goes: our parameter name, and its (first row, rows) in a
+        fused parameter (None: the whole parameter)."""
+        parts = hf_name.removeprefix("model.").split(".")
+        fused = self._fused_targets()
+        if len(parts) >= 2 and parts[-2] in fused:
+            fused_name, start, size = fused[parts[-2]]
+            parts[-2] = fused_name
+            return ".".join(parts), (start, size)
+        return ".".join(parts), None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ModelLoadError on a
+        missing or misshapen tensor, so a broken checkpoint fails at start-up, not mid-request.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for hf_name, tensor in weights:
+                if "rotary_emb" in hf_name:
+                    continue
+                target, rows = self._target(hf_name)
+                param = params.get(target)
+                if param is None:
+                    raise ModelLoadError(f"checkpoint has an unexpected tensor {hf_name!r}")
+                dest = param.data if rows is None else param.data.narrow(0, *rows)
+                if tuple(dest.shape) != tuple(tensor.shape):
+                    raise ModelLoadError(
+                        f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor.to(dest.dtype))
+                loaded.add(hf_name.removeprefix("model."))
+        self._check_complete(loaded)
+
+    def load_group_codes(self, codes: Iterable[tuple[str, GroupCodes]]) -> int:
+        """Give linear layers the checkpoint's own integers for their rows (``gguf_codes``),
+        for their quantized copies to use; a tied embedding's go to the LM head. Returns how
+        many tensors found a layer."""
+        placed = 0
+        for hf_name, group_codes in codes:
+            target, rows = self._target(hf_name)
+            if target == "embed_tokens.weight" and self.config.tie_word_embeddings:
+                target = "lm_head.weight"
+            module = self.get_submodule(target.removesuffix(".weight"))
+            if isinstance(module, Linear):
+                module.add_source_codes(0 if rows is None else rows[0], group_codes)
+                placed += 1
+        return placed
+
+    def _expected_tensors(self) -> set[str]:
+        """Every tensor a checkpoint must have, under our (unfused) names."""
+        raise NotImplementedError
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        expected = self._expected_tensors()
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors: {shown}")

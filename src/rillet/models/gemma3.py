@@ -1,0 +1,186 @@
+"""Gemma 3 (text), on the same serving machinery as the Llama family.
+
+What differs from Llama, each as transformers' ``Gemma3ForCausalLM`` computes it:
+
+- RMSNorm scales by ``1 + w`` and computes in fp32 (then casts); four norms a layer: before
+  and after attention, before and after the MLP, the residual added after the "post" norms;
+- QK-norm: q and k are RMS-normalised per head (``1 + w`` again) before RoPE;
+- attention interleaves local layers (a sliding window: a query at p sees keys p - W + 1 .. p)
+  with global ones, every sixth layer in the released models; each kind has its own RoPE
+  base (10k local, 1M global) and the scale is ``query_pre_attn_scalar ** -0.5``;
+- GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``;
+- the embedding is multiplied by sqrt(hidden_size), rounded to the model's dtype.
+
+The KV cache keeps every token of a local layer, window or not: blocks are shared by all
+layers of a sequence, so a block can only be freed when every layer is past it, and the
+global layers never are. The kernels skip the keys outside a row's window (they are read
+never, not masked after reading).
+
+Decode-only steps run through these Python layers: the native decoder stack
+(``decoder_stack.py``) is Llama's layer and does not take Gemma's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rillet.errors import ModelLoadError
+from rillet.models import ops
+from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
+from rillet.models.causal_lm import CausalLM
+from rillet.models.config import ModelConfig
+from rillet.models.linear import Linear
+from rillet.models.rope import RotaryEmbedding
+
+
+class GemmaRMSNorm(nn.Module):
+    """``x / rms(x) * (1 + w)`` in fp32, cast back to x's dtype (as transformers)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.scale = config.attention_scale
+        self.window = config.layer_window(layer)
+
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj.forward(x)
+        tokens, d = x.shape[0], self.head_dim
+        q = qkv[:, : self.q_size].view(tokens, self.num_heads, d)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(tokens, self.num_kv_heads, d)
+        # QK-norm before RoPE, written back into the fused row that rotary_and_cache reads.
+        q.copy_(self.q_norm.forward(q))
+        k.copy_(self.k_norm.forward(k))
+        q, k, v = ops.rotary_and_cache(
+            qkv,
+            meta.positions,
+            rope,
+            cache,
+            meta.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            meta.native,
+        )
+        out = paged_attention(q, k, v, cache, meta, self.scale, self.window)
+        return self.o_proj.forward(out.reshape(tokens, self.q_size))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj.forward(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.self_attn = Gemma3Attention(config, layer)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.mlp = Gemma3MLP(config)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The residual stream in, the residual stream out."""
+        h = self.self_attn.forward(self.input_layernorm.forward(x), rope, cache, meta)
+        x = x + self.post_attention_layernorm.forward(h)
+        h = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
+        return x + self.post_feedforward_layernorm.forward(h)
+
+
+class Gemma3ForCausalLM(CausalLM):
+    """Gemma 3's text model (loading, fusing and logits: ``CausalLM``)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if config.architecture != "gemma3" or config.rope_local_theta is None:
+            raise ModelLoadError("Gemma3ForCausalLM needs a Gemma 3 config")
+        self.config = config
+        self.dtype = dtype
+        self.rope, self.local_rope = self._ropes(config, dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.to(dtype)
+
+    @staticmethod
+    def _ropes(config: ModelConfig, dtype: torch.dtype) -> tuple[RotaryEmbedding, RotaryEmbedding]:
+        """(global, local) rotary tables; scaling applies to the global layers only."""
+        assert config.rope_local_theta is not None
+        size, length = config.head_dim, config.max_position_embeddings
+        return (
+            RotaryEmbedding(size, length, config.rope_theta, config.rope_scaling, dtype),
+            RotaryEmbedding(size, length, config.rope_local_theta, None, dtype),
+        )
+
+    def _init_buffers(self, device: torch.device | str) -> None:
+        ropes = self._ropes(self.config, self.dtype)
+        self.rope, self.local_rope = ropes[0].to(device), ropes[1].to(device)
+
+    def forward(
+        self, input_ids: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        layers: list[Gemma3DecoderLayer] = list(self.layers)  # type: ignore[arg-type]
+        for layer, cache in zip(layers, kv_caches, strict=True):
+            rope = self.rope if layer.self_attn.window is None else self.local_rope
+            x = layer.forward(x, rope, cache, meta)
+        out: torch.Tensor = self.norm.forward(x)
+        return out
+
+    def _expected_tensors(self) -> set[str]:
+        expected = {"embed_tokens.weight", "norm.weight"}
+        if not self.config.tie_word_embeddings:
+            expected.add("lm_head.weight")
+        leaves = [
+            *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
+            *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+            "self_attn.q_norm.weight",
+            "self_attn.k_norm.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "pre_feedforward_layernorm.weight",
+            "post_feedforward_layernorm.weight",
+        ]
+        return {f"layers.{i}.{leaf}" for i in range(self.config.num_layers) for leaf in leaves} | (
+            expected
+        )

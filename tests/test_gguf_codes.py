@@ -1,0 +1,137 @@
+"""rillet.models.gguf_codes: a GGUF matrix's own integers as the integer kernel's groups,
+checked against gguf's own dequantization, through the kernel, and through the loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from rillet import LLM
+from rillet.models import group_quantization, load_model_files
+from rillet.models.gguf_codes import CODE_BITS, GroupCodes, group_codes
+from rillet.models.linear import Linear
+from test_loader import QTYPES, _k_quant_bytes, tiny_state_dict, write_gguf
+
+ROWS, COLS = 32, 512  # two K-quant super-blocks a row; two 16-column blocks
+
+
+def _raw(qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    """Blocks of ``qtype`` for a [ROWS, COLS] matrix: quantized by gguf where it can, random
+    bytes with sane fp16 scales for the K-quants (which gguf cannot write)."""
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        return _k_quant_bytes(qtype, ROWS, rng)
+    return quantize(rng.normal(size=(ROWS, COLS)).astype(np.float32), qtype)
+
+
+def _codes(qtype: Q, seed: int = 0) -> tuple[GroupCodes, torch.Tensor]:
+    """(codes, gguf's own float32 dequantization of the same blocks)."""
+    raw = _raw(qtype, np.random.default_rng(seed + int(qtype)))
+    codes = group_codes(raw, qtype, (ROWS, COLS))
+    assert codes is not None
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(ROWS, COLS).copy())
+    return codes, reference
+
+
+@pytest.mark.parametrize("qtype", sorted(CODE_BITS, key=int))
+def test_codes_stand_for_the_files_numbers(qtype: Q) -> None:
+    codes, reference = _codes(qtype)
+    assert codes.bits == CODE_BITS[qtype]
+    assert codes.u.shape == (ROWS, COLS // 32, 32) and codes.d.shape == (ROWS, COLS // 32)
+    assert int(codes.u.max()) <= {Q.Q4_0: 15, Q.Q4_1: 15, Q.Q4_K: 15, Q.Q5_K: 31}.get(qtype, 255)
+    got = group_quantization.dequantize(codes.u, codes.d, codes.m)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        # The only change: a sub-block's d x scale and dmin x min are rounded to fp16, half
+        # an ulp (2^-11 relative) each, so an element moves by at most that times its terms.
+        d = codes.d.float().abs().repeat_interleave(32, dim=1)
+        m = codes.m.float().abs().repeat_interleave(32, dim=1)
+        bound = 2.0**-11 * (codes.u.float().reshape(ROWS, COLS) * d + m) + 2.0**-24
+        assert bool(((got - reference).abs() <= bound).all())
+        assert not torch.equal(got, reference)  # (the rounding is real, and this sees it)
+    else:
+        assert torch.equal(got, reference)
+
+
+def test_types_without_codes_are_left_to_the_loader() -> None:
+    raw = _k_quant_bytes(Q.Q6_K, ROWS, np.random.default_rng(0))
+    assert group_codes(raw, Q.Q6_K, (ROWS, COLS)) is None
+    assert group_codes(np.zeros((ROWS, COLS), np.float32), Q.F32, (ROWS, COLS)) is None
+
+
+def _need_quantized_kernel(native) -> None:  # type: ignore[no-untyped-def]
+    if not native.quantized_linear_supported():
+        pytest.skip("this CPU build has no AVX512-VNNI quantized kernel")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q8_0, Q.Q4_0, Q.Q5_1])
+@torch.no_grad()
+def test_kernel_on_codes_equals_fp32_math_on_the_files_numbers(native, qtype: Q) -> None:  # type: ignore[no-untyped-def]
+    """Inputs whose 8-bit rounding is exact (integers, 127 in every group), so the kernel's
+    result must equal fp32 math on the dequantized weight up to the order of sums; and
+    each row alone equals it in a batch of 9."""
+    _need_quantized_kernel(native)
+    codes, reference = _codes(qtype, seed=1)
+    packed = group_quantization.pack(codes.u, codes.d, codes.m, codes.bits)
+    gen = torch.Generator().manual_seed(int(qtype))
+    x = torch.randint(-127, 128, (9, COLS), generator=gen).float()
+    x.view(9, -1, 32)[..., 3] = 127
+    got = native.quantized_linear(x, packed, codes.bits)
+    exact = x @ group_quantization.dequantize(codes.u, codes.d, codes.m).T
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-3)  # fp32 sums in another order
+    # The file's own numbers, not a re-quantization of them: as close to gguf's as fp16 allows.
+    assert (got - x @ reference.T).norm() < 1e-3 * exact.norm()
+    for i in range(9):
+        assert torch.equal(native.quantized_linear(x[i : i + 1], packed, codes.bits)[0], got[i])
+
+
+def test_the_loader_yields_codes_in_hf_row_order(tmp_path: Path) -> None:
+    """The tiny GGUF has q/k rows permuted as llama.cpp stores them (blk.1.attn_q is Q8_0):
+    each matrix's codes must dequantize to exactly the float weights the loader reads."""
+    write_gguf(tmp_path / "tiny.gguf", tiny_state_dict())
+    loaded = load_model_files(str(tmp_path / "tiny.gguf"))
+    assert loaded.group_codes is not None
+    codes = dict(loaded.group_codes())
+    weights = dict(loaded.weights())
+    with_codes = {n for n, t in QTYPES.items() if t in CODE_BITS and n not in ("output.weight",)}
+    assert len(codes) == len(with_codes) + 1  # + the Q8_0 LM head
+    assert "model.layers.1.self_attn.q_proj.weight" in codes
+    for name, group in codes.items():
+        assert torch.equal(group_quantization.dequantize(group.u, group.d, group.m), weights[name])
+
+
+@torch.no_grad()
+def test_a_served_model_runs_the_files_integers(native, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """bf16 with the integer kernel on: layers whose rows are all 4-bit in the file take a
+    4-bit copy holding exactly the file's numbers, 8-bit ones an 8-bit copy; layers fused
+    from a 4-bit and a float part (blk.0 qkv: q F32, k F16, v Q8_0) take 8 bits."""
+    _need_quantized_kernel(native)
+    write_gguf(tmp_path / "tiny.gguf", tiny_state_dict())
+    files = load_model_files(str(tmp_path / "tiny.gguf"))
+    assert files.group_codes is not None
+    stored = dict(files.group_codes())
+    llm = LLM(str(tmp_path / "tiny.gguf"), dtype="bfloat16", quantized_max_batch_tokens=64)
+    model = llm.core.runner.model
+    layers = model.layers
+    expected_bits = {
+        layers[0].self_attn.o_proj: (4, "model.layers.0.self_attn.o_proj.weight"),  # Q4_0
+        layers[0].mlp.down_proj: (8, "model.layers.0.mlp.down_proj.weight"),  # Q5_1
+        layers[1].self_attn.o_proj: (4, None),  # F32: quantized from the weight at 4 bits
+        layers[0].self_attn.qkv_proj: (8, None),
+    }
+    gen = torch.Generator().manual_seed(0)
+    for layer, (bits, name) in expected_bits.items():
+        assert isinstance(layer, Linear) and layer.quantized_bits == bits
+        assert layer.source_codes is None  # dropped once the copy is made
+        if name is None:
+            continue
+        x = torch.randint(-127, 128, (3, layer.in_features), generator=gen).float()
+        x.view(3, -1, 32)[..., 0] = 127
+        codes = stored[name]
+        exact = x @ group_quantization.dequantize(codes.u, codes.d, codes.m).T
+        got = layer.quantized_native.quantized_linear(x, layer.quantized_weight, bits)
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-3)
