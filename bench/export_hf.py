@@ -62,6 +62,20 @@ def export(model: str | None, out: Path, dtype_name: str) -> Path:
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "torch_dtype": dtype_name,
     }
+    if config.architecture == "gemma3":  # transformers' Gemma3TextConfig, older field names
+        hf_config |= {
+            "model_type": "gemma3_text",
+            "hidden_act": None,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": config.sliding_window,
+            "layer_types": [
+                "sliding_attention" if s else "full_attention" for s in config.sliding_layers
+            ],
+            "rope_local_base_freq": config.rope_local_theta,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+        }
     _write_json(out / "config.json", hf_config)
     _write_json(
         out / "generation_config.json",
@@ -86,7 +100,7 @@ def export(model: str | None, out: Path, dtype_name: str) -> Path:
 
 def _architecture(model_type: str) -> str:
     names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-    names |= {"qwen2": "Qwen2ForCausalLM"}
+    names |= {"qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
     return names.get(model_type, "LlamaForCausalLM")
 
 
