@@ -72,7 +72,7 @@ def export(model: str | None, out: Path, dtype_name: str) -> Path:
                 "sliding_attention" if s else "full_attention" for s in config.sliding_layers
             ],
             "rope_local_base_freq": config.rope_local_theta,
-            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "query_pre_attn_scalar": int(config.query_pre_attn_scalar or config.head_dim),
             "final_logit_softcapping": None,
             "attn_logit_softcapping": None,
         }

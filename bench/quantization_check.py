@@ -1,12 +1,15 @@
-"""Do bf16, or the 4-bit weights, change what the bundled model says? Measured.
+"""Do bf16, or the integer weights, change what a model says? Measured.
 
-Three engines on the bundled SmolLM2 (a Q4_1 GGUF with a Q8_0 embedding), each fed steps of
-at most 8 tokens (``max_num_batched_tokens=8``):
+Engines on one GGUF (default: the bundled SmolLM2, a Q4_1 GGUF with a Q8_0 embedding;
+``--model`` another), each fed steps of at most 8 tokens (``max_num_batched_tokens=8``):
 
 - ``fp32``: the reference (exact: float32 weights as dequantized from the GGUF file);
 - ``bf16``: bf16 weights and activations, no quantized copies (``--quantized-max-batch-tokens 0``);
-- ``bf16+q4``: the serving default: the file's 4-bit weights (8-bit LM head) read with
-  integer dot products, inputs rounded to 8 bits per group of 32 as llama.cpp does.
+- ``bf16+int``: the serving default: the file's own integers (``models.gguf_codes``: Q4_* on
+  the 4-bit kernel, Q5_*/Q8_0 on the 8-bit one; other formats quantized again at 8 bits)
+  read with integer dot products, inputs rounded to 8 bits per group of 32 as llama.cpp does;
+- ``bf16+int, re-quantized``: the same kernels on copies quantized from the dequantized
+  floats instead of the file's codes (what rillet did before it read them).
 
 For each it reports the mean negative log-likelihood of a fixed English text (teacher
 forced, through prompt logprobs) and, against fp32, how many greedy continuations of 16
@@ -17,7 +20,7 @@ prompts are identical and how long their common prefix is.
 ids: the reference for what the file's 4-bit weights should give.
 
     .venv/bin/python bench/quantization_check.py \
-        [--llama-cpp-python bench/.venvs/llamacpp/bin/python]
+        [--model FILE.gguf] [--llama-cpp-python bench/.venvs/llamacpp/bin/python]
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ import subprocess
 from pathlib import Path
 
 from rillet import LLM, SamplingParams
+from rillet.models import gguf_weights
 from rillet.models.loader import resolve_model_path
+
+_FILE_CODES = gguf_weights.iter_gguf_group_codes
 
 TEXT = (
     "Streaming changes how a language model feels to use. Instead of waiting for the whole "
@@ -67,12 +73,20 @@ PROMPTS = [
 CONFIGS: dict[str, dict[str, object]] = {
     "fp32": {"dtype": "float32", "quantized_max_batch_tokens": 0},
     "bf16": {"dtype": "bfloat16", "quantized_max_batch_tokens": 0},
-    "bf16+q4 (default)": {"dtype": "bfloat16"},
+    "bf16+int (default)": {"dtype": "bfloat16"},
+    "bf16+int, re-quantized": {"dtype": "bfloat16", "file_codes": False},
 }
 
 
-def evaluate(options: dict[str, object], new_tokens: int, text: str = TEXT) -> dict[str, object]:
-    llm = LLM(max_num_batched_tokens=8, max_num_seqs=8, **options)
+def evaluate(
+    model: str | None, options: dict[str, object], new_tokens: int, text: str = TEXT
+) -> dict[str, object]:
+    options = dict(options)
+    if not options.pop("file_codes", True):
+        # The loader finds no codes: every copy is quantized from the floats, as before.
+        gguf_weights.iter_gguf_group_codes = lambda reader, config: iter(())  # type: ignore[assignment]
+    llm = LLM(model, max_num_batched_tokens=8, max_num_seqs=8, **options)
+    gguf_weights.iter_gguf_group_codes = _FILE_CODES
     scored = llm.generate(text, SamplingParams(max_new_tokens=1, prompt_logprobs=True))[0]
     assert scored.prompt_tokens is not None
     logprobs = [t.logprob for t in scored.prompt_tokens if t.logprob is not None]
@@ -118,11 +132,11 @@ print(json.dumps({"nll": nll / (len(ids) - 1), "tokens": len(ids) - 1, "outputs"
 
 
 def evaluate_llama_cpp(
-    python: str, reference: dict[str, object], new_tokens: int
+    python: str, model: str | None, reference: dict[str, object], new_tokens: int
 ) -> dict[str, object]:
-    """llama.cpp on the bundled file, fed the token ids rillet's fp32 run used."""
+    """llama.cpp on the same file, fed the token ids rillet's fp32 run used."""
     job = {
-        "model": str(resolve_model_path(None)),
+        "model": str(resolve_model_path(model)),
         "text_ids": reference["text_ids"],
         "prompt_ids": reference["prompt_ids"],
         "new_tokens": new_tokens,
@@ -154,12 +168,15 @@ def main() -> None:
         "--llama-cpp-python", metavar="PY", help="add llama.cpp through this Python"
     )
     parser.add_argument("--text-file", type=Path, help="score this text instead of TEXT")
+    parser.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2)")
     args = parser.parse_args()
     text = args.text_file.read_text() if args.text_file else TEXT
-    results = {name: evaluate(opts, args.new_tokens, text) for name, opts in CONFIGS.items()}
+    results = {
+        name: evaluate(args.model, opts, args.new_tokens, text) for name, opts in CONFIGS.items()
+    }
     if args.llama_cpp_python:
         results["llama.cpp (llama-cpp-python)"] = evaluate_llama_cpp(
-            args.llama_cpp_python, results["fp32"], args.new_tokens
+            args.llama_cpp_python, args.model, results["fp32"], args.new_tokens
         )
     reference = results["fp32"]["outputs"]
     print(

@@ -79,3 +79,35 @@ def test_silu_and_mul(native, dtype, tol, width) -> None:  # type: ignore[no-unt
     torch.testing.assert_close(
         ops.silu_and_mul(x, native), ops.silu_and_mul(x, None), rtol=tol, atol=tol
     )
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
+@pytest.mark.parametrize(
+    ("width", "group"), [(640, None), (40, None), (4 * 256, 256), (3 * 24, 24)]
+)
+def test_scaled_rms_norm(native, dtype, tol, width, group) -> None:  # type: ignore[no-untyped-def]
+    """Gemma's norm, whole rows and per head (QK-norm), out of place and in place on the
+    strided q part of a fused row, against the torch version and transformers' formula."""
+    size = group or width
+    x = _rand(37, width, dtype=dtype, seed=7)
+    scale = 1.0 + _rand(size, dtype=torch.float32, seed=8)
+    want = ops.scaled_rms_norm(x, scale, 1e-6, None, group=group)
+    h = x.float().unflatten(-1, (-1, size))
+    hf = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * scale).flatten(-2)
+    torch.testing.assert_close(want, hf.to(dtype))
+    got = ops.scaled_rms_norm(x, scale, 1e-6, native, group=group)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    fused = torch.cat([x, _rand(37, 32, dtype=dtype, seed=9)], dim=1)  # [q | other]
+    rest = fused[:, width:].clone()
+    ops.scaled_rms_norm(fused[:, :width], scale, 1e-6, native, group=group, in_place=True)
+    torch.testing.assert_close(fused[:, :width], want, rtol=tol, atol=tol)
+    assert torch.equal(fused[:, width:], rest)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
+@pytest.mark.parametrize("width", [2048, 40])
+def test_gelu_tanh_and_mul(native, dtype, tol, width) -> None:  # type: ignore[no-untyped-def]
+    x = _rand(19, 2 * width, dtype=dtype, seed=10) * 3
+    want = ops.gelu_tanh_and_mul(x.float(), None)
+    got = ops.gelu_tanh_and_mul(x, native)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * 3)

@@ -82,3 +82,34 @@ def silu_and_mul(gate_up: torch.Tensor, native: ModuleType | None) -> torch.Tens
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def scaled_rms_norm(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    native: ModuleType | None,
+    *,
+    group: int | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """Gemma's RMSNorm: each group of ``group`` values (default: the whole row) of each row
+    of ``x`` [T, width] -> ``x / rms(x) * scale`` in fp32, cast back (``scale`` fp32, as
+    Gemma's ``1 + w``). ``in_place`` writes into ``x`` (whose rows may be strided)."""
+    size = group or x.shape[-1]
+    if native is not None:
+        out: torch.Tensor = native.scaled_rms_norm(x, scale, eps, size, in_place)
+        return out
+    h = x.float().unflatten(-1, (-1, size))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * scale
+    result = h.flatten(-2).to(x.dtype)
+    return x.copy_(result) if in_place else result
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor, native: ModuleType | None) -> torch.Tensor:
+    """GeGLU: [T, 2I] (gate then up) -> gelu_tanh(gate) * up, [T, I]."""
+    if native is not None:
+        out: torch.Tensor = native.gelu_tanh_and_mul(gate_up)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -155,7 +155,101 @@ void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
   });
 }
 
+// Each group of n values of each row: rms_norm(x) * scale (scale fp32), into dst.
+template <typename T>
+void scaled_rms_norm_impl(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out,
+                          int64_t n, float eps) {
+  const int64_t rows = x.size(0), width = x.size(1);
+  const int64_t in_stride = x.stride(0), out_stride = out.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const float* wp = scale.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t g = 0; g < width; g += n) {
+        const T* src = xp + r * in_stride + g;
+        T* dst = op + r * out_stride + g;
+        int64_t i = 0;
+        float sum = 0.f;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+          const __m512 v = load16(src + i);
+          acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+#endif
+        for (; i < n; ++i) sum += to_float(src[i]) * to_float(src[i]);
+        const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+        i = 0;
+#if defined(__AVX512F__)
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; i + 16 <= n; i += 16)
+          store16(dst + i, _mm512_mul_ps(_mm512_mul_ps(load16(src + i), vinv), _mm512_loadu_ps(wp + i)));
+#endif
+        for (; i < n; ++i) store(dst + i, to_float(src[i]) * inv * wp[i]);
+      }
+  });
+}
+
+// gelu_tanh(g) * up with g, up the two halves of each row, in fp32.
+template <typename T>
+void gelu_tanh_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  const int64_t rows = x.size(0), n = out.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  constexpr float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kBeta = 0.044715f;
+  at::parallel_for(0, rows, row_grain(3 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = xp + r * 2 * n;
+      const T* up = gate + n;
+      T* dst = op + r * n;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+      for (; i + 16 <= n; i += 16) {
+        const __m512 g = load16(gate + i);
+        const __m512 inner = _mm512_mul_ps(
+            _mm512_set1_ps(kAlpha),
+            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kBeta), g), _mm512_mul_ps(g, g), g));
+        // tanh(y) = 1 - 2 / (e^{2y} + 1)
+        const __m512 e = exp16(_mm512_add_ps(inner, inner));
+        const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+        const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, tanh));
+        store16(dst + i, _mm512_mul_ps(gelu, load16(up + i)));
+      }
+#endif
+      for (; i < n; ++i) {
+        const float g = to_float(gate[i]);
+        const float gelu = 0.5f * g * (1.f + std::tanh(kAlpha * (g + kBeta * g * g * g)));
+        store(dst + i, gelu * to_float(up[i]));
+      }
+    }
+  });
+}
+
 }  // namespace
+
+at::Tensor scaled_rms_norm(at::Tensor x, at::Tensor scale, double eps, int64_t group,
+                           bool in_place) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, width] with contiguous rows");
+  TORCH_CHECK(group > 0 && x.size(1) % group == 0, "width must be whole groups");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == group,
+              "scale must be fp32 [group]");
+  at::Tensor out = in_place ? x : at::empty({x.size(0), x.size(1)}, x.options());
+  RILLET_DISPATCH(x.scalar_type(), scaled_rms_norm_impl, x, scale, out, group,
+                  static_cast<float>(eps));
+  return out;
+}
+
+at::Tensor gelu_tanh_and_mul(at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0,
+              "x must be [T, 2 I], contiguous");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  RILLET_DISPATCH(x.scalar_type(), gelu_tanh_and_mul_impl, x, out);
+  return out;
+}
 
 at::Tensor add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight,
                         double eps) {

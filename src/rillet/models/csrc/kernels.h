@@ -42,6 +42,14 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
                       at::Tensor key_cache, at::Tensor value_cache, at::Tensor slot_mapping,
                       int64_t num_heads, int64_t num_kv_heads);
 
+// Gemma's norms: each group of `group` values of each row of x [T, width] (rows may be
+// strided) -> rms_norm * scale (fp32, e.g. 1 + w), in fp32; in place or into a new tensor.
+at::Tensor scaled_rms_norm(at::Tensor x, at::Tensor scale, double eps, int64_t group,
+                           bool in_place);
+
+// x [T, 2 I] -> gelu_tanh(x[:, :I]) * x[:, I:] (Gemma's GeGLU)
+at::Tensor gelu_tanh_and_mul(at::Tensor x);
+
 // x [T, 2 I] -> silu(x[:, :I]) * x[:, I:]
 at::Tensor silu_and_mul(at::Tensor x);
 

@@ -15,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &rillet::rotary_and_cache, nogil,
         "rotary embedding of q and k, in place, and the K/V cache write");
   m.def("silu_and_mul", &rillet::silu_and_mul, nogil, "SwiGLU activation");
+  m.def("scaled_rms_norm", &rillet::scaled_rms_norm, nogil,
+        "RMSNorm of each group of a row times an fp32 scale (Gemma's norms)");
+  m.def("gelu_tanh_and_mul", &rillet::gelu_tanh_and_mul, nogil, "GeGLU activation");
   m.def("pack_bf16_weight", &rillet::pack_bf16_weight, "weight layout for bf16_linear");
   m.def("bf16_linear", &rillet::bf16_linear, nogil, "batched linear on packed bf16 weights");
   m.def("quantized_linear", &rillet::quantized_linear, nogil,
