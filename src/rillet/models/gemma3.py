@@ -31,6 +31,7 @@ from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
 from rillet.models.causal_lm import CausalLM
 from rillet.models.config import ModelConfig
 from rillet.models.linear import Linear
+from rillet.models.llama import GatedMLP
 from rillet.models.rope import RotaryEmbedding
 
 
@@ -102,18 +103,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj.forward(out.reshape(tokens, self.q_size))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        gate_up = self.gate_up_proj.forward(x)
-        return self.down_proj.forward(ops.gelu_tanh_and_mul(gate_up, meta.native))
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -122,7 +111,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(config, layer)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.mlp = Gemma3MLP(config)
+        self.mlp = GatedMLP(config, ops.gelu_tanh_and_mul)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
 
     def forward(

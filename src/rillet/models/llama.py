@@ -11,6 +11,7 @@ for hooks on every call (about 2 us, ~300 calls a step) and rillet registers non
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -23,6 +24,8 @@ from rillet.models.config import ModelConfig
 from rillet.models.decoder_stack import DecoderStack, quantized
 from rillet.models.linear import Linear
 from rillet.models.rope import RotaryEmbedding
+
+ActAndMul = Callable[[torch.Tensor, ModuleType | None], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -79,16 +82,20 @@ class LlamaAttention(nn.Module):
         return self.o_proj.forward(out.reshape(x.shape[0], self.q_size))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused; ``act_and_mul`` is SwiGLU's
+    ``ops.silu_and_mul`` (Llama) or GeGLU's ``ops.gelu_tanh_and_mul`` (Gemma)."""
+
+    def __init__(self, config: ModelConfig, act_and_mul: ActAndMul = ops.silu_and_mul) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_and_mul = act_and_mul
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         gate_up = self.gate_up_proj.forward(x)
-        return self.down_proj.forward(ops.silu_and_mul(gate_up, meta.native))
+        return self.down_proj.forward(self.act_and_mul(gate_up, meta.native))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -97,7 +104,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config)
 
     def forward(
         self,

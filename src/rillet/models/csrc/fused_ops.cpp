@@ -26,9 +26,9 @@ constexpr int64_t kElementsPerTask = 1 << 18;
 
 inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementsPerTask / width); }
 
-// dst = rms_norm(src) * weight, one row of n.
-template <typename T>
-void rms_norm_row(const T* src, const T* weight, T* dst, int64_t n, float eps) {
+// dst = rms_norm(src) * weight, one row of n; the weight in T, or fp32 (Gemma's 1 + w).
+template <typename T, typename W>
+void rms_norm_row(const T* src, const W* weight, T* dst, int64_t n, float eps) {
   int64_t i = 0;
   float sum = 0.f;
 #if defined(__AVX512F__)
@@ -166,29 +166,8 @@ void scaled_rms_norm_impl(const at::Tensor& x, const at::Tensor& scale, at::Tens
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t g = 0; g < width; g += n) {
-        const T* src = xp + r * in_stride + g;
-        T* dst = op + r * out_stride + g;
-        int64_t i = 0;
-        float sum = 0.f;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-          const __m512 v = load16(src + i);
-          acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        sum = _mm512_reduce_add_ps(acc);
-#endif
-        for (; i < n; ++i) sum += to_float(src[i]) * to_float(src[i]);
-        const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
-        i = 0;
-#if defined(__AVX512F__)
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (; i + 16 <= n; i += 16)
-          store16(dst + i, _mm512_mul_ps(_mm512_mul_ps(load16(src + i), vinv), _mm512_loadu_ps(wp + i)));
-#endif
-        for (; i < n; ++i) store(dst + i, to_float(src[i]) * inv * wp[i]);
-      }
+      for (int64_t g = 0; g < width; g += n)
+        rms_norm_row(xp + r * in_stride + g, wp, op + r * out_stride + g, n, eps);
   });
 }
 

@@ -152,6 +152,16 @@ inline __m512 online_softmax(__m512 scores, uint32_t lanes, float& max, __m512& 
   return e;
 }
 
+// Rows before their first key: zero output and lane sums, the lowest max.
+template <int ROWS, int VEC>
+inline void start_rows(__m512 (&acc)[ROWS][VEC], __m512 (&sum)[ROWS], float (&max)[ROWS]) {
+  for (int r = 0; r < ROWS; ++r) {
+    for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_setzero_ps();
+    sum[r] = _mm512_setzero_ps();
+    max[r] = -FLT_MAX;
+  }
+}
+
 template <typename T, int VEC>
 inline void store_row(T* dst, const __m512* acc, __m512 sum) {
   if (dst == nullptr) return;
@@ -175,11 +185,7 @@ struct Fp32Path : GenericPath<T> {
     const float* q = this->q.data() + r0 * D;
     __m512 acc[kRows][VEC], sum[kRows];
     float max[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_setzero_ps();
-      sum[r] = _mm512_setzero_ps();
-      max[r] = -FLT_MAX;
-    }
+    start_rows(acc, sum, max);
     alignas(64) float p[kRows][kKeys];
     // Rows are in position order: the first sees the first key, the last the last.
     for (int64_t tile = keys[0].first / kKeys; tile * kKeys <= keys[kRows - 1].pos; ++tile) {
@@ -263,11 +269,7 @@ struct Bf16Path {
     const uint32_t* q_rows = q.data() + r0 * D / 2;
     __m512 acc[kRows][VEC], sum[kRows];
     float max[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      for (int j = 0; j < VEC; ++j) acc[r][j] = _mm512_setzero_ps();
-      sum[r] = _mm512_setzero_ps();
-      max[r] = -FLT_MAX;
-    }
+    start_rows(acc, sum, max);
     const __m512 vscale = _mm512_set1_ps(scale);
     alignas(64) uint32_t pp[kRows][kKeys / 2];
     // Rows are in position order: the first sees the first key, the last the last.
