@@ -27,11 +27,11 @@ from torch import nn
 
 from rillet.errors import ModelLoadError
 from rillet.models import ops
-from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
+from rillet.models.attention import AttentionMetadata, KVCache
 from rillet.models.causal_lm import CausalLM
 from rillet.models.config import ModelConfig
 from rillet.models.linear import Linear
-from rillet.models.llama import GatedMLP
+from rillet.models.llama import GatedMLP, LlamaAttention
 from rillet.models.rope import RotaryEmbedding
 
 
@@ -64,43 +64,22 @@ class GemmaRMSNorm(nn.Module):
         ops.scaled_rms_norm(x, self.scale(), self.eps, meta.native, group=group, in_place=True)
 
 
-class Gemma3Attention(nn.Module):
+class Gemma3Attention(LlamaAttention):
+    """Llama's attention with QK-norm before RoPE, Gemma's scale and, on local layers, a
+    sliding window."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
-        )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        super().__init__(config)
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.scale = config.attention_scale
         self.window = config.layer_window(layer)
 
-    def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj.forward(x)
-        tokens, d = x.shape[0], self.head_dim
-        # QK-norm before RoPE, per head, in place in the fused row rotary_and_cache reads.
+    def before_rope(self, qkv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """QK-norm per head, in place in the fused row that rotary_and_cache reads."""
+        d = self.head_dim
         self.q_norm.normalize_(qkv[:, : self.q_size], meta, d)
         self.k_norm.normalize_(qkv[:, self.q_size : self.q_size + self.kv_size], meta, d)
-        q, k, v = ops.rotary_and_cache(
-            qkv,
-            meta.positions,
-            rope,
-            cache,
-            meta.slot_mapping,
-            self.num_heads,
-            self.num_kv_heads,
-            meta.native,
-        )
-        out = paged_attention(q, k, v, cache, meta, self.scale, self.window)
-        return self.o_proj.forward(out.reshape(tokens, self.q_size))
 
 
 class Gemma3DecoderLayer(nn.Module):

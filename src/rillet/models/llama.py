@@ -48,6 +48,13 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    """Fused q/k/v projection, RoPE and the cache write, paged attention, output projection.
+
+    Subclasses adjust it through ``scale``, ``window`` (a sliding window, None for full
+    causal attention) and :meth:`before_rope` (Gemma's QK-norm)."""
+
+    window: int | None = None
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -61,6 +68,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
+    def before_rope(self, qkv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Change the fused projection [T, (H + 2 Hkv) d] in place before RoPE (none here)."""
+
     def forward(
         self,
         x: torch.Tensor,
@@ -68,8 +78,10 @@ class LlamaAttention(nn.Module):
         cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        qkv = self.qkv_proj.forward(x)
+        self.before_rope(qkv, meta)
         q, k, v = ops.rotary_and_cache(
-            self.qkv_proj.forward(x),
+            qkv,
             meta.positions,
             rope,
             cache,
@@ -78,7 +90,7 @@ class LlamaAttention(nn.Module):
             self.num_kv_heads,
             meta.native,
         )
-        out = paged_attention(q, k, v, cache, meta, self.scale)
+        out = paged_attention(q, k, v, cache, meta, self.scale, self.window)
         return self.o_proj.forward(out.reshape(x.shape[0], self.q_size))
 
 
