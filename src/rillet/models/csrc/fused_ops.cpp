@@ -128,8 +128,41 @@ void rotary_and_cache_impl(at::Tensor& qkv, const at::Tensor& positions, const a
   });
 }
 
-template <typename T>
-void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+// The activations of the gated MLPs, in fp32 on 16 lanes and on one value.
+struct Silu {
+#if defined(__AVX512F__)
+  __m512 operator()(__m512 g) const {
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  }
+#endif
+  float operator()(float g) const { return g / (1.f + std::exp(-g)); }
+};
+
+// GELU, tanh approximation (transformers' gelu_pytorch_tanh).
+struct GeluTanh {
+  static constexpr float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
+  static constexpr float kBeta = 0.044715f;
+#if defined(__AVX512F__)
+  __m512 operator()(__m512 g) const {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 inner = _mm512_mul_ps(
+        _mm512_set1_ps(kAlpha),
+        _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kBeta), g), _mm512_mul_ps(g, g), g));
+    // tanh(y) = 1 - 2 / (e^{2y} + 1)
+    const __m512 e = exp16(_mm512_add_ps(inner, inner));
+    const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, tanh));
+  }
+#endif
+  float operator()(float g) const {
+    return 0.5f * g * (1.f + std::tanh(kAlpha * (g + kBeta * g * g * g)));
+  }
+};
+
+// act(gate) * up, with gate and up the two halves of each row of x, in fp32.
+template <typename T, typename Act>
+void act_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  const Act act;
   const int64_t rows = x.size(0), n = out.size(1);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -140,19 +173,21 @@ void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
       T* dst = op + r * n;
       int64_t i = 0;
 #if defined(__AVX512F__)
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; i + 16 <= n; i += 16) {
-        const __m512 g = load16(gate + i);
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store16(dst + i, _mm512_mul_ps(silu, load16(up + i)));
-      }
+      for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_mul_ps(act(load16(gate + i)), load16(up + i)));
 #endif
-      for (; i < n; ++i) {
-        const float g = to_float(gate[i]);
-        store(dst + i, g / (1.f + std::exp(-g)) * to_float(up[i]));
-      }
+      for (; i < n; ++i) store(dst + i, act(to_float(gate[i])) * to_float(up[i]));
     }
   });
+}
+
+template <typename T>
+void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  act_and_mul_impl<T, Silu>(x, out);
+}
+
+template <typename T>
+void gelu_tanh_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  act_and_mul_impl<T, GeluTanh>(x, out);
 }
 
 // Each group of n values of each row: rms_norm(x) * scale (scale fp32), into dst.
@@ -168,43 +203,6 @@ void scaled_rms_norm_impl(const at::Tensor& x, const at::Tensor& scale, at::Tens
     for (int64_t r = begin; r < end; ++r)
       for (int64_t g = 0; g < width; g += n)
         rms_norm_row(xp + r * in_stride + g, wp, op + r * out_stride + g, n, eps);
-  });
-}
-
-// gelu_tanh(g) * up with g, up the two halves of each row, in fp32.
-template <typename T>
-void gelu_tanh_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
-  const int64_t rows = x.size(0), n = out.size(1);
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  constexpr float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
-  constexpr float kBeta = 0.044715f;
-  at::parallel_for(0, rows, row_grain(3 * n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = xp + r * 2 * n;
-      const T* up = gate + n;
-      T* dst = op + r * n;
-      int64_t i = 0;
-#if defined(__AVX512F__)
-      const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
-      for (; i + 16 <= n; i += 16) {
-        const __m512 g = load16(gate + i);
-        const __m512 inner = _mm512_mul_ps(
-            _mm512_set1_ps(kAlpha),
-            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kBeta), g), _mm512_mul_ps(g, g), g));
-        // tanh(y) = 1 - 2 / (e^{2y} + 1)
-        const __m512 e = exp16(_mm512_add_ps(inner, inner));
-        const __m512 tanh = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
-        const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, tanh));
-        store16(dst + i, _mm512_mul_ps(gelu, load16(up + i)));
-      }
-#endif
-      for (; i < n; ++i) {
-        const float g = to_float(gate[i]);
-        const float gelu = 0.5f * g * (1.f + std::tanh(kAlpha * (g + kBeta * g * g * g)));
-        store(dst + i, gelu * to_float(up[i]));
-      }
-    }
   });
 }
 

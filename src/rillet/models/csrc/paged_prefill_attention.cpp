@@ -68,8 +68,9 @@ struct GenericPath {
   static constexpr int64_t kRows = 1;
   int64_t d;
   float scale;
-  std::vector<float> q, kt, v;
-  GenericPath(int64_t rows, int64_t d_, float scale_) : d(d_), scale(scale_), q(rows * d_) {}
+  std::vector<float> q, kt, v, out;
+  GenericPath(int64_t rows, int64_t d_, float scale_)
+      : d(d_), scale(scale_), q(rows * d_), out(d_) {}
 
   void set_query(int64_t r, const T* src) {
     for (int64_t i = 0; i < d; ++i) q[r * d + i] = src ? to_float(src[i]) * scale : 0.f;
@@ -93,7 +94,6 @@ struct GenericPath {
   }
   // Rows [r0, r0 + kRows), seeing keys[], written to dst[] (nullptr: padding).
   void run_group(int64_t r0, const RowKeys* keys, T* const* dst) {
-    std::vector<float> out(d);
     for (int64_t r = 0; r < kRows; ++r) {
       if (dst[r] == nullptr) continue;
       std::fill(out.begin(), out.end(), 0.f);
