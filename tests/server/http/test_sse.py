@@ -149,6 +149,77 @@ async def test_disconnect_cancels_the_producer_and_closes_once() -> None:
     assert b"never" not in wire.body
 
 
+async def test_a_cancel_during_the_clean_up_still_returns_the_permit_last() -> None:
+    # Ray Serve's order: the app sees the client's http.disconnect and starts cleaning up,
+    # then Serve cancels the replica's call too. The producer's unwinding is held until the
+    # second cancel has landed; the permit must still come back, after the producer ended.
+    first_sent, unwinding, hold, permit_back = (asyncio.Event() for _ in range(4))
+    order: list[str] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield sse_event({"a": 1})
+            first_sent.set()
+            await asyncio.Event().wait()  # the engine is still generating
+        finally:
+            unwinding.set()
+            await hold.wait()
+            order.append("producer ended")
+
+    def on_close() -> None:
+        order.append("permit back")
+        permit_back.set()
+
+    wire = Wire()
+    response = StreamResponse(chunks(), error_chunks=TGI_ERRORS.events, on_close=on_close)
+    task = asyncio.ensure_future(run(response, wire))
+    await first_sent.wait()
+    wire.hang_up()
+    await unwinding.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert order == []
+    hold.set()
+    await asyncio.wait_for(permit_back.wait(), 5)
+    assert order == ["producer ended", "permit back"]
+
+
+async def test_cancel_on_disconnect_closes_after_the_work_even_if_cancelled_twice() -> None:
+    class FakeRequest:
+        def __init__(self, wire: Wire) -> None:
+            self.receive = wire.receive
+
+    started, unwinding, hold, closed = (asyncio.Event() for _ in range(4))
+    order: list[str] = []
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            unwinding.set()
+            await hold.wait()
+            order.append("work ended")
+
+    def on_close() -> None:
+        order.append("closed")
+        closed.set()
+
+    wire = Wire()
+    call = cancel_on_disconnect(FakeRequest(wire), work(), on_close=on_close)  # type: ignore[arg-type]
+    pending = asyncio.ensure_future(call)
+    await started.wait()
+    wire.hang_up()
+    await unwinding.wait()
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    hold.set()
+    await asyncio.wait_for(closed.wait(), 5)
+    assert order == ["work ended", "closed"]
+
+
 async def test_cancel_on_disconnect_returns_or_cancels() -> None:
     class FakeRequest:
         def __init__(self, wire: Wire) -> None:

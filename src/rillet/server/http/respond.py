@@ -88,13 +88,12 @@ async def _closing(
         async for event in events:
             yield event
     finally:
-        await events.aclose()
-        generation.close()
+        try:
+            await events.aclose()
+        finally:
+            generation.close()
 
 
 async def collect_answer(request: Request, generation: Generation) -> RequestOutput:
     """The whole generation; a client that disconnects first cancels it (ClientGone)."""
-    try:
-        return await cancel_on_disconnect(request, generation.collect())
-    finally:
-        generation.close()
+    return await cancel_on_disconnect(request, generation.collect(), on_close=generation.close)

@@ -104,16 +104,22 @@ class StreamResponse(Response):
             if not streamer.done():
                 log.info("client disconnected mid-stream")
         finally:
+            await run_to_the_end(self._close(streamer, watcher))
+        if not streamer.cancelled() and streamer.exception() is not None:
+            # The transport failed under us (e.g. a reset): the client is gone either way.
+            log.info("stream ended by transport error: %r", streamer.exception())
+
+    async def _close(self, streamer: asyncio.Future[None], watcher: asyncio.Future[None]) -> None:
+        """Stop both tasks, let the producer unwind (its abort), then hand back the permit."""
+        try:
             for task in (streamer, watcher):
                 task.cancel()
             await asyncio.wait({streamer, watcher})
             with contextlib.suppress(Exception):
                 await _aclose(self.chunks)
+        finally:
             if self.on_close is not None:
                 self.on_close()
-        if not streamer.cancelled() and streamer.exception() is not None:
-            # The transport failed under us (e.g. a reset): the client is gone either way.
-            log.info("stream ended by transport error: %r", streamer.exception())
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -183,21 +189,49 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
         await aclose()
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def cancel_on_disconnect(
+    request: Request, work: Awaitable[T], on_close: Callable[[], None] | None = None
+) -> T:
     """Await ``work`` unless the client disconnects first; then cancel it, raise ClientGone.
 
     For non-streaming routes: cancelling the task that iterates ``AsyncEngine.generate``
-    aborts the request in the engine, exactly as a streaming disconnect does.
+    aborts the request in the engine, exactly as a streaming disconnect does. ``on_close``
+    runs once ``work`` has ended, however it ended (even if we are cancelled meanwhile).
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+
+    async def close() -> None:
+        try:
+            for t in (task, watcher):
+                t.cancel()
+            await asyncio.wait({task, watcher})
+        finally:
+            if on_close is not None:
+                on_close()
+
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.wait({task, watcher})
+        await run_to_the_end(close())
     if task.cancelled():
         raise ClientGone()
     return task.result()
+
+
+#: Clean-ups running on after their caller was cancelled (the loop keeps only weak refs).
+_UNFINISHED: set[asyncio.Future[None]] = set()
+
+
+async def run_to_the_end(cleanup: Awaitable[None]) -> None:
+    """Await ``cleanup``; if we are cancelled meanwhile, it still runs to its end.
+
+    A response's clean-up hands back the request's permit, and a second cancellation must
+    not skip that. One happens on Ray Serve: the replica's app sees the client's
+    ``http.disconnect`` and starts cleaning up, then Serve cancels the call as well. Found
+    as ``rillet_requests_in_flight`` stuck at 1 on a replica (tests/deploy/test_ray_serve.py).
+    """
+    task = asyncio.ensure_future(cleanup)
+    _UNFINISHED.add(task)
+    task.add_done_callback(_UNFINISHED.discard)
+    await asyncio.shield(task)
