@@ -1,7 +1,8 @@
 """Shared fixtures: real ``rillet serve`` processes on loopback with the bundled model.
 
 * ``server``: default options. Session-scoped: started once, on first use.
-* ``tiny_model_dir``: a tiny random-weight Llama as an HF folder (``fixtures_models.py``).
+* ``tiny_model_dir``, ``tiny_gemma``: a tiny random-weight Llama, and Gemma 3, as HF folders
+  (``fixtures_models.py``).
 * ``native``: the compiled CPU kernel module (a test using it fails if it did not build).
 
 Other tests that need their own options call ``start_server([...])`` from
@@ -16,10 +17,10 @@ from types import ModuleType
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fixtures_models import tiny_model_dir
+from fixtures_models import tiny_gemma, tiny_model_dir
 from server_process import ServerHandle, start_server
 
-__all__ = ["tiny_model_dir"]
+__all__ = ["tiny_gemma", "tiny_model_dir"]
 
 # Property tests are deterministic: the same examples on every run (no example database, a
 # fixed seed), so a failure in CI fails the same way here. No deadline: the VM is noisy.

@@ -1,4 +1,5 @@
-"""Model fixtures for engine tests: a tiny random-weight Llama as a real HF folder.
+"""Model fixtures for engine tests: a tiny random-weight Llama (and a tiny Gemma 3) as real
+HF folders.
 
 The tiny model has the bundled SmolLM2 tokenizer (so prompts with CJK and emoji tokenize
 as they would in production) and 2 small layers, so a step takes a millisecond or two.
@@ -65,3 +66,59 @@ def write_tiny_model(folder: Path, seed: int = 0, **overrides: object) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+WINDOW = 8
+GEMMA_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": 49152,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "query_pre_attn_scalar": 48,  # not head_dim: the scale must come from here
+    "sliding_window": WINDOW,
+    "layer_types": [
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ],
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    },
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "torch_dtype": "float32",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Gemma 3 as an HF folder, with the bundled tokenizer. Every weight, the norms'
+    too (zero at init, i.e. a scale of 1), is drawn wide so that logits are peaked."""
+    import torch
+    import transformers
+
+    from rillet.models.loader import load_model_files
+
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    config = transformers.Gemma3TextConfig(**GEMMA_CONFIG)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.3 if "norm" in name else 0.15)
+    model.save_pretrained(folder, safe_serialization=True)
+    bundled = load_model_files(None).tokenizer
+    bundled.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    return folder

@@ -1,5 +1,5 @@
-"""The native decoder stack (``models/decoder_stack.py``) gives the Python layers' results
-bit for bit, and the engine takes it for decode-only steps."""
+"""The native decoder stacks (``models/decoder_stack.py``: Llama's and Gemma 3's) give the
+Python layers' results bit for bit, and the engine takes them for decode-only steps."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ def test_stack_matches_the_python_layers_bit_for_bit(
     native, tiny_model_dir: Path, rows: int, qkv_bias: bool
 ) -> None:  # type: ignore[no-untyped-def]
     model = _quantized_llm(tiny_model_dir, native).core.runner.model
-    cfg = model.config
     gen = torch.Generator().manual_seed(rows)
     for name, param in model.named_parameters():
         if "norm" in name:  # the tiny model's norms are all ones: make each one distinct
@@ -45,6 +44,21 @@ def test_stack_matches_the_python_layers_bit_for_bit(
             qkv = layer.self_attn.qkv_proj
             bias = torch.randn(qkv.out_features, generator=gen) / 4
             qkv.bias = torch.nn.Parameter(bias.to(torch.bfloat16))
+    _check_stack_against_the_layers(model, native, rows, gen)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@torch.no_grad()
+def test_gemma3_stack_matches_the_python_layers_bit_for_bit(
+    native, tiny_gemma: Path, rows: int
+) -> None:  # type: ignore[no-untyped-def]
+    # Contexts of 21 to 70 tokens: the local layers' window of 8 cuts every one of them.
+    model = _quantized_llm(tiny_gemma, native).core.runner.model
+    _check_stack_against_the_layers(model, native, rows, torch.Generator().manual_seed(rows))
+
+
+def _check_stack_against_the_layers(model, native, rows: int, gen: torch.Generator) -> None:  # type: ignore[no-untyped-def]
+    cfg = model.config
     caches = allocate_kv_caches(
         cfg.num_layers, 64, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, "cpu"
     )
@@ -83,6 +97,21 @@ def test_stack_matches_the_python_layers_bit_for_bit(
 
 def test_engine_takes_the_stack_for_decodes_and_its_tokens_match(native) -> None:  # type: ignore[no-untyped-def]
     llm = _quantized_llm(None, native)
+    model = llm.core.runner.model
+    assert model.decoder_stack is not None
+    prompts = ["The capital of France is", "Write a haiku about rivers.", "def add(a, b):"]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    with_stack = llm.generate(prompts, greedy)
+    stack, model.decoder_stack = model.decoder_stack, None
+    without = llm.generate(prompts, greedy)
+    model.decoder_stack = stack
+    for a, b in zip(with_stack, without, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+
+
+def test_engine_takes_the_gemma3_stack_and_its_tokens_match(native, tiny_gemma: Path) -> None:  # type: ignore[no-untyped-def]
+    llm = _quantized_llm(tiny_gemma, native)
     model = llm.core.runner.model
     assert model.decoder_stack is not None
     prompts = ["The capital of France is", "Write a haiku about rivers.", "def add(a, b):"]

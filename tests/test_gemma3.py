@@ -4,67 +4,16 @@ the native kernels and with the torch ones."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from fixtures_models import GEMMA_CONFIG, WINDOW
 from rillet import LLM, SamplingParams
 from rillet.errors import ModelLoadError
 from rillet.models.config import ModelConfig
-from rillet.models.loader import load_model_files
-
-WINDOW = 8
-GEMMA_CONFIG = {
-    "architectures": ["Gemma3ForCausalLM"],
-    "model_type": "gemma3_text",
-    "vocab_size": 49152,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "query_pre_attn_scalar": 48,  # not head_dim: the scale must come from here
-    "sliding_window": WINDOW,
-    "layer_types": [
-        "sliding_attention",
-        "sliding_attention",
-        "full_attention",
-        "sliding_attention",
-    ],
-    "rope_parameters": {
-        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    },
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-    "torch_dtype": "float32",
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random Gemma 3 as an HF folder, with the bundled tokenizer. Every weight, the norms'
-    too (zero at init, i.e. a scale of 1), is drawn wide so that logits are peaked."""
-    folder = tmp_path_factory.mktemp("tiny-gemma3")
-    config = transformers.Gemma3TextConfig(**GEMMA_CONFIG)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(0.0, 0.3 if "norm" in name else 0.15)
-    model.save_pretrained(folder, safe_serialization=True)
-    bundled = load_model_files(None).tokenizer
-    bundled.backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    return folder
 
 
 def test_config_reads_both_forms_of_gemma3_config() -> None:

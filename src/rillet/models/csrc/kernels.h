@@ -98,4 +98,38 @@ class DecoderStack {
   std::vector<Layer> layers_;
 };
 
+// Gemma 3's decode-only step, as models/gemma3.py computes it: four (1 + w) norms a layer
+// (fp32 scales given), QK-norm before RoPE, each layer's own rotary tables and window,
+// GeGLU. hidden [T, n]: the embeddings, already scaled -> the final norm's output [T, n].
+class Gemma3DecoderStack {
+ public:
+  Gemma3DecoderStack(int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
+                     at::Tensor final_norm);
+  void add_layer(at::Tensor input_norm, QuantizedWeight qkv, at::Tensor q_norm,
+                 at::Tensor k_norm, QuantizedWeight o, at::Tensor post_attention_norm,
+                 at::Tensor pre_feedforward_norm, QuantizedWeight gate_up, QuantizedWeight down,
+                 at::Tensor post_feedforward_norm, at::Tensor cos, at::Tensor sin, int64_t window,
+                 at::Tensor key_cache, at::Tensor value_cache);
+  at::Tensor forward(at::Tensor hidden, at::Tensor positions, at::Tensor slot_mapping,
+                     at::Tensor block_tables, at::Tensor context_lens) const;
+
+ private:
+  struct Layer {
+    at::Tensor input_norm;
+    QuantizedWeight qkv;
+    at::Tensor q_norm, k_norm;
+    QuantizedWeight o;
+    at::Tensor post_attention_norm, pre_feedforward_norm;
+    QuantizedWeight gate_up, down;
+    at::Tensor post_feedforward_norm;
+    at::Tensor cos, sin;
+    int64_t window;
+    at::Tensor key_cache, value_cache;
+  };
+  int64_t num_heads_, num_kv_heads_;
+  double eps_, scale_;
+  at::Tensor final_norm_;
+  std::vector<Layer> layers_;
+};
+
 }  // namespace rillet

@@ -29,6 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &rillet::DecoderStack::add_layer)
       .def("forward", &rillet::DecoderStack::forward, nogil,
            "a decode-only step through every layer and the final norm");
+  py::class_<rillet::Gemma3DecoderStack>(m, "Gemma3DecoderStack")
+      .def(py::init<int64_t, int64_t, double, double, at::Tensor>())
+      .def("add_layer", &rillet::Gemma3DecoderStack::add_layer)
+      .def("forward", &rillet::Gemma3DecoderStack::forward, nogil,
+           "a decode-only step through every Gemma 3 layer and the final norm");
   m.def("bf16_linear_supported", &rillet::bf16_linear_supported,
         "whether this build has the bf16 linear kernel (needs AVX512-BF16)");
 }
