@@ -1,15 +1,16 @@
 """Where one engine step's time goes, at a given number of running requests (no HTTP).
 
-Starts N requests of 128 random prompt tokens (greedy, ``ignore_eos``), runs 30 steps so
-every prompt is in and the batch is decoding, then times ``--steps`` decode steps and
-prints the mean. ``--profile torch`` adds torch.profiler's op table (aten ops only: the
-native kernels are not aten ops and do not show there); ``--profile python`` adds a
-cProfile table, which does show them.
+Starts N requests of ``--prompt-tokens`` (128) random prompt tokens (greedy,
+``ignore_eos``), steps until every prompt is in and the batch is decoding, then times
+``--steps`` decode steps and prints the mean. ``--profile torch`` adds torch.profiler's op
+table (aten ops only: the native kernels are not aten ops and do not show there);
+``--profile python`` adds a cProfile table, which does show them.
 
     .venv/bin/python bench/profile_step.py 1 --profile torch
     .venv/bin/python bench/profile_step.py 64 --profile python
     .venv/bin/python bench/profile_step.py 1 --small-batch-tokens 4   # one thread, as served
     .venv/bin/python bench/profile_step.py 16 --prefill-chunk 128      # + a 128-token chunk
+    .venv/bin/python bench/profile_step.py 64 --prompt-tokens 1024     # long contexts
 
 ``--prefill-chunk P`` then adds one ``--prefill-prompt``-token prompt and times the steps
 that carry it, ``P`` tokens at a time, beside the N decodes: what a prefilling prompt costs
@@ -35,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("requests", type=int)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", help="default: the bundled model")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="each running request's")
     parser.add_argument("--profile", choices=["torch", "python"])
     parser.add_argument("--small-batch-tokens", type=int, default=0)
     parser.add_argument("--prefill-chunk", type=int, default=0, help="prefill tokens per step")
@@ -46,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(
+        args.model,
         small_batch_tokens=args.small_batch_tokens,
         quantized_max_batch_tokens=args.quantized_max_batch_tokens,
     )
@@ -54,12 +58,18 @@ def main() -> None:
         core.runner.model.decoder_stack = None
     rng = random.Random(0)
     params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    running = []
     for _ in range(args.requests):
-        prompt = [rng.randrange(100, vocab) for _ in range(128)]
-        core.add_request(
-            build_request(llm.tokenizer, vocab, llm.parts.max_model_len, prompt, params)
-        )
-    for _ in range(30):
+        prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
+        request = build_request(llm.tokenizer, vocab, llm.parts.max_model_len, prompt, params)
+        core.add_request(request)
+        running.append(request.request_id)
+    while True:  # until every prompt is in and the batch is decoding, then a few more
+        core.step()
+        live = [core.scheduler.get_request(rid) for rid in running]
+        if all(r is not None and r.num_output_tokens > 0 for r in live):
+            break
+    for _ in range(5):
         core.step()
     start = time.perf_counter()
     for _ in range(args.steps):
