@@ -126,7 +126,12 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             packages=["llama_cpp_python"],
             # It has no ignore_eos; min_tokens masks EOS until max_tokens is reached.
             extra_body={"min_tokens": args.max_tokens},
-            note="chat format from the GGUF's template; min_tokens stands in for ignore_eos",
+            note=(
+                "chat format from --chat_format"
+                if "--chat_format" in args.llamacpp_args
+                else "chat format from the GGUF's template"
+            )
+            + "; min_tokens stands in for ignore_eos",
         ),
         "llamaserver": Server(
             "llamaserver",
