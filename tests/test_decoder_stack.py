@@ -95,31 +95,20 @@ def _check_stack_against_the_layers(model, native, rows: int, gen: torch.Generat
         assert torch.equal(k, pk) and torch.equal(v, pv)  # the same K/V written
 
 
-def test_engine_takes_the_stack_for_decodes_and_its_tokens_match(native) -> None:  # type: ignore[no-untyped-def]
-    llm = _quantized_llm(None, native)
-    model = llm.core.runner.model
-    assert model.decoder_stack is not None
+@pytest.mark.parametrize("model", ["bundled", "tiny_gemma"])
+def test_engine_takes_the_stack_for_decodes_and_its_tokens_match(  # type: ignore[no-untyped-def]
+    native, request: pytest.FixtureRequest, model: str
+) -> None:
+    folder = None if model == "bundled" else request.getfixturevalue(model)
+    llm = _quantized_llm(folder, native)
+    causal_lm = llm.core.runner.model
+    assert causal_lm.decoder_stack is not None
     prompts = ["The capital of France is", "Write a haiku about rivers.", "def add(a, b):"]
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
     with_stack = llm.generate(prompts, greedy)
-    stack, model.decoder_stack = model.decoder_stack, None
+    stack, causal_lm.decoder_stack = causal_lm.decoder_stack, None
     without = llm.generate(prompts, greedy)
-    model.decoder_stack = stack
-    for a, b in zip(with_stack, without, strict=True):
-        assert a.token_ids == b.token_ids
-        assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
-
-
-def test_engine_takes_the_gemma3_stack_and_its_tokens_match(native, tiny_gemma: Path) -> None:  # type: ignore[no-untyped-def]
-    llm = _quantized_llm(tiny_gemma, native)
-    model = llm.core.runner.model
-    assert model.decoder_stack is not None
-    prompts = ["The capital of France is", "Write a haiku about rivers.", "def add(a, b):"]
-    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
-    with_stack = llm.generate(prompts, greedy)
-    stack, model.decoder_stack = model.decoder_stack, None
-    without = llm.generate(prompts, greedy)
-    model.decoder_stack = stack
+    causal_lm.decoder_stack = stack
     for a, b in zip(with_stack, without, strict=True):
         assert a.token_ids == b.token_ids
         assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
