@@ -29,6 +29,13 @@ STATS = r"\[(\d+) tokens, [\d.]+ tokens/s(?:, prompt (\d+) tokens)?\]"
 CTRL_C = "\x03"
 
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT as a terminal's foreground job gets it. A shell without
+    job control starts background jobs (a backgrounded test run) with SIGINT ignored, which
+    their children inherit, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A command running on a pseudo-terminal, with what it printed so far."""
 
@@ -36,6 +43,7 @@ class Terminal:
         env = {**os.environ, "TERM": "dumb"}  # no colours or bracketed-paste escapes
         pid, fd = pty.fork()
         if pid == 0:  # the child: its controlling terminal is the pty
+            _default_sigint()
             os.execvpe(argv[0], argv, env)
         self.pid, self.fd = pid, fd
         self.transcript = ""
@@ -193,7 +201,9 @@ def test_chat_reports_an_unreachable_server_and_goes_on() -> None:
 def test_generate_streams_to_stdout_and_ctrl_c_aborts(server: ServerHandle) -> None:
     prompt = "Count from 1 to 200, separated by commas."
     argv = [sys.executable, "-m", "rillet", "generate", prompt, "--url", server.url]
-    with subprocess.Popen([*argv, "--max-new-tokens", "400"], stdout=subprocess.PIPE) as proc:
+    with subprocess.Popen(
+        [*argv, "--max-new-tokens", "400"], stdout=subprocess.PIPE, preexec_fn=_default_sigint
+    ) as proc:
         assert proc.stdout is not None
         first = proc.stdout.read1(64)  # type: ignore[attr-defined]
         with frozen_engine(server):  # still generating, and it stays so until Ctrl-C is in
