@@ -12,6 +12,7 @@ layers); this module knows the stack, not any model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,16 @@ class DecoderStack:
             and meta.num_decode_tokens == num_tokens <= self.max_rows
             and meta.decode_context_lens is not None
         )
+
+
+def quantized_layer(linears: Sequence[Linear]) -> tuple[list[tuple[Any, int]], int] | None:
+    """One layer's linears for the native stack: their quantized copies, in order, and the
+    largest step all of them take; None if one has no quantized copy."""
+    weights = [quantized(linear) for linear in linears]
+    if any(weight is None for weight in weights):
+        return None
+    rows = min(linear.quantized_max_rows for linear in linears)
+    return [weight for weight in weights if weight is not None], rows
 
 
 def quantized(layer: Linear) -> tuple[Any, int] | None:

@@ -33,7 +33,7 @@ from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache
 from rillet.models.causal_lm import CausalLM
 from rillet.models.config import ModelConfig
-from rillet.models.decoder_stack import DecoderStack, quantized
+from rillet.models.decoder_stack import DecoderStack, quantized_layer
 from rillet.models.linear import Linear
 from rillet.models.llama import GatedMLP, LlamaAttention
 from rillet.models.rope import RotaryEmbedding
@@ -171,14 +171,14 @@ class Gemma3ForCausalLM(CausalLM):
         stack = native.Gemma3DecoderStack(
             first.num_heads, first.num_kv_heads, self.norm.eps, first.scale, self.norm.scale()
         )
-        max_rows: int | None = None
+        layer_rows: list[int] = []
         for layer, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            weights = [quantized(linear) for linear in linears]
-            if any(w is None for w in weights) or any(lin.bias is not None for lin in linears):
+            found = quantized_layer(linears)
+            if found is None or any(lin.bias is not None for lin in linears):
                 return None
-            qkv, o, gate_up, down = weights
+            (qkv, o, gate_up, down), rows = found
             rope = self.rope if attn.window is None else self.local_rope
             stack.add_layer(
                 layer.input_layernorm.scale(),
@@ -197,11 +197,10 @@ class Gemma3ForCausalLM(CausalLM):
                 key_cache,
                 value_cache,
             )
-            rows = min(linear.quantized_max_rows for linear in linears)
-            max_rows = rows if max_rows is None else min(max_rows, rows)
-        if max_rows is None:
+            layer_rows.append(rows)
+        if not layer_rows:
             return None
-        return DecoderStack(stack, kv_caches, max_rows)
+        return DecoderStack(stack, kv_caches, min(layer_rows))
 
     def _expected_tensors(self) -> set[str]:
         expected = {"embed_tokens.weight", "norm.weight"}

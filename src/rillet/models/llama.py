@@ -21,7 +21,7 @@ from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
 from rillet.models.causal_lm import CausalLM
 from rillet.models.config import ModelConfig
-from rillet.models.decoder_stack import DecoderStack, quantized
+from rillet.models.decoder_stack import DecoderStack, quantized_layer
 from rillet.models.linear import Linear
 from rillet.models.rope import RotaryEmbedding
 
@@ -199,14 +199,14 @@ class LlamaForCausalLM(CausalLM):
             self.rope.sin,
             self.norm.weight,
         )
-        max_rows: int | None = None
+        layer_rows: list[int] = []
         for layer, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            weights = [quantized(linear) for linear in linears]
-            if any(w is None for w in weights) or any(lin.bias is not None for lin in linears[1:]):
+            found = quantized_layer(linears)
+            if found is None or any(lin.bias is not None for lin in linears[1:]):
                 return None
-            qkv, o, gate_up, down = weights
+            (qkv, o, gate_up, down), rows = found
             stack.add_layer(
                 layer.input_layernorm.weight,
                 qkv,
@@ -218,11 +218,10 @@ class LlamaForCausalLM(CausalLM):
                 key_cache,
                 value_cache,
             )
-            rows = min(linear.quantized_max_rows for linear in linears)
-            max_rows = rows if max_rows is None else min(max_rows, rows)
-        if max_rows is None:
+            layer_rows.append(rows)
+        if not layer_rows:
             return None
-        return DecoderStack(stack, kv_caches, max_rows)
+        return DecoderStack(stack, kv_caches, min(layer_rows))
 
     def _expected_tensors(self) -> set[str]:
         """Every tensor a checkpoint must have, under our (unfused) names."""
