@@ -46,12 +46,14 @@ def main() -> None:
     parser.add_argument(
         "--no-decoder-stack", action="store_true", help="decode steps through the Python layers"
     )
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     args = parser.parse_args()
 
     llm = LLM(
         args.model,
         small_batch_tokens=args.small_batch_tokens,
         quantized_max_batch_tokens=args.quantized_max_batch_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     core, vocab = llm.core, llm.parts.model_config.vocab_size
     if args.no_decoder_stack:

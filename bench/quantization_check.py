@@ -1,15 +1,19 @@
-"""Do bf16, or the integer weights, change what a model says? Measured.
+"""Do bf16, the integer weights or the 8-bit KV cache change what a model says? Measured.
 
 Engines on one GGUF (default: the bundled SmolLM2, a Q4_1 GGUF with a Q8_0 embedding;
 ``--model`` another), each fed steps of at most 8 tokens (``max_num_batched_tokens=8``):
 
 - ``fp32``: the reference (exact: float32 weights as dequantized from the GGUF file);
-- ``bf16``: bf16 weights and activations, no quantized copies (``--quantized-max-batch-tokens 0``);
-- ``bf16+int``: the serving default: the file's own integers (``models.gguf_codes``: Q4_* on
-  the 4-bit kernel, Q5_*/Q8_0 on the 8-bit one; other formats quantized again at 8 bits)
-  read with integer dot products, inputs rounded to 8 bits per group of 32 as llama.cpp does;
+- ``bf16``: bf16 weights and activations, no quantized copies (``--quantized-max-batch-tokens 0``)
+  and K/V in bf16 (``--kv-cache-dtype auto``);
+- ``bf16+int``: the file's own integers (``models.gguf_codes``: Q4_* on the 4-bit kernel,
+  Q5_*/Q8_0 on the 8-bit one; other formats quantized again at 8 bits) read with integer
+  dot products, inputs rounded to 8 bits per group of 32 as llama.cpp does; K/V in bf16;
 - ``bf16+int, re-quantized``: the same kernels on copies quantized from the dequantized
-  floats instead of the file's codes (what rillet did before it read them).
+  floats instead of the file's codes (what rillet did before it read them);
+- ``bf16+int+8-bit KV (default)``: the serving default, ``bf16+int`` with the 8-bit KV cache.
+  The text goes in 8-token steps, so nearly every score attends to K/V read back from the
+  cache.
 
 For each it reports the mean negative log-likelihood of a fixed English text (teacher
 forced, through prompt logprobs) and, against fp32, how many greedy continuations of 16
@@ -72,9 +76,10 @@ PROMPTS = [
 
 CONFIGS: dict[str, dict[str, object]] = {
     "fp32": {"dtype": "float32", "quantized_max_batch_tokens": 0},
-    "bf16": {"dtype": "bfloat16", "quantized_max_batch_tokens": 0},
-    "bf16+int (default)": {"dtype": "bfloat16"},
-    "bf16+int, re-quantized": {"dtype": "bfloat16", "file_codes": False},
+    "bf16": {"dtype": "bfloat16", "quantized_max_batch_tokens": 0, "kv_cache_dtype": "auto"},
+    "bf16+int": {"dtype": "bfloat16", "kv_cache_dtype": "auto"},
+    "bf16+int, re-quantized": {"dtype": "bfloat16", "file_codes": False, "kv_cache_dtype": "auto"},
+    "bf16+int+8-bit KV (default)": {"dtype": "bfloat16"},
 }
 
 
@@ -169,10 +174,16 @@ def main() -> None:
     )
     parser.add_argument("--text-file", type=Path, help="score this text instead of TEXT")
     parser.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2)")
+    parser.add_argument(
+        "--only", action="append", choices=list(CONFIGS), help="run these configs (fp32 always)"
+    )
     args = parser.parse_args()
     text = args.text_file.read_text() if args.text_file else TEXT
+    chosen = {"fp32", *args.only} if args.only else set(CONFIGS)
     results = {
-        name: evaluate(args.model, opts, args.new_tokens, text) for name, opts in CONFIGS.items()
+        name: evaluate(args.model, opts, args.new_tokens, text)
+        for name, opts in CONFIGS.items()
+        if name in chosen
     }
     if args.llama_cpp_python:
         results["llama.cpp (llama-cpp-python)"] = evaluate_llama_cpp(

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from rillet.models import cpu_kernels
-from rillet.models.attention import AttentionMetadata, _decode_with_sdpa, allocate_kv_caches
+from rillet.models.attention import (
+    AttentionMetadata,
+    _decode_with_sdpa,
+    allocate_kv_caches,
+    dequantize_kv_rows,
+    kv_head_dim,
+    kv_row_width,
+    quantize_kv_rows,
+)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -253,3 +261,105 @@ def test_a_prefill_row_does_not_depend_on_chunking_batch_or_threads(
         assert torch.equal(attend(0, 200), whole)
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- the 8-bit cache ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("head_dim", "width"), [(64, 72), (256, 288), (24, 28), (33, 41)])
+def test_8bit_rows_keep_each_value_within_half_a_step_of_its_group(
+    head_dim: int, width: int
+) -> None:
+    x = torch.randn(5, 3, head_dim, generator=torch.Generator().manual_seed(1)) * 4
+    x[..., :8] *= 50  # an outlier channel: only its own group's scale grows
+    x[1, 2] = 0  # an all-zero row: scales 0, codes 0
+    rows = quantize_kv_rows(x)
+    assert rows.dtype == torch.int8 and rows.shape == (5, 3, width)
+    assert kv_row_width(head_dim, torch.int8) == width and kv_head_dim(rows) == head_dim
+    scales = rows[..., head_dim:].contiguous().view(torch.float32)  # [5, 3, groups]
+    groups = x.split(32, dim=-1)
+    assert scales.shape[-1] == len(groups)
+    for g, group in enumerate(groups):
+        torch.testing.assert_close(scales[..., g], group.abs().amax(-1) / 127)
+        # each group's largest magnitude takes code +-127
+        codes = rows[..., g * 32 : g * 32 + group.shape[-1]]
+        live = scales[..., g] > 0
+        assert codes.abs().amax(-1)[live].eq(127).all()
+    assert rows[1, 2].eq(0).all()
+    step = scales.repeat_interleave(32, dim=-1)[..., :head_dim]
+    error = (dequantize_kv_rows(rows, torch.float32) - x).abs()
+    assert (error <= step / 2 * 1.0001 + 1e-7).all()
+
+
+def _8bit_caches(
+    gen: torch.Generator, num_blocks: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_blocks, 16, kv_heads, head_dim)
+    return (
+        quantize_kv_rows(torch.randn(shape, generator=gen)),
+        quantize_kv_rows(torch.randn(shape, generator=gen)),
+    )
+
+
+@pytest.mark.parametrize("window", [None, 17], ids=["causal", "window17"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 4, 128), (4, 1, 256), (8, 2, 24)]
+)
+def test_decode_kernel_on_an_8bit_cache_matches_sdpa(
+    native, window, dtype, tol, heads, kv_heads, head_dim
+) -> None:  # type: ignore[no-untyped-def]
+    """The kernel scales each row's dot products; the SDPA path widens the rows first."""
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    key_cache, value_cache = _8bit_caches(gen, 64, kv_heads, head_dim)
+    lens = torch.tensor([1, 2, 15, 16, 17, 100, 130])
+    tables = torch.randperm(64, generator=gen)[: 7 * 9].view(7, 9)
+    q = torch.randn(7, heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.long),
+        positions=torch.zeros(0, dtype=torch.long),
+        num_decode_tokens=7,
+        decode_block_ids=tables,
+        decode_mask=(torch.arange(9 * 16)[None] < lens[:, None]).view(7, 1, 1, 9 * 16),
+        decode_context_lens=lens,
+    )
+    expected = torch.empty_like(q)
+    _decode_with_sdpa(q, key_cache, value_cache, meta, head_dim**-0.5, expected, window)
+    got = cpu_kernels.paged_decode_attention(
+        native, q, key_cache, value_cache, tables, lens, head_dim**-0.5, window
+    )
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 256), (6, 2, 24)]
+)
+def test_prefill_kernel_on_an_8bit_cache_matches_sdpa(
+    native, window, dtype, tol, heads, kv_heads, head_dim
+) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
+    key_cache, value_cache = _8bit_caches(gen, 160, kv_heads, head_dim)
+    tables = torch.randperm(160, generator=gen)[: len(CHUNKS) * 16].view(len(CHUNKS), -1)
+    lens = [n for _, n in CHUNKS]
+    q = torch.randn(sum(lens), heads, head_dim, generator=gen).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0)[:-1].tolist()])
+    scale = head_dim**-0.5
+    got = cpu_kernels.paged_prefill_attention(
+        native,
+        q,
+        key_cache,
+        value_cache,
+        tables,
+        starts,
+        torch.tensor(lens),
+        torch.tensor([p for p, _ in CHUNKS]),
+        scale,
+        window,
+    )
+    wide_k, wide_v = dequantize_kv_rows(key_cache, dtype), dequantize_kv_rows(value_cache, dtype)
+    for c, (position, length) in enumerate(CHUNKS):
+        rows = slice(int(starts[c]), int(starts[c]) + length)
+        expected = _prefill_reference(q[rows], wide_k, wide_v, tables[c], position, scale, window)
+        torch.testing.assert_close(got[rows].float(), expected, rtol=tol, atol=tol)

@@ -15,6 +15,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from rillet import LLM, SamplingParams
 from rillet.config import EngineConfig
@@ -271,3 +272,48 @@ async def test_a_failed_step_fails_open_streams_and_the_engine_keeps_serving(
     _, ids = await _stream(engine, "after the fault", params)
     assert len(ids) == 30
     await engine.shutdown()
+
+
+def test_an_8bit_kv_cache_keeps_batching_streaming_and_prefix_invariants(
+    tiny_model_dir: Path,
+) -> None:
+    """With ``kv_cache_dtype="int8"``: batched equals alone, a prefix-cache hit equals a cold
+    run (the prompt's own chunk reads its K/V back from the 8-bit cache too), preemption
+    and recompute change nothing, and every block comes back."""
+    int8 = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=256, kv_cache_dtype="int8")
+    assert int8.core.runner.kv_caches[0][0].dtype == torch.int8
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    together = int8.generate(PROMPTS[:8], params)
+    for prompt, batched in zip(PROMPTS[:8], together, strict=True):
+        assert int8.generate([prompt], params)[0].token_ids == batched.token_ids, prompt
+    prefix = "You are a helpful assistant. Answer briefly and kindly. " * 20
+    int8.generate([prefix + "Question one?"], params)
+    cached = int8.generate([prefix + "Another question entirely?"], params)[0]
+    assert cached.num_cached_tokens >= 160
+    cold = LLM(
+        str(tiny_model_dir),
+        dtype="float32",
+        num_kv_blocks=256,
+        kv_cache_dtype="int8",
+        enable_prefix_caching=False,
+    )
+    assert cold.generate([prefix + "Another question entirely?"], params)[0].token_ids == (
+        cached.token_ids
+    )
+    tight = LLM(
+        str(tiny_model_dir), dtype="float32", num_kv_blocks=24, max_model_len=384,
+        kv_cache_dtype="int8",
+    )  # fmt: skip
+    stories = [f"story {i}: " + "once upon a time " * (3 + i) for i in range(8)]
+    long_params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    starved = tight.generate(stories, long_params)
+    assert tight.core.counters.num_preemptions > 0
+    ample = cold.generate(stories, long_params)
+    assert [c.token_ids for c in starved] == [c.token_ids for c in ample]
+    assert tight.core.scheduler.block_manager.num_used_blocks == 0
+    # and the 8 bits do change the numbers: the same model with the default cache differs
+    full = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=256)
+    scored = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=True)
+    full_logprobs = [t.logprob for t in full.generate([PROMPTS[8]], scored)[0].tokens]
+    int8_logprobs = [t.logprob for t in int8.generate([PROMPTS[8]], scored)[0].tokens]
+    assert None not in full_logprobs and full_logprobs != int8_logprobs

@@ -6,6 +6,12 @@ import pytest
 import torch
 
 from rillet.models import ops
+from rillet.models.attention import (
+    allocate_kv_caches,
+    dequantize_kv_rows,
+    kv_row_width,
+    quantize_kv_rows,
+)
 from rillet.models.rope import RotaryEmbedding
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
@@ -56,6 +62,49 @@ def test_rotary_and_cache(native, dtype, tol, heads, kv_heads, head_dim) -> None
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
     for g, w in zip(got_cache, want_cache, strict=True):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 24)])
+def test_rotary_and_cache_into_an_8bit_cache(native, dtype, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
+    """The kernel writes exactly the bytes quantize_kv_rows makes of the rotated k and v; the
+    torch path writes the same rows and returns what the cache holds."""
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, None, dtype)
+    rows = 35
+    qkv = _rand(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=4)
+    positions = torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(5))
+    slots = torch.randperm(128, generator=torch.Generator().manual_seed(6))[:rows]
+    got_cache, want_cache = (
+        allocate_kv_caches(1, 8, 16, kv_heads, head_dim, torch.int8, "cpu")[0] for _ in range(2)
+    )
+    _, k, v = ops.rotary_and_cache(
+        qkv.clone(), positions, rope, got_cache, slots, heads, kv_heads, native
+    )
+    for cache, new in zip(got_cache, (k, v), strict=True):
+        written = cache.view(-1, kv_heads, kv_row_width(head_dim, torch.int8))[slots]
+        assert torch.equal(written, quantize_kv_rows(new))
+        assert (
+            cache.view(-1, kv_heads, kv_row_width(head_dim, torch.int8))
+            .count_nonzero(-1)
+            .count_nonzero()
+            == rows * kv_heads
+        )
+    _, k_held, v_held = ops.rotary_and_cache(
+        qkv.clone(), positions, rope, want_cache, slots, heads, kv_heads, None
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(got_cache, want_cache, strict=True):
+        # the two paths rotate within tol of each other, which may move a code by one step
+        step = float(want[..., head_dim:].contiguous().view(torch.float32).max())
+        torch.testing.assert_close(
+            dequantize_kv_rows(got, torch.float32),
+            dequantize_kv_rows(want, torch.float32),
+            rtol=tol,
+            atol=tol + step,
+        )
+    for held, cache in zip((k_held, v_held), want_cache, strict=True):
+        rows_held = cache.view(-1, kv_heads, kv_row_width(head_dim, torch.int8))[slots]
+        assert torch.equal(held, dequantize_kv_rows(rows_held, dtype))
 
 
 def test_rotary_and_cache_rejects_bad_slots(native) -> None:  # type: ignore[no-untyped-def]

@@ -73,6 +73,7 @@ class RayAppArgs(BaseModel):
     max_batch_tokens: int | None = None
     max_prefill_tokens_when_decoding: int | None = None
     kv_cache_memory: float | None = None
+    kv_cache_dtype: str | None = None
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
     api_key: str | None = None

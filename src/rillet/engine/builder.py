@@ -6,6 +6,7 @@ import ctypes
 import logging
 import sys
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels
+from rillet.models.attention import kv_row_width
 from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
 from rillet.models.gemma3 import Gemma3ForCausalLM
@@ -95,9 +97,21 @@ def keep_freed_memory_for_reuse() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def resolve_kv_cache_dtype(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, native: ModuleType | None
+) -> bool:
+    """Whether the KV cache is 8-bit. Unset (None): where serving in bf16 on a CPU with the
+    native kernels, the 8-bit cache, which bench/quantization_check.py measured as costing
+    no likelihood (see EngineConfig); elsewhere K/V in the model's dtype."""
+    if config.kv_cache_dtype is not None:
+        return config.kv_cache_dtype == "int8"
+    return native is not None and (device.type, dtype) == ("cpu", torch.bfloat16)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    """K and V of one token in every layer, in a cache of ``dtype`` (int8: with scales)."""
+    row_bytes = kv_row_width(cfg.head_dim, dtype) * torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * row_bytes
 
 
 def build_engine(config: EngineConfig) -> EngineParts:
@@ -118,14 +132,17 @@ def build_engine(config: EngineConfig) -> EngineParts:
             cfg.max_position_embeddings,
             max_model_len,
         )
-    bytes_per_block = kv_bytes_per_token(cfg, dtype) * config.block_size
+    native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
+    kv_dtype = torch.int8 if resolve_kv_cache_dtype(config, device, dtype, native) else dtype
+    bytes_per_block = kv_bytes_per_token(cfg, kv_dtype) * config.block_size
     num_blocks = config.num_kv_blocks or max(
         1, (config.kv_cache_memory_bytes or auto_kv_cache_bytes()) // bytes_per_block
     )
     log.info(
-        "KV cache: %d blocks of %d tokens (%.2f GiB)",
+        "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
         num_blocks,
         config.block_size,
+        str(kv_dtype).removeprefix("torch."),
         num_blocks * bytes_per_block / (1 << 30),
     )
     if num_blocks * config.block_size < max_model_len:
@@ -138,7 +155,6 @@ def build_engine(config: EngineConfig) -> EngineParts:
     model = model_class.empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
-    native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
     quantized_rows = config.quantized_max_batch_tokens
     source_bits = files.layer_weight_bits
     if quantized_rows is None:
@@ -178,6 +194,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         num_blocks,
         config.block_size,
         device,
+        kv_dtype=kv_dtype,
         eos_token_ids=eos_ids,
         seed=config.seed,
         native=native,

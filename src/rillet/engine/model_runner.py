@@ -51,6 +51,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
+        kv_dtype: torch.dtype | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
         seed: int | None = None,
         native: ModuleType | None = None,
@@ -68,7 +69,7 @@ class ModelRunner:
             block_size,
             cfg.num_kv_heads,
             cfg.head_dim,
-            model.dtype,
+            kv_dtype or model.dtype,
             device,
         )
         model.decoder_stack = model.build_decoder_stack(self.kv_caches, native)

@@ -6,6 +6,12 @@ Each layer's cache is a pair of tensors ``[num_blocks, block_size, num_kv_heads,
 new tokens are written (by ``ops.rotary_and_cache``, before attention) through the flat
 view ``[num_slots, ...]`` with slot = block_id * block_size + offset.
 
+The 8-bit cache (``--kv-cache-dtype int8``) is int8 ``[..., head_dim + 4 * groups]``: each
+row's codes, then one fp32 scale per group of 32 values (``quantize_kv_rows``; the kernels'
+``csrc/kv_int8.h``). At head size 64 a row is 72 bytes instead of bf16's 128: the cache
+holds 1.8x the tokens in the same memory, and decode attention at long contexts, which is
+bound by the bytes it reads, reads 1.8x fewer.
+
 With the native kernels (``cpu_kernels``), decodes and prefill chunks read their contexts in
 place through the block tables, and a prefill row's result does not depend on how its
 prompt was chunked or whether its prefix came from the prefix cache.
@@ -32,6 +38,45 @@ import torch.nn.functional as F
 from rillet.models import cpu_kernels
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+#: Values per fp32 scale in the 8-bit cache (as llama.cpp's q8_0).
+KV_GROUP = 32
+
+
+def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of a cache row: ``head_dim``, or for the 8-bit cache its codes and then
+    one fp32 scale (four int8 elements) per group of 32 values."""
+    if dtype != torch.int8:
+        return head_dim
+    return head_dim + 4 * -(-head_dim // KV_GROUP)
+
+
+def kv_head_dim(cache: torch.Tensor) -> int:
+    """The head size of a cache tensor (the inverse of ``kv_row_width``)."""
+    width = cache.shape[-1]
+    return width - 4 * -(-width // (KV_GROUP + 4)) if cache.dtype == torch.int8 else width
+
+
+def quantize_kv_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows [..., d] -> 8-bit cache rows: per group of 32 values, round(x / s) with
+    s = max |x| / 127; then the groups' scales as bytes. The kernels' arithmetic
+    (``csrc/kv_int8.h``: multiplications by reciprocals, round half to even), so both
+    write the same bytes."""
+    codes, scales = [], []
+    for group in x.float().split(KV_GROUP, dim=-1):
+        scale = group.abs().amax(dim=-1, keepdim=True) * (1 / 127)
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        codes.append(torch.round(group * inverse).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return torch.cat([*codes, torch.cat(scales, dim=-1).view(torch.int8)], dim=-1)
+
+
+def dequantize_kv_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """8-bit cache rows -> values [..., d] in ``dtype``."""
+    head_dim = kv_head_dim(rows)
+    scales = rows[..., head_dim:].contiguous().view(torch.float32)
+    per_value = scales.repeat_interleave(KV_GROUP, dim=-1)[..., :head_dim]
+    return (rows[..., :head_dim].float() * per_value).to(dtype)
 
 
 @dataclass
@@ -88,8 +133,9 @@ def allocate_kv_caches(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[KVCache]:
-    """One (key, value) pair of zeroed cache tensors per layer."""
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    """One (key, value) pair of zeroed cache tensors per layer; ``torch.int8``: the 8-bit
+    cache, whose rows also carry their scale."""
+    shape = (num_blocks, block_size, num_kv_heads, kv_row_width(head_dim, dtype))
     return [
         (_zeroed(shape, dtype, device), _zeroed(shape, dtype, device)) for _ in range(num_layers)
     ]
@@ -182,8 +228,9 @@ def paged_attention(
                 q_pos = torch.arange(chunk.query_len, device=q.device)
                 mask = q_pos[None] <= q_pos[:, None]
             else:
-                k_c = _gather_blocks(key_cache, chunk.context_block_ids[None])[0]  # [Hkv, L, d]
-                v_c = _gather_blocks(value_cache, chunk.context_block_ids[None])[0]
+                ids = chunk.context_block_ids[None]
+                k_c = _gather_blocks(key_cache, ids, q.dtype)[0]  # [Hkv, L, d]
+                v_c = _gather_blocks(value_cache, ids, q.dtype)[0]
                 assert chunk.mask is not None
                 mask = chunk.mask
             if window is not None:
@@ -198,11 +245,16 @@ def paged_attention(
     return out
 
 
-def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """[N, max_blocks] block ids -> [N, kv_heads, max_blocks * block_size, head_dim] view."""
+def _gather_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """[N, max_blocks] block ids -> [N, kv_heads, max_blocks * block_size, head_dim] in
+    ``dtype`` (a view of the gathered blocks unless the cache is 8-bit)."""
     num_seqs, num_blocks = block_ids.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
+    block_size, num_kv_heads, head_dim = cache.shape[1], cache.shape[2], kv_head_dim(cache)
     blocks = cache.index_select(0, block_ids.reshape(-1))
+    if cache.dtype == torch.int8:
+        blocks = dequantize_kv_rows(blocks, dtype)
     return blocks.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
 
 
@@ -226,7 +278,7 @@ def _decode_with_sdpa(
     num_decodes, num_heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    k_ctx = _gather_blocks(key_cache, meta.decode_block_ids)  # [D, Hkv, L, d]
-    v_ctx = _gather_blocks(value_cache, meta.decode_block_ids)
+    k_ctx = _gather_blocks(key_cache, meta.decode_block_ids, q.dtype)  # [D, Hkv, L, d]
+    v_ctx = _gather_blocks(value_cache, meta.decode_block_ids, q.dtype)
     o = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=mask, scale=scale)
     out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)

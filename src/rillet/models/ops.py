@@ -12,9 +12,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from rillet.models.attention import KVCache, dequantize_kv_rows, kv_head_dim, quantize_kv_rows
 from rillet.models.rope import RotaryEmbedding, apply_rotary
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def add_rms_norm(
@@ -47,10 +46,12 @@ def rotary_and_cache(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotate q and k, write this step's K/V into the paged cache; returns q, k, v views.
 
-    ``qkv`` is the fused projection [T, (H + 2 Hkv) * d]; results are [T, heads, d].
+    ``qkv`` is the fused projection [T, (H + 2 Hkv) * d]; results are [T, heads, d]. With
+    an 8-bit cache and no kernels, k and v are what the cache holds (quantized and back), so
+    a chunk attending to its own K/V sees what a later chunk reads.
     """
     key_cache, value_cache = cache
-    num_tokens, head_dim = qkv.shape[0], key_cache.shape[-1]
+    num_tokens, head_dim = qkv.shape[0], kv_head_dim(key_cache)
     k_end = (num_heads + num_kv_heads) * head_dim
     v = qkv[:, k_end:].view(num_tokens, num_kv_heads, head_dim)
     if native is not None:
@@ -70,7 +71,14 @@ def rotary_and_cache(
         cos, sin = rope.cos_sin(positions)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
         qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, head_dim), cos, sin)
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, qk[:, num_heads:])
+        k = qk[:, num_heads:]
+        if key_cache.dtype == torch.int8:
+            k_rows, v_rows = quantize_kv_rows(k), quantize_kv_rows(v)
+            key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k_rows)
+            value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v_rows)
+            k, v = dequantize_kv_rows(k_rows, k.dtype), dequantize_kv_rows(v_rows, v.dtype)
+            return qk[:, :num_heads], k, v
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
         value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
     return qk[:, :num_heads], qk[:, num_heads:], v  # slices: cheaper than Tensor.split
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "kv_int8.h"
 
 namespace rillet {
 
@@ -48,7 +49,7 @@ at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor positions, at::Te
                                  at::Tensor block_tables, at::Tensor context_lens) const {
   TORCH_CHECK(!layers_.empty(), "no layers added");
   const int64_t rows = hidden.size(0);
-  const int64_t head_dim = layers_[0].key_cache.size(3);
+  const int64_t head_dim = cache_head_dim(layers_[0].key_cache);
   const int64_t q_width = num_heads_ * head_dim;
   // As LlamaForCausalLM.forward: the first layer's input is the residual stream itself.
   at::Tensor residual = hidden;
@@ -99,7 +100,7 @@ at::Tensor Gemma3DecoderStack::forward(at::Tensor hidden, at::Tensor positions,
                                        at::Tensor context_lens) const {
   TORCH_CHECK(!layers_.empty(), "no layers added");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
-  const int64_t head_dim = layers_[0].key_cache.size(3);
+  const int64_t head_dim = cache_head_dim(layers_[0].key_cache);
   const int64_t q_width = num_heads_ * head_dim, kv_width = num_kv_heads_ * head_dim;
   // As Gemma3DecoderLayer.forward, call for call.
   at::Tensor x = hidden;

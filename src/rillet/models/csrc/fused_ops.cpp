@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kv_int8.h"
 #include "vec.h"
 
 namespace rillet {
@@ -107,23 +108,34 @@ void rotary_and_cache_impl(at::Tensor& qkv, const at::Tensor& positions, const a
                            const at::Tensor& sin, at::Tensor& key_cache, at::Tensor& value_cache,
                            const at::Tensor& slots, int64_t num_heads, int64_t num_kv_heads) {
   const int64_t rows = qkv.size(0), width = qkv.size(1);
-  const int64_t d = key_cache.size(3);
+  const int64_t d = cache_head_dim(key_cache);
   const int64_t kv_width = num_kv_heads * d;
+  const bool int8_cache = is_int8_cache(key_cache);
   T* qp = qkv.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
-  T* kc = key_cache.data_ptr<T>();
-  T* vc = value_cache.data_ptr<T>();
   at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* row = qp + r * width;
       const T* c = cp + pos[r] * d;
       const T* s = sp + pos[r] * d;
       for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate_head(row + h * d, c, s, d);
-      std::memcpy(kc + slot[r] * kv_width, row + num_heads * d, kv_width * sizeof(T));
-      std::memcpy(vc + slot[r] * kv_width, row + (num_heads + num_kv_heads) * d, kv_width * sizeof(T));
+      const T* k = row + num_heads * d;
+      const T* v = k + kv_width;
+      if (int8_cache) {
+        const int64_t row_width = cache_row_width<int8_t>(d);
+        int8_t* kc = key_cache.data_ptr<int8_t>() + slot[r] * num_kv_heads * row_width;
+        int8_t* vc = value_cache.data_ptr<int8_t>() + slot[r] * num_kv_heads * row_width;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          quantize_row(k + h * d, d, kc + h * row_width);
+          quantize_row(v + h * d, d, vc + h * row_width);
+        }
+      } else {
+        std::memcpy(key_cache.data_ptr<T>() + slot[r] * kv_width, k, kv_width * sizeof(T));
+        std::memcpy(value_cache.data_ptr<T>() + slot[r] * kv_width, v, kv_width * sizeof(T));
+      }
     }
   });
 }
@@ -251,14 +263,15 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be [T, width], contiguous");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "caches must be [blocks, block_size, Hkv, d], contiguous");
-  const int64_t d = key_cache.size(3);
+  const int64_t d = cache_head_dim(key_cache);
   TORCH_CHECK(key_cache.size(2) == num_kv_heads && d % 2 == 0, "bad cache shape");
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * d, "qkv width does not match heads");
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == d && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
               "bad rope tables");
-  TORCH_CHECK(key_cache.scalar_type() == qkv.scalar_type() && value_cache.scalar_type() == qkv.scalar_type(),
-              "cache dtype must match qkv");
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
+                  (key_cache.scalar_type() == qkv.scalar_type() || is_int8_cache(key_cache)),
+              "cache dtype must match qkv, or be int8");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
                   positions.numel() == qkv.size(0) && slot_mapping.numel() == qkv.size(0),
               "positions and slots must be int64, one per row");

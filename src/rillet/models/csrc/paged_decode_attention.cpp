@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kv_int8.h"
 #include "vec.h"
 
 namespace rillet {
@@ -83,15 +84,29 @@ inline void for_each_row(const TaskView& view, const T* cache, int64_t row_bytes
   }
 }
 
+// A cache row as values: itself for a float cache; an 8-bit row widened into `buffer`.
+template <typename C>
+inline const auto* row_values(const C* row, int64_t head_dim, float* buffer) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    dequantize_row(row, head_dim, buffer);
+    return static_cast<const float*>(buffer);
+  } else {
+    (void)head_dim, (void)buffer;
+    return row;
+  }
+}
+
 // Portable task: any head_dim, any CPU. `qf` holds the group's queries in fp32, scaled.
-template <typename T>
-void attend_generic(const float* qf, int64_t group, int64_t head_dim, const T* kc, const T* vc,
+// C: the cache's element type.
+template <typename C>
+void attend_generic(const float* qf, int64_t group, int64_t head_dim, const C* kc, const C* vc,
                     const TaskView& view, float* scores, float* acc) {
   const int64_t len = view.count();
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = cache_row_width<C>(head_dim) * static_cast<int64_t>(sizeof(C));
+  std::vector<float> wide(head_dim);
   for_each_row(view, kc, row_bytes, [&](int64_t t, int64_t row) {
-    for (int64_t g = 0; g < group; ++g)
-      scores[g * len + t] = dot(qf + g * head_dim, kc + row, head_dim);
+    const auto* k = row_values(kc + row, head_dim, wide.data());
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * head_dim, k, head_dim);
   });
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * len;
@@ -107,8 +122,8 @@ void attend_generic(const float* qf, int64_t group, int64_t head_dim, const T* k
   }
   std::fill(acc, acc + group * head_dim, 0.f);
   for_each_row(view, vc, row_bytes, [&](int64_t t, int64_t row) {
-    for (int64_t g = 0; g < group; ++g)
-      axpy(acc + g * head_dim, scores[g * len + t], vc + row, head_dim);
+    const auto* v = row_values(vc + row, head_dim, wide.data());
+    for (int64_t g = 0; g < group; ++g) axpy(acc + g * head_dim, scores[g * len + t], v, head_dim);
   });
 }
 
@@ -141,20 +156,32 @@ inline void softmax_row(float* row, int64_t len) {
 
 // Fast task for head_dim = 16 * VEC, with GC query heads of the group handled per pass so
 // that their queries (QK) or accumulators (PV) stay in registers; each K/V row is loaded
-// and widened once per pass instead of once per head.
-template <typename T, int VEC, int GC>
-void attend_avx512(const float* qf, int64_t group, const T* kc, const T* vc,
+// and widened once per pass instead of once per head (an 8-bit row's codes times their
+// group's scale: two registers a group).
+// One cache row of 16 * VEC values into registers, in fp32.
+template <int VEC, typename C>
+inline void load_row(const C* row, __m512 (&out)[VEC]) {
+  for (int j = 0; j < VEC; ++j) out[j] = load16(row + j * 16);
+  if constexpr (std::is_same_v<C, int8_t>) {
+    static_assert(kKvGroup == 32 && VEC % 2 == 0, "two registers per group of 32");
+    for (int j = 0; j < VEC; ++j)
+      out[j] = _mm512_mul_ps(out[j], _mm512_set1_ps(group_scale(row, VEC * 16, j / 2)));
+  }
+}
+
+template <typename C, int VEC, int GC>
+void attend_avx512(const float* qf, int64_t group, const C* kc, const C* vc,
                    const TaskView& view, float* scores, float* acc) {
   constexpr int D = VEC * 16;
+  constexpr int64_t kRowBytes = cache_row_width<C>(D) * static_cast<int64_t>(sizeof(C));
   const int64_t len = view.count();
   for (int64_t g0 = 0; g0 < group; g0 += GC) {
     __m512 q[GC][VEC];
     for (int g = 0; g < GC; ++g)
       for (int j = 0; j < VEC; ++j) q[g][j] = _mm512_loadu_ps(qf + (g0 + g) * D + j * 16);
-    for_each_row(view, kc, D * static_cast<int64_t>(sizeof(T)), [&](int64_t t, int64_t row) {
-      const T* k = kc + row;
+    for_each_row(view, kc, kRowBytes, [&](int64_t t, int64_t row) {
       __m512 kv[VEC];
-      for (int j = 0; j < VEC; ++j) kv[j] = load16(k + j * 16);
+      load_row<VEC>(kc + row, kv);
       for (int g = 0; g < GC; ++g) {
         __m512 s = _mm512_mul_ps(q[g][0], kv[0]);
         for (int j = 1; j < VEC; ++j) s = _mm512_fmadd_ps(q[g][j], kv[j], s);
@@ -167,10 +194,9 @@ void attend_avx512(const float* qf, int64_t group, const T* kc, const T* vc,
     __m512 a[GC][VEC];
     for (int g = 0; g < GC; ++g)
       for (int j = 0; j < VEC; ++j) a[g][j] = _mm512_setzero_ps();
-    for_each_row(view, vc, D * static_cast<int64_t>(sizeof(T)), [&](int64_t t, int64_t row) {
-      const T* v = vc + row;
+    for_each_row(view, vc, kRowBytes, [&](int64_t t, int64_t row) {
       __m512 vv[VEC];
-      for (int j = 0; j < VEC; ++j) vv[j] = load16(v + j * 16);
+      load_row<VEC>(vc + row, vv);
       for (int g = 0; g < GC; ++g) {
         const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t]);
         for (int j = 0; j < VEC; ++j) a[g][j] = _mm512_fmadd_ps(p, vv[j], a[g][j]);
@@ -207,7 +233,8 @@ template <typename T>
 TaskFn<T> pick_fast_task(int64_t, int64_t) { return nullptr; }
 #endif
 
-template <typename T>
+// T: the query's and output's type; C: the cache's (T, or int8_t for the 8-bit cache).
+template <typename T, typename C>
 void decode_attention(const at::Tensor& query,        // [D, H, d]
                       const at::Tensor& key_cache,    // [NB, bs, Hkv, d]
                       const at::Tensor& value_cache,  // [NB, bs, Hkv, d]
@@ -223,15 +250,16 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
   const int64_t max_blocks = block_tables.size(1);
 
   const T* q = query.data_ptr<T>();
-  const T* kc = key_cache.data_ptr<T>();
-  const T* vc = value_cache.data_ptr<T>();
+  const C* kc = key_cache.data_ptr<C>();
+  const C* vc = value_cache.data_ptr<C>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* o = out.data_ptr<T>();
-  const int64_t token_stride = num_kv_heads * head_dim;  // between rows of one block
+  const int64_t row_width = cache_row_width<C>(head_dim);
+  const int64_t token_stride = num_kv_heads * row_width;  // between rows of one block
   const int64_t block_stride = block_size * token_stride;
   const float fscale = static_cast<float>(scale);
-  const TaskFn<T> fast = pick_fast_task<T>(head_dim, group);
+  const TaskFn<C> fast = pick_fast_task<C>(head_dim, group);
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
@@ -239,7 +267,7 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
       const int64_t seq = task / num_kv_heads, kvh = task % num_kv_heads;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[seq] - window) : 0;
       const TaskView view{tables + seq * max_blocks, lens[seq], block_size,
-                          token_stride, block_stride, kvh * head_dim, first};
+                          token_stride, block_stride, kvh * row_width, first};
       for (int64_t g = 0; g < group; ++g) {
         const T* src = q + (seq * num_heads + kvh * group + g) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) qf[g * head_dim + i] = to_float(src[i]) * fscale;
@@ -258,6 +286,19 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
   });
 }
 
+template <typename T>
+void decode_attention_on(const at::Tensor& query, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, double scale, int64_t window,
+                         at::Tensor& out) {
+  if (is_int8_cache(key_cache))
+    decode_attention<T, int8_t>(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                window, out);
+  else
+    decode_attention<T, T>(query, key_cache, value_cache, block_tables, context_lens, scale,
+                           window, out);
+}
+
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
@@ -269,10 +310,14 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block tables and lengths must be int64");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
+                  (key_cache.scalar_type() == query.scalar_type() || is_int8_cache(key_cache)),
+              "cache dtype must match the query's, or be int8");
+  TORCH_CHECK(cache_head_dim(key_cache) == query.size(2), "cache rows do not match the head size");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   auto out = at::empty_like(query);
-  RILLET_DISPATCH(query.scalar_type(), decode_attention, query, key_cache, value_cache, tables,
+  RILLET_DISPATCH(query.scalar_type(), decode_attention_on, query, key_cache, value_cache, tables,
                   lens, scale, window, out);
   return out;
 }

@@ -27,9 +27,11 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
+#include "kv_int8.h"
 #include "vec.h"
 
 namespace rillet {
@@ -411,6 +413,65 @@ void prefill_attention(const at::Tensor& query,        // [P, H, d]
   run_tasks<T, GenericPath<T>>(pb, q, kc, vc, o);
 }
 
+// The 8-bit cache's rows that the chunks can see, widened to T in a compact cache of their
+// own, and the block tables renumbered into it: the paths above then run unchanged. This
+// costs one pass over each chunk's context a layer (~400k values for a 1,024-token prompt
+// on SmolLM2), small beside the attention's quadratic work on it.
+template <typename T>
+void widen_blocks(const at::Tensor& cache, const std::vector<int64_t>& ids, at::Tensor& out) {
+  const int64_t rows_per_block = cache.size(1) * cache.size(2);
+  const int64_t d = cache_head_dim(cache), width = cache.size(3);
+  const int8_t* src = cache.data_ptr<int8_t>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(ids.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int8_t* rows = src + ids[b] * rows_per_block * width;
+      T* to = dst + b * rows_per_block * d;
+      std::vector<float> wide(d);
+      for (int64_t r = 0; r < rows_per_block; ++r) {
+        dequantize_row(rows + r * width, d, wide.data());
+        for (int64_t i = 0; i < d; ++i) store(to + r * d + i, wide[i]);
+      }
+    }
+  });
+}
+
+struct WidenedCaches {
+  at::Tensor key_cache, value_cache, block_tables;
+};
+
+WidenedCaches widen_visible_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const at::Tensor& tables, const at::Tensor& lens,
+                                   const at::Tensor& positions,
+                                   at::ScalarType dtype) {
+  const int64_t chunks = tables.size(0), max_blocks = tables.size(1);
+  const int64_t block_size = key_cache.size(1);
+  const int64_t* table = tables.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  at::Tensor renumbered = at::zeros_like(tables);
+  int64_t* to = renumbered.data_ptr<int64_t>();
+  std::vector<int64_t> ids;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t visible = std::min(max_blocks, (pos[c] + len[c] + block_size - 1) / block_size);
+    for (int64_t b = 0; b < visible; ++b) {
+      to[c * max_blocks + b] = static_cast<int64_t>(ids.size());
+      ids.push_back(table[c * max_blocks + b]);
+    }
+  }
+  if (ids.empty()) ids.push_back(0);
+  const int64_t d = cache_head_dim(key_cache);
+  const auto shape = std::vector<int64_t>{static_cast<int64_t>(ids.size()), block_size,
+                                          key_cache.size(2), d};
+  WidenedCaches out{at::empty(shape, key_cache.options().dtype(dtype)),
+                    at::empty(shape, key_cache.options().dtype(dtype)), renumbered};
+  for (auto [from, into] : {std::pair{&key_cache, &out.key_cache},
+                            std::pair{&value_cache, &out.value_cache}}) {
+    RILLET_DISPATCH(dtype, widen_blocks, *from, ids, *into);
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
@@ -427,7 +488,18 @@ at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::T
   auto starts = query_starts.contiguous();
   auto lens = query_lens.contiguous();
   auto pos = positions.contiguous();
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
+                  (key_cache.scalar_type() == query.scalar_type() || is_int8_cache(key_cache)),
+              "cache dtype must match the query's, or be int8");
+  TORCH_CHECK(cache_head_dim(key_cache) == query.size(2), "cache rows do not match the head size");
   auto out = at::empty_like(query);
+  if (is_int8_cache(key_cache)) {
+    WidenedCaches wide = widen_visible_blocks(key_cache, value_cache, tables, lens, pos,
+                                              query.scalar_type());
+    RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, wide.key_cache,
+                    wide.value_cache, wide.block_tables, starts, lens, pos, scale, window, out);
+    return out;
+  }
   RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, key_cache, value_cache, tables,
                   starts, lens, pos, scale, window, out);
   return out;
