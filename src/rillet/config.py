@@ -38,8 +38,8 @@ class EngineConfig:
     (``models.gguf_codes``); others (Q6_K...) are quantized again at 8 bits, and the LM head
     takes 8 bits unless the file's own are 4. 0 turns them off.
     ``kv_cache_dtype``: ``"auto"`` keeps K/V in the model's dtype (as vLLM's ``auto``);
-    ``"int8"`` stores them in 8 bits with a scale per token and head (``models.attention``):
-    1.9x the tokens in the same memory, and 1.9x fewer bytes for decode attention to read,
+    ``"int8"`` stores them in 8 bits with an fp32 scale per 32 values (``models.attention``):
+    1.8x the tokens in the same memory, and 1.8x fewer bytes for decode attention to read,
     which is what bounds it at long contexts. ``None`` picks int8 for a CPU serving bf16 with
     the native kernels (where it is fast, and measured to cost no likelihood), else auto.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``

@@ -84,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
         help="auto: K/V in the model's dtype; int8: 8 bits with a scale per token and head, "
-        "1.9x the tokens in the same memory and fewer bytes to read per token (default: int8 "
+        "1.8x the tokens in the same memory and fewer bytes to read per token (default: int8 "
         "for bf16 on a CPU with rillet's kernels, else auto)",
     )
     # What a request may carry, on every door; past each limit a clear 4xx.
