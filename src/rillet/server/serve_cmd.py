@@ -83,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
-        help="auto: K/V in the model's dtype; int8: 8 bits with a scale per token and head, "
+        help="auto: K/V in the model's dtype; int8: 8 bits with an fp32 scale per 32 values, "
         "1.8x the tokens in the same memory and fewer bytes to read per token (default: int8 "
         "for bf16 on a CPU with rillet's kernels, else auto)",
     )
