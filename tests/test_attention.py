@@ -163,6 +163,16 @@ def _random_caches(
     )
 
 
+def _8bit_caches(
+    gen: torch.Generator, num_blocks: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_blocks, 16, kv_heads, head_dim)
+    return (
+        quantize_kv_rows(torch.randn(shape, generator=gen)),
+        quantize_kv_rows(torch.randn(shape, generator=gen)),
+    )
+
+
 # (start position, new tokens) of the chunks run together: a cold prompt, chunks after a
 # cached prefix (mid-block and block-aligned), a one-token chunk, a long one.
 CHUNKS = [(0, 45), (37, 20), (64, 1), (16, 16), (0, 1), (90, 150)]
@@ -184,9 +194,18 @@ CHUNKS = [(0, 45), (37, 20), (64, 1), (16, 16), (0, 1), (90, 150)]
         (4, 4, 32),
     ],
 )
-def test_prefill_kernel_matches_sdpa(native, window, dtype, tol, heads, kv_heads, head_dim) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["cache-as-q", "cache-8bit"])
+def test_prefill_kernel_matches_sdpa(
+    native, eight_bit, window, dtype, tol, heads, kv_heads, head_dim
+) -> None:  # type: ignore[no-untyped-def]
+    """The 8-bit cache's rows against SDPA over the same rows widened in torch."""
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
-    key_cache, value_cache = _random_caches(gen, 160, kv_heads, head_dim, dtype)
+    if eight_bit:
+        key_cache, value_cache = _8bit_caches(gen, 160, kv_heads, head_dim)
+        wide_k, wide_v = (dequantize_kv_rows(c, dtype) for c in (key_cache, value_cache))
+    else:
+        key_cache, value_cache = _random_caches(gen, 160, kv_heads, head_dim, dtype)
+        wide_k, wide_v = key_cache, value_cache
     max_blocks = 16
     tables = torch.randperm(160, generator=gen)[: len(CHUNKS) * max_blocks].view(len(CHUNKS), -1)
     lens = [n for _, n in CHUNKS]
@@ -207,9 +226,7 @@ def test_prefill_kernel_matches_sdpa(native, window, dtype, tol, heads, kv_heads
     )
     for c, (position, length) in enumerate(CHUNKS):
         rows = slice(int(starts[c]), int(starts[c]) + length)
-        expected = _prefill_reference(
-            q[rows], key_cache, value_cache, tables[c], position, scale, window
-        )
+        expected = _prefill_reference(q[rows], wide_k, wide_v, tables[c], position, scale, window)
         torch.testing.assert_close(got[rows].float(), expected, rtol=tol, atol=tol)
 
 
@@ -291,16 +308,6 @@ def test_8bit_rows_keep_each_value_within_half_a_step_of_its_group(
     assert (error <= step / 2 * 1.0001 + 1e-7).all()
 
 
-def _8bit_caches(
-    gen: torch.Generator, num_blocks: int, kv_heads: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (num_blocks, 16, kv_heads, head_dim)
-    return (
-        quantize_kv_rows(torch.randn(shape, generator=gen)),
-        quantize_kv_rows(torch.randn(shape, generator=gen)),
-    )
-
-
 @pytest.mark.parametrize("window", [None, 17], ids=["causal", "window17"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
@@ -329,37 +336,3 @@ def test_decode_kernel_on_an_8bit_cache_matches_sdpa(
         native, q, key_cache, value_cache, tables, lens, head_dim**-0.5, window
     )
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 256), (6, 2, 24)]
-)
-def test_prefill_kernel_on_an_8bit_cache_matches_sdpa(
-    native, window, dtype, tol, heads, kv_heads, head_dim
-) -> None:  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
-    key_cache, value_cache = _8bit_caches(gen, 160, kv_heads, head_dim)
-    tables = torch.randperm(160, generator=gen)[: len(CHUNKS) * 16].view(len(CHUNKS), -1)
-    lens = [n for _, n in CHUNKS]
-    q = torch.randn(sum(lens), heads, head_dim, generator=gen).to(dtype)
-    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0)[:-1].tolist()])
-    scale = head_dim**-0.5
-    got = cpu_kernels.paged_prefill_attention(
-        native,
-        q,
-        key_cache,
-        value_cache,
-        tables,
-        starts,
-        torch.tensor(lens),
-        torch.tensor([p for p, _ in CHUNKS]),
-        scale,
-        window,
-    )
-    wide_k, wide_v = dequantize_kv_rows(key_cache, dtype), dequantize_kv_rows(value_cache, dtype)
-    for c, (position, length) in enumerate(CHUNKS):
-        rows = slice(int(starts[c]), int(starts[c]) + length)
-        expected = _prefill_reference(q[rows], wide_k, wide_v, tables[c], position, scale, window)
-        torch.testing.assert_close(got[rows].float(), expected, rtol=tol, atol=tol)
