@@ -99,13 +99,15 @@ def keep_freed_memory_for_reuse() -> None:
 
 def resolve_kv_cache_dtype(
     config: EngineConfig, device: torch.device, dtype: torch.dtype, native: ModuleType | None
-) -> bool:
-    """Whether the KV cache is 8-bit. Unset (None): where serving in bf16 on a CPU with the
-    native kernels, the 8-bit cache, which bench/quantization_check.py measured as costing
-    no likelihood (see EngineConfig); elsewhere K/V in the model's dtype."""
+) -> torch.dtype:
+    """The KV cache's dtype: int8 (the 8-bit cache) or the model's ``dtype``. Unset (None):
+    int8 where serving in bf16 on a CPU with the native kernels, which
+    bench/quantization_check.py measured as costing no likelihood (see EngineConfig)."""
     if config.kv_cache_dtype is not None:
-        return config.kv_cache_dtype == "int8"
-    return native is not None and (device.type, dtype) == ("cpu", torch.bfloat16)
+        eight_bit = config.kv_cache_dtype == "int8"
+    else:
+        eight_bit = native is not None and (device.type, dtype) == ("cpu", torch.bfloat16)
+    return torch.int8 if eight_bit else dtype
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -133,7 +135,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             max_model_len,
         )
     native = cpu_kernels.load(config.native_kernels and device.type == "cpu")
-    kv_dtype = torch.int8 if resolve_kv_cache_dtype(config, device, dtype, native) else dtype
+    kv_dtype = resolve_kv_cache_dtype(config, device, dtype, native)
     bytes_per_block = kv_bytes_per_token(cfg, kv_dtype) * config.block_size
     num_blocks = config.num_kv_blocks or max(
         1, (config.kv_cache_memory_bytes or auto_kv_cache_bytes()) // bytes_per_block

@@ -72,14 +72,13 @@ def rotary_and_cache(
         # Rotate q and k heads together: one set of elementwise ops instead of two.
         qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, head_dim), cos, sin)
         k = qk[:, num_heads:]
-        if key_cache.dtype == torch.int8:
-            k_rows, v_rows = quantize_kv_rows(k), quantize_kv_rows(v)
-            key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k_rows)
-            value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v_rows)
+        eight_bit = key_cache.dtype == torch.int8
+        k_rows, v_rows = (quantize_kv_rows(k), quantize_kv_rows(v)) if eight_bit else (k, v)
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k_rows)
+        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v_rows)
+        if eight_bit:
             k, v = dequantize_kv_rows(k_rows, k.dtype), dequantize_kv_rows(v_rows, v.dtype)
-            return qk[:, :num_heads], k, v
-        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+        return qk[:, :num_heads], k, v
     return qk[:, :num_heads], qk[:, num_heads:], v  # slices: cheaper than Tensor.split
 
 

@@ -269,9 +269,7 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == d && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
               "bad rope tables");
-  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
-                  (key_cache.scalar_type() == qkv.scalar_type() || is_int8_cache(key_cache)),
-              "cache dtype must match qkv, or be int8");
+  check_cache_dtype(key_cache, value_cache, qkv.scalar_type());
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
                   positions.numel() == qkv.size(0) && slot_mapping.numel() == qkv.size(0),
               "positions and slots must be int64, one per row");

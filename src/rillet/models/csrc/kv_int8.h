@@ -40,6 +40,14 @@ inline int64_t cache_head_dim(const at::Tensor& cache) {
   return is_int8_cache(cache) ? width - 4 * ((width + 35) / 36) : width;
 }
 
+// Every kernel that takes the caches: both of one dtype, `dtype` (the activations') or int8.
+inline void check_cache_dtype(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                              at::ScalarType dtype) {
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
+                  (key_cache.scalar_type() == dtype || is_int8_cache(key_cache)),
+              "cache dtype must match the activations', or be int8");
+}
+
 // The scale of group g of an 8-bit row of head size d.
 inline float group_scale(const int8_t* row, int64_t d, int64_t g) {
   float scale;

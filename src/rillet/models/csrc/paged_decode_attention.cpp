@@ -310,9 +310,7 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block tables and lengths must be int64");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
-                  (key_cache.scalar_type() == query.scalar_type() || is_int8_cache(key_cache)),
-              "cache dtype must match the query's, or be int8");
+  check_cache_dtype(key_cache, value_cache, query.scalar_type());
   TORCH_CHECK(cache_head_dim(key_cache) == query.size(2), "cache rows do not match the head size");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();

@@ -424,10 +424,10 @@ void widen_blocks(const at::Tensor& cache, const std::vector<int64_t>& ids, at::
   const int8_t* src = cache.data_ptr<int8_t>();
   T* dst = out.data_ptr<T>();
   at::parallel_for(0, static_cast<int64_t>(ids.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wide(d);
     for (int64_t b = begin; b < end; ++b) {
       const int8_t* rows = src + ids[b] * rows_per_block * width;
       T* to = dst + b * rows_per_block * d;
-      std::vector<float> wide(d);
       for (int64_t r = 0; r < rows_per_block; ++r) {
         dequantize_row(rows + r * width, d, wide.data());
         for (int64_t i = 0; i < d; ++i) store(to + r * d + i, wide[i]);
@@ -436,11 +436,12 @@ void widen_blocks(const at::Tensor& cache, const std::vector<int64_t>& ids, at::
   });
 }
 
-struct WidenedCaches {
+// The caches a prefill reads and the block tables into them.
+struct PrefillCaches {
   at::Tensor key_cache, value_cache, block_tables;
 };
 
-WidenedCaches widen_visible_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache,
+PrefillCaches widen_visible_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache,
                                    const at::Tensor& tables, const at::Tensor& lens,
                                    const at::Tensor& positions,
                                    at::ScalarType dtype) {
@@ -463,7 +464,7 @@ WidenedCaches widen_visible_blocks(const at::Tensor& key_cache, const at::Tensor
   const int64_t d = cache_head_dim(key_cache);
   const auto shape = std::vector<int64_t>{static_cast<int64_t>(ids.size()), block_size,
                                           key_cache.size(2), d};
-  WidenedCaches out{at::empty(shape, key_cache.options().dtype(dtype)),
+  PrefillCaches out{at::empty(shape, key_cache.options().dtype(dtype)),
                     at::empty(shape, key_cache.options().dtype(dtype)), renumbered};
   for (auto [from, into] : {std::pair{&key_cache, &out.key_cache},
                             std::pair{&value_cache, &out.value_cache}}) {
@@ -488,20 +489,14 @@ at::Tensor paged_prefill_attention(at::Tensor query, at::Tensor key_cache, at::T
   auto starts = query_starts.contiguous();
   auto lens = query_lens.contiguous();
   auto pos = positions.contiguous();
-  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type() &&
-                  (key_cache.scalar_type() == query.scalar_type() || is_int8_cache(key_cache)),
-              "cache dtype must match the query's, or be int8");
+  check_cache_dtype(key_cache, value_cache, query.scalar_type());
   TORCH_CHECK(cache_head_dim(key_cache) == query.size(2), "cache rows do not match the head size");
+  PrefillCaches caches{key_cache, value_cache, tables};
+  if (is_int8_cache(key_cache))
+    caches = widen_visible_blocks(key_cache, value_cache, tables, lens, pos, query.scalar_type());
   auto out = at::empty_like(query);
-  if (is_int8_cache(key_cache)) {
-    WidenedCaches wide = widen_visible_blocks(key_cache, value_cache, tables, lens, pos,
-                                              query.scalar_type());
-    RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, wide.key_cache,
-                    wide.value_cache, wide.block_tables, starts, lens, pos, scale, window, out);
-    return out;
-  }
-  RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, key_cache, value_cache, tables,
-                  starts, lens, pos, scale, window, out);
+  RILLET_DISPATCH(query.scalar_type(), prefill_attention, query, caches.key_cache,
+                  caches.value_cache, caches.block_tables, starts, lens, pos, scale, window, out);
   return out;
 }
 
