@@ -134,21 +134,22 @@ def _prefill_reference(
     start: int,
     scale: float,
     window: int | None = None,
+    precision: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """fp32 causal attention of q [L, H, d] at positions start.. over the gathered context
-    (a query at p sees keys p - window + 1 .. p under a sliding window)."""
+    """Causal attention in ``precision`` of q [L, H, d] at positions start.. over the gathered
+    context (a query at p sees keys p - window + 1 .. p under a sliding window)."""
     length, _, _ = q.shape
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     positions = torch.arange(start + length)
     slots = table[positions // block_size] * block_size + positions % block_size
-    k = key_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).float()
-    v = value_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).float()
+    k = key_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).to(precision)
+    v = value_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1).to(precision)
     queries = torch.arange(start, start + length)[:, None]
     mask = positions[None] <= queries
     if window is not None:
         mask &= positions[None] > queries - window
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+        q.transpose(0, 1).to(precision), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )
     return out.transpose(0, 1)
 
@@ -228,6 +229,55 @@ def test_prefill_kernel_matches_sdpa(
         rows = slice(int(starts[c]), int(starts[c]) + length)
         expected = _prefill_reference(q[rows], wide_k, wide_v, tables[c], position, scale, window)
         torch.testing.assert_close(got[rows].float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 256)])
+def test_prefill_kernel_follows_scores_that_keep_rising(
+    native,  # type: ignore[no-untyped-def]
+    dtype: torch.dtype,
+    tol: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> None:
+    """Scores that climb by ~0.2 a key for 300 keys, then one spike and a fall: a row's
+    softmax shift must follow them up (the kernel rescales a row only when a score passes
+    its shift by a margin, so random scores of unit size hardly ever take that path)."""
+    gen = torch.Generator().manual_seed(3)
+    length = 300
+    direction = torch.randn(head_dim, generator=gen)
+    direction /= direction.norm()
+    ramp = torch.arange(length, dtype=torch.float32) * 0.2 * head_dim**0.5
+    ramp[200] += 30 * head_dim**0.5  # one key far above the rest
+    ramp[250:] = -ramp[250:]  # and then keys far below
+    keys = ramp[:, None, None] * direction + 0.1 * torch.randn(
+        length, kv_heads, head_dim, generator=gen
+    )
+    blocks = (length + 15) // 16
+    key_cache = torch.zeros(blocks * 16, kv_heads, head_dim)
+    key_cache[:length] = keys
+    value_cache = torch.randn(blocks * 16, kv_heads, head_dim, generator=gen)
+    key_cache, value_cache = (
+        c.view(blocks, 16, kv_heads, head_dim).to(dtype) for c in (key_cache, value_cache)
+    )
+    table = torch.arange(blocks)
+    q = (direction + 0.1 * torch.randn(length, heads, head_dim, generator=gen)).to(dtype)
+    scale = head_dim**-0.5
+    got = cpu_kernels.paged_prefill_attention(
+        native,
+        q,
+        key_cache,
+        value_cache,
+        table[None],
+        torch.tensor([0]),
+        torch.tensor([length]),
+        torch.tensor([0]),
+        scale,
+    )
+    # In float64: fp32 SDPA's own error on these scores is ~1e-5, above the kernel's.
+    expected = _prefill_reference(q, key_cache, value_cache, table, 0, scale, None, torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
