@@ -290,9 +290,9 @@ def test_a_prefill_row_does_not_depend_on_chunking_batch_or_threads(
     head_dim: int,
 ) -> None:
     """Bitwise: a 200-token prompt whole, in chunks after a 'cached' prefix (split points that
-    are and are not multiples of the block, the task and the row group), beside another
-    chunk, and on one thread. This is what keeps a cold prompt and its prefix-cache hit on
-    the same greedy answer."""
+    are and are not multiples of the block, the kernel's 32-key step, its 64-position task
+    and its row group), beside another chunk, and on one thread. This is what keeps a cold
+    prompt and its prefix-cache hit on the same greedy answer."""
     gen = torch.Generator().manual_seed(7)
     key_cache, value_cache = _random_caches(gen, 40, kv_heads, head_dim, dtype)
     table = torch.randperm(40, generator=gen)[:13]
@@ -319,7 +319,7 @@ def test_a_prefill_row_does_not_depend_on_chunking_batch_or_threads(
         return out[-(end - first) :]
 
     whole = attend(0, 200)
-    for split in (1, 5, 16, 33, 100, 199):
+    for split in (1, 5, 16, 32, 33, 64, 100, 128, 199):
         assert torch.equal(torch.cat([attend(0, split), attend(split, 200)]), whole), split
     assert torch.equal(torch.cat([attend(0, 50, beside=True), attend(50, 200)]), whole)
     threads = torch.get_num_threads()

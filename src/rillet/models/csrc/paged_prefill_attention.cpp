@@ -221,8 +221,9 @@ inline void store_row(T* dst, const __m512* acc, __m512 sum) {
   for (int j = 0; j < VEC; ++j) store16(dst + j * 16, _mm512_mul_ps(acc[j], inv));
 }
 
-// Rows run together: as many as keep their outputs, lane sums and score chains in the 32
-// zmm registers (three at head size 64: with four, GCC spilled accumulators every tile).
+// Rows run together when the outputs stay in registers throughout (the fp32 path): as many
+// as keep outputs, lane sums and score chains in the 32 zmm registers (three at head size
+// 64: with four, GCC spilled accumulators every tile).
 constexpr int64_t rows_for(int vec) { return vec <= 4 ? 3 : vec <= 8 ? 2 : 1; }
 
 // fp32 math for head_dim = 16 * VEC. Scores: sum over i of q[i] (broadcast) x kt[i]
