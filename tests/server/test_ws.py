@@ -11,7 +11,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from app_server import door, held_stream, until
+from fake_engine import FakeEngine
+from rillet.server.config import ServerConfig
 from rillet.server.dialects.ws import RESPONSE_FINISHED
+from rillet.server.service import GenerationService
+from rillet.server.ws import _handle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -84,6 +88,26 @@ async def test_cancel_ends_one_generation_and_the_other_finishes() -> None:
     assert sum(1 for f in frames if f["type"] == "done" and f["id"] == "stop-me") == 1
     assert [f["type"] for f in frames_after] == ["token", "done"]  # nothing more for stop-me
     assert d.service.in_flight == 0 and not d.engine.running
+
+
+async def test_a_cancel_handled_before_its_generation_began_still_returns_the_permit() -> None:
+    """Two frames read back to back (both already buffered: no await yields between them)
+    cancel a generation whose task has not run a step yet. Its body's ``finally`` never
+    runs then; the permit must come back all the same."""
+    service = GenerationService(FakeEngine(), ServerConfig())  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def send(frame: dict[str, Any]) -> None:
+        sent.append(frame)
+
+    running: dict[Any, Any] = {}
+    await _handle(service, generate("early", max_tokens=5), running, send)
+    assert service.in_flight == 1
+    await _handle(service, json.dumps({"type": "cancel", "id": "early"}), running, send)
+    assert [(f["type"], f["id"], f.get("finish_reason")) for f in sent] == [
+        ("done", "early", "cancelled")
+    ]
+    assert service.in_flight == 0 and not running
 
 
 async def test_closing_the_socket_aborts_everything_on_it() -> None:

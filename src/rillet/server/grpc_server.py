@@ -188,9 +188,9 @@ class KServeHandler:
         except RilletError as exc:
             await write(error_response(request, exc))
             return
-        renderer = kserve.KServeRenderer(plan)
-        flag_on_data = not plan.empty_final
         try:
+            renderer = kserve.KServeRenderer(plan)
+            flag_on_data = not plan.empty_final
             if plan.stream:
                 async with contextlib.aclosing(generation.stream()) as outputs:
                     async for out in outputs:

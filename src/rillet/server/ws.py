@@ -221,7 +221,16 @@ async def _handle(
     entry = _Running(frame_id, generation, plan)
     entry.task = asyncio.ensure_future(entry.run(send))
     running[frame_id] = entry
-    entry.task.add_done_callback(lambda _: running.pop(frame_id, None))
+    entry.task.add_done_callback(lambda _: _ended(running, frame_id, generation))
+
+
+def _ended(
+    running: dict[ws.FrameId, _Running], frame_id: ws.FrameId, generation: Generation
+) -> None:
+    """A generation's task is done. Closing here too covers a task cancelled before it
+    began, whose ``finally`` never ran (close is idempotent)."""
+    running.pop(frame_id, None)
+    generation.close()
 
 
 async def _cancel(entry: _Running | None, send: Send) -> None:
