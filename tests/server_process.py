@@ -66,8 +66,31 @@ def start_server(
 
     Its gRPC door gets a free port of its own (``grpc_target``), unless ``extra_args`` set one.
     """
+    for attempt in range(3):
+        try:
+            return _start_server(extra_args, python, timeout, threads, env)
+        except PortTaken:
+            # free_port()'s port went to someone else before the server bound it (another
+            # bind to port 0 may take it, even this server's own HTTP socket): pick again.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """The gRPC port chosen for the server was taken by the time it bound it."""
+
+
+def _start_server(
+    extra_args: Sequence[str],
+    python: str,
+    timeout: float,
+    threads: int,
+    env: dict[str, str] | None,
+) -> ServerHandle:
     fd, log_name = tempfile.mkstemp(prefix="rillet-serve-", suffix=".log")
-    grpc = [] if "--grpc-port" in extra_args else ["--grpc-port", str(free_port())]
+    chosen = "--grpc-port" not in extra_args
+    grpc = ["--grpc-port", str(free_port())] if chosen else []
     args = ["--host", "127.0.0.1", "--port", "0", "--threads", str(threads), *grpc, *extra_args]
     with os.fdopen(fd, "wb") as log_file:
         proc = subprocess.Popen(
@@ -81,7 +104,10 @@ def start_server(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"rillet serve exited with {proc.returncode}:\n{handle.log()}")
+                log = handle.log()
+                if chosen and "cannot serve gRPC on port" in log:
+                    raise PortTaken(log)
+                raise RuntimeError(f"rillet serve exited with {proc.returncode}:\n{log}")
             if not handle.url:
                 match = _BANNER.search(handle.log())
                 handle.url = match.group(1) if match else ""
@@ -119,8 +145,8 @@ def metric_value(text: str, name: str) -> float:
 
 
 def free_port() -> int:
-    """A port nobody listens on now (the server fails loudly if one takes it first:
-    its gRPC door binds without SO_REUSEPORT)."""
+    """A port nobody listens on now (the server fails loudly if one takes it first: its
+    gRPC door binds without SO_REUSEPORT; :func:`start_server` then picks again)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

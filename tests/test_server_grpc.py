@@ -1,6 +1,7 @@
 """The gRPC door on a real ``rillet serve`` with the bundled model: stock tritonclient
 (sync and aio) and rillet's StreamingClient give the HTTP routes' greedy text, a cancelled
-stream frees the engine, Triton's HTTP generate agrees, and the quick start runs.
+stream frees the engine, Triton's HTTP generate agrees, the quick start runs, and gRPC on
+the HTTP port is refused.
 (Framing, errors, overload and the key on a held fake engine: ``server/test_grpc_server.py``.)"""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
 from rillet.client import AsyncStreamingClient, StreamingClient
-from server_process import ServerHandle, frozen_engine, metric
+from server_process import ServerHandle, free_port, frozen_engine, metric
 from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -166,3 +167,13 @@ def test_the_quick_start_prints_a_reply_token_by_token(server: ServerHandle) -> 
         timeout=60,
     ).json()["choices"][0]["message"]["content"]
     assert run.stdout == chat + "\n"
+
+
+def test_grpc_on_the_http_port_fails_loudly(tiny_model_dir: Path) -> None:
+    """Not two listeners sharing one port's connections: the server exits and says why."""
+    port = free_port()
+    command = [sys.executable, "-m", "rillet", "serve", "--model", str(tiny_model_dir)]
+    command += ["--port", str(port), "--grpc-port", str(port)]
+    done = subprocess.run(command, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    assert f"cannot serve gRPC on port {port}" in done.stderr.decode()

@@ -238,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
         sock = uv_config.bind_socket()
     except SystemExit:  # uvicorn reports bind errors itself, then exits
         return 1
+    # Listen now, before the gRPC door binds. A socket that is only bound lets another bind
+    # its port (both set SO_REUSEADDR), and then both listened: a test's /health once got
+    # the gRPC door's HTTP/2 preface, its --grpc-port being the port --port 0 had picked.
+    sock.listen(uv_config.backlog)
     _print_banner(app.state.rillet, sock)
     server = _DrainingServer(uv_config, app.state.rillet)
     # uvicorn re-raises the SIGINT it handled once it is done: that is our normal exit.
