@@ -66,15 +66,12 @@ def start_server(
 
     Its gRPC door gets a free port of its own (``grpc_target``), unless ``extra_args`` set one.
     """
-    for attempt in range(3):
-        try:
+    for _ in range(2):
+        # free_port()'s port may go to someone else before the server binds it (another
+        # bind to port 0 may take it, even this server's own HTTP socket): pick again.
+        with contextlib.suppress(PortTaken):
             return _start_server(extra_args, python, timeout, threads, env)
-        except PortTaken:
-            # free_port()'s port went to someone else before the server bound it (another
-            # bind to port 0 may take it, even this server's own HTTP socket): pick again.
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return _start_server(extra_args, python, timeout, threads, env)
 
 
 class PortTaken(RuntimeError):

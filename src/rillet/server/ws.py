@@ -141,6 +141,7 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, send: Send) -> None:
+        """Stream the generation as frames; the task's done callback closes it."""
         generation = self.generation
         try:
             async with contextlib.aclosing(generation.stream()) as outputs:
@@ -153,8 +154,6 @@ class _Running:
         except RilletError as exc:
             self.ended = True
             await send(ws.error_frame(self.frame_id, exc))
-        finally:
-            generation.close()
 
     def done(self, finish_reason: str) -> dict[str, Any]:
         generation = self.generation
@@ -227,8 +226,8 @@ async def _handle(
 def _ended(
     running: dict[ws.FrameId, _Running], frame_id: ws.FrameId, generation: Generation
 ) -> None:
-    """A generation's task is done. Closing here too covers a task cancelled before it
-    began, whose ``finally`` never ran (close is idempotent)."""
+    """A generation's task is done, however it ended: the one place its permit comes back.
+    (A ``finally`` in the task would miss a task cancelled before it ran a step.)"""
     running.pop(frame_id, None)
     generation.close()
 
