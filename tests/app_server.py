@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,13 @@ async def serving(app: Any) -> AsyncIterator[str]:
         await task
 
 
-async def until(condition: Any) -> None:
-    """Wait for ``condition()`` (the server closes a request just after its last byte)."""
+async def poll_until(condition: Callable[[], Any], timeout_s: float = 10.0) -> None:
+    """Wait for ``condition()`` (the server closes a request just after its last byte);
+    fail after ``timeout_s``: a deadline against a hang, never a timing assertion."""
+    deadline = time.monotonic() + timeout_s
     while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout_s} s: {condition}")
         await asyncio.sleep(0.002)
 
 

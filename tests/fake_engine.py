@@ -74,6 +74,10 @@ class FakeEngine:
         self._allowed: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._shutdown = False
+        #: When a test sets it, an aborted request's clean-up waits for it (after setting
+        #: ``aborting``), so the test can act while that clean-up is under way.
+        self.hold_aborts: asyncio.Event | None = None
+        self.aborting = asyncio.Event()
 
     # ---- what tests drive -------------------------------------------------------------
 
@@ -155,8 +159,13 @@ class FakeEngine:
                 if not last:
                     await self._wait_turn(rid)
         finally:
-            del self.running[rid]
-            (self.finished if finished else self.aborted).append(rid)
+            try:
+                if not finished and self.hold_aborts is not None:
+                    self.aborting.set()
+                    await self.hold_aborts.wait()
+            finally:
+                del self.running[rid]
+                (self.finished if finished else self.aborted).append(rid)
 
     async def _wait_turn(self, rid: str) -> None:
         """Before a request's next output: wait while paused and it has used its turns."""

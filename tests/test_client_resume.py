@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from app_server import door, until
+from app_server import door, poll_until
 from rillet.client import (
     APIConnectionError,
     AsyncClient,
@@ -40,7 +40,7 @@ async def test_sync_client_resumes_a_dropped_tgi_stream_and_loses_nothing() -> N
         assert "".join(i.token.text for i in items) == "Hello world"
         assert len(items) == 11
         assert items[-1].generated_text == "Hello world"
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: d.service.in_flight == 0)
 
 
 async def test_async_client_resumes_a_dropped_chat_stream() -> None:
@@ -73,7 +73,7 @@ async def test_a_resume_that_finds_nothing_raises_the_servers_answer() -> None:
                 stream = client.generate_stream("Hi", max_new_tokens=11)
                 first = await anext(stream)
                 (request_id,) = d.engine.running
-                await until(lambda: request_id in d.engine.aborted)  # nobody came back
+                await poll_until(lambda: request_id in d.engine.aborted)  # nobody came back
                 with pytest.raises(NotFoundError) as refused:
                     await anext(stream)
         assert first.token.text == "H"

@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
-from app_server import grpc_door, until
+from app_server import grpc_door, poll_until
 from rillet.client import AsyncStreamingClient, OverloadedError, StreamingClient
 from rillet.client import AuthenticationError as ClientAuthError
 from triton_inputs import vllm_inputs
@@ -246,7 +246,7 @@ async def test_cancelling_the_stream_aborts_its_requests() -> None:
             if seen == {"p", "q"}:
                 break
         stream.cancel()
-        await until(lambda: len(d.engine.aborted) == 2 and d.service.in_flight == 0)
+        await poll_until(lambda: len(d.engine.aborted) == 2 and d.service.in_flight == 0)
         assert not d.engine.running and not d.engine.finished
 
 

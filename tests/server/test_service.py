@@ -21,7 +21,7 @@ from rillet.protocol import FinishReason
 from rillet.sampling import SamplingParams
 from rillet.server.config import ServerConfig
 from rillet.server.limits import FieldNames
-from rillet.server.service import GenerationService
+from rillet.server.service import Generation, GenerationService
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
 pytestmark = pytest.mark.timeout(20)
@@ -48,18 +48,32 @@ def requests_total(service: GenerationService, route: str, outcome: str) -> floa
     return value or 0.0
 
 
-async def test_one_count_refuses_at_once_past_the_limit_and_frees_on_close() -> None:
+async def test_one_count_refuses_at_once_past_the_limit_and_frees_when_the_run_ends() -> None:
     service, _ = make_service(max_concurrent_requests=2)
     first, second = service.admit("a"), service.admit("b")
     with pytest.raises(OverloadedError):
         service.admit("c")
     assert service.in_flight == 2 and requests_total(service, "c", "overloaded") == 1
-    first.close()
-    first.close()  # idempotent: the permit comes back once
+    await first.run(asyncio.sleep(0))
     assert service.in_flight == 1
-    service.admit("c").close()
-    second.close()
+    with pytest.raises(RuntimeError, match="runs once"):
+        first.run(asyncio.sleep(0))
+    await service.admit("c").run(asyncio.sleep(0))
+    await second.run(asyncio.sleep(0))
     assert service.in_flight == 0
+    assert sum(requests_total(service, r, "cancelled") for r in "abc") == 3  # once each
+
+
+async def test_a_run_cancelled_before_its_first_step_returns_the_permit() -> None:
+    service, engine = make_service(max_concurrent_requests=1)
+    generation, _ = service.start("ws", lambda: plan_of("Hi", 5))
+    task = generation.run(generation.collect())
+    task.cancel()  # before the task ran a step: its body, and any finally in it, never run
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # the done callbacks run on the loop's next turn
+    assert service.in_flight == 0 and engine.requests == []
+    assert requests_total(service, "ws", "cancelled") == 1
 
 
 async def test_draining_refuses_with_unavailable() -> None:
@@ -137,8 +151,7 @@ async def test_chat_prompt_renders_the_template_and_can_drop_the_oldest_turns() 
 async def test_stream_and_collect_record_metrics_once() -> None:
     service, engine = make_service()
     generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
-    result = await generation.collect()
-    generation.close()
+    result = await generation.run(generation.collect())
     assert result.text == "Hello" and result.finish_reason is FinishReason.LENGTH
     assert [t.text for t in result.tokens] == list("Hello")
     assert result.num_generated_tokens == 5 and generation.outcome == "success"
@@ -155,14 +168,11 @@ async def test_cancelling_the_consumer_aborts_the_engine_request() -> None:
     received: list[str] = []
 
     async def consume() -> None:
-        try:
-            async with contextlib.aclosing(generation.stream()) as outputs:
-                async for out in outputs:
-                    received.append(out.text)
-        finally:
-            generation.close()
+        async with contextlib.aclosing(generation.stream()) as outputs:
+            async for out in outputs:
+                received.append(out.text)
 
-    task = asyncio.ensure_future(consume())
+    task = generation.run(consume())
     await engine.wait_running(1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -178,8 +188,7 @@ async def test_engine_errors_reach_the_consumer_and_the_outcome() -> None:
     engine.fail_after = (2, GenerationError("boom"))
     generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
     with pytest.raises(GenerationError, match="boom"):
-        await generation.collect()
-    generation.close()
+        await generation.run(generation.collect())
     assert requests_total(service, "generate", "generation") == 1
 
 
@@ -190,15 +199,13 @@ async def test_drain_lets_requests_finish_then_ends_the_rest() -> None:
     slow, _ = service.start("b", lambda: plan_of("Hi", 5))
     results: dict[str, object] = {}
 
-    async def run(name: str, generation: object) -> None:
+    async def run(name: str, generation: Generation) -> None:
         try:
-            results[name] = (await generation.collect()).text  # type: ignore[attr-defined]
+            results[name] = (await generation.collect()).text
         except IncompleteGenerationError as exc:
             results[name] = exc
-        finally:
-            generation.close()  # type: ignore[attr-defined]
 
-    tasks = [asyncio.ensure_future(run("quick", quick)), asyncio.ensure_future(run("slow", slow))]
+    tasks = [quick.run(run("quick", quick)), slow.run(run("slow", slow))]
     await engine.wait_running(2)
     done = asyncio.Event()
     # The drain may end early only when nothing is in flight; "slow" never gets there alone.

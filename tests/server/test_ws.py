@@ -10,7 +10,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from app_server import door, held_stream, until
+from app_server import door, held_stream, poll_until
 from fake_engine import FakeEngine
 from rillet.server.config import ServerConfig
 from rillet.server.dialects.ws import RESPONSE_FINISHED
@@ -75,7 +75,7 @@ async def test_cancel_ends_one_generation_and_the_other_finishes() -> None:
         await sock.send(generate("keep", max_tokens=3))
         await d.engine.wait_running(2)
         await sock.send(json.dumps({"type": "cancel", "id": "stop-me"}))
-        await until(lambda: len(d.engine.aborted) == 1)
+        await poll_until(lambda: len(d.engine.aborted) == 1)
         d.engine.resume()
         frames = await frames_until_final(sock, {"stop-me", "keep"})
         await sock.send(json.dumps({"type": "cancel", "id": "stop-me"}))  # ended: a no-op
@@ -117,7 +117,7 @@ async def test_closing_the_socket_aborts_everything_on_it() -> None:
             for key in ("a", "b", "c"):
                 await sock.send(generate(key, max_tokens=5))
             await d.engine.wait_running(3)
-        await until(lambda: len(d.engine.aborted) == 3 and d.service.in_flight == 0)
+        await poll_until(lambda: len(d.engine.aborted) == 3 and d.service.in_flight == 0)
         assert not d.engine.running and not d.engine.finished
 
 
@@ -211,7 +211,7 @@ async def test_tutorial_chat_says_when_it_is_refused_and_keeps_the_socket() -> N
             assert await sock.recv() == "[overloaded] Model is overloaded"
             assert await sock.recv() == RESPONSE_FINISHED
             d.engine.resume()
-            await until(lambda: d.service.in_flight == 0)
+            await poll_until(lambda: d.service.in_flight == 0)
             await sock.send("Hi")
             pieces = []
             while (piece := await sock.recv()) != RESPONSE_FINISHED:

@@ -156,10 +156,7 @@ class KServeHandler:
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """``ModelInfer``: the one whole answer."""
         generation, plan = self.start(request, "grpc_infer", one_response=True)
-        try:
-            result = await generation.collect()
-        finally:
-            generation.close()
+        result = await generation.run(generation.collect())
         outputs = kserve.KServeRenderer(plan).outputs(result, plan.echo + result.text, final=True)
         return infer_response(request, outputs, final=None)
 
@@ -188,6 +185,15 @@ class KServeHandler:
         except RilletError as exc:
             await write(error_response(request, exc))
             return
+        await generation.run(self._respond(request, generation, plan, write))
+
+    async def _respond(
+        self,
+        request: pb.ModelInferRequest,
+        generation: Generation,
+        plan: kserve.KServePlan,
+        write: Write,
+    ) -> None:
         try:
             renderer = kserve.KServeRenderer(plan)
             flag_on_data = not plan.empty_final
@@ -206,8 +212,6 @@ class KServeHandler:
                 await write(_streamed(infer_response(request, [], final=True)))
         except RilletError as exc:
             await write(error_response(request, exc))
-        finally:
-            generation.close()
 
 
 def _streamed(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:

@@ -22,13 +22,15 @@ Nothing here knows HTTP: a stream is numbered byte strings, its owner's key and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from rillet.errors import AuthenticationError, NotFoundError, ValidationError
 
@@ -65,7 +67,7 @@ class ResumableStream:
         self.num_bytes = 0
         self.last_id = 0
         self.finished = False
-        self.producer: asyncio.Task[None] | None = None
+        self.producer: asyncio.Future[None] | None = None
         self._reader = 0  # the token of the reader in charge; 0: nobody reads
         self._next_reader = 0
         self._changed = asyncio.Event()
@@ -188,18 +190,25 @@ class StreamStore:
             raise NotFoundError(f"no stream {sid!r} (unknown, or its resume window passed)")
         return stream
 
-    def produce(self, stream: ResumableStream, events: AsyncIterator[bytes]) -> None:
-        """Fill ``stream`` from ``events`` on a task of its own, whoever reads. ``events``
-        must end by itself (errors rendered in-band); cancelling the task aborts it."""
+    def produce(
+        self,
+        stream: ResumableStream,
+        events: AsyncGenerator[bytes, None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Future[None]] = asyncio.ensure_future,
+    ) -> None:
+        """Fill ``stream`` from ``events`` on a task of its own (started by ``spawn``:
+        ``Generation.run``), whoever reads. ``events`` must end by itself (errors rendered
+        in-band); cancelling the task closes it, which aborts the generation."""
 
         async def run() -> None:
             try:
-                async for payload in events:
-                    stream.append(payload)
+                async with contextlib.aclosing(events):
+                    async for payload in events:
+                        stream.append(payload)
             finally:
                 stream.finish()
 
-        stream.producer = asyncio.ensure_future(run())
+        stream.producer = spawn(run())
 
     def expire(self, stream: ResumableStream) -> None:
         """Nobody came back in time: stop the generation and forget the stream."""

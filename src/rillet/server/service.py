@@ -5,15 +5,20 @@ a :class:`~rillet.server.spec.GenerationSpec`, and calls :meth:`GenerationServic
 
     admit (one count, one draining state: 429 ``overloaded`` / 503 ``unavailable``)
       -> plan (the dialect) -> tokenize, chat template, token limits
-      -> stream or collect over the engine, with metrics recorded here
-      -> close (the permit comes back exactly once, however the request ended)
+      -> run: the door's work over the engine's outputs, on a task the generation owns
+      -> the permit comes back exactly once, when that task is done, however it ended
 
 Nothing here imports Starlette, SSE, WebSocket or gRPC code: the door renders what comes
 out (outputs and :class:`~rillet.errors.RilletError`\\ s) in its own format.
 
-Cancellation has one path: a door cancels the task that consumes :meth:`Generation.stream`
-(a disconnect, a cancel frame, a cancelled RPC), the ``CancelledError`` closes the engine's
+Cancellation has one path: a door cancels the task :meth:`Generation.run` started (a
+disconnect, a cancel frame, a cancelled RPC), the ``CancelledError`` closes the engine's
 generator, and ``AsyncEngine.generate`` aborts the request before the engine's next step.
+
+No door returns a permit: the task's done callback does, and a task's done callbacks run
+once whatever ended it: its work finishing or failing, a cancel that lands before its first
+step (where a ``finally`` in the work would never run), or a second cancel while it cleans
+up. Three leaks and double closes, each in one door's own ``finally``, led here.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from rillet.errors import (
@@ -86,6 +91,7 @@ class HasSpec(Protocol):
 
 
 P = TypeVar("P", bound=HasSpec)
+T = TypeVar("T")
 
 
 class GenerationService:
@@ -150,7 +156,8 @@ class GenerationService:
         """Admit, then run the dialect's ``plan`` and build its engine request.
 
         A plan that fails (bad input) is recorded and its permit returned before the error
-        propagates to the door.
+        propagates to the door. Otherwise the door hands its work to :meth:`Generation.run`
+        next, with nothing in between that can fail.
         """
         generation = self.admit(route)
         try:
@@ -159,7 +166,7 @@ class GenerationService:
         except BaseException as exc:
             if isinstance(exc, RilletError):
                 generation.fail(exc)
-            generation.close()
+            generation._release()
             raise
         return generation, planned
 
@@ -268,9 +275,9 @@ def _without_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]
 class Generation:
     """One admitted generation: its engine request, its metrics and its permit.
 
-    The outcome starts as ``cancelled`` (what is left if the consumer goes away) and becomes
-    ``success`` or the error's ``error_type``. :meth:`close` returns the permit; it runs
-    exactly once, and a door must call it however the request ended.
+    A door runs its work over :meth:`stream` or :meth:`collect` with :meth:`run`, once; the
+    permit comes back when that task is done. The outcome starts as ``cancelled`` (what is
+    left if the consumer goes away) and becomes ``success`` or the error's ``error_type``.
     """
 
     def __init__(self, service: GenerationService, route: str) -> None:
@@ -283,7 +290,24 @@ class Generation:
         self.num_generated_tokens = 0
         self._last_token_time: float | None = None
         self._queue_observed = False
-        self._closed = False
+        self._task: asyncio.Task[Any] | None = None
+        self._released = False
+
+    def run(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` (the door's use of :meth:`stream` or :meth:`collect`) on a task
+        whose end, however it comes, returns the permit and records the request.
+
+        Cancelling the task is the one way to give the generation up: it aborts the request
+        in the engine before the engine's next step. Awaiting the task from a coroutine that
+        is cancelled cancels it too.
+        """
+        if self._task is not None:
+            work.close()
+            raise RuntimeError("a generation runs once")
+        task = asyncio.ensure_future(work)
+        self._task = task
+        task.add_done_callback(lambda _: self._release())
+        return task
 
     async def stream(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs for this request, observed for metrics.
@@ -321,11 +345,12 @@ class Generation:
     def fail(self, error: RilletError) -> None:
         self.outcome = error.error_type
 
-    def close(self) -> None:
-        """Return the permit and record the request (idempotent)."""
-        if self._closed:
+    def _release(self) -> None:
+        """Return the permit and record the request: once, from :meth:`run`'s task's done
+        callback (or from the service, for a plan that failed)."""
+        if self._released:
             return
-        self._closed = True
+        self._released = True
         service = self.service
         service.in_flight -= 1
         metrics = service.metrics

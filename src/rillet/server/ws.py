@@ -115,6 +115,10 @@ async def _chat_reply(
     except RilletError as exc:
         await websocket.send_text(f"[{exc.error_type}] {exc.message}")
         return None
+    return await generation.run(_stream_reply(websocket, generation))
+
+
+async def _stream_reply(websocket: WebSocket, generation: Generation) -> str:
     reply = ""
     try:
         async with contextlib.aclosing(generation.stream()) as outputs:
@@ -124,8 +128,6 @@ async def _chat_reply(
                     await websocket.send_text(out.text)
     except RilletError as exc:
         await websocket.send_text(f"[{exc.error_type}] {exc.message}")
-    finally:
-        generation.close()
     return reply
 
 
@@ -141,7 +143,7 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, send: Send) -> None:
-        """Stream the generation as frames; the task's done callback closes it."""
+        """Stream the generation as frames (on the generation's own task)."""
         generation = self.generation
         try:
             async with contextlib.aclosing(generation.stream()) as outputs:
@@ -218,18 +220,11 @@ async def _handle(
         await send(ws.error_frame(frame_id, exc))
         return
     entry = _Running(frame_id, generation, plan)
-    entry.task = asyncio.ensure_future(entry.run(send))
+    entry.task = generation.run(entry.run(send))
     running[frame_id] = entry
-    entry.task.add_done_callback(lambda _: _ended(running, frame_id, generation))
-
-
-def _ended(
-    running: dict[ws.FrameId, _Running], frame_id: ws.FrameId, generation: Generation
-) -> None:
-    """A generation's task is done, however it ended: the one place its permit comes back.
-    (A ``finally`` in the task would miss a task cancelled before it ran a step.)"""
-    running.pop(frame_id, None)
-    generation.close()
+    # A done callback, not a ``finally`` in the task: it also runs for a task cancelled
+    # before its first step (a cancel frame read right after its generate frame).
+    entry.task.add_done_callback(lambda _: running.pop(frame_id, None))
 
 
 async def _cancel(entry: _Running | None, send: Send) -> None:

@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import AsyncInferenceClient
 from huggingface_hub.errors import OverloadedError as HubOverloadedError
 
-from app_server import door, held_stream, until
+from app_server import door, held_stream, poll_until
 from rillet.client import AsyncClient, AuthenticationError, OverloadedError, Response
 from rillet.client.errors import IncompleteGenerationError as ClientIncomplete
 from rillet.server.sampling_defaults import MODEL_SOURCE
@@ -60,7 +60,7 @@ async def test_overload_is_429_on_every_route_then_capacity_comes_back() -> None
                     await ours.generate("Hi", max_new_tokens=2)
                 assert refused.value.status_code == 429 and refused.value.retry_after == 1
             assert d.service.in_flight == 1
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: d.service.in_flight == 0)
         for route, body in REQUESTS:
             assert (await d.http.post(route, json=body)).status_code == 200, route
 
@@ -74,7 +74,7 @@ async def test_a_retrying_client_gets_the_slot_once_it_frees() -> None:
         attempt = asyncio.ensure_future(patient.generate("Hi", max_new_tokens=2))
         refused = {"route": "generate", "outcome": "overloaded"}
         registry = d.service.metrics.registry
-        await until(lambda: registry.get_sample_value("rillet_requests_total", refused))
+        await poll_until(lambda: registry.get_sample_value("rillet_requests_total", refused))
         d.engine.resume()  # the held stream finishes and frees the slot
         result = await attempt
     assert isinstance(result, Response) and result.generated_text == "He"
@@ -148,7 +148,7 @@ async def test_draining_lets_streams_finish_refuses_new_work_then_ends_the_rest(
             await d.engine.wait_running(3)
             grace_over = asyncio.Event()
             drain = asyncio.ensure_future(d.service.drain(grace_s=60, give_up=grace_over.is_set))
-            await until(lambda: d.service.draining)
+            await poll_until(lambda: d.service.draining)
             for route, body in REQUESTS:
                 response = await d.http.post(route, json=body)
                 assert response.status_code == 503, route
@@ -168,7 +168,7 @@ async def test_draining_lets_streams_finish_refuses_new_work_then_ends_the_rest(
         assert chat_events[-1] == "data: [DONE]"
         error = json.loads(chat_events[-2].removeprefix("data: "))["error"]
         assert error["type"] == "incomplete_generation" and error["code"] == 500
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: d.service.in_flight == 0)
 
 
 async def test_rillet_client_raises_an_in_band_error_mid_stream() -> None:
@@ -216,7 +216,7 @@ async def test_a_disconnect_aborts_the_engine_request_and_frees_the_slot() -> No
             lines = response.aiter_lines()
             assert (await anext(lines)).startswith("data: ")
             await d.engine.wait_running(1)
-        await until(lambda: not d.engine.running and not d.service.in_flight)
+        await poll_until(lambda: not d.engine.running and not d.service.in_flight)
         assert len(d.engine.aborted) == 1 and not d.engine.finished
         cancelled = {"route": "completions", "outcome": "cancelled"}
         assert d.service.metrics.registry.get_sample_value("rillet_requests_total", cancelled) == 1

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app_server import Door, door, until
+from app_server import Door, door, poll_until
 from rillet.client.sse import ServerSentEvent, aiter_events, iter_events
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,7 +73,7 @@ async def test_a_dropped_tgi_stream_resumes_after_its_last_event_and_loses_nothi
         # Resuming again after the end, from any event, replays the same bytes.
         again = await resume(d, sid, "9")
         assert [e.id for e in events_of(again.content)] == ["10", "11"]
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: d.service.in_flight == 0)
 
 
 async def test_an_openai_stream_resumes_with_its_done_numbered_too() -> None:
@@ -131,8 +131,8 @@ async def test_nobody_coming_back_aborts_the_generation_and_frees_its_permit() -
         d.engine.pause()
         sid, _ = await first_events(d, "/generate_stream", TGI_BODY, count=1)
         (request_id,) = d.engine.running
-        await until(lambda: request_id in d.engine.aborted)
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: request_id in d.engine.aborted)
+        await poll_until(lambda: d.service.in_flight == 0)
         assert len(d.service.streams) == 0
         gone = await resume(d, sid, "1")
         assert gone.status_code == 404

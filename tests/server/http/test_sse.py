@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
@@ -166,12 +166,14 @@ async def test_a_cancel_during_the_clean_up_still_returns_the_permit_last() -> N
             await hold.wait()
             order.append("producer ended")
 
-    def on_close() -> None:
-        order.append("permit back")
-        permit_back.set()
+    def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """As ``Generation.run``: the permit comes back when the producer's task is done."""
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: (order.append("permit back"), permit_back.set()))
+        return task
 
     wire = Wire()
-    response = StreamResponse(chunks(), error_chunks=TGI_ERRORS.events, on_close=on_close)
+    response = StreamResponse(chunks(), error_chunks=TGI_ERRORS.events, spawn=spawn)
     task = asyncio.ensure_future(run(response, wire))
     await first_sent.wait()
     wire.hang_up()
@@ -185,7 +187,7 @@ async def test_a_cancel_during_the_clean_up_still_returns_the_permit_last() -> N
     assert order == ["producer ended", "permit back"]
 
 
-async def test_cancel_on_disconnect_closes_after_the_work_even_if_cancelled_twice() -> None:
+async def test_cancel_on_disconnect_lets_the_work_end_even_if_cancelled_twice() -> None:
     class FakeRequest:
         def __init__(self, wire: Wire) -> None:
             self.receive = wire.receive
@@ -202,12 +204,10 @@ async def test_cancel_on_disconnect_closes_after_the_work_even_if_cancelled_twic
             await hold.wait()
             order.append("work ended")
 
-    def on_close() -> None:
-        order.append("closed")
-        closed.set()
-
     wire = Wire()
-    call = cancel_on_disconnect(FakeRequest(wire), work(), on_close=on_close)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(work())  # as Generation.run: its end returns the permit
+    task.add_done_callback(lambda _: (order.append("closed"), closed.set()))
+    call = cancel_on_disconnect(FakeRequest(wire), task)  # type: ignore[arg-type]
     pending = asyncio.ensure_future(call)
     await started.wait()
     wire.hang_up()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app_server import door, until
+from app_server import door, poll_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -79,7 +79,7 @@ async def test_errors_before_and_after_the_stream_starts() -> None:
             assert r.status_code == 200
             events = [json.loads(line[6:]) async for line in r.aiter_lines() if line]
         assert events[0]["text_output"] == "H" and "boom" in events[1]["error"]
-        await until(lambda: d.service.in_flight == 0)
+        await poll_until(lambda: d.service.in_flight == 0)
 
 
 async def test_health_and_metadata() -> None:

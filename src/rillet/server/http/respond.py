@@ -1,16 +1,17 @@
 """The HTTP door's ways to answer an admitted generation: a stream, a resumable stream, or
 one body.
 
-Each closes the :class:`~rillet.server.service.Generation` (its permit comes back) however
-the response ends, and each takes the service's one cancellation path when the generation
-is given up: the task consuming the engine's outputs is cancelled. For a plain stream that
+Each runs the :class:`~rillet.server.service.Generation`'s work on its
+:meth:`~rillet.server.service.Generation.run` task (whose end returns the permit, however
+the response ends), and each takes the service's one cancellation path when the generation
+is given up: that task is cancelled. For a plain stream that
 happens when the client goes away; for a resumable one, when nobody has come back for it
 within the resume window (``rillet.server.resumable``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -54,11 +55,10 @@ def stream_response(
         and request.headers.get(RESUMABLE_HEADER) == "1"
         and store.limits.enabled
     ):
-        events = _closing(in_band_errors(chunks, error_chunks), generation)
         stream = store.open(bearer_token(request.headers.get("authorization")), sse_with_id)
-        store.produce(stream, events)
+        store.produce(stream, in_band_errors(chunks, error_chunks), spawn=generation.run)
         return follow_response(stream, 0, errors, **options)
-    return StreamResponse(chunks, error_chunks=error_chunks, on_close=generation.close, **options)
+    return StreamResponse(chunks, error_chunks=error_chunks, spawn=generation.run, **options)
 
 
 def follow_response(
@@ -81,19 +81,6 @@ def sse_with_id(number: int, event: bytes) -> bytes:
     return b"id: %d\n%b" % (number, event)
 
 
-async def _closing(
-    events: AsyncGenerator[bytes, None], generation: Generation
-) -> AsyncGenerator[bytes, None]:
-    try:
-        async for event in events:
-            yield event
-    finally:
-        try:
-            await events.aclose()
-        finally:
-            generation.close()
-
-
 async def collect_answer(request: Request, generation: Generation) -> RequestOutput:
     """The whole generation; a client that disconnects first cancels it (ClientGone)."""
-    return await cancel_on_disconnect(request, generation.collect(), on_close=generation.close)
+    return await cancel_on_disconnect(request, generation.run(generation.collect()))

@@ -14,7 +14,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -56,6 +64,9 @@ class ClientGone(Exception):
 
 
 ErrorChunks = Callable[[RilletError], Sequence[bytes]]
+#: How a response starts the task that produces its body: ``Generation.run`` for a
+#: generation's stream, so that the task's end returns the generation's permit.
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
 
 
 class StreamResponse(Response):
@@ -66,8 +77,11 @@ class StreamResponse(Response):
     * A :class:`RilletError` raised by ``chunks`` after the headers went out becomes the
       route's in-band error (``error_chunks``); any other exception is logged and sent as a
       generation error. Then the body ends.
+    * The body is produced on a task started by ``spawn``; a disconnect cancels it, and
+      its ``chunks`` are closed before it ends (so a generation is aborted in the engine
+      before its permit comes back).
     * ``on_close`` runs exactly once when the response is over, however it ended (finished,
-      failed, disconnected, never started): that is where admission permits are returned.
+      failed, disconnected, never started).
     """
 
     def __init__(
@@ -75,6 +89,7 @@ class StreamResponse(Response):
         chunks: AsyncIterator[bytes],
         *,
         error_chunks: ErrorChunks,
+        spawn: Spawn = asyncio.ensure_future,
         on_close: Callable[[], None] | None = None,
         media_type: str = "text/event-stream",
         keep_alive: bytes | None = KEEP_ALIVE,
@@ -83,6 +98,7 @@ class StreamResponse(Response):
     ) -> None:
         self.chunks = chunks
         self.error_chunks = error_chunks
+        self.spawn = spawn
         self.on_close = on_close
         self.keep_alive = keep_alive
         self.keep_alive_interval = keep_alive_interval
@@ -97,7 +113,7 @@ class StreamResponse(Response):
         self.init_headers(all_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streamer = asyncio.ensure_future(self._stream(send))
+        streamer = self.spawn(self._stream(send))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -110,7 +126,8 @@ class StreamResponse(Response):
             log.info("stream ended by transport error: %r", streamer.exception())
 
     async def _close(self, streamer: asyncio.Future[None], watcher: asyncio.Future[None]) -> None:
-        """Stop both tasks, let the producer unwind (its abort), then hand back the permit."""
+        """Stop both tasks and let the producer unwind (its abort); close ``chunks`` in case
+        the producer never ran a step."""
         try:
             for task in (streamer, watcher):
                 task.cancel()
@@ -164,11 +181,16 @@ async def in_band_errors(
 ) -> AsyncGenerator[bytes, None]:
     """``chunks`` without empty ones (an empty chunk would end a chunked body early), then,
     if they fail, the failure as the route's in-band error events: a :class:`RilletError`
-    as itself, any other exception (logged) as a generation error."""
+    as itself, any other exception (logged) as a generation error. ``chunks`` is closed
+    when this is, not left to the garbage collector: closing a generation's chunks is what
+    aborts it in the engine."""
     try:
-        async for chunk in chunks:
-            if chunk:
-                yield chunk
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    yield chunk
+        finally:
+            await _aclose(chunks)
     except RilletError as exc:
         for error_chunk in error_chunks(exc):
             yield error_chunk
@@ -189,26 +211,20 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
         await aclose()
 
 
-async def cancel_on_disconnect(
-    request: Request, work: Awaitable[T], on_close: Callable[[], None] | None = None
-) -> T:
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first; then cancel it, raise ClientGone.
 
     For non-streaming routes: cancelling the task that iterates ``AsyncEngine.generate``
-    aborts the request in the engine, exactly as a streaming disconnect does. ``on_close``
-    runs once ``work`` has ended, however it ended (even if we are cancelled meanwhile).
+    aborts the request in the engine, exactly as a streaming disconnect does; the task's
+    end is awaited even if we are cancelled meanwhile.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
 
     async def close() -> None:
-        try:
-            for t in (task, watcher):
-                t.cancel()
-            await asyncio.wait({task, watcher})
-        finally:
-            if on_close is not None:
-                on_close()
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.wait({task, watcher})
 
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
