@@ -34,7 +34,7 @@ from rillet.errors import RilletError
 from rillet.kserve import grpc_service_pb2 as pb
 from rillet.server.config import ServerConfig
 from rillet.server.grpc_server import KServeHandler
-from rillet.server.serve_cmd import configs_of
+from rillet.server.serve_options import configs_of
 from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.deploy")
@@ -103,7 +103,7 @@ class RilletReplica:
 
         options = RayAppArgs.model_validate(args)
         # Serve's gRPC proxy is the gRPC door here, and Serve's HTTP proxy listens.
-        engine_config, config = configs_of(options, grpc_port=0)
+        engine_config, config = configs_of(options.model_dump(), grpc_port=0)
         engine = AsyncEngine.from_config(engine_config, own_process=not options.engine_in_process)
         self.service = GenerationService(engine, config)
         self.kserve = KServeHandler(self.service)
