@@ -44,15 +44,15 @@ def test_a_kv_cache_size_must_be_positive() -> None:
 
 def test_the_kv_cache_dtype_is_auto_or_int8_and_rillet_serve_passes_it_on() -> None:
     from rillet.cli import build_parser
-    from rillet.server.serve_cmd import configs_of
+    from rillet.server.serve_options import configs_of
 
     assert EngineConfig().kv_cache_dtype is None  # chosen by the builder
     with pytest.raises(ModelLoadError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8")
     options = build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
-    engine, _ = configs_of(options)
+    engine, _ = configs_of(vars(options))
     assert engine.kv_cache_dtype == "int8"
-    assert configs_of(build_parser().parse_args(["serve"]))[0].kv_cache_dtype is None
+    assert configs_of(vars(build_parser().parse_args(["serve"])))[0].kv_cache_dtype is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"])
 

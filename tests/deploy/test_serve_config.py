@@ -10,7 +10,9 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from rillet.deploy.ray import RayAppArgs, app
+from rillet.cli import build_parser
+from rillet.deploy.ray import RayAppArgs, ServeKnobs, app
+from rillet.server.serve_options import SERVE_OPTIONS, configs_of
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "ray" / "serve.yaml"
 
@@ -54,15 +56,40 @@ def test_unknown_arguments_are_refused() -> None:
         RayAppArgs.model_validate({"max_concurent_requests": 3})
 
 
-def test_every_rillet_serve_option_is_an_argument_by_its_name() -> None:
-    import argparse
+def test_the_arguments_are_serves_knobs_then_each_option_a_replica_takes() -> None:
+    on_ray = [option.name for option in SERVE_OPTIONS if option.on_ray]
+    assert list(RayAppArgs.model_fields) == [*ServeKnobs.model_fields, *on_ray]
+    # Where to listen and how to log are Serve's and Ray's; their own names are refused.
+    assert {"host", "port", "grpc_port", "shutdown_grace", "log_level"}.isdisjoint(on_ray)
+    with pytest.raises(ValueError, match="port"):
+        RayAppArgs.model_validate({"port": 9000})
+    # The defaults are the command line's.
+    defaults = RayAppArgs()
+    cli = vars(build_parser().parse_args(["serve"]))
+    assert {name: getattr(defaults, name) for name in on_ray} == {
+        name: cli[name] for name in on_ray
+    }
 
-    from rillet.server.serve_cmd import add_parser
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    options = {action.dest for action in serve.choices["serve"]._actions} - {"help"}
-    # Serve's proxies listen, and Serve's graceful_shutdown_timeout_s drains a replica.
-    not_on_ray = {"host", "port", "expose", "grpc_port", "log_level", "shutdown_grace"}
-    assert options - not_on_ray <= set(RayAppArgs.model_fields), options - not_on_ray
+def test_the_ray_builder_and_the_command_line_give_the_same_configs() -> None:
+    """Every option a replica takes, as ``serve run ... key=value`` passes it (a string)."""
+    argv, args = ["serve"], {}
+    for option in SERVE_OPTIONS:
+        if option.on_ray and option.type is bool:
+            argv.append(option.flag)
+            args[option.name] = "true"
+        elif option.on_ray:
+            value = {int: "3", float: "0.75", str: "text"}[option.type]
+            value = {"dtype": "float16", "kv_cache_dtype": "int8"}.get(option.name, value)
+            argv += [option.flag, value]
+            args[option.name] = value
+    cli = vars(build_parser().parse_args(argv))
+    ray = RayAppArgs.model_validate(args).model_dump()
+    assert configs_of(ray) == configs_of(cli)
+    assert configs_of(ray)[0].num_threads == 3 and ray["engine_in_process"] is True
+
+
+def test_a_wrongly_typed_argument_is_refused() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        RayAppArgs.model_validate({"threads": "two"})
+    assert RayAppArgs.model_validate({"kv_cache_memory": "0.5"}).kv_cache_memory == 0.5

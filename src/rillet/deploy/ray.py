@@ -22,33 +22,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from rillet.errors import RilletError
 from rillet.kserve import grpc_service_pb2 as pb
-from rillet.server.config import ServerConfig
 from rillet.server.grpc_server import KServeHandler
-from rillet.server.serve_cmd import configs_of
+from rillet.server.serve_options import SERVE_OPTIONS, configs_of
 from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.deploy")
 
-_SERVER = ServerConfig()
 
-
-class RayAppArgs(BaseModel):
-    """The builder's arguments (``serve run rillet.deploy.ray:app key=value ...`` or a config
-    file's ``args``). Serve's own knobs first, then ``rillet serve``'s options by their names."""
+class ServeKnobs(BaseModel):
+    """Serve's own knobs among the builder's arguments: replicas, autoscaling, resources,
+    backpressure. :class:`RayAppArgs` adds ``rillet serve``'s options."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # Serve: replicas, autoscaling, resources, backpressure.
     #: Replicas (Serve's default is 1; a config file's ``deployments`` may set it instead).
     num_replicas: int | None = None
     #: When set, replicas scale between min and max on ongoing requests per replica.
@@ -62,36 +58,41 @@ class RayAppArgs(BaseModel):
     retry_after_s: float = 1.0
     num_cpus: float | None = None
     num_gpus: float = 0.0
-    # rillet serve's options.
-    model: str | None = None
-    threads: int | None = None
-    dtype: str | None = None
-    served_model_name: str | None = None
-    max_concurrent_requests: int = _SERVER.max_concurrent_requests
-    max_input_tokens: int | None = None
-    max_total_tokens: int | None = None
-    max_batch_tokens: int | None = None
-    max_prefill_tokens_when_decoding: int | None = None
-    kv_cache_memory: float | None = None
-    kv_cache_dtype: str | None = None
-    small_batch_tokens: int = 0
-    quantized_max_batch_tokens: int | None = None
-    api_key: str | None = None
-    max_body_bytes: int = _SERVER.max_body_bytes
-    max_header_bytes: int = _SERVER.max_header_bytes
-    max_stop_sequences: int = _SERVER.max_stop_sequences
-    max_stop_length: int = _SERVER.max_stop_length
-    max_messages: int = _SERVER.max_messages
-    resume_window: float = _SERVER.resume_window_s
-    max_resume_bytes: int = _SERVER.max_resume_bytes
-    max_resume_stream_bytes: int = _SERVER.max_resume_stream_bytes
-    keep_alive_interval: float = _SERVER.keep_alive_interval_s
-    default_temperature: float | None = None
-    default_top_p: float | None = None
-    default_top_k: int | None = None
-    default_min_p: float | None = None
-    default_repetition_penalty: float | None = None
-    engine_in_process: bool = False
+
+
+def _option_fields() -> dict[str, Any]:
+    """``rillet serve``'s options that a replica takes, as pydantic fields: the option's type
+    (optional where its default is None) and default. Choices are left to the configs to
+    check (``EngineConfig`` refuses an unknown ``kv_cache_dtype``)."""
+    fields: dict[str, Any] = {}
+    for option in SERVE_OPTIONS:
+        if option.on_ray:
+            kind = option.type if option.default is not None else option.type | None
+            fields[option.name] = (kind, option.default)
+    return fields
+
+
+if TYPE_CHECKING:
+
+    class RayAppArgs(ServeKnobs):
+        # create_model's fields are made at run time, unseen by type checkers: let any
+        # argument in and type every attribute Any.
+        def __init__(self, **arguments: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    RayAppArgs = create_model(
+        "RayAppArgs",
+        __base__=ServeKnobs,
+        __module__=__name__,
+        __doc__=(
+            "The builder's arguments (``serve run rillet.deploy.ray:app key=value ...`` or a "
+            "config file's ``args``): Serve's own knobs (:class:`ServeKnobs`), then ``rillet "
+            "serve``'s options by their names, as ``rillet.server.serve_options`` declares "
+            "them. An unknown name is refused."
+        ),
+        **_option_fields(),
+    )
 
 
 @serve.ingress()
@@ -103,7 +104,7 @@ class RilletReplica:
 
         options = RayAppArgs.model_validate(args)
         # Serve's gRPC proxy is the gRPC door here, and Serve's HTTP proxy listens.
-        engine_config, config = configs_of(options, grpc_port=0)
+        engine_config, config = configs_of(options.model_dump(), grpc_port=0)
         engine = AsyncEngine.from_config(engine_config, own_process=not options.engine_in_process)
         self.service = GenerationService(engine, config)
         self.kserve = KServeHandler(self.service)

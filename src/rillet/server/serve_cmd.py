@@ -16,23 +16,18 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from rillet.config import KV_CACHE_DTYPES
-from rillet.server.config import ServerConfig
+from rillet.server.serve_options import add_arguments, configs_of
 
 if TYPE_CHECKING:
     import grpc
 
-    from rillet.config import EngineConfig
     from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
-
-#: ``rillet serve``'s defaults are ServerConfig's own.
-_DEFAULTS = ServerConfig()
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,165 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(POST /?prompt=), WebSockets (/ and /ws), a browser page (GET /), Triton's HTTP "
         "generate (/v2/models/NAME/generate_stream) and Triton's gRPC (KServe v2).",
     )
-    p.add_argument("--model", help="model folder or .gguf file (default: bundled SmolLM2-135M)")
-    p.add_argument("--host", default=_DEFAULTS.host, help="address to bind (default: loopback)")
-    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (0 picks a free one)")
-    p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 instead of --host")
-    p.add_argument(
-        "--grpc-port",
-        type=int,
-        default=_DEFAULTS.grpc_port,
-        help="port of the gRPC door (Triton's KServe v2, for tritonclient), on the same host "
-        "as HTTP (default %(default)s; 0 turns it off)",
-    )
-    p.add_argument("--served-model-name", help="model name shown in /info and responses")
-    p.add_argument(
-        "--max-concurrent-requests",
-        type=int,
-        default=_DEFAULTS.max_concurrent_requests,
-        help="generations in flight on every door together; past it a request is refused at "
-        "once with 429 `overloaded` (default: %(default)s)",
-    )
-    p.add_argument("--max-input-tokens", type=int)
-    p.add_argument("--max-total-tokens", type=int)
-    p.add_argument("--max-batch-tokens", type=int, help="engine token budget per step")
-    p.add_argument(
-        "--max-prefill-tokens-when-decoding",
-        type=int,
-        help="prompt tokens a step may add beside running streams' decodes, which bounds "
-        "their inter-token gap while prompts prefill (default: the whole step budget)",
-    )
-    p.add_argument(
-        "--kv-cache-memory",
-        type=float,
-        metavar="GIB",
-        help="GiB for the KV cache (default: a fifth of the memory available at start, "
-        "between 0.5 and 8; on CPU, RAM is taken only as the cache fills)",
-    )
-    p.add_argument(
-        "--kv-cache-dtype",
-        choices=KV_CACHE_DTYPES,
-        help="auto: K/V in the model's dtype; int8: 8 bits with an fp32 scale per 32 values, "
-        "1.8x the tokens in the same memory and fewer bytes to read per token (default: int8 "
-        "for bf16 on a CPU with rillet's kernels, else auto)",
-    )
-    # What a request may carry, on every door; past each limit a clear 4xx.
-    for option, what in (
-        ("--max-body-bytes", "request body size, 413 past it (JSON may nest at most 64 levels)"),
-        ("--max-header-bytes", "all request headers together, 431 past it"),
-        ("--max-stop-sequences", "stop sequences per request, as TGI and OpenAI"),
-        ("--max-stop-length", "characters per stop sequence"),
-        ("--max-messages", "chat messages per request"),
-        ("--max-resume-bytes", "events kept for resumable streams, all together"),
-        ("--max-resume-stream-bytes", "events kept for one resumable stream"),
-    ):
-        default = getattr(_DEFAULTS, option.removeprefix("--").replace("-", "_"))
-        p.add_argument(option, type=int, default=default, help=f"{what} (default: %(default)s)")
-    p.add_argument(
-        "--resume-window",
-        type=float,
-        default=_DEFAULTS.resume_window_s,
-        help="seconds a resumable stream (request header `X-Rillet-Resumable: 1`) waits for "
-        "its client to come back (GET /streams/SID with Last-Event-ID) before its generation "
-        "is aborted; 0 turns resumable streams off (default: %(default)s)",
-    )
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on generation routes")
-    p.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument(
-        "--small-batch-tokens",
-        type=int,
-        default=0,
-        help="engine steps of at most this many tokens run on one thread, leaving a core "
-        "to the HTTP side (default 0: always all threads; the engine has its own process)",
-    )
-    p.add_argument(
-        "--quantized-max-batch-tokens",
-        type=int,
-        default=None,
-        help="steps of at most this many tokens use 4-bit copies of the weights (8-bit LM "
-        "head); 0 = off (default: on for 4-bit checkpoints such as the bundled model)",
-    )
-    p.add_argument(
-        "--engine-in-process",
-        action="store_true",
-        help="run the engine core on a thread of the server process, not in a process of its "
-        "own (slower when busy: the HTTP side and the model then share one GIL)",
-    )
-    p.add_argument(
-        "--keep-alive-interval",
-        type=float,
-        default=_DEFAULTS.keep_alive_interval_s,
-        help=argparse.SUPPRESS,
-    )
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=_DEFAULTS.shutdown_grace_s,
-        help="seconds streams may run on after SIGINT/SIGTERM",
-    )
-    sampling = p.add_argument_group(
-        "sampling defaults",
-        "What a request that leaves a field unset gets: this flag, else the model's own default "
-        "(generation_config.json, or a GGUF's general.sampling.*), else the API's (OpenAI: "
-        "temperature 1, top_p 1; TGI stays greedy unless the request samples). /info lists the "
-        "defaults in force and where each came from.",
-    )
-    for name, kind in (
-        ("temperature", float),
-        ("top-p", float),
-        ("top-k", int),
-        ("min-p", float),
-        ("repetition-penalty", float),
-    ):
-        sampling.add_argument(f"--default-{name}", type=kind, metavar="X")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_arguments(p)
     p.set_defaults(func=run)
-
-
-def configs_of(options: Any, **server: Any) -> tuple[EngineConfig, ServerConfig]:
-    """The engine's and the server's configuration from ``rillet serve``'s options, by their
-    names (argparse's namespace, or ``rillet.deploy.ray``'s arguments); ``server`` adds what
-    only the caller knows (where to listen)."""
-    from rillet.config import EngineConfig
-
-    engine = EngineConfig.from_env(
-        model=options.model,
-        dtype=options.dtype,
-        max_model_len=options.max_total_tokens,
-        max_num_batched_tokens=options.max_batch_tokens,
-        max_prefill_tokens_when_decoding=options.max_prefill_tokens_when_decoding,
-        kv_cache_memory_bytes=(
-            None if options.kv_cache_memory is None else int(options.kv_cache_memory * (1 << 30))
-        ),
-        kv_cache_dtype=options.kv_cache_dtype,
-        num_threads=options.threads,
-        small_batch_tokens=options.small_batch_tokens,
-        quantized_max_batch_tokens=options.quantized_max_batch_tokens,
-    )
-    config = ServerConfig(
-        served_model_name=options.served_model_name,
-        max_concurrent_requests=options.max_concurrent_requests,
-        max_input_tokens=options.max_input_tokens,
-        max_total_tokens=options.max_total_tokens,
-        api_key=options.api_key,
-        keep_alive_interval_s=options.keep_alive_interval,
-        max_body_bytes=options.max_body_bytes,
-        max_header_bytes=options.max_header_bytes,
-        max_stop_sequences=options.max_stop_sequences,
-        max_stop_length=options.max_stop_length,
-        max_messages=options.max_messages,
-        resume_window_s=options.resume_window,
-        max_resume_bytes=options.max_resume_bytes,
-        max_resume_stream_bytes=options.max_resume_stream_bytes,
-        default_temperature=options.default_temperature,
-        default_top_p=options.default_top_p,
-        default_top_k=options.default_top_k,
-        default_min_p=options.default_min_p,
-        default_repetition_penalty=options.default_repetition_penalty,
-        **server,
-    )
-    return engine, config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,11 +52,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         engine_config, server_config = configs_of(
-            args,
-            host="0.0.0.0" if args.expose else args.host,
-            port=args.port,
-            grpc_port=args.grpc_port,
-            shutdown_grace_s=args.shutdown_grace,
+            vars(args), host="0.0.0.0" if args.expose else args.host
         )
         with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
             engine = AsyncEngine.from_config(engine_config, own_process=not args.engine_in_process)
