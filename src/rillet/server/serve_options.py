@@ -77,7 +77,10 @@ GROUPS = {
 #: Every ``rillet serve`` option, in ``--help``'s order.
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
-        "model", help="model folder or .gguf file (default: bundled SmolLM2-135M)", engine="model"
+        "model",
+        help="model folder, .gguf file, or a name from `rillet models` (default: the bundled "
+        "SmolLM2-135M)",
+        engine="model",
     ),
     Option("host", help="address to bind (default: loopback)", server="host", on_ray=False),
     Option("port", int, "port (0 picks a free one)", server="port", on_ray=False),
