@@ -18,7 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rillet.server.serve_cmd",
     "rillet.client.chat_cli",
     "rillet.client.generate_cli",
-    "rillet.bench_cmd",
+    "rillet.benchmark.cli",
 )
 
 
