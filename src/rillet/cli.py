@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 from rillet import __version__
 
-#: Modules that register a subcommand, in help order. Add ``chat``/``generate``/``bench`` here.
+#: Modules that register a subcommand, in help order; a new command is a module and a line.
 COMMAND_MODULES: tuple[str, ...] = (
     "rillet.server.serve_cmd",
     "rillet.client.chat_cli",
     "rillet.client.generate_cli",
-    "rillet.bench_cmd",
+    "rillet.benchmark.cli",
     "rillet.models_cmd",
 )
 

@@ -10,7 +10,8 @@ measured with the same harness. One module per concern:
 * ``sysstat``: CPU seconds of the server's process tree and of the host, from ``/proc``
 * ``runner``: the closed loop at each concurrency level, with time caps
 * ``progress``: the progress line on stderr; ``plot``: the PNG (matplotlib, optional)
-* ``cli``: arguments shared by ``rillet bench`` and ``python bench/serve.py``
+* ``cli``: the ``rillet bench`` subcommand and its arguments, shared with
+  ``python bench/serve.py``
 
 Importing this package is cheap (no httpx, no torch) so the CLI can register it.
 """

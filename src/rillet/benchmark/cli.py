@@ -1,4 +1,5 @@
-"""Arguments and entry point shared by ``rillet bench`` and ``python bench/serve.py``.
+"""``rillet bench``'s command line, shared with ``python bench/serve.py``: the arguments,
+the subcommand's registration and the entry point.
 
 Output: one JSON object per level on stdout (and appended to ``--out``), a progress bar
 and a summary table on stderr. Exit code 0 when every level ran without errors, 1 when
@@ -109,6 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--requests-out", type=Path, help="append one JSON line per request (raw timings)")
     add("--plot", type=Path, help="draw tok/s and TTFT vs concurrency into this PNG")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object (``rillet.cli``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible streaming server (TTFT, ITL, tokens/s)",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,13 +16,11 @@ from rillet.engine.core import EngineCore
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.errors import ModelLoadError
-from rillet.models import cpu_kernels
+from rillet.models import cpu_kernels, registry
 from rillet.models.attention import kv_row_width
 from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
-from rillet.models.gemma3 import Gemma3ForCausalLM
 from rillet.models.linear import enable_packed_weights, enable_quantized_weights
-from rillet.models.llama import LlamaForCausalLM
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
 
@@ -153,8 +151,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             f"sequence of max_model_len={max_model_len}; raise the KV budget or lower it"
         )
 
-    model_class = Gemma3ForCausalLM if cfg.architecture == "gemma3" else LlamaForCausalLM
-    model = model_class.empty(cfg, dtype, device)
+    model = registry.model_class(cfg.architecture).empty(cfg, dtype, device)
     model.load_weights(files.weights())
     model.eval()
     quantized_rows = config.quantized_max_batch_tokens

@@ -6,14 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rillet.errors import ModelLoadError
+from rillet.models import registry
 
-#: HF ``architectures`` / ``model_type`` values our Llama code serves.
-LLAMA_FAMILY = frozenset(
-    {"llama", "mistral", "qwen2", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-)
-#: ... and our Gemma 3 code (text-only checkpoints; the multimodal ``gemma3`` has its text
-#: model under ``text_config`` and is not read).
-GEMMA3 = frozenset({"gemma3_text", "Gemma3ForCausalLM"})
 #: Gemma 3's defaults where a config leaves them out (transformers' Gemma3TextConfig).
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer is global
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0
@@ -65,15 +59,11 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a parsed HF ``config.json``; raise ModelLoadError if unsupported."""
-        archs = [*(cfg.get("architectures") or []), cfg.get("model_type", "")]
-        if any(a in GEMMA3 for a in archs):
+        arch = registry.from_hf_names(
+            [*(cfg.get("architectures") or []), cfg.get("model_type", "")]
+        )
+        if arch.name == "gemma3":
             return _gemma3_from_hf(cfg)
-        if not any(a in LLAMA_FAMILY for a in archs):
-            raise ModelLoadError(
-                f"unsupported architecture {archs[0] if archs[0] else 'unknown'!r}: rillet "
-                f"serves the Llama family ({', '.join(sorted(LLAMA_FAMILY))}) and Gemma 3 "
-                f"({', '.join(sorted(GEMMA3))})"
-            )
         try:
             num_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -81,7 +71,7 @@ class ModelConfig:
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             model_type = str(cfg.get("model_type", "llama"))
             return cls(
-                architecture=model_type,
+                architecture=arch.name,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),

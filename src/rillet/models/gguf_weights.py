@@ -23,11 +23,9 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from rillet.errors import ModelLoadError
+from rillet.models import registry
 from rillet.models.config import GEMMA3_LOCAL_ROPE_THETA, GEMMA3_SLIDING_PATTERN, ModelConfig
 from rillet.models.gguf_codes import GroupCodes, group_codes
-
-#: GGUF ``general.architecture`` -> does llama.cpp permute its q/k rows?
-GGUF_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False, "gemma3": False}
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -107,12 +105,7 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
 
 def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -> ModelConfig:
     """The ModelConfig a GGUF file describes; unsupported or incomplete files raise."""
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(
-            f"unsupported architecture {arch!r} in GGUF file: rillet serves "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
-        )
+    arch = registry.from_gguf_name(meta.get("general.architecture")).name
 
     def need(key: str) -> Any:
         value = meta.get(f"{arch}.{key}")
@@ -152,7 +145,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -
             "query_pre_attn_scalar": float(head_dim or hidden // heads),
         }
     return ModelConfig(
-        architecture=str(arch),
+        architecture=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -244,7 +237,7 @@ def iter_gguf_weights(
     reader: GGUFReader, config: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one tensor at a time, so only one is dequantized at once."""
-    permuted = GGUF_ARCHITECTURES[config.architecture]
+    permuted = registry.get(config.architecture).gguf_permutes_qk
     gemma = config.architecture == "gemma3"
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, config.architecture)
@@ -265,7 +258,7 @@ def iter_gguf_group_codes(
 ) -> Iterator[tuple[str, GroupCodes]]:
     """Yield ``(hf_name, codes)`` for every matrix stored in a format the integer kernel can
     take as it is (``gguf_codes``), in HF's row order."""
-    permuted = GGUF_ARCHITECTURES[config.architecture]
+    permuted = registry.get(config.architecture).gguf_permutes_qk
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name, config.architecture)
         if name is None or len(tensor.shape) != 2:
