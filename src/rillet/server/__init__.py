@@ -1,7 +1,8 @@
 """rillet's front doors over one generation service.
 
-``service.py`` is the door-neutral recipe (admission, limits, auth, stream/collect,
-metrics); ``dialects/`` map each API's bodies to it and its results to frames. The doors:
+``service.py`` is the door-neutral recipe (admission, limits, auth, metrics, and a
+generation run on a task that returns its permit); ``dialects/`` map each API's bodies to
+it and its results to frames. The doors:
 
 * ``http/``: the HTTP door, with TGI's routes, OpenAI's (``/v1``), plain text
   (``POST /?prompt=``), Triton's HTTP ``generate`` / ``generate_stream`` with KServe v2
