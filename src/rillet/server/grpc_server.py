@@ -157,7 +157,7 @@ class KServeHandler:
         """``ModelInfer``: the one whole answer."""
         generation, plan = self.start(request, "grpc_infer", one_response=True)
         result = await generation.run(generation.collect())
-        outputs = kserve.KServeRenderer(plan).outputs(result, plan.echo + result.text, final=True)
+        outputs = kserve.KServeRenderer(plan).answer(result)
         return infer_response(request, outputs, final=None)
 
     async def stream_infer(
@@ -201,12 +201,12 @@ class KServeHandler:
                 async with contextlib.aclosing(generation.stream()) as outputs:
                     async for out in outputs:
                         if out.text or out.finished:
-                            data = renderer.outputs(out, out.text, final=out.finished)
+                            data = renderer.delta(out)
                             final = out.finished and flag_on_data
                             await write(_streamed(infer_response(request, data, final)))
             else:
                 result = await generation.collect()
-                data = renderer.outputs(result, plan.echo + result.text, final=True)
+                data = renderer.answer(result)
                 await write(_streamed(infer_response(request, data, flag_on_data)))
             if plan.empty_final:
                 await write(_streamed(infer_response(request, [], final=True)))

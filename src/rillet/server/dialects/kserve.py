@@ -243,15 +243,24 @@ class Output:
 
 
 class KServeRenderer:
-    """The outputs of each response of one request."""
+    """The outputs of each response of one request: :meth:`delta` for each streamed
+    response, or :meth:`answer` for the one response that carries the whole generation."""
 
     def __init__(self, planned: KServePlan) -> None:
         self.plan = planned
         self._cumulative_logprob = 0.0
 
-    def outputs(self, out: RequestOutput, text: str, final: bool) -> list[Output]:
-        """The outputs for ``out`` (a delta, or a whole merged generation) carrying
-        ``text``, in the order of the model's output list."""
+    def delta(self, out: RequestOutput) -> list[Output]:
+        """A streamed response's outputs: ``out``'s new text, final once ``out`` has finished."""
+        return self._outputs(out, out.text, final=out.finished)
+
+    def answer(self, result: RequestOutput) -> list[Output]:
+        """The one response's outputs for a whole generation (``result``, every delta merged):
+        its text after the prompt when the plan echoes it, and final."""
+        return self._outputs(result, self.plan.echo + result.text, final=True)
+
+    def _outputs(self, out: RequestOutput, text: str, final: bool) -> list[Output]:
+        """The outputs for ``out`` carrying ``text``, in the order of the model's output list."""
         made = [Output("text_output", "BYTES", [text.encode()])]
         returns = self.plan.returns
         if "finish_reason" in returns:
