@@ -32,7 +32,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from rillet.errors import RilletError
 from rillet.kserve import grpc_service_pb2 as pb
-from rillet.server.grpc_server import KServeHandler
+from rillet.server.kserve.handler import KServeHandler
 from rillet.server.serve_options import SERVE_OPTIONS, configs_of
 from rillet.server.service import GenerationService
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from rillet import __version__
 from rillet.errors import RilletError, ValidationError
-from rillet.server.dialects import kserve
+from rillet.server import kserve
 from rillet.server.http.body import parse_json, read_body, require_api_key, service_of
 from rillet.server.http.errors import ErrorFormat, rendered_by
 from rillet.server.http.openapi import json_body

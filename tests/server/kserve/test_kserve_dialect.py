@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from json_strategies import json_values
 from rillet.errors import NotFoundError, RilletError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
-from rillet.server.dialects import kserve
+from rillet.server import kserve
 from rillet.server.spec import ChatPrompt
 
 

@@ -2,7 +2,7 @@
 
 Both Triton doors use it: gRPC (``ModelInfer``, ``ModelStreamInfer``) and Triton's HTTP
 ``generate`` / ``generate_stream``. Each decodes its frames into a :class:`KServeRequest`
-(tensors as Python values) and gets back a plan and the outputs to send.
+(tensors as Python values) and gets back a plan; ``render.py`` makes the outputs to send.
 
 Inputs, as vLLM's Triton backend reads them (``src/model.py``, ``src/utils/request.py``):
 ``text_input`` (BYTES, the prompt), ``stream`` (BOOL, default false),
@@ -13,25 +13,17 @@ otherwise, when the prompt starts the one answer) and ``return_finish_reason``,
 ``return_num_input_tokens``, ``return_num_output_tokens``, ``return_logprobs``,
 ``return_cumulative_logprob`` (BOOL). rillet adds ``messages`` (BYTES, a JSON list of chat
 messages, rendered with the model's chat template on the server) for clients that chat.
-
-Outputs: ``text_output`` (the delta since the last response when streaming), and for each
-``return_*`` its output: ``finish_reason`` (BYTES; ``"None"`` until the last response, as
-vLLM's backend sends it), ``num_input_tokens`` and ``num_output_tokens`` (UINT32; output
-tokens in this response), ``logprobs`` (BYTES, a JSON list) and ``cumulative_logprob``
-(FP32).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
 
 from rillet.errors import NotFoundError, ValidationError
-from rillet.protocol import RequestOutput
-from rillet.server.dialects.fields import clean_logprob, first_problem, json_loads
+from rillet.server.dialects.fields import first_problem, json_loads
 from rillet.server.dialects.openai import SamplingFields, sampling_params, unset_fields
 from rillet.server.limits import FieldNames
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -233,48 +225,3 @@ def _sampling_fields(request: KServeRequest) -> SamplingFields:
     except pydantic.ValidationError as exc:
         problem = first_problem(exc, "sampling_parameters")
         raise ValidationError(f"sampling parameter {problem}") from None
-
-
-@dataclass
-class Output:
-    name: str
-    datatype: str
-    values: list[Any]
-
-
-class KServeRenderer:
-    """The outputs of each response of one request: :meth:`delta` for each streamed
-    response, or :meth:`answer` for the one response that carries the whole generation."""
-
-    def __init__(self, planned: KServePlan) -> None:
-        self.plan = planned
-        self._cumulative_logprob = 0.0
-
-    def delta(self, out: RequestOutput) -> list[Output]:
-        """A streamed response's outputs: ``out``'s new text, final once ``out`` has finished."""
-        return self._outputs(out, out.text, final=out.finished)
-
-    def answer(self, result: RequestOutput) -> list[Output]:
-        """The one response's outputs for a whole generation (``result``, every delta merged):
-        its text after the prompt when the plan echoes it, and final."""
-        return self._outputs(result, self.plan.echo + result.text, final=True)
-
-    def _outputs(self, out: RequestOutput, text: str, final: bool) -> list[Output]:
-        """The outputs for ``out`` carrying ``text``, in the order of the model's output list."""
-        made = [Output("text_output", "BYTES", [text.encode()])]
-        returns = self.plan.returns
-        if "finish_reason" in returns:
-            reason = out.finish_reason.to_openai() if final and out.finish_reason else "None"
-            made.append(Output("finish_reason", "BYTES", [reason.encode()]))
-        if "num_input_tokens" in returns:
-            made.append(Output("num_input_tokens", "UINT32", [out.num_prompt_tokens]))
-        if "num_output_tokens" in returns:
-            made.append(Output("num_output_tokens", "UINT32", [len(out.tokens)]))
-        if "logprobs" in returns:
-            logprobs = [clean_logprob(t.logprob) for t in out.tokens]
-            made.append(Output("logprobs", "BYTES", [json.dumps(logprobs).encode()]))
-        if "cumulative_logprob" in returns:  # over the whole generation so far, as vLLM's
-            self._cumulative_logprob += sum(t.logprob for t in out.tokens if t.logprob is not None)
-            made.append(Output("cumulative_logprob", "FP32", [self._cumulative_logprob]))
-        wanted = self.plan.requested_outputs
-        return [o for o in made if o.name in wanted] if wanted else made
