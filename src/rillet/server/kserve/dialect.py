@@ -156,11 +156,7 @@ def plan(request: KServeRequest, *, one_response: bool = False) -> KServePlan:
 
 def _prompt(request: KServeRequest) -> str | ChatPrompt:
     if "messages" in request.inputs:
-        raw = _single(request, "messages")
-        try:
-            messages = raw if isinstance(raw, list) else json_loads(raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as exc:
-            raise ValidationError(f"input 'messages' is not JSON: {exc}") from None
+        messages = _json_input(request, "messages", list)
         if (
             not isinstance(messages, list)
             or not all(
@@ -191,6 +187,16 @@ def _single(request: KServeRequest, name: str) -> Any:
     return values[0]
 
 
+def _json_input(request: KServeRequest, name: str, parsed: type) -> Any:
+    """A one-element input holding JSON. Triton HTTP's body is JSON already, so a value
+    there may come ``parsed``; over gRPC it is BYTES."""
+    raw = _single(request, name)
+    try:
+        return raw if isinstance(raw, parsed) else json_loads(raw)
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
+        raise ValidationError(f"input {name!r} is not JSON: {exc}") from None
+
+
 def _flag(request: KServeRequest, name: str, default: bool) -> bool:
     if name not in request.inputs:
         return default
@@ -202,11 +208,7 @@ def _flag(request: KServeRequest, name: str, default: bool) -> bool:
 
 def _sampling_fields(request: KServeRequest) -> SamplingFields:
     if "sampling_parameters" in request.inputs:
-        raw = _single(request, "sampling_parameters")
-        try:
-            data = raw if isinstance(raw, dict) else json_loads(raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as exc:
-            raise ValidationError(f"input 'sampling_parameters' is not JSON: {exc}") from None
+        data = _json_input(request, "sampling_parameters", dict)
         if not isinstance(data, dict):
             raise ValidationError("input 'sampling_parameters' must be a JSON object")
     else:
