@@ -99,7 +99,7 @@ class GrpcDoor:
 @contextlib.asynccontextmanager
 async def grpc_door(**config: Any) -> AsyncIterator[GrpcDoor]:
     """``async with grpc_door(max_concurrent_requests=1) as d``: KServe v2 on a fake engine."""
-    from rillet.server.grpc_server import start_grpc_server
+    from rillet.server.kserve.grpc_server import start_grpc_server
 
     engine = FakeEngine()
     service = GenerationService(engine, ServerConfig(**config))  # type: ignore[arg-type]

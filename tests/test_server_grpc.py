@@ -2,7 +2,8 @@
 (sync and aio) and rillet's StreamingClient give the HTTP routes' greedy text, a cancelled
 stream frees the engine, Triton's HTTP generate agrees, the quick start runs, and gRPC on
 the HTTP port is refused.
-(Framing, errors, overload and the key on a held fake engine: ``server/test_grpc_server.py``.)"""
+(Framing, errors, overload and the key on a held fake engine:
+``server/kserve/test_grpc_server.py``.)"""
 
 from __future__ import annotations
 

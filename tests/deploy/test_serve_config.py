@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from rillet.cli import build_parser
-from rillet.deploy.ray import RayAppArgs, ServeKnobs, app
+from rillet.deploy.ray import RayAppArgs, RilletReplica, ServeKnobs, app
+from rillet.kserve.rpc import METHODS
 from rillet.server.serve_options import SERVE_OPTIONS, configs_of
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "ray" / "serve.yaml"
@@ -32,6 +34,14 @@ def test_the_example_config_is_valid_and_builds() -> None:
     built = call_user_app_builder_with_args_if_necessary(app, application.args)
     deployment = built._bound_deployment  # type: ignore[attr-defined]
     assert deployment.name == application.deployments[0].name == "rillet"
+
+
+def test_the_replica_has_every_rpc_as_serves_grpc_proxy_calls_it() -> None:
+    # The proxy calls a replica's method by the RPC's name, hands it the context only if it
+    # has a parameter named grpc_context, and streams what an async generator yields.
+    for name in METHODS:
+        assert "grpc_context" in inspect.signature(getattr(RilletReplica, name)).parameters
+    assert inspect.isasyncgenfunction(RilletReplica.ModelStreamInfer)
 
 
 def test_ongoing_requests_default_to_the_engines_stream_capacity() -> None:

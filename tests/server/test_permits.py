@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 
 from app_server import Door, door, poll_until
 from rillet.errors import GenerationError
-from rillet.server.grpc_server import start_grpc_server
+from rillet.server.kserve.grpc_server import start_grpc_server
 from rillet.server.service import Generation
 from triton_inputs import vllm_inputs
 

@@ -8,7 +8,8 @@ generation service, and serves every HTTP door through Serve's HTTP proxy (TGI, 
 plain text, the WebSocket chat and ``/ws``, the page, Triton HTTP), with an
 ``x-rillet-replica`` header naming it. Through Serve's gRPC proxy (``grpc_options`` with
 ``rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server``) it serves Triton's
-``GRPCInferenceService``, so stock tritonclient streams through Ray.
+``GRPCInferenceService``, so stock tritonclient streams through Ray: the replica is the
+servicer of ``rillet serve``'s gRPC door (``rillet.server.kserve.servicer``).
 
 Backpressure keeps its meaning: ``max_ongoing_requests`` per replica is the engine's stream
 capacity (``max_concurrent_requests``, not Serve's default of 5; a stream holds its slot
@@ -19,20 +20,16 @@ Serve's health check asks the engine.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from pydantic import BaseModel, ConfigDict, create_model
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from rillet.errors import RilletError
-from rillet.kserve import grpc_service_pb2 as pb
-from rillet.server.grpc_server import KServeHandler
+from rillet.server.kserve.handler import KServeHandler
+from rillet.server.kserve.servicer import KServeServicer, set_status
 from rillet.server.serve_options import SERVE_OPTIONS, configs_of
 from rillet.server.service import GenerationService
 
@@ -96,8 +93,10 @@ else:
 
 
 @serve.ingress()
-class RilletReplica:
-    """One replica: an engine, its generation service, the HTTP app and the gRPC methods."""
+class RilletReplica(KServeServicer):
+    """One replica: an engine, its generation service, the HTTP app, and Triton's gRPC
+    methods, which Serve's gRPC proxy calls on the replica by the RPCs' names: the replica
+    is the KServe servicer, with Serve's way of failing a call (:func:`set_status`)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
         from rillet.engine.async_engine import AsyncEngine
@@ -107,7 +106,7 @@ class RilletReplica:
         engine_config, config = configs_of(options.model_dump(), grpc_port=0)
         engine = AsyncEngine.from_config(engine_config, own_process=not options.engine_in_process)
         self.service = GenerationService(engine, config)
-        self.kserve = KServeHandler(self.service)
+        KServeServicer.__init__(self, KServeHandler(self.service), set_status)
         self.name = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -119,71 +118,6 @@ class RilletReplica:
         """Serve's health check: a replica whose engine has died is replaced."""
         if not self.service.engine.is_healthy:
             raise RuntimeError("the engine has stopped")
-
-    # ---- Triton's GRPCInferenceService, through Serve's gRPC proxy ---------------------
-
-    async def ServerLive(self, request: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.service.is_ready)
-
-    async def ModelReady(self, request: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.kserve.model_ready(request.name))
-
-    async def ServerMetadata(self, request: Any) -> pb.ServerMetadataResponse:
-        return self.kserve.server_metadata()
-
-    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
-        return _answer(
-            grpc_context, lambda: self.kserve.model_metadata(request.name), pb.ModelMetadataResponse
-        )
-
-    async def ModelConfig(self, request: Any, grpc_context: Any) -> Any:
-        return _answer(
-            grpc_context, lambda: self.kserve.model_config(request.name), pb.ModelConfigResponse
-        )
-
-    async def ModelInfer(self, request: Any, grpc_context: Any) -> pb.ModelInferResponse:
-        try:
-            self.kserve.authorize(grpc_context.invocation_metadata())
-            return await self.kserve.infer(request)
-        except RilletError as exc:
-            _set_error(grpc_context, exc)
-            return pb.ModelInferResponse()
-
-    async def ModelStreamInfer(
-        self, request_stream: Any, grpc_context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        try:
-            self.kserve.authorize(grpc_context.invocation_metadata())
-        except RilletError as exc:
-            _set_error(grpc_context, exc)
-            return
-        # Responses go through a bounded queue: a slow reader slows its requests' writes
-        # (the engine merges their deltas meanwhile), never the engine.
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(64)
-        work = asyncio.ensure_future(self.kserve.stream_infer(request_stream, responses.put))
-        work.add_done_callback(lambda _: responses.put_nowait(None))
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-            work.result()
-        finally:
-            work.cancel()  # the client went away: its requests are aborted
-
-
-def _set_error(grpc_context: Any, exc: RilletError) -> None:
-    grpc_context.set_code(grpc.StatusCode[exc.grpc_code])
-    grpc_context.set_details(exc.message)
-
-
-def _answer(grpc_context: Any, make: Any, empty: Any) -> Any:
-    try:
-        return make()
-    except RilletError as exc:
-        _set_error(grpc_context, exc)
-        return empty()
 
 
 def app(args: RayAppArgs | dict[str, Any]) -> Application:

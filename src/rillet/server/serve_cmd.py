@@ -96,7 +96,7 @@ class _DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.service.config
         if config.grpc_port:
-            from rillet.server.grpc_server import start_grpc_server
+            from rillet.server.kserve.grpc_server import start_grpc_server
 
             try:
                 self.grpc_server, port = await start_grpc_server(

@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse
 
 from rillet import __version__
 from rillet.errors import RilletError, ValidationError
-from rillet.protocol import RequestOutput
-from rillet.server.dialects import kserve
+from rillet.server import kserve
 from rillet.server.http.body import parse_json, read_body, require_api_key, service_of
 from rillet.server.http.errors import ErrorFormat, rendered_by
 from rillet.server.http.openapi import json_body
@@ -105,8 +104,7 @@ async def generate(request: Request, model: str) -> Response:
     body = parse_json(await read_body(request))
     generation, plan, decoded = _start(request, model, body, "triton_generate", True)
     result = await collect_answer(request, generation)
-    outputs = kserve.KServeRenderer(plan).outputs(result, plan.echo + result.text, final=True)
-    return JSONResponse(_answer(model, decoded, outputs))
+    return JSONResponse(_answer(model, decoded, kserve.KServeRenderer(plan).answer(result)))
 
 
 @router.post("/models/{model}/generate_stream", dependencies=_auth, openapi_extra=_body)
@@ -132,17 +130,12 @@ async def _events(
     renderer = kserve.KServeRenderer(plan)
     if not plan.stream:  # one event with the whole answer
         result = await generation.collect()
-        outputs = renderer.outputs(result, plan.echo + result.text, final=True)
-        yield sse_event(_answer(model, decoded, outputs))
+        yield sse_event(_answer(model, decoded, renderer.answer(result)))
         return
     async with contextlib.aclosing(generation.stream()) as stream:
         async for out in stream:
             if out.text or out.finished:
-                yield sse_event(_answer(model, decoded, _delta(renderer, out)))
-
-
-def _delta(renderer: kserve.KServeRenderer, out: RequestOutput) -> list[kserve.Output]:
-    return renderer.outputs(out, out.text, final=out.finished)
+                yield sse_event(_answer(model, decoded, renderer.delta(out)))
 
 
 @router.get("/health/live")

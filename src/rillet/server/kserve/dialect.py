@@ -2,7 +2,7 @@
 
 Both Triton doors use it: gRPC (``ModelInfer``, ``ModelStreamInfer``) and Triton's HTTP
 ``generate`` / ``generate_stream``. Each decodes its frames into a :class:`KServeRequest`
-(tensors as Python values) and gets back a plan and the outputs to send.
+(tensors as Python values) and gets back a plan; ``render.py`` makes the outputs to send.
 
 Inputs, as vLLM's Triton backend reads them (``src/model.py``, ``src/utils/request.py``):
 ``text_input`` (BYTES, the prompt), ``stream`` (BOOL, default false),
@@ -13,25 +13,17 @@ otherwise, when the prompt starts the one answer) and ``return_finish_reason``,
 ``return_num_input_tokens``, ``return_num_output_tokens``, ``return_logprobs``,
 ``return_cumulative_logprob`` (BOOL). rillet adds ``messages`` (BYTES, a JSON list of chat
 messages, rendered with the model's chat template on the server) for clients that chat.
-
-Outputs: ``text_output`` (the delta since the last response when streaming), and for each
-``return_*`` its output: ``finish_reason`` (BYTES; ``"None"`` until the last response, as
-vLLM's backend sends it), ``num_input_tokens`` and ``num_output_tokens`` (UINT32; output
-tokens in this response), ``logprobs`` (BYTES, a JSON list) and ``cumulative_logprob``
-(FP32).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
 
 from rillet.errors import NotFoundError, ValidationError
-from rillet.protocol import RequestOutput
-from rillet.server.dialects.fields import clean_logprob, first_problem, json_loads
+from rillet.server.dialects.fields import first_problem, json_loads
 from rillet.server.dialects.openai import SamplingFields, sampling_params, unset_fields
 from rillet.server.limits import FieldNames
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -164,11 +156,7 @@ def plan(request: KServeRequest, *, one_response: bool = False) -> KServePlan:
 
 def _prompt(request: KServeRequest) -> str | ChatPrompt:
     if "messages" in request.inputs:
-        raw = _single(request, "messages")
-        try:
-            messages = raw if isinstance(raw, list) else json_loads(raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as exc:
-            raise ValidationError(f"input 'messages' is not JSON: {exc}") from None
+        messages = _json_input(request, "messages", list)
         if (
             not isinstance(messages, list)
             or not all(
@@ -199,6 +187,16 @@ def _single(request: KServeRequest, name: str) -> Any:
     return values[0]
 
 
+def _json_input(request: KServeRequest, name: str, parsed: type) -> Any:
+    """A one-element input holding JSON. Triton HTTP's body is JSON already, so a value
+    there may come ``parsed``; over gRPC it is BYTES."""
+    raw = _single(request, name)
+    try:
+        return raw if isinstance(raw, parsed) else json_loads(raw)
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
+        raise ValidationError(f"input {name!r} is not JSON: {exc}") from None
+
+
 def _flag(request: KServeRequest, name: str, default: bool) -> bool:
     if name not in request.inputs:
         return default
@@ -210,11 +208,7 @@ def _flag(request: KServeRequest, name: str, default: bool) -> bool:
 
 def _sampling_fields(request: KServeRequest) -> SamplingFields:
     if "sampling_parameters" in request.inputs:
-        raw = _single(request, "sampling_parameters")
-        try:
-            data = raw if isinstance(raw, dict) else json_loads(raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as exc:
-            raise ValidationError(f"input 'sampling_parameters' is not JSON: {exc}") from None
+        data = _json_input(request, "sampling_parameters", dict)
         if not isinstance(data, dict):
             raise ValidationError("input 'sampling_parameters' must be a JSON object")
     else:
@@ -233,39 +227,3 @@ def _sampling_fields(request: KServeRequest) -> SamplingFields:
     except pydantic.ValidationError as exc:
         problem = first_problem(exc, "sampling_parameters")
         raise ValidationError(f"sampling parameter {problem}") from None
-
-
-@dataclass
-class Output:
-    name: str
-    datatype: str
-    values: list[Any]
-
-
-class KServeRenderer:
-    """The outputs of each response of one request."""
-
-    def __init__(self, planned: KServePlan) -> None:
-        self.plan = planned
-        self._cumulative_logprob = 0.0
-
-    def outputs(self, out: RequestOutput, text: str, final: bool) -> list[Output]:
-        """The outputs for ``out`` (a delta, or a whole merged generation) carrying
-        ``text``, in the order of the model's output list."""
-        made = [Output("text_output", "BYTES", [text.encode()])]
-        returns = self.plan.returns
-        if "finish_reason" in returns:
-            reason = out.finish_reason.to_openai() if final and out.finish_reason else "None"
-            made.append(Output("finish_reason", "BYTES", [reason.encode()]))
-        if "num_input_tokens" in returns:
-            made.append(Output("num_input_tokens", "UINT32", [out.num_prompt_tokens]))
-        if "num_output_tokens" in returns:
-            made.append(Output("num_output_tokens", "UINT32", [len(out.tokens)]))
-        if "logprobs" in returns:
-            logprobs = [clean_logprob(t.logprob) for t in out.tokens]
-            made.append(Output("logprobs", "BYTES", [json.dumps(logprobs).encode()]))
-        if "cumulative_logprob" in returns:  # over the whole generation so far, as vLLM's
-            self._cumulative_logprob += sum(t.logprob for t in out.tokens if t.logprob is not None)
-            made.append(Output("cumulative_logprob", "FP32", [self._cumulative_logprob]))
-        wanted = self.plan.requested_outputs
-        return [o for o in made if o.name in wanted] if wanted else made

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from json_strategies import json_values
 from rillet.errors import NotFoundError, RilletError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
-from rillet.server.dialects import kserve
+from rillet.server import kserve
 from rillet.server.spec import ChatPrompt
 
 
@@ -79,10 +79,7 @@ def test_outputs_follow_the_return_flags_and_the_requested_names() -> None:
     last = RequestOutput(
         "r", [GeneratedToken(2, "b", -0.25, False)], "b", FinishReason.LENGTH, 3, 2
     )
-    made = [
-        {o.name: o.values for o in renderer.outputs(out, out.text, out.finished)}
-        for out in (first, last)
-    ]
+    made = [{o.name: o.values for o in renderer.delta(out)} for out in (first, last)]
     assert made[0] == {
         "text_output": [b"a"],
         "finish_reason": [b"None"],
@@ -92,7 +89,16 @@ def test_outputs_follow_the_return_flags_and_the_requested_names() -> None:
     }
     assert made[1]["finish_reason"] == [b"length"] and made[1]["cumulative_logprob"] == [-0.75]
     plan.requested_outputs = ["text_output"]
-    assert [o.name for o in kserve.KServeRenderer(plan).outputs(last, "b", True)] == ["text_output"]
+    assert [o.name for o in kserve.KServeRenderer(plan).delta(last)] == ["text_output"]
+
+
+def test_a_whole_answer_starts_with_the_prompt_unless_excluded_and_is_final() -> None:
+    token = GeneratedToken(1, " there", -0.5, False)
+    whole = RequestOutput("r", [token], " there", FinishReason.EOS_TOKEN, 2, 1)
+    for inputs, text in (({}, b"Hi there"), ({"exclude_input_in_output": True}, b" there")):
+        plan = kserve.plan(request(text_input=b"Hi", return_finish_reason=True, **inputs))
+        made = {o.name: o.values for o in kserve.KServeRenderer(plan).answer(whole)}
+        assert made == {"text_output": [text], "finish_reason": [b"stop"]}
 
 
 def test_json_in_tensors_and_parameters_is_guarded() -> None:

@@ -1,4 +1,5 @@
-"""The gRPC door: Triton's ``inference.GRPCInferenceService`` (KServe v2) on grpc.aio.
+"""The gRPC door's logic: Triton's ``inference.GRPCInferenceService`` (KServe v2) on protobuf
+messages and the generation service, with no gRPC context (``servicer.py`` wraps it).
 
 Stock ``tritonclient[grpc]`` works against it unmodified. ``ModelStreamInfer`` carries many
 requests on one call: each runs in a task of its own, its responses carry its ``id``, and the
@@ -11,34 +12,24 @@ has finished (``stop_stream()`` waits for exactly that).
 The door stands on the generation service like every other: the same admission count, the
 API key from ``authorization: Bearer`` metadata, one cancellation path (a cancelled call
 cancels its requests' tasks, which aborts them in the engine), the error table's gRPC codes.
-:class:`KServeHandler` holds the logic without grpc's context, so Ray Serve's gRPC proxy
-(``rillet.deploy.ray``) can serve it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
-
-import grpc
 
 from rillet import __version__
 from rillet.errors import RilletError, ValidationError
 from rillet.kserve import grpc_service_pb2 as pb
 from rillet.kserve import tensors
-from rillet.kserve.rpc import add_GRPCInferenceServiceServicer_to_server
+from rillet.server import kserve
 from rillet.server.auth import bearer_token
-from rillet.server.dialects import kserve
 from rillet.server.service import Generation, GenerationService
 
-log = logging.getLogger("rillet.server")
-
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
-#: Above gRPC's 4 MiB default: tritonclient itself allows messages up to 2 GiB.
-MAX_MESSAGE_BYTES = 64 << 20
 _DATA_TYPES = {
     "BYTES": pb.TYPE_STRING,
     "BOOL": pb.TYPE_BOOL,
@@ -157,7 +148,7 @@ class KServeHandler:
         """``ModelInfer``: the one whole answer."""
         generation, plan = self.start(request, "grpc_infer", one_response=True)
         result = await generation.run(generation.collect())
-        outputs = kserve.KServeRenderer(plan).outputs(result, plan.echo + result.text, final=True)
+        outputs = kserve.KServeRenderer(plan).answer(result)
         return infer_response(request, outputs, final=None)
 
     async def stream_infer(
@@ -201,12 +192,12 @@ class KServeHandler:
                 async with contextlib.aclosing(generation.stream()) as outputs:
                     async for out in outputs:
                         if out.text or out.finished:
-                            data = renderer.outputs(out, out.text, final=out.finished)
+                            data = renderer.delta(out)
                             final = out.finished and flag_on_data
                             await write(_streamed(infer_response(request, data, final)))
             else:
                 result = await generation.collect()
-                data = renderer.outputs(result, plan.echo + result.text, final=True)
+                data = renderer.answer(result)
                 await write(_streamed(infer_response(request, data, flag_on_data)))
             if plan.empty_final:
                 await write(_streamed(infer_response(request, [], final=True)))
@@ -216,81 +207,3 @@ class KServeHandler:
 
 def _streamed(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(infer_response=response)
-
-
-class GrpcServicer:
-    """The grpc.aio servicer: the API key from metadata, errors as the table's codes."""
-
-    def __init__(self, handler: KServeHandler) -> None:
-        self.handler = handler
-
-    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.handler.service.is_ready)
-
-    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.handler.model_ready(request.name))
-
-    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return self.handler.server_metadata()
-
-    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
-        return await _answer(context, lambda: self.handler.model_metadata(request.name))
-
-    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
-        return await _answer(context, lambda: self.handler.model_config(request.name))
-
-    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        await self._authorize(context)
-        try:
-            return await self.handler.infer(request)
-        except RilletError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
-            raise  # abort() raises; this line is for the type checker
-
-    async def ModelStreamInfer(self, requests: Any, context: Any) -> None:
-        await self._authorize(context)
-        lock = asyncio.Lock()
-
-        async def write(response: pb.ModelStreamInferResponse) -> None:
-            async with lock:  # one write at a time on a call
-                await context.write(response)
-
-        await self.handler.stream_infer(requests, write)
-
-    async def _authorize(self, context: Any) -> None:
-        try:
-            self.handler.authorize(context.invocation_metadata())
-        except RilletError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
-
-
-async def _answer(context: Any, make: Callable[[], Any]) -> Any:
-    try:
-        return make()
-    except RilletError as exc:
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
-
-
-async def start_grpc_server(
-    service: GenerationService, host: str, port: int
-) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC door on ``host:port`` (0: any free port); ``(server, bound port)``.
-
-    ``SO_REUSEPORT`` is off: a second server on the same port fails here, loudly, instead
-    of silently sharing the port's connections with the first.
-    """
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    add_GRPCInferenceServiceServicer_to_server(GrpcServicer(KServeHandler(service)), server)
-    bracketed = f"[{host}]" if ":" in host else host
-    bound = server.add_insecure_port(f"{bracketed}:{port}")
-    await server.start()
-    return server, bound
