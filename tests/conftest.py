@@ -6,7 +6,7 @@
 * ``native``: the compiled CPU kernel module (a test using it fails if it did not build).
 
 Other tests that need their own options call ``start_server([...])`` from
-``tests/server_process.py`` and ``stop()`` the handle when done.
+``tests/support/server_process.py`` and ``stop()`` the handle when done.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 from websockets.asyncio.client import connect
 
-from app_server import Door, door, poll_until
+from app_server import Door, door
+from polling import poll_until
 from rillet.errors import GenerationError
 from rillet.server.kserve.grpc_server import start_grpc_server
 from rillet.server.service import Generation

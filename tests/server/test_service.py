@@ -9,6 +9,7 @@ import contextlib
 import pytest
 
 from fake_engine import FakeEngine
+from polling import poll_until
 from rillet.errors import (
     AuthenticationError,
     GenerationError,
@@ -215,8 +216,7 @@ async def test_drain_lets_requests_finish_then_ends_the_rest() -> None:
         service.admit("c")
     await engine.step()
     await engine.step()  # "quick" has its 3 tokens now; "slow" has 3 of 5
-    while "quick" not in results:
-        await asyncio.sleep(0.001)
+    await poll_until(lambda: "quick" in results)
     assert results["quick"] == "Hel" and service.in_flight == 1
     done.set()  # grace is over: the engine shuts down and "slow" ends in error
     await drain

@@ -10,8 +10,9 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from app_server import door, held_stream, poll_until
+from app_server import door, held_stream
 from fake_engine import FakeEngine
+from polling import poll_until
 from rillet.server.config import ServerConfig
 from rillet.server.dialects.ws import RESPONSE_FINISHED
 from rillet.server.service import GenerationService

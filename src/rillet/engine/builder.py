@@ -57,7 +57,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
     On this project's CPUs (AVX-512 BF16) bf16 matmuls run 2-5x faster than fp32 and read
     half the weight bytes. The cost: results are no longer independent of the batch shape
-    (see tests/test_engine_invariants.py); ``--dtype float32`` restores that.
+    (see tests/engine/test_engine_invariants.py); ``--dtype float32`` restores that.
     """
     if name == "auto":
         if device.type != "cpu":

@@ -21,7 +21,7 @@ Q8_0    8     q + 128                 d                            -128 d
 Q4_0/1, Q5_0/1 and Q8_0 map exactly (-8 d, -16 d and -128 d are exact in fp16). A K-quant
 super-block of 256 holds eight sub-blocks of 32, each with a 6-bit scale and min under the
 super-block's fp16 ``d`` and ``dmin``: exactly a group with a scale and an offset, whose only
-change is the fp16 rounding of the two products (``tests/test_gguf_codes.py`` bounds it;
+change is the fp16 rounding of the two products (``tests/models/test_gguf_codes.py`` bounds it;
 ``bench/quantization_check.py`` measures what it does to a model). Q5 codes go to the 8-bit
 mode, whose ``u`` is any byte. Formats without that shape (Q6_K: sub-blocks of 16 with int8
 scales; Q2_K, Q3_K, the IQ types) have no codes here: the loader quantizes their float

@@ -15,7 +15,8 @@ import pytest
 from huggingface_hub import AsyncInferenceClient
 from huggingface_hub.errors import OverloadedError as HubOverloadedError
 
-from app_server import door, held_stream, poll_until
+from app_server import door, held_stream
+from polling import poll_until
 from rillet.client import AsyncClient, AuthenticationError, OverloadedError, Response
 from rillet.client.errors import IncompleteGenerationError as ClientIncomplete
 from rillet.server.sampling_defaults import MODEL_SOURCE

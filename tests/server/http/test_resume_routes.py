@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app_server import Door, door, poll_until
+from app_server import Door, door
+from polling import poll_until
 from rillet.client.sse import ServerSentEvent, aiter_events, iter_events
 
 pytestmark = pytest.mark.timeout(30)

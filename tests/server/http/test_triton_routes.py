@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from app_server import door, poll_until
+from app_server import door
+from polling import poll_until
 
 pytestmark = pytest.mark.timeout(30)
 

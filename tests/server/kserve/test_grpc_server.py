@@ -16,7 +16,8 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
-from app_server import grpc_door, poll_until
+from app_server import grpc_door
+from polling import poll_until
 from rillet.client import AsyncStreamingClient, OverloadedError, StreamingClient
 from rillet.client import AuthenticationError as ClientAuthError
 from triton_inputs import vllm_inputs

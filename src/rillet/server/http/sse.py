@@ -245,7 +245,7 @@ async def run_to_the_end(cleanup: Awaitable[None]) -> None:
     A response's clean-up hands back the request's permit, and a second cancellation must
     not skip that. One happens on Ray Serve: the replica's app sees the client's
     ``http.disconnect`` and starts cleaning up, then Serve cancels the call as well. Found
-    as ``rillet_requests_in_flight`` stuck at 1 on a replica (tests/deploy/test_ray_serve.py).
+    as ``rillet_requests_in_flight`` stuck at 1 on a replica (tests/e2e/test_ray_serve.py).
     """
     task = asyncio.ensure_future(cleanup)
     _UNFINISHED.add(task)

@@ -12,11 +12,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
+from model_files import QTYPES, k_quant_bytes, tiny_state_dict, write_gguf
 from rillet import LLM
 from rillet.models import group_quantization, load_model_files
 from rillet.models.gguf_codes import CODE_BITS, GroupCodes, group_codes
 from rillet.models.linear import Linear
-from test_loader import QTYPES, _k_quant_bytes, tiny_state_dict, write_gguf
 
 ROWS, COLS = 32, 512  # two K-quant super-blocks a row; two 16-column blocks
 
@@ -25,7 +25,7 @@ def _raw(qtype: Q, rng: np.random.Generator) -> np.ndarray:
     """Blocks of ``qtype`` for a [ROWS, COLS] matrix: quantized by gguf where it can, random
     bytes with sane fp16 scales for the K-quants (which gguf cannot write)."""
     if qtype in (Q.Q4_K, Q.Q5_K):
-        return _k_quant_bytes(qtype, ROWS, rng)
+        return k_quant_bytes(qtype, ROWS, rng)
     return quantize(rng.normal(size=(ROWS, COLS)).astype(np.float32), qtype)
 
 
@@ -58,7 +58,7 @@ def test_codes_stand_for_the_files_numbers(qtype: Q) -> None:
 
 
 def test_types_without_codes_are_left_to_the_loader() -> None:
-    raw = _k_quant_bytes(Q.Q6_K, ROWS, np.random.default_rng(0))
+    raw = k_quant_bytes(Q.Q6_K, ROWS, np.random.default_rng(0))
     assert group_codes(raw, Q.Q6_K, (ROWS, COLS)) is None
     assert group_codes(np.zeros((ROWS, COLS), np.float32), Q.F32, (ROWS, COLS)) is None
 

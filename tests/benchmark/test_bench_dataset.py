@@ -12,7 +12,7 @@ from rillet.benchmark.dataset import Conversations, DatasetError, to_prompt
 from rillet.benchmark.workload import Prompt
 from rillet.models.loader import load_model_files
 
-SAMPLE = Path(__file__).resolve().parents[1] / "bench" / "data" / "sharegpt-sample.json"
+SAMPLE = Path(__file__).resolve().parents[2] / "bench" / "data" / "sharegpt-sample.json"
 
 
 def words(text: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from polling import poll_until_sync
 from server_process import ServerHandle, frozen_engine, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 #: Greedy, so each reply's length is the same on every run: long enough to stop mid-way.
 PAGE_QUERY = "?temperature=0&max_tokens=300"
 STORY = "Tell me a long story about a lighthouse keeper and a storm."
@@ -100,10 +100,7 @@ async def test_chat_streams_into_output_and_stop_cancels(page: Any, server: Serv
     await page.wait_for_function(
         "document.getElementById('stats').textContent.startsWith('stopped')", timeout=60_000
     )
-    deadline = time.monotonic() + 30
-    while metric(server, "rillet_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(server, "rillet_requests_running") == 0
+    poll_until_sync(lambda: metric(server, "rillet_requests_running") == 0)
     assert metric(server, "rillet_requests_in_flight") == 0
 
 

@@ -2,9 +2,10 @@
 
 They cannot share the main venv with huggingface_hub 2.x, so they live in ``.venv-tgi`` at
 the repo root (``python -m venv .venv-tgi && .venv-tgi/bin/pip install text-generation
-requests``; override with ``RILLET_TGI_PYTHON``) and run as ``tests/text_generation_checks.py``
-in a subprocess against this session's server. Their 429 check runs against rillet's app on a
-fake engine whose only slot this test holds, so nothing races the engine.
+requests``; override with ``RILLET_TGI_PYTHON``) and run as
+``tests/support/text_generation_checks.py`` in a subprocess against this session's server.
+Their 429 check runs against rillet's app on a fake engine whose only slot this test holds,
+so nothing races the engine.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from server_process import ServerHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-TESTS = Path(__file__).parent
-TGI_PYTHON = os.environ.get("RILLET_TGI_PYTHON", str(TESTS.parent / ".venv-tgi" / "bin" / "python"))
+ROOT = Path(__file__).resolve().parents[2]
+CHECKS = ROOT / "tests" / "support" / "text_generation_checks.py"
+TGI_PYTHON = os.environ.get("RILLET_TGI_PYTHON", str(ROOT / ".venv-tgi" / "bin" / "python"))
 
 
 async def test_text_generation_client_and_hub_0x(server: ServerHandle) -> None:
@@ -32,7 +34,12 @@ async def test_text_generation_client_and_hub_0x(server: ServerHandle) -> None:
         )
     async with door(max_concurrent_requests=1) as full, held_stream(full):
         checks = await asyncio.create_subprocess_exec(
-            *(TGI_PYTHON, str(TESTS / "text_generation_checks.py"), server.url, full.url),
+            *(
+                TGI_PYTHON,
+                str(CHECKS),
+                server.url,
+                full.url,
+            ),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
+from polling import poll_until_sync
 from rillet import LLM, SamplingParams
 from rillet.config import EngineConfig
 from rillet.engine.async_engine import AsyncEngine
@@ -130,7 +130,4 @@ def test_the_engine_process_exits_when_its_parent_is_killed(tiny_model_dir: Path
     assert is_running(child)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 15
-    while is_running(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not is_running(child)
+    poll_until_sync(lambda: not is_running(child), what="the orphaned engine process exits")

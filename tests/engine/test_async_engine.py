@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from fake_engine import char_tokenizer
+from polling import poll_until
 from rillet.engine import async_engine
 from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.core_loop import EngineStats, Reporter
@@ -79,11 +80,6 @@ async def answer(engine: AsyncEngine, prompt: str = "Hi") -> list[int]:
     return [t.id for out in [o async for o in engine.generate(request)] for t in out.tokens]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(async_engine, "RESTART_BACKOFF_S", 0.0)
@@ -93,7 +89,7 @@ async def test_a_dead_core_ends_open_streams_then_comes_back() -> None:
     first, respawn = ScriptedBackend(silent=True), HeldRespawn()
     engine = engine_over(first, respawn)
     open_stream = asyncio.ensure_future(answer(engine))
-    await until(lambda: len(first.added) == 1)
+    await poll_until(lambda: len(first.added) == 1)
 
     first.die()
     with pytest.raises(EngineDeadError, match="exit code -9"):
@@ -103,7 +99,7 @@ async def test_a_dead_core_ends_open_streams_then_comes_back() -> None:
         await answer(engine)
 
     respawn.release.release()
-    await until(lambda: engine.is_healthy)
+    await poll_until(lambda: engine.is_healthy)
     assert engine.restarts == 1
     assert await answer(engine) == [5]
     assert respawn.backends[0].added and not engine._collectors
@@ -116,7 +112,7 @@ async def test_past_the_last_restart_it_stays_dead(monkeypatch: pytest.MonkeyPat
     assert await answer(engine) == [5]
     first.die()
     respawn.release.release()
-    await until(lambda: engine.is_healthy)
+    await poll_until(lambda: engine.is_healthy)
     assert await answer(engine) == [5]  # the new core starts with its first request
     respawn.backends[0].die()  # the second death: no restart left
     assert not engine.is_healthy

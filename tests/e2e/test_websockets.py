@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from typing import Any
 
 import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from polling import poll_until_sync
 from server_process import ServerHandle, frozen_engine, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -21,12 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 def ws_url(server: ServerHandle, path: str) -> str:
     return server.url.replace("http://", "ws://") + path
-
-
-def until(predicate: Any) -> None:
-    """Poll ``predicate`` until it holds (the test's timeout bounds the wait)."""
-    while not predicate():
-        time.sleep(0.02)
 
 
 def tutorial_turn(websocket: ClientConnection, prompt: str) -> str:
@@ -116,7 +110,7 @@ def test_a_cancel_ends_one_generation_and_frees_it(server: ServerHandle) -> None
     finals = {f["id"]: f for f in frames if f["type"] in ("done", "error")}
     assert finals["endless"]["finish_reason"] == "cancelled"
     assert finals["next"]["finish_reason"] == "length"
-    until(lambda: metric(server, "rillet_requests_running") == 0)
+    poll_until_sync(lambda: metric(server, "rillet_requests_running") == 0)
     assert metric(server, "rillet_requests_in_flight") == 0
 
 
@@ -133,6 +127,6 @@ def test_closing_the_socket_aborts_its_generations(server: ServerHandle) -> None
                 seen.add(json.loads(sock.recv())["id"])
             thaw.enter_context(frozen_engine(server))
             assert metric(server, "rillet_requests_running") == 2
-        until(lambda: metric(server, "rillet_requests_in_flight") == 0)
-    until(lambda: metric(server, "rillet_requests_running") == 0)
+        poll_until_sync(lambda: metric(server, "rillet_requests_in_flight") == 0)
+    poll_until_sync(lambda: metric(server, "rillet_requests_running") == 0)
     assert metric(server, cancelled) == before + 2

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,16 +38,6 @@ async def serving(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
-
-
-async def poll_until(condition: Callable[[], Any], timeout_s: float = 10.0) -> None:
-    """Wait for ``condition()`` (the server closes a request just after its last byte);
-    fail after ``timeout_s``: a deadline against a hang, never a timing assertion."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout_s} s: {condition}")
-        await asyncio.sleep(0.002)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from polling import poll_until_sync
 from rillet.client import Client
 from server_process import ServerHandle, frozen_engine
 
@@ -126,10 +127,7 @@ def _running(url: str) -> float:
 
 
 def _wait_running(url: str, value: float) -> None:
-    deadline = time.monotonic() + 30
-    while _running(url) != value:
-        assert time.monotonic() < deadline, f"rillet_requests_running stuck at {_running(url)}"
-        time.sleep(0.05)
+    poll_until_sync(lambda: _running(url) == value, what=f"rillet_requests_running == {value}")
 
 
 def _turn(terminal: Terminal, line: str) -> tuple[str, int, int]:

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from app_server import door, poll_until
+from app_server import door
+from polling import poll_until
 from rillet.client import (
     APIConnectionError,
     AsyncClient,

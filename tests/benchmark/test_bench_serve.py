@@ -21,7 +21,7 @@ from rillet.benchmark.stream import RequestRecord
 from rillet.cli import build_parser
 from server_process import ServerHandle
 
-SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+SERVE_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
 
 
 @pytest.mark.slow
