@@ -233,3 +233,14 @@ def test_the_key_is_checked_in_one_place() -> None:
             service.check_key(wrong)
     open_service, _ = make_service()
     open_service.check_key(None)
+
+
+async def test_outputs_read_outside_a_run_are_refused() -> None:
+    """A door that forgot ``run`` would never return the permit: it fails at once instead."""
+    service, engine = make_service()
+    generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
+    with pytest.raises(RuntimeError, match="inside Generation.run"):
+        await generation.collect()
+    assert engine.requests == []
+    await generation.run(generation.collect())
+    assert service.in_flight == 0

@@ -316,6 +316,8 @@ class Generation:
         consumer did not ask for (the engine's own) is an IncompleteGenerationError.
         """
         assert self.request is not None, "start() builds the request"
+        if self._task is None:  # its permit would never come back
+            raise RuntimeError("a generation's outputs are read inside Generation.run")
         try:
             # Closed at once, not when the garbage collector gets to it: closing the
             # engine's generator is what aborts the request in the engine.
