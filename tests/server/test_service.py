@@ -239,7 +239,7 @@ async def test_outputs_read_outside_a_run_are_refused() -> None:
     """A door that forgot ``run`` would never return the permit: it fails at once instead."""
     service, engine = make_service()
     generation, _ = service.start("generate", lambda: plan_of("Hi", 5))
-    with pytest.raises(RuntimeError, match="inside Generation.run"):
+    with pytest.raises(RuntimeError, match=r"inside Generation\.run"):
         await generation.collect()
     assert engine.requests == []
     await generation.run(generation.collect())
