@@ -120,6 +120,18 @@ async def test_streamed_shows_text_before_buffered(page: Any, server: ServerHand
     assert streamed == buffered and len(streamed) > 50  # greedy: the same answer both ways
 
 
+async def test_a_sampled_comparison_shows_the_same_text_on_both_sides(page: Any) -> None:
+    """The demo sends one seed to both sides, so sampling draws the same tokens for each."""
+    await page.click("details.settings summary")  # the settings are folded away
+    await page.fill("#temperature", "1.0")
+    await page.fill("#max-tokens", "48")
+    await page.fill("#prompt", STORY)
+    await page.click("#compare")
+    await page.wait_for_function("!document.getElementById('compare').disabled", timeout=120_000)
+    streamed, buffered = await text_of(page, "#streamed"), await text_of(page, "#buffered")
+    assert streamed == buffered and len(streamed) > 20
+
+
 async def test_a_phone_width_screen_shows_every_control(page: Any) -> None:
     await page.set_viewport_size({"width": 390, "height": 844})
     for element in ("#prompt", "#send", "#stop", "#compare"):

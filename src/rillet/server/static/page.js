@@ -158,7 +158,10 @@ $("clear").addEventListener("click", () => {
 async function compare() {
   const text = $("prompt").value.trim() || "Write a short poem about a river.";
   const messages = [{ role: "user", content: text }];
-  const fields = { messages, ...sampling() };
+  // One seed for both sides: sampled or not, they draw the same tokens, so the two texts
+  // are the same and only their timing differs (as the caption says).
+  const seed = Math.floor(Math.random() * 2 ** 31);
+  const fields = { messages, seed, ...sampling() };
   $("streamed").textContent = "";
   $("buffered").textContent = "";
   $("streamed-time").textContent = "";
