@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from rillet import LLM, SamplingParams
+from rillet.config import EngineConfig
 from rillet.constraint import Constraint, ConstraintKind
+from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.grammar import (
     GrammarCache,
     RequestGrammar,
@@ -270,3 +272,29 @@ def test_an_impossible_grammar_ends_with_one_error_and_the_engine_serves_on(tiny
 def test_max_tokens_cuts_a_constrained_generation(tiny: LLM) -> None:
     out = tiny.generate(["Hi"], _constrained(Constraint.json_schema(SCHEMA), n=3))[0]
     assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 3
+
+
+@pytest.mark.timeout(180)
+async def test_constraints_and_their_errors_cross_to_an_engine_process(
+    tiny_model_dir: Path,
+) -> None:
+    """The spec pickles to the engine's own process, the grammar is compiled there, and an
+    impossible grammar's error comes back in-band, once."""
+    engine = AsyncEngine.from_config(
+        EngineConfig(model=str(tiny_model_dir), dtype="float32", num_kv_blocks=128),
+        own_process=True,
+    )
+    try:
+        request = engine.make_request("Hi", _constrained(Constraint.regex(REGEX)))
+        text = "".join([out.text async for out in engine.generate(request)])
+        assert re.fullmatch(REGEX, text)
+        bad = engine.make_request("Hi", _constrained(Constraint.grammar(IMPOSSIBLE)))
+        outputs = []
+        with pytest.raises(GenerationError, match="allows no next token"):
+            async for out in engine.generate(bad):
+                outputs.append(out)
+        assert outputs == []
+        with pytest.raises(ValidationError, match="invalid regex"):
+            engine.make_request("Hi", _constrained(Constraint.regex("(abc")))
+    finally:
+        await engine.shutdown()
