@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rillet.constraint import Constraint
 from rillet.errors import ValidationError
 
 #: The most alternatives a request may ask for per token (TGI's ``--max-top-n-tokens`` is 5,
@@ -25,6 +26,8 @@ class SamplingParams:
     and ``min_p == 0`` switch those filters off. ``max_new_tokens=None`` means "until the
     context is full". Stop strings are matched on the detokenized text at the edge;
     ``include_stop_str_in_output`` picks TGI's behaviour (True) or OpenAI's (False).
+    ``constraint`` restricts every generated token to those its grammar allows next (the
+    engine masks the rest; see ``rillet.engine.grammar``).
     """
 
     max_new_tokens: int | None = 16
@@ -46,6 +49,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     skip_special_tokens: bool = True
+    constraint: Constraint | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -79,6 +83,9 @@ class SamplingParams:
             raise ValidationError("`stop` sequences must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValidationError("`stop_token_ids` must be non-negative integers")
+        if self.constraint is not None and self.ignore_eos:
+            # A finished grammar allows only EOS: ignoring it would leave nothing to sample.
+            raise ValidationError("`ignore_eos` cannot be combined with a grammar constraint")
         return self
 
 

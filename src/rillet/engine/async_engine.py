@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from rillet.engine import grammar
 from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
 from rillet.engine.inputs import build_request
@@ -99,6 +100,8 @@ class AsyncEngine:
         self._respawn = respawn
         #: Cores brought back so far (``rillet_engine_restarts``).
         self.restarts = 0
+        # make_request checks constraints on the caller's loop: have the library ready.
+        grammar.preload()
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, own_process: bool = False) -> AsyncEngine:

@@ -199,6 +199,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         native=native,
         small_batch_tokens=config.small_batch_tokens,
         fail_at_batch_size=config.fail_forward_at_batch_size,
+        tokenizer=files.tokenizer,
     )
     log.info(
         "loaded %s: %d layers, %s on %s (%d linear layers packed; 4/8-bit weights in "

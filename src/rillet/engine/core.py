@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.request import Request
 from rillet.engine.scheduler import ScheduledRequest, Scheduler
-from rillet.errors import ValidationError
+from rillet.errors import RilletError, ValidationError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
 
 
@@ -36,6 +36,9 @@ class EngineCore:
         self.counters = EngineCounters()
         #: The requests of the step being run (empty between steps).
         self.executing: list[str] = []
+        #: Requests a step ended with an error of their own (already freed); the loop
+        #: takes them with :meth:`take_failed` and reports them.
+        self._failed: list[tuple[str, RilletError]] = []
 
     def add_request(self, request: EngineRequest) -> None:
         num_prompt = len(request.prompt_token_ids)
@@ -46,7 +49,13 @@ class EngineCore:
             )
         wanted = request.params.max_new_tokens
         cap = room if wanted is None else min(wanted, room)
-        self.scheduler.add_request(Request.from_engine_request(request, cap))
+        core_request = Request.from_engine_request(request, cap)
+        self.scheduler.add_request(core_request)
+        try:
+            self.runner.add_request(core_request)
+        except RilletError:
+            self.scheduler.finish_request(request.request_id, FinishReason.ABORT)
+            raise
 
     def abort_request(self, request_id: str) -> None:
         """Free everything the request holds, now. Unknown or finished ids are ignored."""
@@ -71,9 +80,19 @@ class EngineCore:
         self.executing = [s.request.request_id for s in scheduled.scheduled]
         result = self.runner.execute(scheduled)
         self.executing = []
+        for request_id, error in result.failed.items():
+            # Ended here, so update_from_output skips it (it is no longer running).
+            self.scheduler.finish_request(request_id, FinishReason.ABORT)
+            self.runner.release(request_id)
+            self._failed.append((request_id, error))
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
         self._count(scheduled.scheduled, result)
         return [self._delta(request, result) for request in updated]
+
+    def take_failed(self) -> list[tuple[str, RilletError]]:
+        """The requests steps have ended with an error since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _count(self, scheduled: list[ScheduledRequest], result: StepResult) -> None:
         c = self.counters

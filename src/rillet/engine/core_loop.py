@@ -126,6 +126,9 @@ class CoreLoop:
     def _step(self) -> None:
         try:
             stop_hits = self._reporter.step(self.core.step())
+            ended = self.core.take_failed()
+            if ended:  # e.g. a grammar that allows no next token: one error each
+                self._reporter.errors(ended)
         except Exception as exc:
             # A failed forward poisons only the requests it ran: fail them, free their blocks
             # (their KV is never entered in the prefix cache: that happens after a forward

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from rillet.engine.grammar import check_constraint
 from rillet.errors import ValidationError
 from rillet.protocol import EngineRequest
 from rillet.sampling import SamplingParams
@@ -30,6 +31,8 @@ def build_request(
 ) -> EngineRequest:
     """Tokenize and validate; raises ValidationError with a message for the client."""
     params.validate()
+    if params.constraint is not None:
+        check_constraint(params.constraint)  # a bad schema or regex is a 422, not a stream error
     if isinstance(prompt, str):
         if not prompt:
             raise ValidationError("`inputs` cannot be empty")

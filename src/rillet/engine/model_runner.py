@@ -14,9 +14,11 @@ from types import ModuleType
 
 import torch
 
+from rillet.engine.grammar import Grammars
 from rillet.engine.request import Request
 from rillet.engine.sampler import Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.errors import RilletError
 from rillet.models.attention import (
     AttentionMetadata,
     KVCache,
@@ -26,6 +28,7 @@ from rillet.models.attention import (
 )
 from rillet.models.causal_lm import CausalLM
 from rillet.protocol import TopLogprob
+from rillet.tokenizer import Tokenizer
 
 
 @dataclass
@@ -36,6 +39,8 @@ class StepResult:
     logprobs: dict[str, float] = field(default_factory=dict)
     top_logprobs: dict[str, list[TopLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
+    #: Requests that sampled nothing and cannot go on (their grammar allows no token).
+    failed: dict[str, RilletError] = field(default_factory=dict)
 
 
 class InjectedFault(RuntimeError):
@@ -57,7 +62,10 @@ class ModelRunner:
         native: ModuleType | None = None,
         small_batch_tokens: int = 0,
         fail_at_batch_size: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
+        """``tokenizer`` enables grammar constraints (their masks are built from its
+        vocabulary); without one, a constrained request is refused."""
         cfg = model.config
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.model = model
@@ -83,11 +91,18 @@ class ModelRunner:
         # Prompt logits are kept per request until its prompt is fully computed, so
         # prompt logprobs work across chunked prefill.
         self._prompt_logprob_parts: dict[str, list[float | None]] = {}
+        self.grammars = Grammars(tokenizer, cfg.vocab_size)
+
+    def add_request(self, request: Request) -> None:
+        """Per-request state that is worth starting early: a constraint's compile."""
+        if request.params.constraint is not None:
+            self.grammars.add(request.request_id, request.params.constraint)
 
     def release(self, request_id: str) -> None:
-        """Forget per-request state (generator, partial prompt logprobs)."""
+        """Forget per-request state (generator, partial prompt logprobs, grammar)."""
         self._generators.pop(request_id, None)
         self._prompt_logprob_parts.pop(request_id, None)
+        self.grammars.release(request_id)
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
@@ -109,10 +124,14 @@ class ModelRunner:
             return result
         rows_index = torch.tensor([row_ends[i] - 1 for i in samplers], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows_index))
-        rows = [self._sampling_row(scheduled[i].request) for i in samplers]
-        out = self.sampler(logits, rows)
-        for j, i in enumerate(samplers):
-            rid = scheduled[i].request.request_id
+        requests = [scheduled[i].request for i in samplers]
+        rows = [self._sampling_row(r) for r in requests]
+        allowed, result.failed = self.grammars.bitmask(requests)
+        out = self.sampler(logits, rows, allowed)
+        for j, request in enumerate(requests):
+            rid = request.request_id
+            if rid in result.failed:
+                continue  # its row was sampled unmasked: the token is discarded
             result.sampled[rid] = out.token_ids[j]
             if out.logprobs is not None:
                 result.logprobs[rid] = out.logprobs[j]

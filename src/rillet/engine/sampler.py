@@ -8,6 +8,9 @@ some row needs it, so the common all-greedy / all-default step is an argmax.
 Reported logprobs are those of the model's *raw* distribution (log-softmax of the logits
 before penalties, temperature and filters), as vLLM's default ``raw_logprobs`` and close to
 what TGI reports: they say what the model believed, independent of how we then chose.
+The one exception is a grammar: a constrained row's tokens are masked first (disallowed
+ones are -inf), and its logprobs are those of the *constrained* distribution, renormalized
+over the tokens the grammar allowed; it is the only distribution the output came from.
 
 Seeded rows are batch invariant: every sampled row draws its own V uniforms per step from
 its own generator (``argmax(p / q)`` with ``q = -log U ~ Exp(1)`` samples from ``p``), so a
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rillet.engine.grammar import TokenBitmask, apply_token_bitmask
 from rillet.protocol import TopLogprob
 from rillet.sampling import SamplingParams
 
@@ -233,8 +237,18 @@ class Sampler:
             return None
         return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """Pick one token per row of ``logits`` [B, V] (any float dtype)."""
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None
+    ) -> SamplerOutput:
+        """Pick one token per row of ``logits`` [B, V] (any float dtype).
+
+        ``allowed`` restricts its rows to the tokens it allows, before anything else (so
+        penalties, filters and logprobs all see the constrained distribution). Masking
+        writes into ``logits`` when they are float32 (the runner's are a fresh tensor).
+        """
+        if allowed is not None and allowed.rows:
+            logits = logits.float()
+            apply_token_bitmask(logits, allowed)
         params = [r.params for r in rows]
         want_lp = any(p.logprobs or p.top_logprobs > 0 for p in params)
         out = SamplerOutput(token_ids=[])
@@ -295,7 +309,8 @@ class Sampler:
         for j, i in enumerate(asking):
             n = params[i].top_logprobs
             pairs = zip(ids[j, :n].tolist(), values[j, :n].tolist(), strict=True)
-            result[i] = [TopLogprob(token_id=t, logprob=lp) for t, lp in pairs]
+            # A grammar may allow fewer than n tokens: the rest are impossible, not listed.
+            result[i] = [TopLogprob(token_id=t, logprob=lp) for t, lp in pairs if lp != _NEG_INF]
         return result
 
     def prompt_logprobs_for(self, logits: torch.Tensor, target_ids: Sequence[int]) -> list[float]:

@@ -35,6 +35,9 @@ class ServerConfig:
     max_stop_sequences: int = 4
     max_stop_length: int = 512
     max_messages: int = 1024
+    #: Characters of a constraint's source (a JSON schema's text, a regex, a grammar): its
+    #: compile time and memory grow with it, and it is compiled in the engine's process.
+    max_grammar_length: int = 65_536
     max_top_n_tokens: int = 5
     #: A ``:`` comment goes out after this long without an event, so proxies with idle
     #: timeouts (commonly 30-60 s) keep the stream open while a request waits or prefills.
@@ -77,6 +80,7 @@ class ServerConfig:
             "max_stop_sequences",
             "max_stop_length",
             "max_messages",
+            "max_grammar_length",
             "max_resume_bytes",
             "max_resume_stream_bytes",
         ):

@@ -144,6 +144,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
             ("max_stop_sequences", "stop sequences per request, as TGI and OpenAI"),
             ("max_stop_length", "characters per stop sequence"),
             ("max_messages", "chat messages per request"),
+            ("max_grammar_length", "characters of a JSON schema, regex or grammar constraint"),
             ("max_resume_bytes", "events kept for resumable streams, all together"),
             ("max_resume_stream_bytes", "events kept for one resumable stream"),
         )

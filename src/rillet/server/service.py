@@ -199,8 +199,9 @@ class GenerationService:
 
     def _check_shape(self, spec: GenerationSpec) -> None:
         """What a request may carry besides tokens, the same on every door: stop sequences
-        (TGI's limit of 4, which OpenAI's API also has) and messages. The stop-string check
-        runs on every detokenized piece, so the longest one bounds its work."""
+        (TGI's limit of 4, which OpenAI's API also has), a constraint's size and messages.
+        The stop-string check runs on every detokenized piece, so the longest one bounds its
+        work."""
         config, stop = self.config, spec.params.stop
         if len(stop) > config.max_stop_sequences:
             raise ValidationError(
@@ -212,6 +213,12 @@ class GenerationService:
             raise ValidationError(
                 f"a stop sequence may have at most {config.max_stop_length} characters. "
                 f"Given: {longest}"
+            )
+        constraint = spec.params.constraint
+        if constraint is not None and constraint.size > config.max_grammar_length:
+            raise ValidationError(
+                f"a {constraint.kind.value} constraint may have at most "
+                f"{config.max_grammar_length} characters. Given: {constraint.size}"
             )
         chat = spec.prompt
         if isinstance(chat, ChatPrompt) and len(chat.messages) > config.max_messages:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fake_engine import char_tokenizer
+from rillet.constraint import Constraint
 from rillet.errors import OverloadedError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
 from rillet.server.dialects import openai
@@ -43,6 +44,23 @@ def test_bodies_are_lenient() -> None:
     assert planned.include_usage and planned.spec.params.ignore_eos
 
 
+def test_response_format_constrains_chat_and_completions() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    wanted = {"name": "thing", "schema": schema, "strict": True}
+    for plan in (
+        chat(response_format={"type": "json_schema", "json_schema": wanted}),
+        completion(response_format={"type": "json_schema", "json_schema": wanted}),
+    ):
+        assert plan.spec.params.constraint == Constraint.json_schema(schema)
+    assert chat(response_format={"type": "json_object"}).spec.params.constraint == (
+        Constraint.json_object()
+    )
+    no_schema = {"type": "json_schema", "json_schema": {"name": "x"}}
+    assert chat(response_format=no_schema).spec.params.constraint == Constraint.json_object()
+    assert chat(response_format={"type": "text"}).spec.params.constraint is None
+    assert chat().spec.params.constraint is None
+
+
 def test_defaults_and_vllm_extras() -> None:
     params = chat().spec.params
     assert params.temperature == 1.0 and params.max_new_tokens is None
@@ -62,7 +80,9 @@ def test_defaults_and_vllm_extras() -> None:
         ({"n": 2}, "`n`"),
         ({"logit_bias": {"1": 2}}, "`logit_bias`"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{"}}}, "JSON"),
         ({"top_logprobs": 2}, "`logprobs` must be true"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
     ],

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from fake_engine import char_tokenizer
+from rillet.constraint import Constraint
 from rillet.errors import GenerationError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, GeneratedTopToken, RequestOutput
 from rillet.server.config import ServerConfig
@@ -74,13 +75,32 @@ def test_a_given_seed_is_kept_and_tgi_keeps_stop_strings_in_the_text() -> None:
         ({"top_n_tokens": 6}, False, "`top_n_tokens` must be >= 0 and <= 5"),
         ({"best_of": 2}, False, "`best_of`"),
         ({"temperature": -1}, False, "`temperature`"),
-        ({"grammar": {"type": "json"}}, False, "grammar"),
+        ({"grammar": {"type": "json"}}, False, "grammar.value"),
+        ({"grammar": {"type": "ebnf", "value": "x"}}, False, "grammar.type"),
+        ({"grammar": {"type": "regex", "value": 5}}, False, "string"),
+        ({"grammar": {"type": "json", "value": "{bad"}}, False, "JSON"),
+        ({"grammar": {"type": "json_schema", "value": {"name": "x"}}}, False, "schema"),
         ({"decoder_input_details": True}, True, "streaming"),
     ],
 )
 def test_what_tgi_refuses(parameters: dict[str, object], stream: bool, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         plan(parameters, stream=stream)
+
+
+def test_grammar_becomes_a_constraint() -> None:
+    schema = {"properties": {"location": {"type": "string"}}}
+    as_json = Constraint.json_schema(schema)
+    for grammar in (
+        {"type": "json", "value": schema},
+        {"type": "json", "value": '{"properties": {"location": {"type": "string"}}}'},
+        {"type": "json_object", "value": schema},
+        {"type": "json_schema", "value": {"name": "loc", "schema": schema}},
+    ):
+        assert plan({"grammar": grammar}).spec.params.constraint == as_json
+    regex = plan({"grammar": {"type": "regex", "value": "\\d{3}-\\d{4}"}}).spec.params
+    assert regex.constraint == Constraint.regex("\\d{3}-\\d{4}")
+    assert plan({}).spec.params.constraint is None
 
 
 def test_errors_carry_tgis_prefixes() -> None:

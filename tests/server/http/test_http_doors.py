@@ -264,3 +264,33 @@ async def test_unset_sampling_fields_get_the_flag_then_the_models_default() -> N
             await hub.text_generation("Hi", max_new_tokens=2, do_sample=True, top_p=0.5)
         seen = [(r.params.temperature, r.params.top_p) for r in d.engine.requests]
         assert seen == [(0.6, 0.8), (1.3, 0.8), (0.0, 1.0), (0.6, 0.5)]
+
+
+async def test_bad_or_oversized_grammars_are_4xx_in_each_doors_shape() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20)}}
+    bad_tgi = [
+        ({"type": "regex", "value": "(abc"}, "invalid regex: Regex parsing error"),
+        ({"type": "json", "value": {"type": "strin"}}, 'Unsupported type "strin"'),
+        ({"type": "json", "value": big}, "at most 100 characters. Given: 5"),
+    ]
+    async with door(max_grammar_length=100) as d:
+        for grammar, message in bad_tgi:
+            for path in ("/generate", "/generate_stream"):
+                body = {"inputs": "Hi", "parameters": {"grammar": grammar}}
+                response = await d.http.post(path, json=body)
+                assert response.status_code == 422, response.text
+                error = response.json()
+                assert error["error_type"] == "validation"
+                assert error["error"].startswith("Input validation error: ")
+                assert message in error["error"]
+        for path, body in (
+            ("/v1/chat/completions", dict(CHAT)),
+            ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stream": True}),
+        ):
+            body["response_format"] = {"type": "json_schema", "json_schema": {"schema": big}}
+            response = await d.http.post(path, json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert "at most 100 characters" in error["message"]
+            assert error["type"] == "validation"
+        assert d.service.in_flight == 0 and not d.engine.requests

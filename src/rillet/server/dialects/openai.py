@@ -6,7 +6,8 @@ vLLM's extras that benchmark tools send are honoured (``ignore_eos``, ``min_toke
 ``top_k`` with -1 = off, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``). What we cannot do is refused with a
 400 rather than silently ignored: ``n``/``best_of`` > 1, several prompts, ``suffix``, a
-non-empty ``logit_bias``, tools, structured output, non-text content parts.
+non-empty ``logit_bias``, tools, non-text content parts. ``response_format`` (json_object,
+json_schema) constrains the output on chat and completions alike (``structured.py``).
 
 The response side (chunks, answers, errors) is in ``openai_render.py``.
 """
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
 from rillet.server.dialects.fields import Lenient, Stop, stop_list
+from rillet.server.dialects.structured import response_format_constraint
 from rillet.server.limits import FieldNames
 from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -85,6 +87,7 @@ class OpenAICommon(SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(OpenAICommon):
@@ -94,7 +97,6 @@ class ChatCompletionRequest(OpenAICommon):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
 
 
@@ -121,8 +123,6 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
     """Validate a chat request and map it (the service renders the chat template)."""
     if body.tools and body.tool_choice != "none":
         raise ValidationError("tools are not supported by this server")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ValidationError("`response_format` other than text is not supported")
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`logprobs` must be true when `top_logprobs` is used")
     add_generation_prompt = (
@@ -131,6 +131,7 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
     chat = ChatPrompt([message_dict(m) for m in body.messages], add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
+    params.constraint = response_format_constraint(body.response_format)
     return OpenAIPlan(
         GenerationSpec(chat, params, names=CHAT_FIELDS, unset=unset_fields(body)),
         chat=True,
@@ -148,6 +149,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan
         raise ValidationError("`logprobs` must be a non-negative integer")
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = sampling_params(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
+    params.constraint = response_format_constraint(body.response_format)
     echo = ""
     if body.echo:
         echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)

@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rillet.constraint import Constraint
 from rillet.errors import RilletError, ValidationError
 from rillet.protocol import GeneratedToken, GeneratedTopToken, PromptToken, RequestOutput
 from rillet.sampling import SamplingParams
@@ -87,8 +88,6 @@ def plan(
     p = body.parameters if body.parameters is not None else GenerateParameters(do_sample=True)
     if p.best_of is not None and p.best_of > 1:
         raise ValidationError("`best_of` > 1 is not supported by this server")
-    if p.grammar is not None:
-        raise ValidationError("grammar is not supported by this server")
     if p.decoder_input_details and stream:
         raise ValidationError(
             "`decoder_input_details` == true is not supported when streaming tokens"
@@ -124,6 +123,7 @@ def plan(
         logprobs=True,
         top_logprobs=top_n,
         prompt_logprobs=bool(p.decoder_input_details),
+        constraint=None if p.grammar is None else grammar_constraint(p.grammar),
     )
     full_text = p.return_full_text if p.return_full_text is not None else full_text_default
     # TGI is greedy unless the request samples; a sampling request's unset fields are the
@@ -136,6 +136,31 @@ def plan(
         top_n_tokens=top_n,
         prefix=body.inputs if full_text else "",
         seed=seed,
+    )
+
+
+def grammar_constraint(grammar: dict[str, Any]) -> Constraint:
+    """TGI's ``GrammarType`` (``router/src/lib.rs``: serde tag ``type``, content ``value``).
+
+    ``json`` (alias ``json_object``) takes a schema as an object or as JSON text;
+    ``json_schema`` takes ``{"name", "schema"}``; ``regex`` a pattern. TGI also insists on a
+    top-level ``properties``; any schema is accepted here.
+    """
+    kind, value = grammar.get("type"), grammar.get("value")
+    if value is None or value == "":
+        raise ValidationError("`grammar.value` is required")
+    if kind in ("json", "json_object"):
+        return Constraint.json_schema(value)
+    if kind == "json_schema":
+        if not isinstance(value, dict) or "schema" not in value:
+            raise ValidationError('`grammar.value` must be {"name": ..., "schema": {...}}')
+        return Constraint.json_schema(value["schema"])
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ValidationError("a regex grammar's `value` must be a string")
+        return Constraint.regex(value)
+    raise ValidationError(
+        f"`grammar.type` must be one of json, json_object, json_schema, regex. Given: {kind!r}"
     )
 
 

@@ -1,0 +1,90 @@
+"""What a request's output must match: a door-neutral, picklable constraint spec.
+
+Every door maps its own wire field (OpenAI ``response_format``, vLLM ``structured_outputs``,
+TGI ``parameters.grammar``) onto one :class:`Constraint` in
+:attr:`rillet.sampling.SamplingParams.constraint`. The spec is plain text, so it crosses
+to an engine process unchanged and is its own cache key: the engine compiles each distinct
+constraint once (``rillet.engine.grammar``). Nothing here imports a grammar library.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rillet.errors import ValidationError
+
+
+class ConstraintKind(enum.StrEnum):
+    """The languages a constraint can be written in."""
+
+    JSON_SCHEMA = "json_schema"
+    #: Any JSON object (OpenAI's ``json_object``); ``value`` is empty.
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    #: A context-free grammar in EBNF (GBNF-style, as vLLM's ``grammar`` takes it).
+    GRAMMAR = "grammar"
+    #: Exactly one of a list of strings; ``value`` is the list as JSON text.
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """One constraint: a kind and its source text. Build with the class methods.
+
+    Frozen and hashable: two requests with the same schema text share one compiled grammar.
+    A schema's property order is kept (it is the order the model must write them in).
+    """
+
+    kind: ConstraintKind
+    value: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | str) -> Constraint:
+        """A JSON Schema, given as an object or as JSON text. Raises ValidationError."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ValidationError(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, Mapping):
+            raise ValidationError("a JSON schema must be a JSON object")
+        return cls(ConstraintKind.JSON_SCHEMA, json.dumps(schema, separators=(",", ":")))
+
+    @classmethod
+    def json_object(cls) -> Constraint:
+        return cls(ConstraintKind.JSON_OBJECT)
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValidationError("a regex constraint must be a non-empty string")
+        return cls(ConstraintKind.REGEX, pattern)
+
+    @classmethod
+    def grammar(cls, ebnf: str) -> Constraint:
+        if not isinstance(ebnf, str) or not ebnf.strip():
+            raise ValidationError("a grammar constraint must be a non-empty string")
+        return cls(ConstraintKind.GRAMMAR, ebnf)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> Constraint:
+        if (
+            isinstance(options, str)
+            or not options
+            or not all(isinstance(o, str) and o for o in options)
+        ):
+            raise ValidationError("a choice constraint must be a list of non-empty strings")
+        return cls(ConstraintKind.CHOICE, json.dumps(list(options)))
+
+    @property
+    def size(self) -> int:
+        """The source's length in characters: what a server's size limit bounds."""
+        return len(self.value)
+
+    def describe(self) -> str:
+        """A short label for logs and errors (never the whole source)."""
+        return f"{self.kind.value} ({self.size} characters)"
