@@ -113,6 +113,8 @@ class OpenAIPlan:
     chat: bool
     stream: bool
     include_usage: bool
+    #: ``stream_options.continuous_usage_stats`` (vLLM): cumulative ``usage`` on every chunk.
+    continuous_usage: bool
     #: Chat: per-token logprobs wanted. Completions: ``logprobs`` is not None.
     logprobs: bool
     #: Completions ``echo``: the prompt text that starts the answer.
@@ -137,6 +139,7 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
         chat=True,
         stream=bool(body.stream),
         include_usage=_include_usage(body),
+        continuous_usage=_continuous_usage(body),
         logprobs=bool(body.logprobs),
     )
 
@@ -158,6 +161,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan
         chat=False,
         stream=bool(body.stream),
         include_usage=_include_usage(body),
+        continuous_usage=_continuous_usage(body),
         logprobs=body.logprobs is not None,
         echo=echo,
     )
@@ -189,6 +193,12 @@ def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str
 
 def _include_usage(body: OpenAICommon) -> bool:
     return body.stream_options is not None and bool(body.stream_options.include_usage)
+
+
+def _continuous_usage(body: OpenAICommon) -> bool:
+    """vLLM's rule: continuous usage needs ``include_usage`` as well (its default)."""
+    options = body.stream_options
+    return _include_usage(body) and options is not None and bool(options.continuous_usage_stats)
 
 
 def unset_fields(body: SamplingFields) -> frozenset[str]:

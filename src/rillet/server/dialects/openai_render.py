@@ -3,7 +3,10 @@
 ``serving_chat.py`` / ``serving_completion.py`` shapes: a stable ``chatcmpl-``/``cmpl-`` id,
 a first chat chunk ``{"role":"assistant","content":""}`` sent with the first engine output,
 content-only deltas, ``finish_reason`` on the last one, and a ``choices: []`` usage chunk
-only when ``stream_options.include_usage``. The transport adds ``data: [DONE]``.
+only when ``stream_options.include_usage``. With ``continuous_usage_stats`` every chunk carries
+the cumulative ``usage`` after its ``choices`` (the role chunk's has 0 completion tokens), as
+vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. The transport adds
+``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -70,13 +73,22 @@ class OpenAIRenderer:
             if self.chat:
                 delta = {"role": "assistant", "content": ""}
                 first = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-                chunks.append(self.envelope(self.object, choices=[first]))
+                chunks.append(self._chunk([first], out.num_prompt_tokens, 0))
             text = self.plan.echo + text
         finish = out.finish_reason.to_openai() if out.finish_reason else None
         if text or finish or (self.plan.logprobs and out.tokens):
             choice = self.choice(text, out.tokens, finish)
-            chunks.append(self.envelope(self.object, choices=[choice]))
+            chunks.append(self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens))
         return chunks
+
+    def _chunk(
+        self, choices: list[dict[str, Any]], num_prompt: int, num_generated: int
+    ) -> dict[str, Any]:
+        """A stream chunk; with continuous usage, the counts so far after its choices."""
+        if self.plan.continuous_usage:
+            usage = self.usage(num_prompt, num_generated)
+            return self.envelope(self.object, choices=choices, usage=usage)
+        return self.envelope(self.object, choices=choices)
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         usage = self.usage(last.num_prompt_tokens, last.num_generated_tokens)
