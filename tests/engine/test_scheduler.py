@@ -582,3 +582,17 @@ def test_randomized_invariants(seed: int, prefix_caching: bool) -> None:
             assert r.num_output_tokens == r.max_new_tokens or r.num_tokens >= cfg.max_model_len
     if prefix_caching:
         assert sched.block_manager.num_prefix_hit_tokens > 0
+
+
+def test_queued_prompt_tokens_count_what_is_left_to_prefill() -> None:
+    cfg = SchedulerConfig(
+        max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, block_size=4, num_blocks=64
+    )
+    sched, model = Scheduler(cfg), FakeModel(cfg)
+    sched.add_request(make_request("a", list(range(1, 41))))
+    sched.add_request(make_request("b", list(range(1, 11))))
+    assert sched.num_queued_prompt_tokens == 50
+    step(sched, model)  # a's first 16-token chunk
+    assert sched.num_queued_prompt_tokens == 34
+    run_all(sched, model)
+    assert sched.num_queued_prompt_tokens == 0

@@ -6,9 +6,11 @@ on and is the only caller, so nothing here needs a lock.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from rillet.engine.model_runner import ModelRunner, StepResult
+from rillet.engine.rates import EngineRates
 from rillet.engine.request import Request
 from rillet.engine.scheduler import ScheduledRequest, Scheduler
 from rillet.errors import RilletError, ValidationError
@@ -34,6 +36,8 @@ class EngineCore:
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.counters = EngineCounters()
+        #: Measured prefill rate and step time (the server's deadlines predict from them).
+        self.rates = EngineRates()
         #: The requests of the step being run (empty between steps).
         self.executing: list[str] = []
         #: Requests a step ended with an error of their own (already freed); the loop
@@ -78,7 +82,9 @@ class EngineCore:
             return []
         # If the forward raises, these (and only these) requests are in an unknown state.
         self.executing = [s.request.request_id for s in scheduled.scheduled]
+        started = time.perf_counter()
         result = self.runner.execute(scheduled)
+        duration = time.perf_counter() - started
         self.executing = []
         for request_id, error in result.failed.items():
             # Ended here, so update_from_output skips it (it is no longer running).
@@ -86,7 +92,8 @@ class EngineCore:
             self.runner.release(request_id)
             self._failed.append((request_id, error))
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
-        self._count(scheduled.scheduled, result)
+        num_prefill = self._count(scheduled.scheduled, result)
+        self.rates.observe(num_prefill, duration)
         return [self._delta(request, result) for request in updated]
 
     def take_failed(self) -> list[tuple[str, RilletError]]:
@@ -94,16 +101,20 @@ class EngineCore:
         failed, self._failed = self._failed, []
         return failed
 
-    def _count(self, scheduled: list[ScheduledRequest], result: StepResult) -> None:
+    def _count(self, scheduled: list[ScheduledRequest], result: StepResult) -> int:
+        """Count the step; returns the prompt tokens it computed."""
         c = self.counters
         c.num_steps += 1
+        num_prefill = 0
         for s in scheduled:
             c.num_computed_tokens += s.num_new_tokens
             prompt_end = s.request.num_prompt_tokens
-            c.num_prompt_tokens_computed += max(
+            num_prefill += max(
                 0, min(s.start_position + s.num_new_tokens, prompt_end) - s.start_position
             )
+        c.num_prompt_tokens_computed += num_prefill
         c.num_generated_tokens += len(result.sampled)
+        return num_prefill
 
     def _delta(self, request: Request, result: StepResult) -> TokenDelta:
         rid = request.request_id

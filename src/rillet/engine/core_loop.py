@@ -47,6 +47,11 @@ class EngineStats:
     num_generated_tokens: int
     num_preemptions: int
     num_steps: int
+    #: Prompt tokens still to prefill for the requests queued or prefilling now.
+    num_queued_prompt_tokens: int = 0
+    #: Moving averages of the core's speed (``engine/rates.py``); 0.0 until measured.
+    prefill_tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
 
 
 def engine_stats(core: EngineCore) -> EngineStats:
@@ -64,6 +69,9 @@ def engine_stats(core: EngineCore) -> EngineStats:
         num_generated_tokens=c.num_generated_tokens,
         num_preemptions=c.num_preemptions,
         num_steps=c.num_steps,
+        num_queued_prompt_tokens=sched.num_queued_prompt_tokens,
+        prefill_tokens_per_s=core.rates.prefill_tokens_per_s,
+        step_time_s=core.rates.step_time_s,
     )
 
 

@@ -129,6 +129,15 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_queued_prompt_tokens(self) -> int:
+        """Tokens still to prefill before the requests queued now have their first token:
+        waiting requests' uncomputed tokens (a preempted one's output too) and running
+        prompts' unfinished chunks. One pass over the queues, when stats are read."""
+        waiting = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        running = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running)
+        return waiting + running
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
