@@ -21,6 +21,8 @@ class RilletError(Exception):
     error_type: str = "generation"
     http_status: int = 500
     grpc_code: str = "INTERNAL"
+    #: Seconds after which a retry may succeed, for the doors' ``retry-after`` (None: none).
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,14 +38,17 @@ class ValidationError(RilletError):
 
 
 class OverloadedError(RilletError):
-    """Too many requests in flight; refused at once, never queued (TGI 429)."""
+    """Too many requests in flight, or a deadline the queue cannot meet; refused at once,
+    never queued (TGI 429). ``retry_after_s`` is the server's estimate of when a retry may
+    succeed (1 s at the concurrency limit; the queue's drain time for a deadline)."""
 
     error_type = "overloaded"
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str = "Model is overloaded") -> None:
+    def __init__(self, message: str = "Model is overloaded", retry_after_s: int = 1) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GenerationError(RilletError):

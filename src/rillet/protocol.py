@@ -118,6 +118,10 @@ class RequestOutput:
     stop_sequence: str | None = None
     #: time.monotonic() when the engine first scheduled the request (its queue time ends)
     first_scheduled_time: float | None = None
+    #: Why it finished, beyond ``finish_reason``: ``"timeout"`` when the request's own
+    #: timeout ended it (``finish_reason`` is then ``length``). Doors show it as
+    #: ``rillet_finish_detail``.
+    finish_detail: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -128,6 +132,7 @@ class RequestOutput:
         self.tokens.extend(later.tokens)
         self.text += later.text
         self.finish_reason = later.finish_reason
+        self.finish_detail = later.finish_detail
         self.num_generated_tokens = later.num_generated_tokens
         self.num_cached_tokens = later.num_cached_tokens
         if later.prompt_tokens is not None:

@@ -158,6 +158,7 @@ async def test_overload_is_an_error_frame_at_once() -> None:
                 "id": "busy",
                 "error": "Model is overloaded",
                 "error_type": "overloaded",
+                "retry_after": 1,
             }
         assert d.service.in_flight == 1  # only the held stream
 

@@ -47,6 +47,9 @@ class FakeStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
+    num_queued_prompt_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
 
 
 class FakeEngine:
@@ -67,9 +70,13 @@ class FakeEngine:
         self.finished: list[str] = []
         #: Outputs each request has produced so far.
         self.num_outputs: dict[str, int] = {}
+        #: What stats() reports of the queue and the engine's speed: tests set them, so the
+        #: service's first-token prediction is fixed (0.0: not measured, no prediction).
+        self.queue = FakeStats(0, 0, 0.0)
         self._healthy = True
         self.restarts = 0
         self._paused = False
+        self._first_allowed = 1
         #: While paused: how many outputs each request may have produced.
         self._allowed: dict[str, int] = {}
         self._changed = asyncio.Event()
@@ -81,10 +88,12 @@ class FakeEngine:
 
     # ---- what tests drive -------------------------------------------------------------
 
-    def pause(self) -> None:
+    def pause(self, before_first: bool = False) -> None:
         """From now on, each request stops after its outputs so far (a new one after its
-        first) until :meth:`step` or :meth:`resume`."""
+        first, or before it with ``before_first``: a request still queued) until
+        :meth:`step` or :meth:`resume`."""
         self._paused = True
+        self._first_allowed = 0 if before_first else 1
         self._allowed = {rid: max(1, n) for rid, n in self.num_outputs.items()}
 
     def resume(self) -> None:
@@ -134,9 +143,10 @@ class FakeEngine:
         text = self.reply[:cap]
         finished = False
         self.num_outputs[rid] = 0
-        self._allowed.setdefault(rid, 1)
+        self._allowed.setdefault(rid, self._first_allowed)
         self.running[rid] = request
         try:
+            await self._wait_turn(rid)  # held before its first output (pause(before_first))
             for i, char in enumerate(text):
                 if self.fail_after is not None and i == self.fail_after[0]:
                     finished = True
@@ -181,7 +191,15 @@ class FakeEngine:
         changed.set()
 
     def stats(self) -> FakeStats:
-        return FakeStats(len(self.running), 0, 0.0)
+        q = self.queue
+        return FakeStats(
+            len(self.running),
+            0,
+            0.0,
+            q.num_queued_prompt_tokens,
+            q.prefill_tokens_per_s,
+            q.step_time_s,
+        )
 
     @property
     def is_healthy(self) -> bool:

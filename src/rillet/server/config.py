@@ -48,6 +48,12 @@ class ServerConfig:
     #: Events kept for resumes, all streams together and per stream (the oldest go first).
     max_resume_bytes: int = 64 << 20
     max_resume_stream_bytes: int = 4 << 20
+    #: Milliseconds a request may wait for its first token unless it says otherwise
+    #: (``X-Rillet-Max-Queue-Ms``); None: no deadline.
+    max_queue_ms: int | None = None
+    #: Seconds a whole request may take unless it says otherwise (``X-Rillet-Timeout-Ms``);
+    #: then it ends with what it has. None: no timeout.
+    request_timeout_s: float | None = None
     #: On SIGINT/SIGTERM, streams in flight get this long to finish before they are ended
     #: with an error event.
     shutdown_grace_s: float = 10.0
@@ -83,6 +89,8 @@ class ServerConfig:
             "max_grammar_length",
             "max_resume_bytes",
             "max_resume_stream_bytes",
+            "max_queue_ms",
+            "request_timeout_s",
         ):
             value = getattr(self, name)  # None: follow the engine (the token limits)
             if value is not None and value <= 0:

@@ -158,6 +158,23 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         server="resume_window_s",
     ),
     Option(
+        "max_queue_ms",
+        int,
+        "milliseconds a request may wait for its first token, unless it sends its own "
+        "X-Rillet-Max-Queue-Ms: one the queue cannot serve in time is refused at once with 429 "
+        "`overloaded` (retry-after: the queue's drain time), one admitted but still without a "
+        "token then is ended with the same error (default: no deadline)",
+        server="max_queue_ms",
+    ),
+    Option(
+        "request_timeout",
+        float,
+        "seconds a whole request may take, unless it sends its own X-Rillet-Timeout-Ms: then it "
+        'ends with what it has, finish reason `length` and "rillet_finish_detail": "timeout" '
+        "(default: none)",
+        server="request_timeout_s",
+    ),
+    Option(
         "api_key", help="require `Authorization: Bearer KEY` on generation routes", server="api_key"
     ),
     Option("dtype", help="auto (default), float32, bfloat16, float16", engine="dtype"),

@@ -5,6 +5,7 @@ a :class:`~rillet.server.spec.GenerationSpec`, and calls :meth:`GenerationServic
 
     admit (one count, one draining state: 429 ``overloaded`` / 503 ``unavailable``)
       -> plan (the dialect) -> tokenize, chat template, token limits
+      -> the queue deadline: 429 ``overloaded`` if the first token cannot come in time
       -> run: the door's work over the engine's outputs, on a task the generation owns
       -> the permit comes back exactly once, when that task is done, however it ended
 
@@ -41,6 +42,13 @@ from rillet.protocol import EngineRequest, FinishReason, RequestOutput
 from rillet.sampling import SamplingParams
 from rillet.server.auth import check_api_key
 from rillet.server.config import ServerConfig
+from rillet.server.deadlines import (
+    TIMEOUT_DETAIL,
+    QueueStats,
+    RequestOptions,
+    predict_first_token_s,
+    retry_after_s,
+)
 from rillet.server.limits import TokenLimits
 from rillet.server.metrics import EngineStatsLike, ServerMetrics
 from rillet.server.resumable import ResumeLimits, StreamStore
@@ -51,6 +59,10 @@ if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
 
 log = logging.getLogger("rillet.server")
+
+
+class ServiceStats(EngineStatsLike, QueueStats, Protocol):
+    """What the service reads of ``engine.stats()``: the gauges and the queue's measures."""
 
 
 class EngineLike(Protocol):
@@ -72,7 +84,7 @@ class EngineLike(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
 
-    def stats(self) -> EngineStatsLike: ...
+    def stats(self) -> ServiceStats: ...
 
     @property
     def is_healthy(self) -> bool: ...
@@ -152,8 +164,11 @@ class GenerationService:
         self.in_flight += 1
         return Generation(self, route)
 
-    def start(self, route: str, plan: Callable[[], P]) -> tuple[Generation, P]:
-        """Admit, then run the dialect's ``plan`` and build its engine request.
+    def start(
+        self, route: str, plan: Callable[[], P], options: RequestOptions | None = None
+    ) -> tuple[Generation, P]:
+        """Admit, then run the dialect's ``plan``, build its engine request and check that
+        the queue can meet the request's deadline (``options``, else the server's).
 
         A plan that fails (bad input) is recorded and its permit returned before the error
         propagates to the door. Otherwise the door hands its work to :meth:`Generation.run`
@@ -161,8 +176,10 @@ class GenerationService:
         """
         generation = self.admit(route)
         try:
+            generation.set_options(options or RequestOptions())
             planned = plan()
             generation.request = self.build_request(planned.spec)
+            self._check_queue(generation)
         except BaseException as exc:
             if isinstance(exc, RilletError):
                 generation.fail(exc)
@@ -196,6 +213,25 @@ class GenerationService:
             raise ValidationError(f"`{names.prompt}` cannot be empty")
         self.limits.apply(len(ids), spec.params, names)
         return self.engine.make_request(ids, spec.params)
+
+    def _check_queue(self, generation: Generation) -> None:
+        """OverloadedError now if the engine's queue predicts the first token after the
+        request's deadline; ``retry-after`` is the time the queue needs to drain enough."""
+        budget = generation.max_queue_s
+        if budget is None:
+            return
+        predicted = self.predict_first_token_s(generation)
+        if predicted is not None and predicted > budget:
+            raise OverloadedError(
+                f"the first token is predicted after {predicted * 1000:.0f} ms, past the "
+                f"request's {budget * 1000:.0f} ms (max_queue_ms)",
+                retry_after_s(predicted, budget),
+            )
+
+    def predict_first_token_s(self, generation: Generation) -> float | None:
+        """When the queue as it is now would give ``generation`` its first token."""
+        assert generation.request is not None
+        return predict_first_token_s(self.engine.stats(), len(generation.request.prompt_token_ids))
 
     def _check_shape(self, spec: GenerationSpec) -> None:
         """What a request may carry besides tokens, the same on every door: stop sequences
@@ -284,7 +320,12 @@ class Generation:
 
     A door runs its work over :meth:`stream` or :meth:`collect` with :meth:`run`, once; the
     permit comes back when that task is done. The outcome starts as ``cancelled`` (what is
-    left if the consumer goes away) and becomes ``success`` or the error's ``error_type``.
+    left if the consumer goes away) and becomes ``success``, ``timeout`` or the error's
+    ``error_type``.
+
+    Deadlines count from admission: ``max_queue_s`` for the first token (else the stream
+    fails with OverloadedError, in-band if it has begun), ``timeout_s`` for the whole
+    request (then it ends with what it has: finish reason ``length``, detail ``timeout``).
     """
 
     def __init__(self, service: GenerationService, route: str) -> None:
@@ -299,6 +340,20 @@ class Generation:
         self._queue_observed = False
         self._task: asyncio.Task[Any] | None = None
         self._released = False
+        self.max_queue_s: float | None = None
+        self.timeout_s: float | None = None
+        #: Per-token server timing asked for (``X-Rillet-Timing: 1``).
+        self.timing = False
+
+    def set_options(self, options: RequestOptions) -> None:
+        """The request's deadlines and timing, the server's defaults where it set none."""
+        config = self.service.config
+        queue_ms = options.max_queue_ms or config.max_queue_ms
+        self.max_queue_s = None if queue_ms is None else queue_ms / 1000
+        self.timeout_s = (
+            options.timeout_ms / 1000 if options.timeout_ms else config.request_timeout_s
+        )
+        self.timing = options.timing
 
     def run(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` (the door's use of :meth:`stream` or :meth:`collect`) on a task
@@ -325,19 +380,38 @@ class Generation:
         assert self.request is not None, "start() builds the request"
         if self._task is None:  # its permit would never come back
             raise RuntimeError("a generation's outputs are read inside Generation.run")
+        timed_out = False
         try:
             # Closed at once, not when the garbage collector gets to it: closing the
             # engine's generator is what aborts the request in the engine.
             async with contextlib.aclosing(self.service.engine.generate(self.request)) as outputs:
-                async for out in outputs:
+                while True:
+                    wait_s, first_token_due = self._next_deadline()
+                    try:
+                        # Only the wait for the engine is timed, never the consumer's turn:
+                        # a timeout cancels that wait, which aborts the request (the one
+                        # cancellation path), and the generator is closed below.
+                        async with asyncio.timeout(wait_s):
+                            out = await anext(outputs)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        if first_token_due:
+                            raise self._late_first_token() from None
+                        timed_out = True
+                        break
                     self._observe(out)
                     if out.finish_reason is FinishReason.ABORT:
                         raise IncompleteGenerationError("the request was aborted by the engine")
                     yield out
-            self.outcome = "success"
         except RilletError as exc:
             self.fail(exc)
             raise
+        if timed_out:
+            self.outcome = "timeout"
+            yield self._timeout_output()
+        else:
+            self.outcome = "success"
 
     async def collect(self) -> RequestOutput:
         """Run the request to its end; every output merged into one."""
@@ -353,6 +427,38 @@ class Generation:
 
     def fail(self, error: RilletError) -> None:
         self.outcome = error.error_type
+
+    def _next_deadline(self) -> tuple[float | None, bool]:
+        """Seconds to wait for the next output (None: no limit), and whether the first
+        token's deadline is the one that ends that wait."""
+        now = time.monotonic()
+        ends = self.start_time + self.timeout_s if self.timeout_s is not None else None
+        if self.max_queue_s is not None and self._last_token_time is None:
+            first_due = self.start_time + self.max_queue_s
+            if ends is None or first_due < ends:
+                return max(0.0, first_due - now), True
+        return (None if ends is None else max(0.0, ends - now)), False
+
+    def _late_first_token(self) -> OverloadedError:
+        assert self.max_queue_s is not None
+        predicted = self.service.predict_first_token_s(self)
+        retry = 1 if predicted is None else retry_after_s(predicted, self.max_queue_s)
+        return OverloadedError(
+            f"no first token within {self.max_queue_s * 1000:.0f} ms (max_queue_ms)", retry
+        )
+
+    def _timeout_output(self) -> RequestOutput:
+        """The end of a request its timeout stopped: no new tokens, ``length``, ``timeout``."""
+        assert self.request is not None
+        return RequestOutput(
+            request_id=self.request.request_id,
+            tokens=[],
+            text="",
+            finish_reason=FinishReason.LENGTH,
+            num_prompt_tokens=self.num_prompt_tokens or len(self.request.prompt_token_ids),
+            num_generated_tokens=self.num_generated_tokens,
+            finish_detail=TIMEOUT_DETAIL,
+        )
 
     def _release(self) -> None:
         """Return the permit and record the request: once, from :meth:`run`'s task's done

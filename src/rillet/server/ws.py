@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rillet.errors import RilletError, ValidationError
 from rillet.server.auth import bearer_token
+from rillet.server.deadlines import RequestOptions
 from rillet.server.dialects import tgi, ws
 from rillet.server.service import Generation, GenerationService
 
@@ -152,18 +153,19 @@ class _Running:
                         await send(ws.token_frame(self.frame_id, out, self.plan.logprobs))
                     if out.finish_reason is not None:
                         self.ended = True
-                        await send(self.done(out.finish_reason.to_openai()))
+                        await send(self.done(out.finish_reason.to_openai(), out.finish_detail))
         except RilletError as exc:
             self.ended = True
             await send(ws.error_frame(self.frame_id, exc))
 
-    def done(self, finish_reason: str) -> dict[str, Any]:
+    def done(self, finish_reason: str, finish_detail: str | None = None) -> dict[str, Any]:
         generation = self.generation
         return ws.done_frame(
             self.frame_id,
             finish_reason,
             generation.num_prompt_tokens,
             generation.num_generated_tokens,
+            finish_detail,
         )
 
 
@@ -212,7 +214,8 @@ async def _handle(
             return
         if frame_id in running:
             raise ValidationError(f"a generation with id {frame_id!r} is already running")
-        generation, plan = service.start("ws", lambda: ws.plan_generate(frame))
+        options = RequestOptions.from_fields(frame)
+        generation, plan = service.start("ws", lambda: ws.plan_generate(frame), options)
     except ws.FrameError as exc:
         await send(ws.error_frame(exc.frame_id, exc.error))
         return

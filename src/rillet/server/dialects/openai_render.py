@@ -5,8 +5,9 @@ a first chat chunk ``{"role":"assistant","content":""}`` sent with the first eng
 content-only deltas, ``finish_reason`` on the last one, and a ``choices: []`` usage chunk
 only when ``stream_options.include_usage``. With ``continuous_usage_stats`` every chunk carries
 the cumulative ``usage`` after its ``choices`` (the role chunk's has 0 completion tokens), as
-vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. The transport adds
-``data: [DONE]``.
+vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. A request its timeout ended
+has ``finish_reason: "length"`` and ``"rillet_finish_detail": "timeout"`` at the top level of
+its last chunk (and of the answer). The transport adds ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ class OpenAIRenderer:
         finish = out.finish_reason.to_openai() if out.finish_reason else None
         if text or finish or (self.plan.logprobs and out.tokens):
             choice = self.choice(text, out.tokens, finish)
-            chunks.append(self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens))
+            chunk = self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens)
+            if out.finish_detail is not None:
+                chunk["rillet_finish_detail"] = out.finish_detail
+            chunks.append(chunk)
         return chunks
 
     def _chunk(
@@ -106,7 +110,10 @@ class OpenAIRenderer:
             choice = {"index": 0, "message": message, **choice}
             obj = "chat.completion"
         usage = self.usage(result.num_prompt_tokens, result.num_generated_tokens)
-        return self.envelope(obj, choices=[choice], usage=usage)
+        answer = self.envelope(obj, choices=[choice], usage=usage)
+        if result.finish_detail is not None:
+            answer["rillet_finish_detail"] = result.finish_detail
+        return answer
 
     def choice(self, text: str, tokens: list[GeneratedToken], finish: str | None) -> dict[str, Any]:
         logprobs = self.logprobs(tokens) if self.plan.logprobs else None

@@ -10,6 +10,11 @@ sampling is on when ``do_sample`` is true *or* any sampling knob is set.
 Streams follow ``router/src/server.rs::generate_stream_internal``: one event per generated
 token with ``index`` from 1 (``text: ""`` while a UTF-8 character is incomplete, EOS sent
 with ``special: true``), ``generated_text``/``details`` null until the last event.
+
+A request its timeout ended (``X-Rillet-Timeout-Ms``) ends with finish reason ``length`` and
+``"rillet_finish_detail": "timeout"`` in the last event (and the answer). If no token came
+since the last event, that last event carries an empty special token of id 0 (TGI's clients
+need a ``token`` on every event, and skip special ones in text).
 """
 
 from __future__ import annotations
@@ -200,16 +205,21 @@ class TgiRenderer:
         }
 
     def events(self, out: RequestOutput) -> list[dict[str, Any]]:
-        """``StreamResponse`` events for one engine output: one per token."""
+        """``StreamResponse`` events for one engine output: one per token (and one with an
+        empty token for an output that ends the stream without one: a timeout)."""
         plan = self.plan
         self._text += out.text
         events = []
-        for i, token in enumerate(out.tokens):
+        tokens = [self.token(t) for t in out.tokens]
+        if out.finished and not tokens:
+            tokens.append(_NO_TOKEN)
+        for i, token in enumerate(tokens):
             self._index += 1
-            last = out.finish_reason is not None and i == len(out.tokens) - 1
-            event: dict[str, Any] = {"index": self._index, "token": self.token(token)}
+            last = out.finish_reason is not None and i == len(tokens) - 1
+            event: dict[str, Any] = {"index": self._index, "token": token}
             if plan.top_n_tokens:
-                event["top_tokens"] = [self.token(t) for t in token.top]
+                top = out.tokens[i].top if i < len(out.tokens) else []
+                event["top_tokens"] = [self.token(t) for t in top]
             event["generated_text"] = plan.prefix + self._text if last else None
             event["details"] = None
             if last and plan.details and out.finish_reason is not None:
@@ -219,6 +229,8 @@ class TgiRenderer:
                     "seed": plan.seed,
                     "input_length": out.num_prompt_tokens,
                 }
+            if last and out.finish_detail is not None:
+                event["rillet_finish_detail"] = out.finish_detail
             events.append(event)
         return events
 
@@ -238,7 +250,13 @@ class TgiRenderer:
             if plan.top_n_tokens:
                 details["top_tokens"] = [[self.token(a) for a in t.top] for t in result.tokens]
             answer["details"] = details
+        if result.finish_detail is not None:
+            answer["rillet_finish_detail"] = result.finish_detail
         return answer
+
+
+#: The token of a last event that came without one (a timeout between tokens).
+_NO_TOKEN: dict[str, Any] = {"id": 0, "text": "", "logprob": None, "special": True}
 
 
 def _prefill(tokens: list[PromptToken] | None) -> list[dict[str, Any]]:

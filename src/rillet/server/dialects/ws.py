@@ -9,7 +9,10 @@ frame::
 with OpenAI's sampling fields (and vLLM's extras) at the top level of a ``generate``.
 Server -> client: ``{"type": "token", "id", "text", "token_ids"}`` per streamed delta
 (``logprobs`` too when asked), then exactly one ``{"type": "done", "id", "finish_reason",
-"usage"}`` or one ``{"type": "error", "id", "error", "error_type"}`` (the table's types).
+"usage"}`` (with ``"rillet_finish_detail": "timeout"`` when the request's ``timeout_ms``
+ended it) or one ``{"type": "error", "id", "error", "error_type"}`` (the table's types;
+``retry_after`` in seconds too on an ``overloaded`` one). A ``generate`` frame may carry
+``max_queue_ms`` and ``timeout_ms`` (``rillet.server.deadlines``).
 The mapping is OpenAI's (``openai.sampling_params``), so greedy text equals the OpenAI
 route's for the same messages and fields.
 """
@@ -127,15 +130,30 @@ def token_frame(frame_id: FrameId, out: RequestOutput, logprobs: bool) -> dict[s
 
 
 def done_frame(
-    frame_id: FrameId, finish_reason: str, num_prompt_tokens: int, num_generated_tokens: int
+    frame_id: FrameId,
+    finish_reason: str,
+    num_prompt_tokens: int,
+    num_generated_tokens: int,
+    finish_detail: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    frame = {
         "type": "done",
         "id": frame_id,
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_generated_tokens},
     }
+    if finish_detail is not None:
+        frame["rillet_finish_detail"] = finish_detail
+    return frame
 
 
 def error_frame(frame_id: FrameId, error: RilletError) -> dict[str, Any]:
-    return {"type": "error", "id": frame_id, "error": error.message, "error_type": error.error_type}
+    frame = {
+        "type": "error",
+        "id": frame_id,
+        "error": error.message,
+        "error_type": error.error_type,
+    }
+    if error.retry_after_s is not None:
+        frame["retry_after"] = error.retry_after_s
+    return frame

@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from rillet.errors import PayloadTooLargeError, ValidationError
 from rillet.server.auth import bearer_token
+from rillet.server.deadlines import RequestOptions
 from rillet.server.dialects.fields import first_problem, json_loads
 from rillet.server.service import GenerationService
 
@@ -66,6 +67,11 @@ def parse_model(model: type[M], data: dict[str, Any]) -> M:
             "Failed to deserialize the JSON body into the target type: "
             + first_problem(exc, "body")
         ) from None
+
+
+def request_options(request: Request) -> RequestOptions:
+    """The deadlines and timing a request's ``X-Rillet-*`` headers ask for (every HTTP door)."""
+    return RequestOptions.from_headers(request.headers)
 
 
 def service_of(request: Request) -> GenerationService:

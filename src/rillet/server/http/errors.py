@@ -3,7 +3,8 @@ declares its :class:`ErrorFormat`, and its routes render every error in it.
 
 The status and ``error_type`` come from ``rillet.errors`` (the one table) and the body's
 shape from the route's dialect. The HTTP part decided here is the transport: a JSON
-response before a stream starts (``retry-after`` on 429), and once it has started, an
+response before a stream starts (with ``retry-after`` when the error carries one: every
+429, from the concurrency limit or a deadline the queue cannot meet), and once it has started, an
 in-band SSE event (OpenAI streams then add ``[DONE]``; text/plain has no error event).
 """
 
@@ -18,14 +19,11 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rillet.errors import InternalError, OverloadedError, RilletError
+from rillet.errors import InternalError, RilletError
 from rillet.server.dialects import openai_render, tgi
 from rillet.server.http.sse import DONE, ClientGone, sse_event
 
 log = logging.getLogger("rillet.server")
-
-#: ``retry-after`` on 429: the openai SDK honours it; others back off on their own.
-RETRY_AFTER_S = 1
 
 
 def _table_status(exc: RilletError) -> int:
@@ -45,7 +43,9 @@ class ErrorFormat:
 
     def response(self, exc: RilletError) -> JSONResponse:
         """The JSON answer to a request that failed before its response started."""
-        headers = {"retry-after": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
+        # The openai SDK and rillet's client honour retry-after; others back off on their own.
+        retry = exc.retry_after_s
+        headers = None if retry is None else {"retry-after": str(retry)}
         return JSONResponse(self.body(exc), self.status(exc), headers=headers)
 
     def events(self, exc: RilletError) -> list[bytes]:

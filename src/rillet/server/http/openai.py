@@ -21,6 +21,7 @@ from rillet.server.http.body import (
     parse_json,
     parse_model,
     read_body,
+    request_options,
     require_api_key,
     service_of,
 )
@@ -56,7 +57,7 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
         body = parse_model(openai.CompletionRequest, raw)
         return openai.plan_completion(body, service.tokenizer)
 
-    generation, planned = service.start(route, plan)
+    generation, planned = service.start(route, plan, request_options(request))
     assert generation.request is not None
     renderer = OpenAIRenderer(
         service.tokenizer, service.model_name, planned, generation.request.request_id

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from rillet.server.dialects import plain
-from rillet.server.http.body import service_of
+from rillet.server.http.body import request_options, service_of
 from rillet.server.http.errors import PLAIN_ERRORS
 from rillet.server.http.respond import stream_response
 from rillet.server.http.sse import StreamResponse
@@ -26,6 +26,7 @@ def plain_stream(request: Request, prompt: str) -> StreamResponse:
     generation, _ = service.start(
         "plain",
         lambda: plain.plan(prompt, request.query_params, has_chat_template=has_template),
+        request_options(request),
     )
     return stream_response(
         generation,

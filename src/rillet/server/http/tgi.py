@@ -18,6 +18,7 @@ from rillet.server.http.body import (
     parse_json,
     parse_model,
     read_body,
+    request_options,
     require_api_key,
     service_of,
 )
@@ -46,6 +47,7 @@ async def _start(request: Request, route: str, body: tgi.GenerateRequest, stream
     generation, plan = service.start(
         route,
         lambda: tgi.plan(body, service.config, stream=stream, full_text_default=route == "compat"),
+        request_options(request),
     )
     renderer = tgi.TgiRenderer(service.tokenizer, plan)
     if stream:

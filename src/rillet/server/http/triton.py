@@ -22,7 +22,13 @@ from fastapi.responses import JSONResponse
 from rillet import __version__
 from rillet.errors import RilletError, ValidationError
 from rillet.server import kserve
-from rillet.server.http.body import parse_json, read_body, require_api_key, service_of
+from rillet.server.http.body import (
+    parse_json,
+    read_body,
+    request_options,
+    require_api_key,
+    service_of,
+)
 from rillet.server.http.errors import ErrorFormat, rendered_by
 from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
@@ -73,14 +79,20 @@ def _decode(model: str, body: dict[str, Any]) -> kserve.KServeRequest:
 
 
 def _answer(
-    model: str, request: kserve.KServeRequest, outputs: list[kserve.Output]
+    model: str,
+    request: kserve.KServeRequest,
+    outputs: list[kserve.Output],
+    finish_detail: str | None = None,
 ) -> dict[str, Any]:
+    """``rillet_finish_detail`` (``timeout``) is added when the request's timeout ended it."""
     answer: dict[str, Any] = {"model_name": model, "model_version": "1"}
     if request.id:
         answer["id"] = request.id
     for output in outputs:
         values = [v.decode() if isinstance(v, bytes) else v for v in output.values]
         answer[output.name] = values[0] if len(values) == 1 else values
+    if finish_detail is not None:
+        answer["rillet_finish_detail"] = finish_detail
     return answer
 
 
@@ -90,7 +102,9 @@ def _start(
     service = service_of(request)
     decoded = _decode(model, body)
     kserve.check_model(model, service.model_name)
-    generation, plan = service.start(route, lambda: kserve.plan(decoded, one_response=one_response))
+    generation, plan = service.start(
+        route, lambda: kserve.plan(decoded, one_response=one_response), request_options(request)
+    )
     return generation, plan, decoded
 
 
@@ -104,7 +118,8 @@ async def generate(request: Request, model: str) -> Response:
     body = parse_json(await read_body(request))
     generation, plan, decoded = _start(request, model, body, "triton_generate", True)
     result = await collect_answer(request, generation)
-    return JSONResponse(_answer(model, decoded, kserve.KServeRenderer(plan).answer(result)))
+    outputs = kserve.KServeRenderer(plan).answer(result)
+    return JSONResponse(_answer(model, decoded, outputs, result.finish_detail))
 
 
 @router.post("/models/{model}/generate_stream", dependencies=_auth, openapi_extra=_body)
@@ -130,12 +145,12 @@ async def _events(
     renderer = kserve.KServeRenderer(plan)
     if not plan.stream:  # one event with the whole answer
         result = await generation.collect()
-        yield sse_event(_answer(model, decoded, renderer.answer(result)))
+        yield sse_event(_answer(model, decoded, renderer.answer(result), result.finish_detail))
         return
     async with contextlib.aclosing(generation.stream()) as stream:
         async for out in stream:
             if out.text or out.finished:
-                yield sse_event(_answer(model, decoded, renderer.delta(out)))
+                yield sse_event(_answer(model, decoded, renderer.delta(out), out.finish_detail))
 
 
 @router.get("/health/live")

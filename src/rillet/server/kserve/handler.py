@@ -27,6 +27,7 @@ from rillet.kserve import grpc_service_pb2 as pb
 from rillet.kserve import tensors
 from rillet.server import kserve
 from rillet.server.auth import bearer_token
+from rillet.server.deadlines import RequestOptions
 from rillet.server.service import Generation, GenerationService
 
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
@@ -84,11 +85,22 @@ def error_response(
     request: pb.ModelInferRequest, error: RilletError
 ) -> pb.ModelStreamInferResponse:
     """An in-stream error, as Triton sends one: the id is in the message too, because
-    tritonclient hands the callback the message and not the response."""
+    tritonclient hands the callback the message and not the response. An error with a
+    retry hint (``overloaded``) carries it as the ``retry_after`` parameter (seconds)."""
     message = f"[request id: {request.id or '<none>'}] {error.error_type}: {error.message}"
-    return pb.ModelStreamInferResponse(
-        error_message=message, infer_response=infer_response(request, [], final=True)
-    )
+    response = infer_response(request, [], final=True)
+    if error.retry_after_s is not None:
+        response.parameters["retry_after"].int64_param = error.retry_after_s
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+
+def with_finish_detail(
+    response: pb.ModelInferResponse, finish_detail: str | None
+) -> pb.ModelInferResponse:
+    """``rillet_finish_detail`` (``timeout``) as a response parameter, when there is one."""
+    if finish_detail is not None:
+        response.parameters["rillet_finish_detail"].string_param = finish_detail
+    return response
 
 
 class KServeHandler:
@@ -142,14 +154,17 @@ class KServeHandler:
         """Admit and plan one request (a RilletError if it cannot run)."""
         decoded = decode_request(request)
         kserve.check_model(decoded.model_name, self.service.model_name)
-        return self.service.start(route, lambda: kserve.plan(decoded, one_response=one_response))
+        options = RequestOptions.from_fields(decoded.parameters)
+        return self.service.start(
+            route, lambda: kserve.plan(decoded, one_response=one_response), options
+        )
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """``ModelInfer``: the one whole answer."""
         generation, plan = self.start(request, "grpc_infer", one_response=True)
         result = await generation.run(generation.collect())
         outputs = kserve.KServeRenderer(plan).answer(result)
-        return infer_response(request, outputs, final=None)
+        return with_finish_detail(infer_response(request, outputs, None), result.finish_detail)
 
     async def stream_infer(
         self, requests: AsyncIterator[pb.ModelInferRequest], write: Write
@@ -194,11 +209,13 @@ class KServeHandler:
                         if out.text or out.finished:
                             data = renderer.delta(out)
                             final = out.finished and flag_on_data
-                            await write(_streamed(infer_response(request, data, final)))
+                            response = infer_response(request, data, final)
+                            await write(_streamed(with_finish_detail(response, out.finish_detail)))
             else:
                 result = await generation.collect()
                 data = renderer.answer(result)
-                await write(_streamed(infer_response(request, data, flag_on_data)))
+                response = infer_response(request, data, flag_on_data)
+                await write(_streamed(with_finish_detail(response, result.finish_detail)))
             if plan.empty_final:
                 await write(_streamed(infer_response(request, [], final=True)))
         except RilletError as exc:

@@ -37,10 +37,19 @@ _STREAM_BUFFER = 64
 _Message = TypeVar("_Message")
 
 
+def trailing_metadata(error: RilletError) -> tuple[tuple[str, str], ...]:
+    """``retry-after`` (seconds) in a failed call's trailers when the error carries one."""
+    if error.retry_after_s is None:
+        return ()
+    return (("retry-after", str(error.retry_after_s)),)
+
+
 async def abort(grpc_context: Any, error: RilletError) -> None:
     """grpc.aio: end the call with the error table's code (``abort`` raises, so this never
     returns)."""
-    await grpc_context.abort(grpc.StatusCode[error.grpc_code], error.message)
+    await grpc_context.abort(
+        grpc.StatusCode[error.grpc_code], error.message, trailing_metadata(error)
+    )
 
 
 async def set_status(grpc_context: Any, error: RilletError) -> None:
@@ -48,6 +57,8 @@ async def set_status(grpc_context: Any, error: RilletError) -> None:
     proxy sends them when the method returns."""
     grpc_context.set_code(grpc.StatusCode[error.grpc_code])
     grpc_context.set_details(error.message)
+    if error.retry_after_s is not None:
+        grpc_context.set_trailing_metadata(trailing_metadata(error))
 
 
 class KServeServicer:
