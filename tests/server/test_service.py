@@ -134,6 +134,17 @@ async def test_chat_prompt_renders_the_template_and_can_drop_the_oldest_turns() 
         service.build_request(GenerationSpec(ChatPrompt([system, *turns]), params))
 
 
+async def test_build_request_carries_new_params_and_leaves_the_spec_alone() -> None:
+    service, engine = make_service(default_temperature=0.5)
+    params = SamplingParams(max_new_tokens=None, temperature=1.0)
+    spec = GenerationSpec("abcd", params, unset=frozenset({"temperature"}))
+    request = service.build_request(spec)
+    assert request.prompt_token_ids == engine.tokenizer.encode("abcd")
+    assert request.params.max_new_tokens == 60 and request.params.temperature == 0.5
+    assert spec.params is params  # the dialect's spec and params are as it made them
+    assert params.max_new_tokens is None and params.temperature == 1.0
+
+
 async def test_stream_and_collect_record_metrics_once() -> None:
     service, engine = make_service()
     generation, _ = service.start("generate", lambda: plan_of("Hi", 5))

@@ -167,15 +167,17 @@ class GenerationService:
         """Tokenize (with the chat template for messages), truncate, check the limits.
 
         The limits come before the engine's own checks, so a long prompt is refused in the
-        client's words and with the configured limit, not the context length.
+        client's words and with the configured limit, not the context length. ``spec`` is
+        left as the dialect made it: the params with the server's defaults and the cap filled
+        in are new values, carried by the request.
         """
         names = spec.names
-        spec.params = self.sampling_defaults.apply(spec.params, spec.unset)
-        self._check_shape(spec)
-        self.limits.check_cap(spec.params, names)
+        params = self.sampling_defaults.apply(spec.params, spec.unset)
+        self._check_shape(spec, params)
+        self.limits.check_cap(params, names)
         prompt = spec.prompt
         if isinstance(prompt, ChatPrompt):
-            ids = self._render_chat(prompt, spec)
+            ids = self._render_chat(prompt, params)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValidationError(f"`{names.prompt}` cannot be empty")
@@ -187,14 +189,14 @@ class GenerationService:
             ids = ids[-spec.truncate :]
         if not ids:
             raise ValidationError(f"`{names.prompt}` cannot be empty")
-        self.limits.apply(len(ids), spec.params, names)
-        return self.engine.make_request(ids, spec.params)
+        params = self.limits.apply(len(ids), params, names)
+        return self.engine.make_request(ids, params)
 
-    def _check_shape(self, spec: GenerationSpec) -> None:
+    def _check_shape(self, spec: GenerationSpec, params: SamplingParams) -> None:
         """What a request may carry besides tokens, the same on every door: stop sequences
         (TGI's limit of 4, which OpenAI's API also has) and messages. The stop-string check
         runs on every detokenized piece, so the longest one bounds its work."""
-        config, stop = self.config, spec.params.stop
+        config, stop = self.config, params.stop
         if len(stop) > config.max_stop_sequences:
             raise ValidationError(
                 f"`stop` supports up to {config.max_stop_sequences} stop sequences. "
@@ -213,13 +215,13 @@ class GenerationService:
                 f"Given: {len(chat.messages)}"
             )
 
-    def _render_chat(self, chat: ChatPrompt, spec: GenerationSpec) -> list[int]:
+    def _render_chat(self, chat: ChatPrompt, params: SamplingParams) -> list[int]:
         messages = list(chat.messages)
         while True:
             text = self.tokenizer.apply_chat_template(messages, chat.add_generation_prompt)
             # The template already carries BOS where the model wants one (as transformers).
             ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if not chat.drop_oldest_turns or self.limits.fits(len(ids), spec.params.max_new_tokens):
+            if not chat.drop_oldest_turns or self.limits.fits(len(ids), params.max_new_tokens):
                 return ids
             shorter = _without_oldest_turn(messages)
             if shorter is None:
