@@ -22,9 +22,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from rillet.engine.inputs import check_token_ids, new_request
 from rillet.errors import (
     IncompleteGenerationError,
     OverloadedError,
@@ -54,16 +55,10 @@ class EngineLike(Protocol):
     tokenizer: Tokenizer
     model_name: str
     max_model_len: int
+    #: The model's vocabulary: every prompt token id is below it.
+    vocab_size: int
     #: The model's own sampling defaults (generation_config.json names).
     generation_defaults: Mapping[str, Any]
-
-    def make_request(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        add_special_tokens: bool = True,
-    ) -> EngineRequest: ...
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
 
@@ -164,12 +159,15 @@ class GenerationService:
         return generation, planned
 
     def build_request(self, spec: GenerationSpec) -> EngineRequest:
-        """Tokenize (with the chat template for messages), truncate, check the limits.
+        """Check a client's request and build its engine request: every check a request
+        meets, in the client's words (``spec.names``), before the engine sees it.
 
-        The limits come before the engine's own checks, so a long prompt is refused in the
-        client's words and with the configured limit, not the context length. ``spec`` is
-        left as the dialect made it: the params with the server's defaults and the cap filled
-        in are new values, carried by the request.
+        In order: the shape (stop sequences, messages), the token cap, the prompt (tokenized,
+        with the chat template for messages, truncated, never empty), the token limits (which
+        fill an unset cap), the sampling fields, the token ids against the vocabulary. The
+        configured limits are below the engine's context, so the engine's own guard never
+        speaks to a client. ``spec`` is left as the dialect made it: the params with the
+        server's defaults and the cap filled in are new values, carried by the request.
         """
         names = spec.names
         params = self.sampling_defaults.apply(spec.params, spec.unset)
@@ -190,7 +188,9 @@ class GenerationService:
         if not ids:
             raise ValidationError(f"`{names.prompt}` cannot be empty")
         params = self.limits.apply(len(ids), params, names)
-        return self.engine.make_request(ids, params)
+        params.validate()
+        check_token_ids(ids, self.engine.vocab_size)
+        return new_request(ids, params)
 
     def _check_shape(self, spec: GenerationSpec, params: SamplingParams) -> None:
         """What a request may carry besides tokens, the same on every door: stop sequences
