@@ -31,8 +31,9 @@ class FinishReason(enum.StrEnum):
 class EngineRequest:
     """A validated, tokenized request, ready for the engine.
 
-    Built by ``AsyncEngine.make_request`` (which raises ValidationError), so a front door
-    can refuse bad input before it sends a single byte of response.
+    Built by the server's generation service after it has checked the client's request
+    (so a door refuses bad input before it sends a single byte of response), or by
+    ``engine.inputs.build_request`` for the engine's Python callers.
     """
 
     request_id: str

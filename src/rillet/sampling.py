@@ -3,6 +3,9 @@
 Every front door (TGI, OpenAI, WebSocket, gRPC) maps its own wire fields onto one
 :class:`SamplingParams`; the engine never sees wire formats. ``validate()`` raises
 :class:`~rillet.errors.ValidationError` with a message fit for the client: never ``assert``.
+The params are frozen: a layer that fills a field (the server's defaults, its token limits)
+makes a new value with ``dataclasses.replace`` and hands that on, so nobody's copy changes
+under them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from rillet.errors import ValidationError
 MAX_TOP_LOGPROBS = 20
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 

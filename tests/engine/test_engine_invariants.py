@@ -204,8 +204,14 @@ def test_prefix_caching_computes_only_new_tokens(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
-        ("", SamplingParams(), "cannot be empty"),
-        ("hello " * 2000, SamplingParams(), "must have less than"),
+        ("", SamplingParams(), r"^prompt must not be empty$"),
+        ([], SamplingParams(), r"^prompt token ids must not be empty$"),
+        (
+            "hello " * 2000,
+            SamplingParams(),
+            r"^prompt token ids must be fewer than max_model_len \(512\)",
+        ),
+        ([10**6], SamplingParams(), r"^prompt token ids must be integers in \[0, "),
         ("hi", SamplingParams(max_new_tokens=-1), "max_new_tokens"),
         ("hi", SamplingParams(top_p=0.0), "top_p"),
         ("hi", SamplingParams(top_p=1.5), "top_p"),
@@ -214,7 +220,7 @@ def test_prefix_caching_computes_only_new_tokens(tiny_model_dir: Path) -> None:
     ],
 )
 def test_bad_requests_raise_validation_errors(
-    tiny_model_dir: Path, prompt: str, params: SamplingParams, message: str
+    tiny_model_dir: Path, prompt: str | list[int], params: SamplingParams, message: str
 ) -> None:
     llm = _tiny_llm(tiny_model_dir)
     with pytest.raises(ValidationError, match=message):

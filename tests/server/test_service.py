@@ -149,6 +149,65 @@ async def test_chat_prompt_renders_the_template_and_can_drop_the_oldest_turns() 
         service.build_request(GenerationSpec(ChatPrompt([system, *turns]), params))
 
 
+#: Every refusal of ``build_request``, byte for byte as clients have always seen it; where a
+#: request breaks two rules, the first check in the service's order speaks.
+REFUSALS = [
+    (GenerationSpec("Hi", SamplingParams(stop=list("abcde"))),
+     "`stop` supports up to 4 stop sequences. Given: 5"),
+    (GenerationSpec("Hi", SamplingParams(stop=["x" * 513])),
+     "a stop sequence may have at most 512 characters. Given: 513"),
+    (GenerationSpec(ChatPrompt([{"role": "user", "content": "x"}] * 1025), SamplingParams()),
+     "`messages` may hold at most 1024 messages. Given: 1025"),
+    (GenerationSpec("", SamplingParams(max_new_tokens=0), names=FieldNames("prompt", "max_tokens")),
+     "`max_tokens` must be strictly positive"),
+    (GenerationSpec("", SamplingParams(top_p=0.0)), "`inputs` cannot be empty"),
+    (GenerationSpec([], SamplingParams(), names=FieldNames("prompt")), "`prompt` cannot be empty"),
+    (GenerationSpec("abc", SamplingParams(), truncate=0),
+     "`truncate` must be strictly positive and less than 63. Given: 0"),
+    (GenerationSpec([999] * 64, SamplingParams(top_p=0.0)),
+     "`inputs` must have less than 63 tokens. Given: 64"),
+    (GenerationSpec("x" * 60, SamplingParams(max_new_tokens=5)),
+     "`inputs` tokens + `max_new_tokens` must be <= 64. Given: 60 `inputs` tokens and 5 "
+     "`max_new_tokens`"),
+    (GenerationSpec([999], SamplingParams(top_p=0.0)), "`top_p` must be > 0.0 and <= 1.0"),
+    (GenerationSpec("Hi", SamplingParams(max_new_tokens=None, min_tokens=63)),
+     "`min_tokens` must be <= `max_new_tokens`"),
+    (GenerationSpec([5, 999], SamplingParams()), "prompt token ids must be integers in [0, 101)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "message"), REFUSALS)
+async def test_the_service_refuses_in_the_words_clients_know(
+    spec: GenerationSpec, message: str
+) -> None:
+    service, engine = make_service()
+    assert engine.vocab_size == 101 and engine.max_model_len == 64
+    with pytest.raises(ValidationError) as refused:
+        service.build_request(spec)
+    assert refused.value.message == message
+    assert refused.value.http_status == 422
+
+
+async def test_build_request_carries_new_params_and_leaves_the_spec_alone() -> None:
+    service, engine = make_service(default_temperature=0.5)
+    params = SamplingParams(max_new_tokens=None, temperature=1.0)
+    spec = GenerationSpec("abcd", params, unset=frozenset({"temperature"}))
+    request = service.build_request(spec)
+    assert request.prompt_token_ids == engine.tokenizer.encode("abcd")
+    assert request.params.max_new_tokens == 60 and request.params.temperature == 0.5
+    assert spec.params is params  # the dialect's spec and params are as it made them
+    assert params.max_new_tokens is None and params.temperature == 1.0
+
+
+async def test_the_engine_guard_is_not_what_a_client_meets() -> None:
+    # A prompt as long as the whole context: the service's limit speaks, not the engine's
+    # neutral guard (which would name max_model_len).
+    service, _ = make_service()
+    with pytest.raises(ValidationError) as refused:
+        service.build_request(GenerationSpec("x" * 64, SamplingParams()))
+    assert refused.value.message == "`inputs` must have less than 63 tokens. Given: 64"
+
+
 async def test_stream_and_collect_record_metrics_once() -> None:
     service, engine = make_service()
     generation, _ = service.start("generate", lambda: plan_of("Hi", 5))

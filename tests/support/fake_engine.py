@@ -1,28 +1,26 @@
 """A fake engine made of rillet's own protocol types, for fast tests of the layers above it.
 
 It has the interface the generation service needs (``EngineLike``): a real ``Tokenizer``
-(one token per character, built in memory, with ChatML's special tokens), real request
-validation (``build_request``), and ``generate`` answering from a script instead of a
-model. Tests hold it: with :meth:`FakeEngine.pause`, every request stops after its first
-output and waits until :meth:`resume` or :meth:`step`, so a test decides when a stream
-ends instead of racing it. Used by unit tests of the service and the doors only; the
-integration tests run the real engine.
+(one token per character, built in memory, with ChatML's special tokens), its vocabulary
+size (the service checks prompt token ids against it), and ``generate`` answering from a
+script instead of a model. Tests hold it: with :meth:`FakeEngine.pause`, every request
+stops after its first output and waits until :meth:`resume` or :meth:`step`, so a test
+decides when a stream ends instead of racing it. Used by unit tests of the service and the
+doors only; the integration tests run the real engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import string
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from rillet.engine.inputs import build_request
 from rillet.errors import IncompleteGenerationError, RilletError
 from rillet.protocol import EngineRequest, FinishReason, GeneratedToken, RequestOutput
-from rillet.sampling import SamplingParams
 from rillet.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
@@ -59,6 +57,7 @@ class FakeEngine:
         self.tokenizer = char_tokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.vocab_size = self.tokenizer.vocab_size
         #: The model's sampling defaults, as a generation_config.json would give them.
         self.generation_defaults: dict[str, object] = {}
         self.reply = DEFAULT_REPLY
@@ -116,23 +115,6 @@ class FakeEngine:
             await asyncio.sleep(0.001)
 
     # ---- EngineLike -------------------------------------------------------------------
-
-    def make_request(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        add_special_tokens: bool = True,
-    ) -> EngineRequest:
-        return build_request(
-            self.tokenizer,
-            self.tokenizer.vocab_size,
-            self.max_model_len,
-            prompt,
-            params,
-            request_id,
-            add_special_tokens,
-        )
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         if self._shutdown:

@@ -71,7 +71,8 @@ class EngineBackend(Protocol):
 
 
 class AsyncEngine:
-    """The interface every front door uses: ``make_request`` then ``generate``."""
+    """The way in to the engine: ``generate`` a request, built by the server's generation
+    service or, for a Python caller, by ``make_request``."""
 
     def __init__(
         self,
@@ -160,7 +161,9 @@ class AsyncEngine:
         request_id: str | None = None,
         add_special_tokens: bool = True,
     ) -> EngineRequest:
-        """Tokenize and validate. Raises ValidationError, so callers can answer 4xx early."""
+        """Tokenize and check for the engine (``inputs.build_request``); raises
+        ValidationError before anything runs. The server checks its clients' requests itself,
+        in their words (``GenerationService.build_request``)."""
         return build_request(
             self.tokenizer,
             self.vocab_size,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from rillet.engine.inputs import check_prompt_length
 from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.rates import EngineRates
 from rillet.engine.request import Request
 from rillet.engine.scheduler import ScheduledRequest, Scheduler
-from rillet.errors import RilletError, ValidationError
+from rillet.errors import RilletError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
 
 
@@ -45,12 +46,15 @@ class EngineCore:
         self._failed: list[tuple[str, RilletError]] = []
 
     def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; its cap is cut to the room left in the context (None = all of it).
+
+        Callers check their requests before they get here (``inputs.build_request``, the
+        server's service); this guard only keeps a bad one from reaching the scheduler, and
+        fails that request alone (a ValidationError, in neutral words).
+        """
         num_prompt = len(request.prompt_token_ids)
+        check_prompt_length(num_prompt, self.max_model_len)
         room = self.max_model_len - num_prompt
-        if num_prompt == 0 or room <= 0:
-            raise ValidationError(
-                f"`inputs` must have less than {self.max_model_len} tokens. Given: {num_prompt}"
-            )
         wanted = request.params.max_new_tokens
         cap = room if wanted is None else min(wanted, room)
         core_request = Request.from_engine_request(request, cap)

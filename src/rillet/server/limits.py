@@ -9,7 +9,7 @@ is left. The message is the same on every door; only the field names are the cli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
@@ -65,9 +65,9 @@ class TokenLimits:
 
     def apply(
         self, num_prompt_tokens: int, params: SamplingParams, names: FieldNames = TGI_FIELDS
-    ) -> None:
+    ) -> SamplingParams:
         """Refuse a request over the limits (ValidationError, the message names the client's
-        fields); fill ``params.max_new_tokens`` with the room left when it is unset."""
+        fields); return ``params`` with an unset ``max_new_tokens`` set to the room left."""
         cap = params.max_new_tokens
         if num_prompt_tokens > self.max_input_tokens:
             raise ValidationError(
@@ -75,10 +75,11 @@ class TokenLimits:
                 f"Given: {num_prompt_tokens}"
             )
         if cap is None:
-            params.max_new_tokens = self.max_total_tokens - num_prompt_tokens
-        elif num_prompt_tokens + cap > self.max_total_tokens:
+            return replace(params, max_new_tokens=self.max_total_tokens - num_prompt_tokens)
+        if num_prompt_tokens + cap > self.max_total_tokens:
             raise ValidationError(
                 f"`{names.prompt}` tokens + `{names.max_new_tokens}` must be <= "
                 f"{self.max_total_tokens}. Given: {num_prompt_tokens} `{names.prompt}` tokens "
                 f"and {cap} `{names.max_new_tokens}`"
             )
+        return params

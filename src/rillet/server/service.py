@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from rillet.engine.inputs import check_params, check_token_ids, new_request
 from rillet.errors import (
     IncompleteGenerationError,
     OverloadedError,
@@ -71,16 +72,10 @@ class EngineLike(Protocol):
     tokenizer: Tokenizer
     model_name: str
     max_model_len: int
+    #: The model's vocabulary: every prompt token id is below it.
+    vocab_size: int
     #: The model's own sampling defaults (generation_config.json names).
     generation_defaults: Mapping[str, Any]
-
-    def make_request(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        add_special_tokens: bool = True,
-    ) -> EngineRequest: ...
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
 
@@ -188,18 +183,23 @@ class GenerationService:
         return generation, planned
 
     def build_request(self, spec: GenerationSpec) -> EngineRequest:
-        """Tokenize (with the chat template for messages), truncate, check the limits.
+        """Check a client's request and build its engine request: every check a request
+        meets, in the client's words (``spec.names``), before the engine sees it.
 
-        The limits come before the engine's own checks, so a long prompt is refused in the
-        client's words and with the configured limit, not the context length.
+        In order: the shape (stop sequences, messages), the token cap, the prompt (tokenized,
+        with the chat template for messages, truncated, never empty), the token limits (which
+        fill an unset cap), the sampling fields, the token ids against the vocabulary. The
+        configured limits are below the engine's context, so the engine's own guard never
+        speaks to a client. ``spec`` is left as the dialect made it: the params with the
+        server's defaults and the cap filled in are new values, carried by the request.
         """
         names = spec.names
-        spec.params = self.sampling_defaults.apply(spec.params, spec.unset)
-        self._check_shape(spec)
-        self.limits.check_cap(spec.params, names)
+        params = self.sampling_defaults.apply(spec.params, spec.unset)
+        self._check_shape(spec, params)
+        self.limits.check_cap(params, names)
         prompt = spec.prompt
         if isinstance(prompt, ChatPrompt):
-            ids = self._render_chat(prompt, spec)
+            ids = self._render_chat(prompt, params)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValidationError(f"`{names.prompt}` cannot be empty")
@@ -211,8 +211,10 @@ class GenerationService:
             ids = ids[-spec.truncate :]
         if not ids:
             raise ValidationError(f"`{names.prompt}` cannot be empty")
-        self.limits.apply(len(ids), spec.params, names)
-        return self.engine.make_request(ids, spec.params)
+        params = self.limits.apply(len(ids), params, names)
+        check_params(params)
+        check_token_ids(ids, self.engine.vocab_size)
+        return new_request(ids, params)
 
     def _check_queue(self, generation: Generation) -> None:
         """OverloadedError now if the engine's queue predicts the first token after the
@@ -233,12 +235,12 @@ class GenerationService:
         assert generation.request is not None
         return predict_first_token_s(self.engine.stats(), len(generation.request.prompt_token_ids))
 
-    def _check_shape(self, spec: GenerationSpec) -> None:
+    def _check_shape(self, spec: GenerationSpec, params: SamplingParams) -> None:
         """What a request may carry besides tokens, the same on every door: stop sequences
         (TGI's limit of 4, which OpenAI's API also has), a constraint's size and messages.
         The stop-string check runs on every detokenized piece, so the longest one bounds its
         work."""
-        config, stop = self.config, spec.params.stop
+        config, stop = self.config, params.stop
         if len(stop) > config.max_stop_sequences:
             raise ValidationError(
                 f"`stop` supports up to {config.max_stop_sequences} stop sequences. "
@@ -250,7 +252,7 @@ class GenerationService:
                 f"a stop sequence may have at most {config.max_stop_length} characters. "
                 f"Given: {longest}"
             )
-        constraint = spec.params.constraint
+        constraint = params.constraint
         if constraint is not None and constraint.size > config.max_grammar_length:
             raise ValidationError(
                 f"a {constraint.kind.value} constraint may have at most "
@@ -263,13 +265,13 @@ class GenerationService:
                 f"Given: {len(chat.messages)}"
             )
 
-    def _render_chat(self, chat: ChatPrompt, spec: GenerationSpec) -> list[int]:
+    def _render_chat(self, chat: ChatPrompt, params: SamplingParams) -> list[int]:
         messages = list(chat.messages)
         while True:
             text = self.tokenizer.apply_chat_template(messages, chat.add_generation_prompt)
             # The template already carries BOS where the model wants one (as transformers).
             ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if not chat.drop_oldest_turns or self.limits.fits(len(ids), spec.params.max_new_tokens):
+            if not chat.drop_oldest_turns or self.limits.fits(len(ids), params.max_new_tokens):
                 return ids
             shorter = _without_oldest_turn(messages)
             if shorter is None:

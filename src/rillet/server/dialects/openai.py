@@ -14,7 +14,7 @@ The response side (chunks, answers, errors) is in ``openai_render.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -133,7 +133,7 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
     chat = ChatPrompt([message_dict(m) for m in body.messages], add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
-    params.constraint = response_format_constraint(body.response_format)
+    params = replace(params, constraint=response_format_constraint(body.response_format))
     return OpenAIPlan(
         GenerationSpec(chat, params, names=CHAT_FIELDS, unset=unset_fields(body)),
         chat=True,
@@ -152,7 +152,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan
         raise ValidationError("`logprobs` must be a non-negative integer")
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = sampling_params(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
-    params.constraint = response_format_constraint(body.response_format)
+    params = replace(params, constraint=response_format_constraint(body.response_format))
     echo = ""
     if body.echo:
         echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
