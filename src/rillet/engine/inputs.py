@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rillet.engine.grammar import check_constraint
 from rillet.errors import ValidationError
 from rillet.protocol import EngineRequest
 from rillet.sampling import SamplingParams
@@ -60,6 +59,10 @@ def check_params(params: SamplingParams) -> None:
     here, before the request exists, not as an error in its stream)."""
     params.validate()
     if params.constraint is not None:
+        # Here, not at the top: the grammar module brings torch and xgrammar, and the
+        # client and the CLI import the server's modules without either.
+        from rillet.engine.grammar import check_constraint
+
         check_constraint(params.constraint)
 
 
