@@ -44,7 +44,7 @@ def test_a_template_with_tools_renders_as_transformers_does() -> None:
     )
     assert ours == theirs[0]
     assert '"arguments": {"city": "Paris"}}' in ours  # an object, not a string in a string
-    assert "<tool_response>\n{\"temp\": 21}\n</tool_response>\n<tool_response>" in ours
+    assert '<tool_response>\n{"temp": 21}\n</tool_response>\n<tool_response>' in ours
     assert ChatTemplate(QWEN25).reads_tools and not ChatTemplate(CHATML_TEMPLATE).reads_tools
 
 
@@ -52,7 +52,7 @@ def test_a_template_without_tools_gets_the_fallback() -> None:
     text = ChatTemplate(CHATML_TEMPLATE).render(ROUND_TRIP, True, {"tools": TOOLS})
     system, user, assistant, results, prompt = text.split("<|im_start|>")[1:]
     assert system.startswith("system\n# Tools\n") and json.dumps(TOOLS[0]) in system
-    assert "<tool_call>\n{\"name\": <function-name>" in system
+    assert '<tool_call>\n{"name": <function-name>' in system
     assert user == "user\nWeather in Paris?<|im_end|>\n"
     assert assistant == (
         'assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
