@@ -83,6 +83,8 @@ def _structured(key: str, value: Any, where: str) -> Constraint:
         if key == "choice":
             if isinstance(value, str):
                 value = json_loads(value)
+            if not isinstance(value, list):
+                raise ValidationError("a choice constraint must be a list of non-empty strings")
             return Constraint.choice(value)
         if key == "grammar":
             return Constraint.grammar(value)
