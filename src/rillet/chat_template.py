@@ -5,6 +5,10 @@ come with model files, so they are untrusted code), ``trim_blocks``/``lstrip_blo
 ``loopcontrols``, a ``tojson`` that does not HTML-escape, ``raise_exception`` and
 ``strftime_now``, and ``{% generation %}`` blocks accepted as no-ops. Every failure is a
 :class:`ValidationError`, because the messages that trigger it come from a client.
+
+``tools`` and tool turns (assistant ``tool_calls``, ``role: "tool"``) reach a template that
+reads ``tools`` as transformers passes them; any other template gets them written into
+plain messages (``rillet.chat_tools``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from rillet import chat_tools
 from rillet.errors import ValidationError
 
 #: Used when a model ships no chat template (ChatML, as SmolLM2 and Qwen2 use).
@@ -57,6 +63,7 @@ class ChatTemplate:
     def __init__(self, source: str) -> None:
         self.source = source
         self._compiled: jinja2.Template | None = None
+        self._reads_tools = False
 
     def render(
         self,
@@ -70,9 +77,16 @@ class ChatTemplate:
         concatenated with no separator (as TGI does); any other part is refused.
         """
         scope: dict[str, Any] = {"tools": None, "documents": None, **variables}
-        scope["messages"] = [flatten_message(m) for m in messages]
-        scope["add_generation_prompt"] = add_generation_prompt
+        flat = [flatten_message(m) for m in messages]
         template = self._template()
+        if scope["tools"] or chat_tools.has_tool_turns(flat):
+            if self.reads_tools:
+                flat = chat_tools.with_argument_objects(flat)
+            else:
+                flat = chat_tools.fallback(flat, scope["tools"])
+                scope["tools"] = None
+        scope["messages"] = flat
+        scope["add_generation_prompt"] = add_generation_prompt
         try:
             return template.render(**scope)
         except jinja2.TemplateError as exc:  # includes raise_exception() and sandbox refusals
@@ -81,12 +95,21 @@ class ChatTemplate:
             # e.g. "'str' + None" when a message has no content: the messages do not fit.
             raise ValidationError(f"chat template failed on these messages: {exc}") from exc
 
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the template renders ``tools`` itself (it names the variable)."""
+        self._template()
+        return self._reads_tools
+
     def _template(self) -> jinja2.Template:
         if self._compiled is None:
+            env = _environment()
             try:
-                self._compiled = _environment().from_string(self.source)
+                self._compiled = env.from_string(self.source)
+                names = jinja2.meta.find_undeclared_variables(env.parse(self.source))
             except jinja2.TemplateError as exc:
                 raise ValidationError(f"the model's chat template is invalid: {exc}") from exc
+            self._reads_tools = "tools" in names
         return self._compiled
 
 

@@ -29,6 +29,9 @@ class ConstraintKind(enum.StrEnum):
     GRAMMAR = "grammar"
     #: Exactly one of a list of strings; ``value`` is the list as JSON text.
     CHOICE = "choice"
+    #: xgrammar's structural tag (JSON text): literal text and JSON-schema values in a
+    #: sequence, e.g. a model's tool-call format around each tool's arguments.
+    STRUCTURAL_TAG = "structural_tag"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,20 @@ class Constraint:
         ):
             raise ValidationError("a choice constraint must be a list of non-empty strings")
         return cls(ConstraintKind.CHOICE, json.dumps(list(options)))
+
+    @classmethod
+    def structural_tag(cls, tag: Mapping[str, Any] | str) -> Constraint:
+        """A structural tag, ``{"type": "structural_tag", "format": {...}}``, as an object
+        or as JSON text (vLLM's ``structured_outputs.structural_tag``). Raises
+        ValidationError."""
+        if isinstance(tag, str):
+            try:
+                tag = json.loads(tag)
+            except ValueError as exc:
+                raise ValidationError(f"the structural tag is not valid JSON: {exc}") from None
+        if not isinstance(tag, Mapping):
+            raise ValidationError("a structural tag must be a JSON object")
+        return cls(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
 
     @property
     def size(self) -> int:

@@ -52,11 +52,12 @@ class Door:
 
 @contextlib.asynccontextmanager
 async def door(
-    generation_defaults: dict[str, Any] | None = None, **config: Any
+    generation_defaults: dict[str, Any] | None = None, max_model_len: int = 256, **config: Any
 ) -> AsyncIterator[Door]:
     """``async with door(max_concurrent_requests=1) as d``: a fresh fake engine and app;
-    ``generation_defaults`` stand in for the model's generation_config.json."""
-    engine = FakeEngine()
+    ``generation_defaults`` stand in for the model's generation_config.json, and
+    ``max_model_len`` is the fake model's context (one token per character)."""
+    engine = FakeEngine(max_model_len=max_model_len)
     engine.generation_defaults = dict(generation_defaults or {})
     app = create_app(engine, ServerConfig(**config), owns_engine=False)  # type: ignore[arg-type]
     async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:

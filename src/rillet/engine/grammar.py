@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rillet.constraint import Constraint, ConstraintKind
+from rillet.engine.schema_support import check_schema_support
 from rillet.errors import GenerationError, RilletError, ValidationError
 
 if TYPE_CHECKING:
@@ -82,16 +83,41 @@ def _grammar(constraint: Constraint) -> Any:
         return xgr.Grammar.from_ebnf(
             "root ::= " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
         )
+    if kind is ConstraintKind.STRUCTURAL_TAG:
+        return xgr.Grammar.from_structural_tag(value)
     return xgr.Grammar.from_ebnf(value)
 
 
 @functools.lru_cache(maxsize=256)
 def check_constraint(constraint: Constraint) -> None:
-    """Raise ValidationError if ``constraint`` does not parse (bad schema, regex, EBNF)."""
+    """Raise ValidationError if ``constraint`` does not parse (bad schema, regex, EBNF), or
+    if it holds a JSON Schema keyword the library would silently not enforce."""
+    for schema in _schemas(constraint):
+        check_schema_support(schema)
     try:
         _grammar(constraint)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ValidationError(f"invalid {constraint.kind.value}: {_reason(exc)}") from None
+
+
+def _schemas(constraint: Constraint) -> list[Any]:
+    """The JSON schemas inside ``constraint``: itself, or a structural tag's values."""
+    if constraint.kind is ConstraintKind.JSON_SCHEMA:
+        return [json.loads(constraint.value)]
+    if constraint.kind is not ConstraintKind.STRUCTURAL_TAG:
+        return []
+    found: list[Any] = []
+    pending: list[Any] = [json.loads(constraint.value)]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "json_schema" and "json_schema" in node:
+                found.append(node["json_schema"])
+            else:
+                pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return found
 
 
 def _reason(exc: BaseException) -> str:

@@ -268,7 +268,9 @@ class GenerationService:
     def _render_chat(self, chat: ChatPrompt, params: SamplingParams) -> list[int]:
         messages = list(chat.messages)
         while True:
-            text = self.tokenizer.apply_chat_template(messages, chat.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                messages, chat.add_generation_prompt, tools=chat.tools
+            )
             # The template already carries BOS where the model wants one (as transformers).
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             if not chat.drop_oldest_turns or self.limits.fits(len(ids), params.max_new_tokens):

@@ -22,11 +22,14 @@ class ChatPrompt:
     oldest turns (system messages and the last turn are kept) instead of refusing it. The
     WebSocket chat keeps a conversation per connection and wants this; an API request that
     is too long is refused instead, as OpenAI does.
+
+    ``tools``: function tools for the template (OpenAI's shape), see ``rillet.chat_tools``.
     """
 
     messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
     drop_oldest_turns: bool = False
+    tools: list[dict[str, Any]] | None = None
 
 
 Prompt = str | list[int] | ChatPrompt

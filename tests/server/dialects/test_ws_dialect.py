@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from json_strategies import json_values
+from rillet.constraint import Constraint
 from rillet.errors import RilletError
 from rillet.server.dialects import ws
 
@@ -32,6 +33,11 @@ SAMPLING_FIELDS = [
     "frequency_penalty",
     "repetition_penalty",
     "min_tokens",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_choice",
+    "guided_regex",
 ]
 messages = st.lists(
     st.fixed_dictionaries({}, optional={"role": json_values, "content": json_values}) | json_values,
@@ -54,3 +60,17 @@ def test_any_frame_is_a_plan_or_a_typed_error(frame: Any) -> None:
         _, kind, parsed = ws.parse_frame(json.dumps(frame))
         if kind == "generate":
             ws.plan_generate(parsed).spec.params.validate()
+
+
+def test_a_generate_frame_takes_the_openai_and_vllm_constraints() -> None:
+    frame = {"type": "generate", "id": 1, "prompt": "Hi"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for fields in (
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"json_object": True}},
+    ):
+        assert ws.plan_generate({**frame, **fields}).spec.params.constraint == (
+            Constraint.json_object()
+        )
+    plan = ws.plan_generate({**frame, "guided_json": schema})
+    assert plan.spec.params.constraint == Constraint.json_schema(schema)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from json_strategies import json_values
+from rillet.constraint import Constraint
 from rillet.errors import NotFoundError, RilletError, ValidationError
 from rillet.protocol import FinishReason, GeneratedToken, RequestOutput
 from rillet.server import kserve
@@ -147,3 +148,27 @@ def test_any_tensors_are_a_plan_or_a_typed_error(
     request = kserve.KServeRequest("f", "m", inputs, parameters)
     with contextlib.suppress(RilletError):
         kserve.plan(request, one_response=one_response).spec.params.validate()
+
+
+def test_constraints_in_sampling_parameters_and_request_parameters() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fields = [
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema},
+            }
+        },
+        {"structured_outputs": {"json": schema}},
+        {"guided_json": json.dumps(schema)},
+    ]
+    for sampling in fields:
+        plan = kserve.plan(request(text_input=b"Hi", sampling_parameters=json.dumps(sampling)))
+        assert plan.spec.params.constraint == Constraint.json_schema(schema)
+    # Triton's request parameters are strings: an object field may be JSON text.
+    as_parameters = kserve.KServeRequest(
+        "2", "m", {"text_input": [b"Hi"]}, {"structured_outputs": '{"choice": ["a", "b"]}'}
+    )
+    assert kserve.plan(as_parameters).spec.params.constraint == Constraint.choice(["a", "b"])
+    with pytest.raises(ValidationError, match="structured_outputs"):
+        kserve.plan(request(text_input=b"Hi", sampling_parameters='{"structured_outputs": 3}'))

@@ -6,8 +6,10 @@ vLLM's extras that benchmark tools send are honoured (``ignore_eos``, ``min_toke
 ``top_k`` with -1 = off, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``). What we cannot do is refused with a
 400 rather than silently ignored: ``n``/``best_of`` > 1, several prompts, ``suffix``, a
-non-empty ``logit_bias``, tools, non-text content parts. ``response_format`` (json_object,
-json_schema) constrains the output on chat and completions alike (``structured.py``).
+non-empty ``logit_bias``, non-text content parts. ``response_format`` (json_object,
+json_schema), vLLM's ``structured_outputs`` and its older ``guided_*`` fields constrain the
+output on chat and completions alike (``structured.py``). Chat takes ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` (``tools.py``), and tool turns in ``messages``.
 
 The response side (chunks, answers, errors) is in ``openai_render.py``.
 """
@@ -22,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
 from rillet.server.dialects.fields import Lenient, Stop, stop_list
-from rillet.server.dialects.structured import response_format_constraint
+from rillet.server.dialects.structured import body_constraint
+from rillet.server.dialects.tools import ToolPlan, check_history, plan_tools
 from rillet.server.limits import FieldNames
 from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -78,6 +81,13 @@ class SamplingFields(Lenient):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     best_of: int | None = None
+    # Output constraints (structured.py): OpenAI's, vLLM's and vLLM's older names.
+    response_format: dict[str, Any] | str | None = None
+    structured_outputs: dict[str, Any] | str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | str | None = None
+    guided_grammar: str | None = None
 
 
 class OpenAICommon(SamplingFields):
@@ -87,7 +97,6 @@ class OpenAICommon(SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(OpenAICommon):
@@ -97,6 +106,7 @@ class ChatCompletionRequest(OpenAICommon):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = None
 
 
@@ -119,21 +129,30 @@ class OpenAIPlan:
     logprobs: bool
     #: Completions ``echo``: the prompt text that starts the answer.
     echo: str = ""
+    #: Chat with tools: how the answer's tool calls are parsed and sent.
+    tools: ToolPlan | None = None
 
 
 def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
     """Validate a chat request and map it (the service renders the chat template)."""
-    if body.tools and body.tool_choice != "none":
-        raise ValidationError("tools are not supported by this server")
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`logprobs` must be true when `top_logprobs` is used")
     add_generation_prompt = (
         True if body.add_generation_prompt is None else body.add_generation_prompt
     )
-    chat = ChatPrompt([message_dict(m) for m in body.messages], add_generation_prompt)
+    messages = [message_dict(m) for m in body.messages]
+    check_history(messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
-    params = replace(params, constraint=response_format_constraint(body.response_format))
+    tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if tools is not None and tools.constraint is not None:
+        if params.constraint is not None:
+            raise ValidationError(
+                "`response_format` / `structured_outputs` cannot be combined with `tools` "
+                'unless `tool_choice` is "none"'
+            )
+        params = replace(params, constraint=tools.constraint)
+    chat = ChatPrompt(messages, add_generation_prompt, tools=None if tools is None else tools.tools)
     return OpenAIPlan(
         GenerationSpec(chat, params, names=CHAT_FIELDS, unset=unset_fields(body)),
         chat=True,
@@ -141,6 +160,7 @@ def plan_chat(body: ChatCompletionRequest) -> OpenAIPlan:
         include_usage=_include_usage(body),
         continuous_usage=_continuous_usage(body),
         logprobs=bool(body.logprobs),
+        tools=tools,
     )
 
 
@@ -152,7 +172,6 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer) -> OpenAIPlan
         raise ValidationError("`logprobs` must be a non-negative integer")
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = sampling_params(body, max_tokens, body.logprobs is not None, body.logprobs or 0)
-    params = replace(params, constraint=response_format_constraint(body.response_format))
     echo = ""
     if body.echo:
         echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
@@ -209,7 +228,8 @@ def unset_fields(body: SamplingFields) -> frozenset[str]:
 def sampling_params(
     body: SamplingFields, max_tokens: int | None, logprobs: bool, top_logprobs: int
 ) -> SamplingParams:
-    """OpenAI's (and vLLM's) sampling fields as engine params."""
+    """OpenAI's (and vLLM's) sampling fields as engine params, the output constraint
+    included."""
     if body.n not in (None, 1) or body.best_of not in (None, 1):
         raise ValidationError("`n` and `best_of` must be 1: this server returns one choice")
     if body.logit_bias:
@@ -233,4 +253,5 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens is not False,
+        constraint=body_constraint(dict(body)),
     )

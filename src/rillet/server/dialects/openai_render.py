@@ -8,10 +8,18 @@ the cumulative ``usage`` after its ``choices`` (the role chunk's has 0 completio
 vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. A request its timeout ended
 has ``finish_reason: "length"`` and ``"rillet_finish_detail": "timeout"`` at the top level of
 its last chunk (and of the answer). The transport adds ``data: [DONE]``.
+
+With tools, the text goes through the tool-call parser and calls stream as OpenAI streams
+them: per call a first delta with ``index``, ``id``, ``type`` and ``function.name`` (and
+``arguments: ""``), then ``function.arguments`` fragments as they are generated, and at the
+end a ``delta: {}`` chunk with ``finish_reason: "tool_calls"``. The whole answer has
+``message.tool_calls`` and ``content: null`` when the model said nothing else.
 """
 
 from __future__ import annotations
 
+import secrets
+import string
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +27,13 @@ from rillet.errors import RilletError
 from rillet.protocol import GeneratedToken, RequestOutput
 from rillet.server.dialects.fields import clean_logprob
 from rillet.server.dialects.openai import OpenAIPlan
+from rillet.server.dialects.tool_calls import (
+    CallArguments,
+    CallStart,
+    Content,
+    Event,
+    ToolCallParser,
+)
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -55,6 +70,11 @@ class OpenAIRenderer:
         self.created = int(time.time())
         self._text_offset = len(planned.echo)
         self._started = False
+        tools = planned.tools
+        self._calls: ToolCallParser | None = None
+        if self.chat and tools is not None and tools.parse:
+            self._calls = ToolCallParser(tools.max_calls)
+        self._call_ids: list[str] = []
 
     def envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
         return {
@@ -77,6 +97,8 @@ class OpenAIRenderer:
                 chunks.append(self._chunk([first], out.num_prompt_tokens, 0))
             text = self.plan.echo + text
         finish = out.finish_reason.to_openai() if out.finish_reason else None
+        if self._calls is not None:
+            return chunks + self._tool_chunks(out, finish)
         if text or finish or (self.plan.logprobs and out.tokens):
             choice = self.choice(text, out.tokens, finish)
             chunk = self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens)
@@ -107,6 +129,10 @@ class OpenAIRenderer:
         obj = "text_completion"
         if self.chat:
             message = {"role": "assistant", "content": choice.pop("delta")["content"]}
+            if self._calls is not None:
+                message, choice["finish_reason"] = self._tool_message(
+                    message["content"], choice["finish_reason"]
+                )
             choice = {"index": 0, "message": message, **choice}
             obj = "chat.completion"
         usage = self.usage(result.num_prompt_tokens, result.num_generated_tokens)
@@ -149,6 +175,78 @@ class OpenAIRenderer:
             "top_logprobs": [{a.text: clean_logprob(a.logprob) for a in t.top} for t in tokens],
         }
 
+    # ---- tool calls -----------------------------------------------------------------------
+
+    def _tool_chunks(self, out: RequestOutput, finish: str | None) -> list[dict[str, Any]]:
+        """One chunk per content piece, call start and run of argument fragments; the
+        output's logprobs on the last; ``finish_reason`` on a ``delta: {}`` of its own."""
+        assert self._calls is not None
+        events = self._calls.feed(out.text)
+        if finish:
+            events += self._calls.finish()
+        choices: list[dict[str, Any]] = [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            for delta in map(self._delta, events)
+            if delta
+        ]
+        if self.plan.logprobs and out.tokens:
+            if not choices:
+                choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": None})
+            choices[-1]["logprobs"] = self.logprobs(out.tokens)
+        if finish:
+            finish = self._tool_finish(finish)
+            choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish})
+        made = [
+            self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens)
+            for choice in choices
+        ]
+        if made and out.finish_detail is not None:
+            made[-1]["rillet_finish_detail"] = out.finish_detail
+        return made
+
+    def _delta(self, event: Event) -> dict[str, Any]:
+        if isinstance(event, Content):
+            return {"content": event.text}
+        if isinstance(event, CallStart):
+            self._call_ids.append(_call_id())
+            call = {
+                "index": event.index,
+                "id": self._call_ids[event.index],
+                "type": "function",
+                "function": {"name": event.name, "arguments": ""},
+            }
+            return {"tool_calls": [call]}
+        if isinstance(event, CallArguments):
+            fragment = {"index": event.index, "function": {"arguments": event.fragment}}
+            return {"tool_calls": [fragment]}
+        return {}  # CallEnd: OpenAI sends nothing for it
+
+    def _tool_message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+        """The answer's message, its text parsed for calls, and its finish reason."""
+        assert self._calls is not None
+        content: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for event in self._calls.feed(text) + self._calls.finish():
+            if isinstance(event, Content):
+                content.append(event.text)
+            elif isinstance(event, CallStart):
+                self._call_ids.append(_call_id())
+                function = {"name": event.name, "arguments": ""}
+                calls.append({"id": self._call_ids[-1], "type": "function", "function": function})
+            elif isinstance(event, CallArguments):
+                calls[event.index]["function"]["arguments"] += event.fragment
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
+        if calls:
+            message["tool_calls"] = calls
+        elif message["content"] is None:
+            message["content"] = ""
+        return message, self._tool_finish(finish)
+
+    def _tool_finish(self, finish: str) -> str:
+        """``tool_calls`` when the model ended its turn after calling (a cut-short answer
+        stays ``length``, as OpenAI's does)."""
+        return "tool_calls" if self._call_ids and finish == "stop" else finish
+
     @staticmethod
     def usage(num_prompt: int, num_generated: int) -> dict[str, int]:
         return {
@@ -156,6 +254,14 @@ class OpenAIRenderer:
             "completion_tokens": num_generated,
             "total_tokens": num_prompt + num_generated,
         }
+
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def _call_id() -> str:
+    """OpenAI's form: ``call_`` and 24 letters and digits."""
+    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
 def _logprob_entry(text: str, logprob: float | None) -> dict[str, Any]:

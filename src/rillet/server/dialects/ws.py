@@ -6,7 +6,8 @@ frame::
     {"type": "generate", "id": "<client's id>", "messages": [...]}   (or "prompt": "...")
     {"type": "cancel", "id": "..."}
 
-with OpenAI's sampling fields (and vLLM's extras) at the top level of a ``generate``.
+with OpenAI's sampling fields (and vLLM's extras) at the top level of a ``generate``,
+output constraints included (``response_format``, ``structured_outputs``, ``guided_*``).
 Server -> client: ``{"type": "token", "id", "text", "token_ids"}`` per streamed delta
 (``logprobs`` too when asked), then exactly one ``{"type": "done", "id", "finish_reason",
 "usage"}`` (with ``"rillet_finish_detail": "timeout"`` when the request's ``timeout_ms``

@@ -8,8 +8,10 @@ Inputs, as vLLM's Triton backend reads them (``src/model.py``, ``src/utils/reque
 ``text_input`` (BYTES, the prompt), ``stream`` (BOOL, default false),
 ``sampling_parameters`` (BYTES, a JSON object with OpenAI/vLLM field names; values may be
 strings, as the backend's own client sends them; without it the request's parameters are
-read the same way), ``exclude_input_in_output`` (BOOL; default true when streaming, false
-otherwise, when the prompt starts the one answer) and ``return_finish_reason``,
+read the same way; ``response_format``, ``structured_outputs`` and ``guided_*`` constrain
+the output as on the OpenAI routes, an object given as JSON text),
+``exclude_input_in_output`` (BOOL; default true when streaming, false otherwise, when the
+prompt starts the one answer) and ``return_finish_reason``,
 ``return_num_input_tokens``, ``return_num_output_tokens``, ``return_logprobs``,
 ``return_cumulative_logprob`` (BOOL). rillet adds ``messages`` (BYTES, a JSON list of chat
 messages, rendered with the model's chat template on the server) for clients that chat.
