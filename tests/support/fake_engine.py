@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import string
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -84,6 +85,8 @@ class FakeEngine:
         #: ``aborting``), so the test can act while that clean-up is under way.
         self.hold_aborts: asyncio.Event | None = None
         self.aborting = asyncio.Event()
+        #: The engine's step counter: one step per output of any request.
+        self.num_steps = 0
 
     # ---- what tests drive -------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class FakeEngine:
         self.running[rid] = request
         try:
             await self._wait_turn(rid)  # held before its first output (pause(before_first))
+            scheduled = time.monotonic()  # its queue time ends, as a real engine reports
             for i, char in enumerate(text):
                 if self.fail_after is not None and i == self.fail_after[0]:
                     finished = True
@@ -140,6 +144,7 @@ class FakeEngine:
                 token_id = self.tokenizer.encode(char, add_special_tokens=False)[0]
                 finished = last
                 self.num_outputs[rid] = i + 1
+                self.num_steps += 1
                 yield RequestOutput(
                     request_id=rid,
                     tokens=[GeneratedToken(token_id, char, -0.5, False)],
@@ -147,6 +152,9 @@ class FakeEngine:
                     finish_reason=reason,
                     num_prompt_tokens=len(request.prompt_token_ids),
                     num_generated_tokens=i + 1,
+                    first_scheduled_time=scheduled if i == 0 else None,
+                    step=self.num_steps,
+                    first_token_time=time.monotonic() if i == 0 else None,
                 )
                 if not last:
                     await self._wait_turn(rid)

@@ -55,6 +55,7 @@ from rillet.server.metrics import EngineStatsLike, ServerMetrics
 from rillet.server.resumable import ResumeLimits, StreamStore
 from rillet.server.sampling_defaults import SamplingDefaults
 from rillet.server.spec import ChatPrompt, GenerationSpec
+from rillet.server.timing import StreamTiming
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -344,8 +345,9 @@ class Generation:
         self._released = False
         self.max_queue_s: float | None = None
         self.timeout_s: float | None = None
-        #: Per-token server timing asked for (``X-Rillet-Timing: 1``).
-        self.timing = False
+        #: Per-event server timing, when the request asked (``X-Rillet-Timing: 1``); the
+        #: door's renderer stamps each event with it (``server/timing.py``).
+        self.timing: StreamTiming | None = None
 
     def set_options(self, options: RequestOptions) -> None:
         """The request's deadlines and timing, the server's defaults where it set none."""
@@ -355,7 +357,7 @@ class Generation:
         self.timeout_s = (
             options.timeout_ms / 1000 if options.timeout_ms else config.request_timeout_s
         )
-        self.timing = options.timing
+        self.timing = StreamTiming(self.start_time) if options.timing else None
 
     def run(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` (the door's use of :meth:`stream` or :meth:`collect`) on a task

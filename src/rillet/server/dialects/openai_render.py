@@ -7,7 +7,9 @@ only when ``stream_options.include_usage``. With ``continuous_usage_stats`` ever
 the cumulative ``usage`` after its ``choices`` (the role chunk's has 0 completion tokens), as
 vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. A request its timeout ended
 has ``finish_reason: "length"`` and ``"rillet_finish_detail": "timeout"`` at the top level of
-its last chunk (and of the answer). The transport adds ``data: [DONE]``.
+its last chunk (and of the answer). With ``X-Rillet-Timing: 1`` every chunk ends with
+``rillet_timing`` (``server/timing.py``; the role and usage chunks deliver 0 tokens) and the
+chunk with the finish reason has the summary. The transport adds ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rillet.errors import RilletError
 from rillet.protocol import GeneratedToken, RequestOutput
 from rillet.server.dialects.fields import clean_logprob
 from rillet.server.dialects.openai import OpenAIPlan
+from rillet.server.timing import TIMING_KEY, StreamTiming
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -44,9 +47,15 @@ class OpenAIRenderer:
     """The fields every chunk and answer of one request repeats, and their shapes."""
 
     def __init__(
-        self, tokenizer: Tokenizer, model_name: str, planned: OpenAIPlan, request_id: str
+        self,
+        tokenizer: Tokenizer,
+        model_name: str,
+        planned: OpenAIPlan,
+        request_id: str,
+        timing: StreamTiming | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.timing = timing
         self.model_name = model_name
         self.plan = planned
         self.chat = planned.chat
@@ -74,7 +83,7 @@ class OpenAIRenderer:
             if self.chat:
                 delta = {"role": "assistant", "content": ""}
                 first = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-                chunks.append(self._chunk([first], out.num_prompt_tokens, 0))
+                chunks.append(self._timed(self._chunk([first], out.num_prompt_tokens, 0), out, 0))
             text = self.plan.echo + text
         finish = out.finish_reason.to_openai() if out.finish_reason else None
         if text or finish or (self.plan.logprobs and out.tokens):
@@ -82,8 +91,16 @@ class OpenAIRenderer:
             chunk = self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens)
             if out.finish_detail is not None:
                 chunk["rillet_finish_detail"] = out.finish_detail
-            chunks.append(chunk)
+            chunks.append(self._timed(chunk, out, None, final=finish is not None))
         return chunks
+
+    def _timed(
+        self, chunk: dict[str, Any], out: RequestOutput, tokens: int | None, final: bool = False
+    ) -> dict[str, Any]:
+        """``chunk`` with ``rillet_timing`` last, when the request asked for timing."""
+        if self.timing is not None:
+            chunk[TIMING_KEY] = self.timing.stamp(out, final=final, tokens=tokens)
+        return chunk
 
     def _chunk(
         self, choices: list[dict[str, Any]], num_prompt: int, num_generated: int
@@ -96,7 +113,7 @@ class OpenAIRenderer:
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         usage = self.usage(last.num_prompt_tokens, last.num_generated_tokens)
-        return self.envelope(self.object, choices=[], usage=usage)
+        return self._timed(self.envelope(self.object, choices=[], usage=usage), last, 0)
 
     def answer(self, result: RequestOutput) -> dict[str, Any]:
         """The whole ``chat.completion`` / ``text_completion`` for a merged generation."""
