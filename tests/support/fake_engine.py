@@ -119,7 +119,12 @@ class FakeEngine:
 
     # ---- EngineLike -------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self, request: EngineRequest, max_buffer_bytes: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The reply, one output per token. Each waits for its reader (no collector here,
+        so ``max_buffer_bytes`` means nothing): the stalled-reader tests run the real
+        ``AsyncEngine`` over a stepped core instead (``stepped_engine.py``)."""
         if self._shutdown:
             raise IncompleteGenerationError("the server is shutting down")
         rid = request.request_id

@@ -78,7 +78,12 @@ class EngineLike(Protocol):
     #: The model's own sampling defaults (generation_config.json names).
     generation_defaults: Mapping[str, Any]
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
+    def generate(
+        self, request: EngineRequest, max_buffer_bytes: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The request's outputs; a reader that leaves more than ``max_buffer_bytes``
+        waiting is given up (``AsyncEngine.generate``)."""
+        ...
 
     def stats(self) -> ServiceStats: ...
 
@@ -388,7 +393,9 @@ class Generation:
         try:
             # Closed at once, not when the garbage collector gets to it: closing the
             # engine's generator is what aborts the request in the engine.
-            async with contextlib.aclosing(self.service.engine.generate(self.request)) as outputs:
+            bound = self.service.config.max_stream_buffer_bytes
+            outputs_of = self.service.engine.generate(self.request, max_buffer_bytes=bound)
+            async with contextlib.aclosing(outputs_of) as outputs:
                 while True:
                     wait_s, first_token_due = self._next_deadline()
                     try:

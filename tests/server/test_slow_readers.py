@@ -1,0 +1,96 @@
+"""Stalled readers on every streaming door, over the real ``AsyncEngine`` (its collectors)
+and a core the test steps (``stepped_engine.py``): the engine never waits for a reader.
+
+Where a stalled reader's output sits, door by door, before the collector holds any:
+
+* TGI / OpenAI / Triton HTTP (SSE): the client's socket buffer, the server's socket send
+  buffer, then the transport's write buffer (uvicorn pauses the response's writer past its
+  high-water mark), so the stream's producer stops taking outputs: they merge in the
+  collector.
+* ``/ws``: the same socket buffers and the websocket's send (it waits on the transport's
+  drain), after the client's own queue of received frames is full.
+* gRPC: HTTP/2 flow control (the stream's and the connection's windows), then the
+  servicer's queue of 64 responses; its writer then waits, and outputs merge.
+
+Then the collector holds them, merged, up to ``--max-stream-buffer-bytes``: (a) a reader
+that comes back gets every token; (b) past the bound the request is aborted in the engine
+and the reader gets one in-band ``incomplete_generation`` error, and its permit is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app_server import serving
+from polling import poll_until
+from rillet.engine.async_engine import AsyncEngine
+from rillet.server.config import ServerConfig
+from rillet.server.http.app import create_app
+from rillet.server.service import GenerationService
+from stepped_engine import STALLED_BYTES, SteppedBackend, stall, stepped_engine
+
+pytestmark = pytest.mark.timeout(60)
+
+#: A reader's small receive buffer, so a stall reaches the server quickly.
+SMALL_RCVBUF = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+#: A bound a stalled stream passes within a few dozen tokens.
+SMALL_BOUND = 2048
+TGI = {"inputs": "Hi", "parameters": {"max_new_tokens": 1 << 19}}
+
+
+@contextlib.asynccontextmanager
+async def http_door(
+    **config: Any,
+) -> AsyncIterator[tuple[AsyncEngine, SteppedBackend, GenerationService, httpx.AsyncClient]]:
+    engine, backend = stepped_engine()
+    app = create_app(engine, ServerConfig(**config), owns_engine=False)
+    transport = httpx.AsyncHTTPTransport(socket_options=SMALL_RCVBUF)
+    async with (
+        serving(app) as url,
+        httpx.AsyncClient(base_url=url, transport=transport, timeout=30) as http,
+    ):
+        yield engine, backend, app.state.rillet, http
+
+
+def events(text: str) -> list[Any]:
+    return [
+        json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e.startswith("data: {")
+    ]
+
+
+async def test_tgi_a_stalled_reader_gets_every_token_when_it_reads_again() -> None:
+    async with http_door() as (engine, backend, service, http):
+        async with http.stream("POST", "/generate_stream", json=TGI) as response:
+            rid = await stall(engine, backend)  # the reader reads nothing meanwhile
+            for _ in range(500):  # and the engine goes on, never waiting for it
+                backend.step()
+            backend.step(finish=True)
+            await poll_until(lambda: engine.buffered_bytes(rid) > STALLED_BYTES + 500 * 65)
+            made = backend.num_steps
+            body = (await response.aread()).decode()
+        got = events(body)
+        assert len(got) == made and [e["index"] for e in got] == list(range(1, made + 1))
+        assert got[-1]["generated_text"] == "x" * made
+        assert backend.aborted == [] and service.in_flight == 0
+
+
+async def test_tgi_a_stream_past_the_bound_ends_with_one_error_and_frees_its_permit() -> None:
+    async with http_door(max_stream_buffer_bytes=SMALL_BOUND) as (engine, backend, service, http):
+        async with http.stream("POST", "/generate_stream", json=TGI) as response:
+            rid = await stall(engine, backend)
+            assert backend.aborted == [rid]  # at once, while the reader still stalls
+            body = (await response.aread()).decode()
+        *tokens, error = events(body)
+        assert all("token" in e for e in tokens) and len(tokens) < backend.num_steps
+        assert error["error_type"] == "incomplete_generation"
+        assert "--max-stream-buffer-bytes" in error["error"]
+        await poll_until(lambda: service.in_flight == 0)
+        outcome = {"route": "generate_stream", "outcome": "incomplete_generation"}
+        assert service.metrics.registry.get_sample_value("rillet_requests_total", outcome) == 1
