@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from app_server import serving
 from polling import poll_until
@@ -53,7 +54,7 @@ async def http_door(
     app = create_app(engine, ServerConfig(**config), owns_engine=False)
     transport = httpx.AsyncHTTPTransport(socket_options=SMALL_RCVBUF)
     async with (
-        serving(app) as url,
+        serving(app, send_buffer=4096) as url,
         httpx.AsyncClient(base_url=url, transport=transport, timeout=30) as http,
     ):
         yield engine, backend, app.state.rillet, http
@@ -94,3 +95,59 @@ async def test_tgi_a_stream_past_the_bound_ends_with_one_error_and_frees_its_per
         await poll_until(lambda: service.in_flight == 0)
         outcome = {"route": "generate_stream", "outcome": "incomplete_generation"}
         assert service.metrics.registry.get_sample_value("rillet_requests_total", outcome) == 1
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1 << 19, "stream": True}
+
+
+@pytest.mark.parametrize("bound", [None, SMALL_BOUND], ids=["every-token", "past-the-bound"])
+async def test_openai_a_stalled_reader(bound: int | None) -> None:
+    config = {} if bound is None else {"max_stream_buffer_bytes": bound}
+    async with http_door(**config) as (engine, backend, service, http):
+        async with http.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+            rid = await stall(engine, backend)
+            if bound is None:
+                backend.step(finish=True)
+            body = (await response.aread()).decode()
+        await poll_until(lambda: service.in_flight == 0)
+    assert body.endswith("data: [DONE]\n\n")
+    chunks = events(body)
+    if bound is None:
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == "x" * backend.num_steps and backend.aborted == []
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    else:
+        assert backend.aborted == [rid]
+        assert [c for c in chunks if "error" in c] == [chunks[-1]]
+        assert chunks[-1]["error"]["type"] == "incomplete_generation"
+
+
+@pytest.mark.parametrize("bound", [None, SMALL_BOUND], ids=["every-token", "past-the-bound"])
+async def test_ws_a_stalled_reader(bound: int | None) -> None:
+    config = {} if bound is None else {"max_stream_buffer_bytes": bound}
+    async with http_door(**config) as (engine, backend, service, http):
+        host, port = str(http.base_url.host), int(http.base_url.port or 0)
+        sock = socket.socket()
+        sock.setsockopt(*SMALL_RCVBUF[0])
+        sock.connect((host, port))
+        sock.setblocking(False)
+        url = f"ws://{host}:{port}/ws"
+        # max_queue=1: the client stops reading its socket while a frame waits for recv()
+        async with connect(url, sock=sock, max_queue=1) as ws:
+            generate = {"type": "generate", "id": 1, "prompt": "Hi", "max_tokens": 1 << 19}
+            await ws.send(json.dumps(generate))
+            rid = await stall(engine, backend)
+            if bound is None:
+                backend.step(finish=True)
+            frames = [json.loads(await ws.recv())]
+            while frames[-1]["type"] == "token":
+                frames.append(json.loads(await ws.recv()))
+        await poll_until(lambda: service.in_flight == 0)
+    *tokens, last = frames
+    if bound is None:
+        assert "".join(f["text"] for f in tokens) == "x" * backend.num_steps
+        assert last["type"] == "done" and last["usage"]["completion_tokens"] == backend.num_steps
+        assert backend.aborted == []
+    else:
+        assert backend.aborted == [rid]
+        assert last["type"] == "error" and last["error_type"] == "incomplete_generation"
