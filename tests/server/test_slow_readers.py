@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tritonclient.grpc.aio as tc_aio
 from websockets.asyncio.client import connect
 
 from app_server import serving
@@ -36,6 +37,7 @@ from rillet.server.config import ServerConfig
 from rillet.server.http.app import create_app
 from rillet.server.service import GenerationService
 from stepped_engine import STALLED_BYTES, SteppedBackend, stall, stepped_engine
+from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,3 +153,43 @@ async def test_ws_a_stalled_reader(bound: int | None) -> None:
     else:
         assert backend.aborted == [rid]
         assert last["type"] == "error" and last["error_type"] == "incomplete_generation"
+
+
+@pytest.mark.parametrize("bound", [None, SMALL_BOUND], ids=["every-token", "past-the-bound"])
+async def test_grpc_a_stalled_reader(bound: int | None) -> None:
+    from rillet.server.kserve.grpc_server import start_grpc_server
+
+    engine, backend = stepped_engine()
+    config = ServerConfig() if bound is None else ServerConfig(max_stream_buffer_bytes=bound)
+    service = GenerationService(engine, config)
+    server, port = await start_grpc_server(service, "127.0.0.1", 0)
+    # No BDP probing: the client's flow-control window stays at its initial 64 KiB.
+    options = [("grpc.http2.bdp_probe", 0)]
+    try:
+        async with tc_aio.InferenceServerClient(
+            f"127.0.0.1:{port}", channel_args=options
+        ) as client:
+
+            async def requests() -> AsyncIterator[dict[str, Any]]:
+                sampling = {"max_tokens": 1 << 19}
+                yield {"model_name": "fake-model", "inputs": vllm_inputs("Hi", sampling=sampling)}
+
+            responses = client.stream_infer(requests())
+            rid = await stall(engine, backend)  # nothing read from ``responses`` meanwhile
+            if bound is None:
+                backend.step(finish=True)
+            text, error = "", None
+            async for result, error in responses:
+                if error is not None:
+                    break
+                text += result.as_numpy("text_output")[0].decode()
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+            await poll_until(lambda: service.in_flight == 0)
+    finally:
+        await server.stop(grace=None)
+    if bound is None:
+        assert error is None and text == "x" * backend.num_steps and backend.aborted == []
+    else:
+        assert backend.aborted == [rid]
+        assert error is not None and "incomplete_generation" in str(error)
