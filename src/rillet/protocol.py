@@ -65,6 +65,11 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    #: The core's step counter for the step that made this delta (0: not from a core).
+    step: int = 0
+    #: time.monotonic() when the core sampled the request's first token: set on the delta
+    #: that carries it, so the server can split time to first token into queue and prefill.
+    first_token_time: float | None = None
 
 
 @dataclass(slots=True)
@@ -123,6 +128,10 @@ class RequestOutput:
     #: timeout ended it (``finish_reason`` is then ``length``). Doors show it as
     #: ``rillet_finish_detail``.
     finish_detail: str | None = None
+    #: The engine step that made this delta (a merged output: the latest one's).
+    step: int = 0
+    #: time.monotonic() when the engine sampled the first token (its prefill ends).
+    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -142,3 +151,6 @@ class RequestOutput:
             self.stop_sequence = later.stop_sequence
         if self.first_scheduled_time is None:
             self.first_scheduled_time = later.first_scheduled_time
+        if self.first_token_time is None:
+            self.first_token_time = later.first_token_time
+        self.step = max(self.step, later.step)

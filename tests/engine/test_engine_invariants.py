@@ -82,11 +82,16 @@ def test_seeded_sampling_alone_equals_batched(bundled: LLM) -> None:
 async def _stream(
     engine: AsyncEngine, prompt: str, params: SamplingParams
 ) -> tuple[str, list[int]]:
-    text, ids = "", []
+    text, ids, steps = "", [], [0]
     async for out in engine.generate(engine.make_request(prompt, params)):
         assert "\ufffd" not in out.text
+        if out.tokens and not ids:  # the first token's delta: the server's timing split
+            assert out.first_scheduled_time is not None and out.first_token_time is not None
+            assert out.first_token_time >= out.first_scheduled_time
         text += out.text
         ids.extend(t.id for t in out.tokens)
+        assert out.step > steps[-1]  # each delta from a later engine step
+        steps.append(out.step)
     return text, ids
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,21 @@ from rillet.server.service import GenerationService
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """``async with serving(app) as url``: uvicorn on a free loopback port until exit."""
+async def serving(app: Any, send_buffer: int | None = None) -> AsyncIterator[str]:
+    """``async with serving(app) as url``: uvicorn on a free loopback port until exit.
+
+    ``send_buffer`` fixes each connection's socket send buffer (accepted sockets inherit the
+    listening socket's), so a client that stops reading stalls the server's writes soon.
+    """
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
+    sockets = None
+    if send_buffer is not None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        listener.bind(("127.0.0.1", 0))
+        sockets = [listener]
+    task = asyncio.ensure_future(server.serve(sockets=sockets))
     while not server.started:
         if task.done():
             task.result()  # raises what stopped it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import string
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -84,6 +85,8 @@ class FakeEngine:
         #: ``aborting``), so the test can act while that clean-up is under way.
         self.hold_aborts: asyncio.Event | None = None
         self.aborting = asyncio.Event()
+        #: The engine's step counter: one step per output of any request.
+        self.num_steps = 0
 
     # ---- what tests drive -------------------------------------------------------------
 
@@ -116,7 +119,12 @@ class FakeEngine:
 
     # ---- EngineLike -------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self, request: EngineRequest, max_buffer_bytes: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The reply, one output per token. Each waits for its reader (no collector here,
+        so ``max_buffer_bytes`` means nothing): the stalled-reader tests run the real
+        ``AsyncEngine`` over a stepped core instead (``stepped_engine.py``)."""
         if self._shutdown:
             raise IncompleteGenerationError("the server is shutting down")
         rid = request.request_id
@@ -129,6 +137,7 @@ class FakeEngine:
         self.running[rid] = request
         try:
             await self._wait_turn(rid)  # held before its first output (pause(before_first))
+            scheduled = time.monotonic()  # its queue time ends, as a real engine reports
             for i, char in enumerate(text):
                 if self.fail_after is not None and i == self.fail_after[0]:
                     finished = True
@@ -140,6 +149,7 @@ class FakeEngine:
                 token_id = self.tokenizer.encode(char, add_special_tokens=False)[0]
                 finished = last
                 self.num_outputs[rid] = i + 1
+                self.num_steps += 1
                 yield RequestOutput(
                     request_id=rid,
                     tokens=[GeneratedToken(token_id, char, -0.5, False)],
@@ -147,6 +157,9 @@ class FakeEngine:
                     finish_reason=reason,
                     num_prompt_tokens=len(request.prompt_token_ids),
                     num_generated_tokens=i + 1,
+                    first_scheduled_time=scheduled if i == 0 else None,
+                    step=self.num_steps,
+                    first_token_time=time.monotonic() if i == 0 else None,
                 )
                 if not last:
                     await self._wait_turn(rid)

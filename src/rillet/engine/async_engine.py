@@ -174,11 +174,16 @@ class AsyncEngine:
             add_special_tokens,
         )
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self, request: EngineRequest, max_buffer_bytes: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream deltas for ``request`` until one has a finish_reason.
 
         Raises the engine's error for this request (GenerationError, EngineDeadError,
-        IncompleteGenerationError on shutdown) in place of the next delta.
+        IncompleteGenerationError on shutdown) in place of the next delta. A consumer that
+        stalls while more than ``max_buffer_bytes`` of output wait for it (None: no bound)
+        has its request aborted at once, and gets an IncompleteGenerationError when it reads
+        again (``RequestCollector``).
         """
         self._ensure_started()
         if self._dead is not None:
@@ -186,7 +191,7 @@ class AsyncEngine:
         rid = request.request_id
         if rid in self._collectors:
             raise ValidationError(f"request id {rid!r} is already in use")
-        collector = RequestCollector()
+        collector = RequestCollector(max_buffer_bytes, lambda: self._abort(rid))
         self._collectors[rid] = collector
         self._processor.add(request)
         self._backend.send("add", request)
@@ -204,8 +209,18 @@ class AsyncEngine:
         finally:
             self._collectors.pop(rid, None)
             if not finished:
-                self._processor.drop(rid)
-                self._backend.send("abort", rid)
+                self._abort(rid)
+
+    def _abort(self, request_id: str) -> None:
+        """Forget a request's text and have the core free it before its next step: for a
+        consumer that went away, and for one too slow to keep (its collector overflowed)."""
+        self._processor.drop(request_id)
+        self._backend.send("abort", request_id)
+
+    def buffered_bytes(self, request_id: str) -> int:
+        """What a request's output waiting for its consumer holds (0: it keeps up)."""
+        collector = self._collectors.get(request_id)
+        return 0 if collector is None else collector.num_bytes
 
     def stats(self) -> EngineStats:
         """A snapshot of the core's counters (from its last report, if it runs elsewhere)."""

@@ -122,13 +122,18 @@ class EngineCore:
 
     def _delta(self, request: Request, result: StepResult) -> TokenDelta:
         rid = request.request_id
+        new_token_ids = [result.sampled[rid]] if rid in result.sampled else []
         delta = TokenDelta(
             request_id=rid,
-            new_token_ids=[result.sampled[rid]] if rid in result.sampled else [],
+            new_token_ids=new_token_ids,
             finish_reason=request.finish_reason,
             num_cached_tokens=request.num_cached_tokens,
             first_scheduled_time=request.first_scheduled_time,
+            step=self.counters.num_steps,
         )
+        if new_token_ids and request.num_output_tokens == 1:
+            # The monotonic clock, as first_scheduled_time: the server's, in every process.
+            delta.first_token_time = time.monotonic()
         if rid in result.logprobs:
             delta.logprobs = [result.logprobs[rid]]
         if rid in result.top_logprobs:

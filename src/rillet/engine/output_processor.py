@@ -48,6 +48,8 @@ class OutputProcessor:
             if out is None:  # a step that ran after a stop string had already ended it
                 continue
             out.first_scheduled_time = delta.first_scheduled_time
+            out.first_token_time = delta.first_token_time
+            out.step = delta.step
             if state.stop_hit:
                 step.stop_hits.append(delta.request_id)
             if out.finished:

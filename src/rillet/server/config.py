@@ -48,6 +48,9 @@ class ServerConfig:
     #: Events kept for resumes, all streams together and per stream (the oldest go first).
     max_resume_bytes: int = 64 << 20
     max_resume_stream_bytes: int = 4 << 20
+    #: Output one stream may have waiting for a stalled reader (text bytes plus a fixed
+    #: size per token) before the request is aborted with an in-band error.
+    max_stream_buffer_bytes: int = 16 << 20
     #: Milliseconds a request may wait for its first token unless it says otherwise
     #: (``X-Rillet-Max-Queue-Ms``); None: no deadline.
     max_queue_ms: int | None = None
@@ -89,6 +92,7 @@ class ServerConfig:
             "max_grammar_length",
             "max_resume_bytes",
             "max_resume_stream_bytes",
+            "max_stream_buffer_bytes",
             "max_queue_ms",
             "request_timeout_s",
         ):

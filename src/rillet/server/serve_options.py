@@ -147,6 +147,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
             ("max_grammar_length", "characters of a JSON schema, regex or grammar constraint"),
             ("max_resume_bytes", "events kept for resumable streams, all together"),
             ("max_resume_stream_bytes", "events kept for one resumable stream"),
+            (
+                "max_stream_buffer_bytes",
+                "output one stream may have waiting for a reader that stopped reading (text "
+                "bytes, plus 64 per token); past it the request is aborted and the reader gets "
+                "one in-band `incomplete_generation` error",
+            ),
         )
     ),
     Option(

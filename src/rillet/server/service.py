@@ -55,6 +55,7 @@ from rillet.server.metrics import EngineStatsLike, ServerMetrics
 from rillet.server.resumable import ResumeLimits, StreamStore
 from rillet.server.sampling_defaults import SamplingDefaults
 from rillet.server.spec import ChatPrompt, GenerationSpec
+from rillet.server.timing import StreamTiming
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -77,7 +78,12 @@ class EngineLike(Protocol):
     #: The model's own sampling defaults (generation_config.json names).
     generation_defaults: Mapping[str, Any]
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]: ...
+    def generate(
+        self, request: EngineRequest, max_buffer_bytes: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The request's outputs; a reader that leaves more than ``max_buffer_bytes``
+        waiting is given up (``AsyncEngine.generate``)."""
+        ...
 
     def stats(self) -> ServiceStats: ...
 
@@ -346,8 +352,9 @@ class Generation:
         self._released = False
         self.max_queue_s: float | None = None
         self.timeout_s: float | None = None
-        #: Per-token server timing asked for (``X-Rillet-Timing: 1``).
-        self.timing = False
+        #: Per-event server timing, when the request asked (``X-Rillet-Timing: 1``); the
+        #: door's renderer stamps each event with it (``server/timing.py``).
+        self.timing: StreamTiming | None = None
 
     def set_options(self, options: RequestOptions) -> None:
         """The request's deadlines and timing, the server's defaults where it set none."""
@@ -357,7 +364,7 @@ class Generation:
         self.timeout_s = (
             options.timeout_ms / 1000 if options.timeout_ms else config.request_timeout_s
         )
-        self.timing = options.timing
+        self.timing = StreamTiming(self.start_time) if options.timing else None
 
     def run(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` (the door's use of :meth:`stream` or :meth:`collect`) on a task
@@ -388,7 +395,9 @@ class Generation:
         try:
             # Closed at once, not when the garbage collector gets to it: closing the
             # engine's generator is what aborts the request in the engine.
-            async with contextlib.aclosing(self.service.engine.generate(self.request)) as outputs:
+            bound = self.service.config.max_stream_buffer_bytes
+            outputs_of = self.service.engine.generate(self.request, max_buffer_bytes=bound)
+            async with contextlib.aclosing(outputs_of) as outputs:
                 while True:
                     wait_s, first_token_due = self._next_deadline()
                     try:

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rillet.errors import RilletError, ValidationError
+from rillet.protocol import RequestOutput
 from rillet.server.auth import bearer_token
 from rillet.server.deadlines import RequestOptions
 from rillet.server.dialects import tgi, ws
@@ -150,22 +151,34 @@ class _Running:
             async with contextlib.aclosing(generation.stream()) as outputs:
                 async for out in outputs:
                     if out.text:
-                        await send(ws.token_frame(self.frame_id, out, self.plan.logprobs))
+                        frame = ws.token_frame(
+                            self.frame_id, out, self.plan.logprobs, generation.timing
+                        )
+                        await send(frame)
                     if out.finish_reason is not None:
                         self.ended = True
-                        await send(self.done(out.finish_reason.to_openai(), out.finish_detail))
+                        reason = out.finish_reason.to_openai()
+                        await send(self.done(reason, out.finish_detail, out))
         except RilletError as exc:
             self.ended = True
             await send(ws.error_frame(self.frame_id, exc))
 
-    def done(self, finish_reason: str, finish_detail: str | None = None) -> dict[str, Any]:
+    def done(
+        self,
+        finish_reason: str,
+        finish_detail: str | None = None,
+        last: RequestOutput | None = None,
+    ) -> dict[str, Any]:
+        """The ``done`` frame after ``last``, the generation's last output (None: cancelled)."""
         generation = self.generation
+        timing = generation.timing
         return ws.done_frame(
             self.frame_id,
             finish_reason,
             generation.num_prompt_tokens,
             generation.num_generated_tokens,
             finish_detail,
+            None if timing is None else timing.stamp(last, final=True),
         )
 
 

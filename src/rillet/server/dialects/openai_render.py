@@ -7,7 +7,9 @@ only when ``stream_options.include_usage``. With ``continuous_usage_stats`` ever
 the cumulative ``usage`` after its ``choices`` (the role chunk's has 0 completion tokens), as
 vLLM's ``serving_chat.py`` / ``serving_completion.py`` send it. A request its timeout ended
 has ``finish_reason: "length"`` and ``"rillet_finish_detail": "timeout"`` at the top level of
-its last chunk (and of the answer). The transport adds ``data: [DONE]``.
+its last chunk (and of the answer). With ``X-Rillet-Timing: 1`` every chunk ends with
+``rillet_timing`` (``server/timing.py``; the role and usage chunks deliver 0 tokens) and the
+chunk with the finish reason has the summary. The transport adds ``data: [DONE]``.
 
 With tools, the text goes through the tool-call parser and calls stream as OpenAI streams
 them: per call a first delta with ``index``, ``id``, ``type`` and ``function.name`` (and
@@ -34,6 +36,7 @@ from rillet.server.dialects.tool_calls import (
     Event,
     ToolCallParser,
 )
+from rillet.server.timing import TIMING_KEY, StreamTiming
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -59,9 +62,15 @@ class OpenAIRenderer:
     """The fields every chunk and answer of one request repeats, and their shapes."""
 
     def __init__(
-        self, tokenizer: Tokenizer, model_name: str, planned: OpenAIPlan, request_id: str
+        self,
+        tokenizer: Tokenizer,
+        model_name: str,
+        planned: OpenAIPlan,
+        request_id: str,
+        timing: StreamTiming | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.timing = timing
         self.model_name = model_name
         self.plan = planned
         self.chat = planned.chat
@@ -94,7 +103,7 @@ class OpenAIRenderer:
             if self.chat:
                 delta = {"role": "assistant", "content": ""}
                 first = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-                chunks.append(self._chunk([first], out.num_prompt_tokens, 0))
+                chunks.append(self._timed(self._chunk([first], out.num_prompt_tokens, 0), out, 0))
             text = self.plan.echo + text
         finish = out.finish_reason.to_openai() if out.finish_reason else None
         if self._calls is not None:
@@ -104,8 +113,16 @@ class OpenAIRenderer:
             chunk = self._chunk([choice], out.num_prompt_tokens, out.num_generated_tokens)
             if out.finish_detail is not None:
                 chunk["rillet_finish_detail"] = out.finish_detail
-            chunks.append(chunk)
+            chunks.append(self._timed(chunk, out, None, final=finish is not None))
         return chunks
+
+    def _timed(
+        self, chunk: dict[str, Any], out: RequestOutput, tokens: int | None, final: bool = False
+    ) -> dict[str, Any]:
+        """``chunk`` with ``rillet_timing`` last, when the request asked for timing."""
+        if self.timing is not None:
+            chunk[TIMING_KEY] = self.timing.stamp(out, final=final, tokens=tokens)
+        return chunk
 
     def _chunk(
         self, choices: list[dict[str, Any]], num_prompt: int, num_generated: int
@@ -118,7 +135,7 @@ class OpenAIRenderer:
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         usage = self.usage(last.num_prompt_tokens, last.num_generated_tokens)
-        return self.envelope(self.object, choices=[], usage=usage)
+        return self._timed(self.envelope(self.object, choices=[], usage=usage), last, 0)
 
     def answer(self, result: RequestOutput) -> dict[str, Any]:
         """The whole ``chat.completion`` / ``text_completion`` for a merged generation."""
@@ -202,7 +219,12 @@ class OpenAIRenderer:
         ]
         if made and out.finish_detail is not None:
             made[-1]["rillet_finish_detail"] = out.finish_detail
-        return made
+        # The output's tokens are delivered by its first chunk; the last has the summary.
+        last = len(made) - 1
+        return [
+            self._timed(chunk, out, None, final=finish is not None and i == last)
+            for i, chunk in enumerate(made)
+        ]
 
     def _delta(self, event: Event) -> dict[str, Any]:
         if isinstance(event, Content):

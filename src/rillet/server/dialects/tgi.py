@@ -15,6 +15,9 @@ A request its timeout ended (``X-Rillet-Timeout-Ms``) ends with finish reason ``
 ``"rillet_finish_detail": "timeout"`` in the last event (and the answer). If no token came
 since the last event, that last event carries an empty special token of id 0 (TGI's clients
 need a ``token`` on every event, and skip special ones in text).
+
+With ``X-Rillet-Timing: 1`` every event ends with ``rillet_timing`` (``server/timing.py``):
+``tokens`` is 1 per event (0 on such an empty last one), the last event has the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from rillet.server.config import ServerConfig
 from rillet.server.dialects.fields import Lenient, Stop, clean_logprob, stop_list
 from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import GenerationSpec
+from rillet.server.timing import TIMING_KEY, StreamTiming
 
 if TYPE_CHECKING:
     from rillet.tokenizer import Tokenizer
@@ -185,9 +189,12 @@ def error_body(exc: RilletError) -> dict[str, str]:
 class TgiRenderer:
     """TGI's JSON for one planned request: stream events and the whole answer."""
 
-    def __init__(self, tokenizer: Tokenizer, planned: TgiPlan) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, planned: TgiPlan, timing: StreamTiming | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.plan = planned
+        self.timing = timing
         self._index = 0
         self._text = ""
 
@@ -231,6 +238,9 @@ class TgiRenderer:
                 }
             if last and out.finish_detail is not None:
                 event["rillet_finish_detail"] = out.finish_detail
+            if self.timing is not None:  # one token per event (none on a timeout's last)
+                delivered = 1 if i < len(out.tokens) else 0
+                event[TIMING_KEY] = self.timing.stamp(out, final=last, tokens=delivered)
             events.append(event)
         return events
 

@@ -13,7 +13,9 @@ Server -> client: ``{"type": "token", "id", "text", "token_ids"}`` per streamed 
 "usage"}`` (with ``"rillet_finish_detail": "timeout"`` when the request's ``timeout_ms``
 ended it) or one ``{"type": "error", "id", "error", "error_type"}`` (the table's types;
 ``retry_after`` in seconds too on an ``overloaded`` one). A ``generate`` frame may carry
-``max_queue_ms`` and ``timeout_ms`` (``rillet.server.deadlines``).
+``max_queue_ms`` and ``timeout_ms`` (``rillet.server.deadlines``), and ``"timing": true``: then
+every ``token`` frame and the ``done`` frame carry ``rillet_timing`` (``server/timing.py``),
+the ``done`` frame with the summary (and the tokens of a last output that had no text).
 The mapping is OpenAI's (``openai.sampling_params``), so greedy text equals the OpenAI
 route's for the same messages and fields.
 """
@@ -39,6 +41,7 @@ from rillet.server.dialects.openai import (
     unset_fields,
 )
 from rillet.server.spec import ChatPrompt, GenerationSpec
+from rillet.server.timing import TIMING_KEY, StreamTiming
 
 #: What the Ray tutorial's chat client waits for after each reply.
 RESPONSE_FINISHED = "<<Response Finished>>"
@@ -118,7 +121,9 @@ def chat_turn(conversation: list[dict[str, Any]], max_total_tokens: int) -> WsPl
     return WsPlan(GenerationSpec(chat, params, names=CHAT_FIELDS), logprobs=False)
 
 
-def token_frame(frame_id: FrameId, out: RequestOutput, logprobs: bool) -> dict[str, Any]:
+def token_frame(
+    frame_id: FrameId, out: RequestOutput, logprobs: bool, timing: StreamTiming | None = None
+) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "token",
         "id": frame_id,
@@ -127,6 +132,8 @@ def token_frame(frame_id: FrameId, out: RequestOutput, logprobs: bool) -> dict[s
     }
     if logprobs:
         frame["logprobs"] = [clean_logprob(t.logprob) for t in out.tokens]
+    if timing is not None:
+        frame[TIMING_KEY] = timing.stamp(out, final=False)
     return frame
 
 
@@ -136,8 +143,10 @@ def done_frame(
     num_prompt_tokens: int,
     num_generated_tokens: int,
     finish_detail: str | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    frame = {
+    """``timing``: the ``rillet_timing`` summary stamp, when the request asked for it."""
+    frame: dict[str, Any] = {
         "type": "done",
         "id": frame_id,
         "finish_reason": finish_reason,
@@ -145,6 +154,8 @@ def done_frame(
     }
     if finish_detail is not None:
         frame["rillet_finish_detail"] = finish_detail
+    if timing is not None:
+        frame[TIMING_KEY] = timing
     return frame
 
 

@@ -60,7 +60,11 @@ async def _start(request: Request, route: str, chat: bool) -> Response:
     generation, planned = service.start(route, plan, request_options(request))
     assert generation.request is not None
     renderer = OpenAIRenderer(
-        service.tokenizer, service.model_name, planned, generation.request.request_id
+        service.tokenizer,
+        service.model_name,
+        planned,
+        generation.request.request_id,
+        generation.timing,
     )
     if planned.stream:
         return stream_response(generation, _events(generation, renderer), OPENAI_ERRORS, request)

@@ -49,7 +49,7 @@ async def _start(request: Request, route: str, body: tgi.GenerateRequest, stream
         lambda: tgi.plan(body, service.config, stream=stream, full_text_default=route == "compat"),
         request_options(request),
     )
-    renderer = tgi.TgiRenderer(service.tokenizer, plan)
+    renderer = tgi.TgiRenderer(service.tokenizer, plan, generation.timing)
     if stream:
         return stream_response(generation, _events(generation, renderer), TGI_ERRORS, request)
     answer = renderer.answer(await collect_answer(request, generation))

@@ -34,6 +34,7 @@ from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import sse_event
 from rillet.server.service import Generation
+from rillet.server.timing import TIMING_KEY
 
 
 def _status(exc: RilletError) -> int:
@@ -83,8 +84,10 @@ def _answer(
     request: kserve.KServeRequest,
     outputs: list[kserve.Output],
     finish_detail: str | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``rillet_finish_detail`` (``timeout``) is added when the request's timeout ended it."""
+    """``rillet_finish_detail`` (``timeout``) is added when the request's timeout ended it,
+    ``rillet_timing`` when it asked for timing."""
     answer: dict[str, Any] = {"model_name": model, "model_version": "1"}
     if request.id:
         answer["id"] = request.id
@@ -93,6 +96,8 @@ def _answer(
         answer[output.name] = values[0] if len(values) == 1 else values
     if finish_detail is not None:
         answer["rillet_finish_detail"] = finish_detail
+    if timing is not None:
+        answer[TIMING_KEY] = timing
     return answer
 
 
@@ -142,15 +147,17 @@ async def generate_stream(request: Request, model: str) -> Response:
 async def _events(
     model: str, decoded: kserve.KServeRequest, generation: Generation, plan: kserve.KServePlan
 ) -> AsyncIterator[bytes]:
-    renderer = kserve.KServeRenderer(plan)
+    renderer = kserve.KServeRenderer(plan, generation.timing)
     if not plan.stream:  # one event with the whole answer
         result = await generation.collect()
-        yield sse_event(_answer(model, decoded, renderer.answer(result), result.finish_detail))
+        outputs, timing = renderer.answer(result), renderer.stamp(result, True)
+        yield sse_event(_answer(model, decoded, outputs, result.finish_detail, timing))
         return
     async with contextlib.aclosing(generation.stream()) as stream:
         async for out in stream:
             if out.text or out.finished:
-                yield sse_event(_answer(model, decoded, renderer.delta(out), out.finish_detail))
+                outputs, timing = renderer.delta(out), renderer.stamp(out, out.finished)
+                yield sse_event(_answer(model, decoded, outputs, out.finish_detail, timing))
 
 
 @router.get("/health/live")

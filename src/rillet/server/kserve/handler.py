@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from rillet.server import kserve
 from rillet.server.auth import bearer_token
 from rillet.server.deadlines import RequestOptions
 from rillet.server.service import Generation, GenerationService
+from rillet.server.timing import TIMING_KEY
 
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 _DATA_TYPES = {
@@ -101,6 +103,13 @@ def with_finish_detail(
     if finish_detail is not None:
         response.parameters["rillet_finish_detail"].string_param = finish_detail
     return response
+
+
+def with_timing(response: pb.ModelInferResponse, timing: dict[str, Any] | None) -> None:
+    """``rillet_timing`` as a string parameter holding its compact JSON, when asked for:
+    one parameter with the same object as every other door's, not five typed ones."""
+    if timing is not None:
+        response.parameters[TIMING_KEY].string_param = json.dumps(timing, separators=(",", ":"))
 
 
 class KServeHandler:
@@ -201,7 +210,7 @@ class KServeHandler:
         write: Write,
     ) -> None:
         try:
-            renderer = kserve.KServeRenderer(plan)
+            renderer = kserve.KServeRenderer(plan, generation.timing)
             flag_on_data = not plan.empty_final
             if plan.stream:
                 async with contextlib.aclosing(generation.stream()) as outputs:
@@ -210,11 +219,13 @@ class KServeHandler:
                             data = renderer.delta(out)
                             final = out.finished and flag_on_data
                             response = infer_response(request, data, final)
+                            with_timing(response, renderer.stamp(out, out.finished))
                             await write(_streamed(with_finish_detail(response, out.finish_detail)))
             else:
                 result = await generation.collect()
                 data = renderer.answer(result)
                 response = infer_response(request, data, flag_on_data)
+                with_timing(response, renderer.stamp(result, True))
                 await write(_streamed(with_finish_detail(response, result.finish_detail)))
             if plan.empty_final:
                 await write(_streamed(infer_response(request, [], final=True)))

@@ -5,7 +5,10 @@ the prompt unless it is excluded, when not), and for each ``return_*`` input its
 ``finish_reason`` (BYTES; ``"None"`` until the last response, as vLLM's backend sends it),
 ``num_input_tokens`` and ``num_output_tokens`` (UINT32; output tokens in this response),
 ``logprobs`` (BYTES, a JSON list) and ``cumulative_logprob`` (FP32). Both Triton doors
-send them: gRPC as raw tensors, HTTP as JSON keys.
+send them: gRPC as raw tensors, HTTP as JSON keys. A request with ``timing`` in its
+parameters (gRPC; ``X-Rillet-Timing: 1`` on HTTP) has ``rillet_timing`` on every streamed
+response: gRPC as a string parameter holding its JSON, HTTP as a key of the event
+(``server/timing.py``); the final response's has the summary.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from rillet.protocol import RequestOutput
 from rillet.server.dialects.fields import clean_logprob
 from rillet.server.kserve.dialect import KServePlan
+from rillet.server.timing import StreamTiming
 
 
 @dataclass
@@ -32,9 +36,15 @@ class KServeRenderer:
     """The outputs of each response of one request: :meth:`delta` for each streamed
     response, or :meth:`answer` for the one response that carries the whole generation."""
 
-    def __init__(self, planned: KServePlan) -> None:
+    def __init__(self, planned: KServePlan, timing: StreamTiming | None = None) -> None:
         self.plan = planned
+        self.timing = timing
         self._cumulative_logprob = 0.0
+
+    def stamp(self, out: RequestOutput, final: bool) -> dict[str, Any] | None:
+        """A streamed response's ``rillet_timing`` (None unless the request asked): a
+        response parameter on gRPC (its JSON text), a key of the event on HTTP."""
+        return None if self.timing is None else self.timing.stamp(out, final=final)
 
     def delta(self, out: RequestOutput) -> list[Output]:
         """A streamed response's outputs: ``out``'s new text, final once ``out`` has finished."""
