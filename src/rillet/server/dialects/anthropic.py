@@ -4,8 +4,11 @@ As Anthropic documents them: ``model``, ``max_tokens`` (required, at least 1), `
 (``user``/``assistant``, content a string or blocks), ``system`` (a string or text blocks),
 ``stop_sequences``, ``temperature`` (0 to 1; default 1), ``top_p``, ``top_k``, ``metadata``
 (accepted, unused), ``stream``, ``tools`` (``input_schema``) and ``tool_choice`` (``auto``,
-``any``, ``tool``, ``none``; ``disable_parallel_tool_use``). Text blocks of one message are
-joined, as the OpenAI dialect joins text parts. Tools and tool turns map to the door-neutral
+``any``, ``tool``, ``none``; ``disable_parallel_tool_use``), ``output_config.format``
+(``json_schema``: the constraint machinery, as chat's ``response_format``). The SDK's 2.x
+``create`` has no keywords for the sampling fields any more; they still come in the body
+(``extra_body``). Text blocks of one message are joined, as the OpenAI dialect joins text
+parts. Tools and tool turns map to the door-neutral
 :class:`~rillet.server.dialects.tool_request.ToolRequest`; what we cannot do (images,
 documents, thinking, a final assistant message to continue) is refused with a 400.
 
@@ -19,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from rillet.constraint import Constraint
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
 from rillet.server.dialects.fields import Lenient
@@ -61,6 +65,9 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
     stream: bool | None = None
+    #: ``{"format": {"type": "json_schema", "schema"}}``: structured output (``effort`` is
+    #: accepted and unused).
+    output_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -82,10 +89,23 @@ def plan_messages(body: MessagesRequest) -> AnthropicPlan:
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         stop=list(body.stop_sequences or []),
+        constraint=output_constraint(body.output_config),
     )
     unset = frozenset(name for name in DEFAULTABLE if getattr(body, name, None) is None)
     spec = GenerationSpec(chat, params, names=FIELDS, unset=unset)
     return AnthropicPlan(spec, stream=bool(body.stream), tools=tools)
+
+
+def output_constraint(output_config: dict[str, Any] | None) -> Constraint | None:
+    """``output_config.format`` as the constraint chat's ``response_format`` would make."""
+    fmt = (output_config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise ValidationError('`output_config.format` must be {"type": "json_schema", "schema"}')
+    if not isinstance(fmt.get("schema"), dict):
+        raise ValidationError("`output_config.format.schema` must be a JSON Schema object")
+    return Constraint.json_schema(fmt["schema"])
 
 
 def prompt_of(body: CountTokensRequest) -> tuple[ChatPrompt, ToolRequest | None]:
