@@ -203,9 +203,13 @@ def _text(content: Blocks, where: str) -> str:
     """A string, or text blocks joined (``system``, a tool result's content)."""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise ValidationError(f"`{where}` must be a string or a list of text blocks")
     parts = []
     for j, block in enumerate(content):
-        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise ValidationError(f"`{where}[{j}]` must be a text block")
+        if not isinstance(block.get("text"), str):
             raise ValidationError(f"`{where}[{j}]` must be a text block")
         parts.append(block["text"])
     return "".join(parts)

@@ -167,7 +167,8 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
         }
     if kind != "message":
         raise ValidationError(f"`{where}`: input items of type {kind!r} are not supported")
-    role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    role = item.get("role")
+    role = _ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise ValidationError(f"`{where}.role` must be user, assistant, system or developer")
     return {"role": role, "content": _text(item.get("content"), f"{where}.content")}
