@@ -56,6 +56,10 @@ OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /v1/completions",
     "GET /v1/models",
+    "POST /v1/messages",
+    "POST /v1/messages/count_tokens",
+    "POST /v1/responses",
+    "GET /v1/responses/{response_id}",
     "POST /v2/models/{model}/generate",
     "POST /v2/models/{model}/generate_stream",
     "GET /v2/health/live",
@@ -105,10 +109,14 @@ def test_every_operation_answers_2xx_or_a_4xx_json_error(
 
 
 def assert_error_shape(path: str, body: Any) -> None:
-    """The route family's error JSON: OpenAI's object, Triton's message, TGI's pair."""
+    """The route family's error JSON: Anthropic's, OpenAI's object, Triton's message, TGI's
+    pair."""
     assert isinstance(body, dict), body
     error = body.get("error")
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and isinstance(error, dict), body
+        assert isinstance(error["message"], str) and isinstance(error["type"], str), body
+    elif path.startswith("/v1/"):
         assert isinstance(error, dict), body
         assert isinstance(error["message"], str) and isinstance(error["type"], str), body
         assert isinstance(error["code"], int), body
@@ -119,7 +127,8 @@ def assert_error_shape(path: str, body: Any) -> None:
 
 
 def assert_clean_stream(text: str) -> None:
-    """Every event of a 2xx stream is JSON (or ``[DONE]``) and none is an internal error.
+    """Every event of a 2xx stream is JSON (or ``[DONE]``) and none is an internal error
+    (Anthropic's ``api_error``, or a Responses ``error`` event's ``code``).
 
     Lines end at CR, LF or CRLF only, as SSE says: ``str.splitlines`` would also split at
     U+2028, U+0085 and friends, which JSON leaves raw inside a token's text.
@@ -131,7 +140,10 @@ def assert_clean_stream(text: str) -> None:
         if data == "[DONE]":
             continue
         event = json.loads(data)
+        failures = ("internal", "generation", "incomplete_generation", "api_error")
+        if isinstance(event, dict) and event.get("type") == "error":  # Responses, Anthropic
+            assert event.get("code") not in failures, event
         error = event.get("error") if isinstance(event, dict) else None
         if error is not None:
             kind = error.get("type") if isinstance(error, dict) else event.get("error_type")
-            assert kind not in ("internal", "generation", "incomplete_generation"), event
+            assert kind not in failures, event

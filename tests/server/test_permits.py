@@ -44,6 +44,8 @@ MODEL = "fake-model"
 ENDINGS = ["end", "error", "disconnect", "cancel_before_first_step", "cancel_in_cleanup"]
 TGI_BODY = {"inputs": "Hi", "parameters": {"max_new_tokens": 5}}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+MESSAGES = {"model": MODEL, **CHAT}
+RESPONSE = {"model": MODEL, "input": "Hi", "max_output_tokens": 5}
 
 
 @dataclass
@@ -136,6 +138,13 @@ DOORS: dict[str, tuple[str, Talk]] = {
         "completions",
         http_talk("/v1/completions", {"prompt": "Hi", "max_tokens": 5, "stream": True}),
     ),
+    "anthropic_messages": ("messages", http_talk("/v1/messages", MESSAGES)),
+    "anthropic_messages_stream": (
+        "messages",
+        http_talk("/v1/messages", {**MESSAGES, "stream": True}),
+    ),
+    "responses": ("responses", http_talk("/v1/responses", RESPONSE)),
+    "responses_stream": ("responses", http_talk("/v1/responses", {**RESPONSE, "stream": True})),
     "plain": ("plain", http_talk("/?prompt=Hi&max_new_tokens=5", None)),
     "triton_generate": (
         "triton_generate",

@@ -8,6 +8,7 @@ right is decided here, once, in constant time.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from rillet.errors import AuthenticationError
 
@@ -27,3 +28,9 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip()
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request presents: ``Authorization: Bearer``, else Anthropic's
+    ``x-api-key`` (its SDK sends that one; with an auth token, a Bearer instead)."""
+    return bearer_token(headers.get("authorization")) or headers.get("x-api-key")

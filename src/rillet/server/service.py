@@ -222,6 +222,16 @@ class GenerationService:
         check_token_ids(ids, self.engine.vocab_size)
         return new_request(ids, params)
 
+    def count_prompt_tokens(self, chat: ChatPrompt) -> int:
+        """The tokens ``chat`` takes as :meth:`build_request` renders it (the chat template
+        applied), for ``count_tokens`` routes: nothing is admitted or run."""
+        if len(chat.messages) > self.config.max_messages:
+            raise ValidationError(
+                f"`messages` may hold at most {self.config.max_messages} messages. "
+                f"Given: {len(chat.messages)}"
+            )
+        return len(self._render_chat(chat, SamplingParams()))
+
     def _check_queue(self, generation: Generation) -> None:
         """OverloadedError now if the engine's queue predicts the first token after the
         request's deadline; ``retry-after`` is the time the queue needs to drain enough."""

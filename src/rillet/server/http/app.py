@@ -24,7 +24,7 @@ from rillet.errors import (
 )
 from rillet.server import ws
 from rillet.server.config import ServerConfig
-from rillet.server.http import openai, openapi, page, streams, tgi, triton
+from rillet.server.http import anthropic, openai, openapi, page, responses, streams, tgi, triton
 from rillet.server.http.body import service_of
 from rillet.server.http.errors import format_for_path
 from rillet.server.metrics import CONTENT_TYPE
@@ -67,6 +67,8 @@ def create_service_app(
     app.include_router(page.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(triton.router)
     app.include_router(streams.router)
     app.mount("/static", page.static_files(), name="static")

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rillet.errors import InternalError, RilletError
-from rillet.server.dialects import openai_render, tgi
-from rillet.server.http.sse import DONE, ClientGone, sse_event
+from rillet.server.dialects import anthropic_render, openai_render, tgi
+from rillet.server.http.sse import DONE, ClientGone, sse_event, sse_named_event
 
 log = logging.getLogger("rillet.server")
 
@@ -40,6 +40,9 @@ class ErrorFormat:
     terminator: bytes | None = None
     #: False for bodies with no way to say "error" mid-stream (text/plain: it just ends).
     in_band: bool = True
+    #: The in-band events, where a door frames them itself: named SSE events (Anthropic),
+    #: or events that carry the stream's own state (the Responses API's sequence numbers).
+    stream_events: Callable[[RilletError], list[bytes]] | None = None
 
     def response(self, exc: RilletError) -> JSONResponse:
         """The JSON answer to a request that failed before its response started."""
@@ -52,6 +55,8 @@ class ErrorFormat:
         """In-band, after the stream started: one error event, then the terminator."""
         if not self.in_band:
             return []
+        if self.stream_events is not None:
+            return self.stream_events(exc)
         events = [sse_event(self.body(exc))]
         if self.terminator is not None:
             events.append(self.terminator)
@@ -61,6 +66,12 @@ class ErrorFormat:
 TGI_ERRORS = ErrorFormat(tgi.error_body)
 OPENAI_ERRORS = ErrorFormat(openai_render.error_body, openai_render.status, DONE)
 PLAIN_ERRORS = ErrorFormat(tgi.error_body, in_band=False)
+#: Anthropic's shape; in a stream, an ``event: error`` (the SDK raises it as APIStatusError).
+ANTHROPIC_ERRORS = ErrorFormat(
+    anthropic_render.error_body,
+    anthropic_render.status,
+    stream_events=lambda exc: [sse_named_event("error", anthropic_render.error_body(exc))],
+)
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -94,4 +105,6 @@ def rendered_by(errors: ErrorFormat) -> type[APIRoute]:
 def format_for_path(path: str) -> ErrorFormat:
     """For requests no route took (404, 405): the path is all there is to go on (Triton's
     ``/v2`` routes answer ``{"error": ...}``, which TGI's shape also has)."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC_ERRORS
     return OPENAI_ERRORS if path.startswith("/v1/") else TGI_ERRORS

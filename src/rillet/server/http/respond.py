@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from rillet.errors import RilletError
 from rillet.protocol import RequestOutput
-from rillet.server.auth import bearer_token
+from rillet.server.auth import presented_key
 from rillet.server.http.errors import ErrorFormat
 from rillet.server.http.sse import StreamResponse, cancel_on_disconnect, in_band_errors
 from rillet.server.resumable import ResumableStream
@@ -55,7 +55,7 @@ def stream_response(
         and request.headers.get(RESUMABLE_HEADER) == "1"
         and store.limits.enabled
     ):
-        stream = store.open(bearer_token(request.headers.get("authorization")), sse_with_id)
+        stream = store.open(presented_key(request.headers), sse_with_id)
         store.produce(stream, in_band_errors(chunks, error_chunks), spawn=generation.run)
         return follow_response(stream, 0, errors, **options)
     return StreamResponse(chunks, error_chunks=error_chunks, spawn=generation.run, **options)

@@ -59,6 +59,12 @@ def sse_event(obj: Any) -> bytes:
     return b"data: " + dumps(obj).encode() + b"\n\n"
 
 
+def sse_named_event(name: str, obj: Any) -> bytes:
+    """One SSE event with an ``event:`` line before its data, as Anthropic and OpenAI's
+    Responses API send them (Anthropic's SDK dispatches on the event name alone)."""
+    return b"event: " + name.encode() + b"\n" + sse_event(obj)
+
+
 class ClientGone(Exception):
     """The client disconnected before a non-streaming answer was ready."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from rillet.errors import ValidationError
-from rillet.server.auth import bearer_token
+from rillet.server.auth import presented_key
 from rillet.server.http.body import require_api_key, service_of
 from rillet.server.http.errors import TGI_ERRORS, rendered_by
 from rillet.server.http.respond import follow_response
@@ -26,7 +26,7 @@ async def resume_stream(request: Request, sid: str) -> Response:
     service = service_of(request)
     after = _last_event_id(request.headers.get("last-event-id"))
     stream = service.streams.get(sid)
-    stream.check_owner(bearer_token(request.headers.get("authorization")))
+    stream.check_owner(presented_key(request.headers))
     return follow_response(
         stream, after, TGI_ERRORS, keep_alive_interval=service.config.keep_alive_interval_s
     )

@@ -1,0 +1,79 @@
+"""The Anthropic Messages and OpenAI Responses doors on a real ``rillet serve``, driven by
+the real ``anthropic`` and ``openai`` SDKs (a few greedy generations, small caps)."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+
+from server_process import ServerHandle
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+QUESTION = "What is 2+2? Answer with one number."
+GREEDY = {"temperature": 0}
+
+
+def test_anthropic_stream_create_count_tokens_and_errors(server: ServerHandle) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": QUESTION}]
+    kwargs = {"model": "any", "max_tokens": 32, "messages": messages, "extra_body": GREEDY}
+    with client.messages.stream(**kwargs) as stream:  # type: ignore[arg-type]
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    text = "".join(pieces)
+    assert text and len(pieces) > 1 and final.content[0].text == text  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+
+    whole = client.messages.create(**kwargs)  # type: ignore[arg-type]
+    assert whole.content[0].text == text  # type: ignore[union-attr]
+    assert (whole.stop_reason, whole.usage.output_tokens) == (
+        final.stop_reason,
+        final.usage.output_tokens,
+    )
+    counted = client.messages.count_tokens(model="any", messages=messages)  # type: ignore[arg-type]
+    assert counted.input_tokens == whole.usage.input_tokens
+
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="any", max_tokens=0, messages=messages)  # type: ignore[arg-type]
+    assert "max_tokens" in str(bad.value)
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("any")  # no such route here: a 404
+
+
+def test_responses_stream_and_create_with_instructions(server: ServerHandle) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    events = list(
+        client.responses.create(
+            model="any", input=QUESTION, max_output_tokens=32, temperature=0, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert deltas and final.output_text == deltas and final.status == "completed"
+
+    whole = client.responses.create(
+        model="any",
+        input=[{"role": "user", "content": "What is 2+2?"}],
+        instructions="Answer with one number.",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert whole.instructions == "Answer with one number." and whole.output_text
+    assert whole.status in ("completed", "incomplete") and whole.usage is not None
+    assert whole.usage.input_tokens > 0

@@ -1,0 +1,156 @@
+"""OpenAI's Responses dialect without a server: bodies -> specs, outputs -> events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rillet.constraint import Constraint
+from rillet.errors import GenerationError, ValidationError
+from rillet.protocol import FinishReason, RequestOutput
+from rillet.server.dialects import responses
+from rillet.server.dialects.responses_render import ResponsesRenderer
+from rillet.server.spec import ChatPrompt
+
+FN = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}
+
+
+def plan(**body: Any) -> responses.ResponsesPlan:
+    full = {"model": "m", "input": "Hi", **body}
+    return responses.plan_response(responses.ResponsesRequest.model_validate(full))
+
+
+def messages(planned: responses.ResponsesPlan) -> list[dict[str, Any]]:
+    prompt = planned.spec.prompt
+    assert isinstance(prompt, ChatPrompt)
+    return prompt.messages
+
+
+def test_a_string_input_with_instructions_is_a_system_and_a_user_message() -> None:
+    planned = plan(instructions="Be brief.", max_output_tokens=9, temperature=0.5, stream=True)
+    assert messages(planned) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    params = planned.spec.params
+    assert (params.max_new_tokens, params.temperature, params.top_p) == (9, 0.5, 1.0)
+    assert planned.stream and planned.spec.names.max_new_tokens == "max_output_tokens"
+    assert "top_p" in planned.spec.unset and "temperature" not in planned.spec.unset
+
+
+def test_input_items_map_to_chat_messages() -> None:
+    items = [
+        {"role": "developer", "content": "Rules."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "A"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "B"}]},
+        {"role": "user", "content": "C"},
+    ]
+    assert messages(plan(input=items)) == [
+        {"role": "system", "content": "Rules."},
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "C"},
+    ]
+
+
+def test_function_call_items_map_to_tool_turns() -> None:
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": '{"x":1}'}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "2"}
+    assert responses._item(call, "input[0]") == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}}
+        ],
+    }
+    assert responses._item(result, "input[1]") == {
+        "role": "tool",
+        "tool_call_id": "call_1",
+        "content": "2",
+    }
+    with pytest.raises(ValidationError, match="history holds tool calls"):
+        plan(input=[{"role": "user", "content": "Hi"}, call, result])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "constraint"),
+    [
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, Constraint.json_object()),
+        (
+            {"type": "json_schema", "name": "n", "schema": {"type": "object"}, "strict": True},
+            Constraint.json_schema({"type": "object"}),
+        ),
+    ],
+)
+def test_text_format_is_the_constraint(fmt: dict[str, Any], constraint: Constraint | None) -> None:
+    planned = plan(text={"format": fmt})
+    assert planned.spec.params.constraint == constraint
+    assert planned.echo["text"] == {"format": fmt}
+
+
+def test_tools_map_flat_to_the_door_neutral_request() -> None:
+    tools = responses.tool_request([FN], {"type": "function", "name": "f"}, False)
+    assert tools is not None and tools.parallel_tool_calls is False
+    assert tools.tools == [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    ]
+    assert tools.tool_choice == {"type": "function", "function": {"name": "f"}}
+    assert plan(tools=[FN], tool_choice="none").tools is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"previous_response_id": "resp_1"}, "does not store responses"),
+        ({"background": True}, "background"),
+        ({"input": []}, "cannot be empty"),
+        ({"input": [{"type": "reasoning"}]}, "'reasoning'"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "'input_file'"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"tools": [FN]}, "tool use is not available yet"),
+        ({"tools": [{"type": "web_search"}]}, "only function tools"),
+        ({"tool_choice": "required"}, "needs `tools`"),
+        ({"tools": [FN], "tool_choice": {"type": "function", "name": "g"}}, "'g'"),
+    ],
+)
+def test_what_cannot_be_served_is_a_validation_error(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        plan(**body)
+
+
+def output(text: str, reason: FinishReason | None = None) -> RequestOutput:
+    return RequestOutput("r", [], text, reason, num_prompt_tokens=4, num_generated_tokens=2)
+
+
+def test_events_are_numbered_in_order_and_the_end_says_how_it_ended() -> None:
+    renderer = ResponsesRenderer("m", plan(), "r")
+    events = [
+        *renderer.start(),
+        *renderer.events(output("He")),
+        *renderer.events(output("y", FinishReason.LENGTH)),
+    ]
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    assert events[-1][0] == "response.incomplete"
+    final = events[-1][1]["response"]
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["output"][0]["content"][0]["text"] == "Hey"
+    assert final["usage"]["total_tokens"] == 6
+
+
+def test_a_failure_is_an_error_event_then_response_failed_in_the_same_sequence() -> None:
+    renderer = ResponsesRenderer("m", plan(), "r")
+    renderer.start()
+    renderer.events(output("He"))
+    (error_name, error), (failed_name, failed) = renderer.failure_of(GenerationError("boom"))
+    assert (error_name, failed_name) == ("error", "response.failed")
+    assert error == {
+        "type": "error",
+        "sequence_number": 5,
+        "code": "generation",
+        "message": "boom",
+        "param": None,
+    }
+    assert failed["sequence_number"] == 6 and failed["response"]["status"] == "failed"
