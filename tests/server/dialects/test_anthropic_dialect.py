@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -61,7 +62,10 @@ def test_output_config_json_schema_is_a_constraint() -> None:
         ({"messages": [*HI, {"role": "assistant", "content": "Sure"}]}, "prefill"),
         ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "'image'"),
         ({"system": [{"type": "image"}]}, r"system\[0\]"),
-        ({"tools": [TOOL]}, "tool use is not available yet"),
+        (
+            {"tools": [TOOL], "output_config": {"format": {"type": "json_schema", "schema": {}}}},
+            "cannot be combined with `tools`",
+        ),
         ({"tools": [{**TOOL, "name": "a b"}]}, r"tools\[0\]\.name"),
         ({"tools": [{"name": "x"}]}, "input_schema"),
         ({"tools": [TOOL, TOOL]}, "listed twice"),
@@ -105,12 +109,47 @@ def test_tools_map_to_the_door_neutral_request(choice: Any, mapped: Any, paralle
     assert (tools.tool_choice, tools.parallel_tool_calls) == (mapped, parallel)
 
 
-def test_tools_with_choice_none_stay_out_and_pass() -> None:
+def test_tools_with_choice_none_stay_out_of_the_prompt_and_unconstrained() -> None:
     planned = plan(tools=[TOOL], tool_choice={"type": "none"})
-    assert planned.tools is not None and not planned.tools.wants_calls
+    assert planned.tools is not None and not planned.tools.parse
+    assert planned.spec.params.constraint is None
+    assert isinstance(planned.spec.prompt, ChatPrompt) and planned.spec.prompt.tools is None
 
 
-def test_tool_turns_map_to_openai_shapes_and_are_refused_for_now() -> None:
+@pytest.mark.parametrize(
+    ("choice", "format_type", "max_calls"),
+    [
+        (None, "triggered_tags", None),
+        ({"type": "any"}, "tags_with_separator", None),
+        ({"type": "auto", "disable_parallel_tool_use": True}, "triggered_tags", 1),
+        ({"type": "tool", "name": "get_weather"}, "tag", None),
+    ],
+)
+def test_tools_are_planned_as_chats_a_constraint_and_the_templates_tools(
+    choice: Any, format_type: str, max_calls: int | None
+) -> None:
+    planned = plan(tools=[TOOL], **({} if choice is None else {"tool_choice": choice}))
+    assert planned.tools is not None and planned.tools.parse
+    assert planned.tools.max_calls == max_calls
+    constraint = planned.spec.params.constraint
+    assert constraint is not None and constraint == planned.tools.constraint
+    assert json.loads(constraint.value)["format"]["type"] == format_type
+    assert "get_weather" in constraint.value
+    prompt = planned.spec.prompt
+    assert isinstance(prompt, ChatPrompt)
+    assert prompt.tools == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object"},
+                "description": "d",
+            },
+        }
+    ]
+
+
+def test_tool_turns_map_to_openai_shapes_for_the_template() -> None:
     use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
     result = {
         "type": "tool_result",
@@ -145,8 +184,10 @@ def test_tool_turns_map_to_openai_shapes_and_are_refused_for_now() -> None:
             {"role": "user", "content": [result]},
         ]
     }
-    with pytest.raises(ValidationError, match="history holds tool calls"):
-        plan(**body)
+    prompt = plan(**body).spec.prompt
+    assert isinstance(prompt, ChatPrompt)
+    assert [m["role"] for m in prompt.messages] == ["user", "assistant", "tool"]
+    assert prompt.messages[1]["tool_calls"][0]["id"] == "toolu_1"
 
 
 def output(text: str, reason: FinishReason | None = None, **fields: Any) -> RequestOutput:
@@ -211,3 +252,74 @@ def test_errors_take_anthropics_types_and_overload_stays_429() -> None:
     }
     assert status(ValidationError("no")) == 400
     assert error_body(ValidationError("no"))["error"]["type"] == "invalid_request_error"
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def tool_renderer(**body: Any) -> AnthropicRenderer:
+    return AnthropicRenderer("m", "r", 4, plan(tools=[TOOL], **body).tools)
+
+
+def test_a_call_is_a_tool_use_block_after_the_texts_own_block() -> None:
+    renderer = tool_renderer()
+    events = []
+    for piece in ["Let me", " check.", *CALL]:  # the call one character at a time
+        events += renderer.events(output(piece))
+    events += renderer.events(output("", FinishReason.EOS_TOKEN))
+    names = [name for name, _ in events]
+    assert names[:5] == [
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+    ]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[0][1]["content_block"] == {"type": "text", "text": ""}
+    assert events[3][1] == {"type": "content_block_stop", "index": 0}
+    start = events[4][1]
+    assert start["index"] == 1
+    block = start["content_block"]
+    assert block["type"] == "tool_use" and block["name"] == "get_weather"
+    assert block["input"] == {} and block["id"].startswith("toolu_")
+    deltas = [event for _, event in events[5:-3]]
+    assert len(deltas) > 10  # the arguments stream as they are generated
+    assert {(d["type"], d["index"], d["delta"]["type"]) for d in deltas} == {
+        ("content_block_delta", 1, "input_json_delta")
+    }
+    arguments = "".join(d["delta"]["partial_json"] for d in deltas)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert events[-3][1] == {"type": "content_block_stop", "index": 1}
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert renderer.content()[1]["input"] == {"city": "Paris"}
+
+
+def test_the_whole_message_has_the_calls_with_their_input_parsed() -> None:
+    renderer = tool_renderer(tool_choice={"type": "any"})
+    answer = renderer.answer(
+        output("Sure." + CALL + "\n" + CALL.replace("Paris", "Oslo"), FinishReason.EOS_TOKEN)
+    )
+    assert answer["stop_reason"] == "tool_use"
+    text, first, second = answer["content"]
+    assert text == {"type": "text", "text": "Sure."}
+    assert (first["type"], first["name"], first["input"]) == (
+        "tool_use",
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert second["input"] == {"city": "Oslo"} and second["id"] != first["id"]
+
+
+def test_a_call_cut_short_stays_max_tokens_with_an_empty_input() -> None:
+    renderer = tool_renderer()
+    answer = renderer.answer(output(CALL[:60], FinishReason.LENGTH))
+    assert answer["stop_reason"] == "max_tokens"
+    [block] = answer["content"]
+    assert block["type"] == "tool_use" and block["input"] == {}
+
+
+def test_without_parallel_calls_the_second_is_dropped() -> None:
+    renderer = tool_renderer(tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    answer = renderer.answer(output(CALL + "\n" + CALL, FinishReason.EOS_TOKEN))
+    assert [block["type"] for block in answer["content"]] == ["tool_use"]

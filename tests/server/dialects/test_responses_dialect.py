@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -69,8 +70,13 @@ def test_function_call_items_map_to_tool_turns() -> None:
         "tool_call_id": "call_1",
         "content": "2",
     }
-    with pytest.raises(ValidationError, match="history holds tool calls"):
-        plan(input=[{"role": "user", "content": "Hi"}, call, result])
+    second = {**call, "call_id": "call_2", "arguments": '{"x":2}'}
+    said = {"role": "assistant", "content": "Two calls."}
+    items = [{"role": "user", "content": "Hi"}, said, call, second, result]
+    turns = messages(plan(input=items))
+    assert [m["role"] for m in turns] == ["user", "assistant", "tool"]
+    assert turns[1]["content"] == "Two calls."  # parallel calls are one assistant turn
+    assert [c["id"] for c in turns[1]["tool_calls"]] == ["call_1", "call_2"]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +103,33 @@ def test_tools_map_flat_to_the_door_neutral_request() -> None:
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     ]
     assert tools.tool_choice == {"type": "function", "function": {"name": "f"}}
-    assert plan(tools=[FN], tool_choice="none").tools is not None
+    unused = plan(tools=[FN], tool_choice="none")
+    assert unused.tools is not None and not unused.tools.parse
+    assert unused.spec.params.constraint is None
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "format_type", "max_calls"),
+    [
+        (None, None, "triggered_tags", None),
+        ("required", False, "tags_with_separator", 1),
+        ({"type": "function", "name": "f"}, None, "tag", None),
+    ],
+)
+def test_tools_are_planned_as_chats_a_constraint_and_the_templates_tools(
+    choice: Any, parallel: bool | None, format_type: str, max_calls: int | None
+) -> None:
+    planned = plan(tools=[FN], tool_choice=choice, parallel_tool_calls=parallel)
+    assert planned.tools is not None and planned.tools.parse
+    assert planned.tools.max_calls == max_calls
+    constraint = planned.spec.params.constraint
+    assert constraint is not None and constraint == planned.tools.constraint
+    assert json.loads(constraint.value)["format"]["type"] == format_type
+    prompt = planned.spec.prompt
+    assert isinstance(prompt, ChatPrompt)
+    assert prompt.tools == [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -110,7 +142,10 @@ def test_tools_map_flat_to_the_door_neutral_request() -> None:
         ({"input": [{"role": "tool", "content": "x"}]}, "role"),
         ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "'input_file'"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
-        ({"tools": [FN]}, "tool use is not available yet"),
+        (
+            {"tools": [FN], "text": {"format": {"type": "json_object"}}},
+            "cannot be combined with `tools`",
+        ),
         ({"tools": [{"type": "web_search"}]}, "only function tools"),
         ({"tool_choice": "required"}, "needs `tools`"),
         ({"tools": [FN], "tool_choice": {"type": "function", "name": "g"}}, "'g'"),

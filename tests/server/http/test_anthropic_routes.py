@@ -108,8 +108,14 @@ async def test_bad_requests_raise_the_sdks_own_errors() -> None:
                 model="m", max_tokens=5, messages=HI, extra_body={"temperature": 1.5}
             )
         tool = {"name": "get_weather", "input_schema": {"type": "object", "properties": {}}}
-        with pytest.raises(anthropic.BadRequestError, match="tool use is not available yet"):
-            await client.messages.create(model="m", max_tokens=5, messages=HI, tools=[tool])  # type: ignore[list-item]
+        with pytest.raises(anthropic.BadRequestError, match="'nope'"):
+            await client.messages.create(
+                model="m",
+                max_tokens=5,
+                messages=HI,
+                tools=[tool],  # type: ignore[list-item]
+                tool_choice={"type": "tool", "name": "nope"},
+            )
         missing = await d.http.post("/v1/messages", json={"model": "m", "messages": HI})
         assert missing.status_code == 400
         assert missing.json() == {

@@ -117,8 +117,13 @@ async def test_refusals_are_openai_errors_the_sdk_raises() -> None:
         with pytest.raises(openai.NotFoundError, match="does not store responses"):
             await client.responses.retrieve("resp_1")
         tool = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}
-        with pytest.raises(openai.BadRequestError, match="tool use is not available yet"):
-            await client.responses.create(model="m", input="Hi", tools=[tool])  # type: ignore[list-item]
+        with pytest.raises(openai.BadRequestError, match="'g'"):
+            await client.responses.create(
+                model="m",
+                input="Hi",
+                tools=[tool],  # type: ignore[list-item]
+                tool_choice={"type": "function", "name": "g"},
+            )
         with pytest.raises(openai.BadRequestError, match=r"text\.format"):
             await client.responses.create(model="m", input="Hi", text={"format": {"type": "xml"}})  # type: ignore[typeddict-item]
         image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]

@@ -9,8 +9,11 @@ As Anthropic documents them: ``model``, ``max_tokens`` (required, at least 1), `
 ``create`` has no keywords for the sampling fields any more; they still come in the body
 (``extra_body``). Text blocks of one message are joined, as the OpenAI dialect joins text
 parts. Tools and tool turns map to the door-neutral
-:class:`~rillet.server.dialects.tool_request.ToolRequest`; what we cannot do (images,
-documents, thinking, a final assistant message to continue) is refused with a 400.
+:class:`~rillet.server.dialects.tool_request.ToolRequest`, planned as OpenAI chat's tools are
+(``auto``/``any``/``tool`` are grammar-constrained calls, ``none`` keeps the tools out of the
+prompt; ``disable_parallel_tool_use`` allows one call); ``tool_use``/``tool_result`` blocks
+are tool turns for the chat template. What we cannot do (images, documents, thinking, a final
+assistant message to continue) is refused with a 400.
 
 The response side (events, the whole message, errors) is in ``anthropic_render.py``.
 """
@@ -31,9 +34,10 @@ from rillet.server.dialects.tool_request import (
     check_unique,
     function_tool,
     named_choice,
-    refuse_tool_use,
+    plan_tool_request,
     tool_call,
 )
+from rillet.server.dialects.tools import ToolPlan
 from rillet.server.limits import FieldNames
 from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -74,13 +78,13 @@ class MessagesRequest(CountTokensRequest):
 class AnthropicPlan:
     spec: GenerationSpec
     stream: bool
-    #: The request's tools, for the tool machinery (None: no tools).
-    tools: ToolRequest | None
+    #: The request's tools as planned (None: no tools): how the answer's calls are parsed.
+    tools: ToolPlan | None
 
 
 def plan_messages(body: MessagesRequest) -> AnthropicPlan:
     """Validate a Messages request and map it (the service renders the chat template)."""
-    chat, tools = prompt_of(body)
+    chat, request = prompt_of(body)
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
         raise ValidationError("`temperature` must be between 0 and 1")
     params = SamplingParams(
@@ -91,6 +95,7 @@ def plan_messages(body: MessagesRequest) -> AnthropicPlan:
         stop=list(body.stop_sequences or []),
         constraint=output_constraint(body.output_config),
     )
+    tools, params = plan_tool_request(request, params, "output_config.format")
     unset = frozenset(name for name in DEFAULTABLE if getattr(body, name, None) is None)
     spec = GenerationSpec(chat, params, names=FIELDS, unset=unset)
     return AnthropicPlan(spec, stream=bool(body.stream), tools=tools)
@@ -109,7 +114,7 @@ def output_constraint(output_config: dict[str, Any] | None) -> Constraint | None
 
 
 def prompt_of(body: CountTokensRequest) -> tuple[ChatPrompt, ToolRequest | None]:
-    """The chat to render (system first) and the tools; refuses tool use until it exists."""
+    """The chat to render (system first, the tools the template lists) and the tools."""
     messages = []
     if body.system is not None:
         system = _text(body.system, "system")
@@ -123,8 +128,10 @@ def prompt_of(body: CountTokensRequest) -> tuple[ChatPrompt, ToolRequest | None]
             "end `messages` with a user message"
         )
     tools = tool_request(body.tools, body.tool_choice)
-    refuse_tool_use(tools, messages)
-    return ChatPrompt(messages), tools
+    listed = None
+    if tools is not None and tools.tool_choice != "none":
+        listed = tools.tools
+    return ChatPrompt(messages, tools=listed), tools
 
 
 def tool_request(

@@ -7,7 +7,9 @@ first), ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (``te
 ``json_object``, ``json_schema`` with ``schema`` flat beside ``name``: the same constraint as
 chat's ``response_format``), function ``tools`` (flat ``{"type": "function", "name",
 "parameters"}``), ``tool_choice``, ``parallel_tool_calls``, ``stream``. Tools map to the
-door-neutral :class:`~rillet.server.dialects.tool_request.ToolRequest`.
+door-neutral :class:`~rillet.server.dialects.tool_request.ToolRequest` and are planned as
+OpenAI chat's (grammar-constrained calls; ``none`` keeps them out of the prompt);
+``function_call``/``function_call_output`` items are tool turns for the chat template.
 
 Stateless: nothing is stored whatever ``store`` says (the response says ``store: false``),
 so ``previous_response_id`` and ``background`` are refused with a 400 that says so, and
@@ -28,9 +30,10 @@ from rillet.server.dialects.tool_request import (
     check_unique,
     function_tool,
     named_choice,
-    refuse_tool_use,
+    plan_tool_request,
     tool_call,
 )
+from rillet.server.dialects.tools import ToolPlan
 from rillet.server.limits import FieldNames
 from rillet.server.sampling_defaults import DEFAULTABLE
 from rillet.server.spec import ChatPrompt, GenerationSpec
@@ -64,7 +67,8 @@ class ResponsesRequest(Lenient):
 class ResponsesPlan:
     spec: GenerationSpec
     stream: bool
-    tools: ToolRequest | None
+    #: The request's tools as planned (None: no tools): how the answer's calls are parsed.
+    tools: ToolPlan | None
     #: The request's fields the Response object echoes back.
     echo: dict[str, Any]
 
@@ -85,11 +89,16 @@ def plan_response(body: ResponsesRequest) -> ResponsesPlan:
         messages.append({"role": "user", "content": body.input})
     else:
         for i, item in enumerate(body.input):
-            messages.append(_item(item, f"input[{i}]"))
+            message = _item(item, f"input[{i}]")
+            last = messages[-1] if messages else None
+            if "tool_calls" in message and last is not None and last["role"] == "assistant":
+                # Parallel calls (and the text before them) are one assistant turn.
+                last["tool_calls"] = [*last.get("tool_calls", []), *message["tool_calls"]]
+            else:
+                messages.append(message)
     if not messages:
         raise ValidationError("`input` cannot be empty")
-    tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
-    refuse_tool_use(tools, messages)
+    request = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     text_format = (body.text or {}).get("format") or {"type": "text"}
     params = SamplingParams(
         max_new_tokens=body.max_output_tokens,
@@ -97,6 +106,7 @@ def plan_response(body: ResponsesRequest) -> ResponsesPlan:
         top_p=1.0 if body.top_p is None else body.top_p,
     )
     params = replace(params, constraint=_constraint(text_format))
+    tools, params = plan_tool_request(request, params, "text.format")
     unset = frozenset(name for name in DEFAULTABLE if getattr(body, name, None) is None)
     echo = {
         "instructions": body.instructions,
@@ -110,7 +120,8 @@ def plan_response(body: ResponsesRequest) -> ResponsesPlan:
         "top_p": body.top_p,
         "user": body.user,
     }
-    spec = GenerationSpec(ChatPrompt(messages), params, names=FIELDS, unset=unset)
+    chat = ChatPrompt(messages, tools=None if tools is None else tools.tools)
+    spec = GenerationSpec(chat, params, names=FIELDS, unset=unset)
     return ResponsesPlan(spec, stream=bool(body.stream), tools=tools, echo=echo)
 
 

@@ -8,10 +8,10 @@ shape (``{"type": "function", "function": {"name", "description", "parameters"}}
 {"name"}}``, ``parallel_tool_calls``), the shape the tool machinery (grammar-enforced calls,
 the incremental ``<tool_call>`` parser, tools in the chat template) plans from. Tool turns in
 the history map the same way: an assistant message with ``tool_calls`` (arguments as JSON
-text) and ``{"role": "tool", "tool_call_id", "content"}`` results.
-
-Until that machinery serves these doors, :func:`refuse_tool_use` turns a request that needs
-it into a clear 400 instead of a prompt the model would misread.
+text) and ``{"role": "tool", "tool_call_id", "content"}`` results, which the chat template
+renders as tool turns (``rillet.chat_tools``). :func:`plan_tool_request` then plans it as
+OpenAI chat's tools are planned (``tools.py``): the grammar constraint, the tools for the
+template, whether to parse calls out of the answer.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rillet.errors import ValidationError
+from rillet.sampling import SamplingParams
+from rillet.server.dialects.tools import ToolPlan, plan_tools
 
 #: Anthropic's and OpenAI's rule for a tool's name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-NOT_AVAILABLE = "tool use is not available yet on this server"
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,6 @@ class ToolRequest:
     tools: list[dict[str, Any]]
     tool_choice: str | dict[str, Any]
     parallel_tool_calls: bool | None = None
-
-    @property
-    def wants_calls(self) -> bool:
-        """Whether the model may call a tool (``none`` keeps the tools out entirely)."""
-        return bool(self.tools) and self.tool_choice != "none"
 
 
 def function_tool(
@@ -101,15 +97,21 @@ def tool_call(call_id: Any, name: Any, arguments: Any, where: str) -> dict[str, 
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
 
 
-def has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+def plan_tool_request(
+    request: ToolRequest | None, params: SamplingParams, output_field: str
+) -> tuple[ToolPlan | None, SamplingParams]:
+    """The request's tool plan (None without tools) and ``params`` with its constraint.
 
-
-def refuse_tool_use(tools: ToolRequest | None, messages: Sequence[Mapping[str, Any]]) -> None:
-    """ValidationError (400) when the request needs the tool machinery: tools the model may
-    call, or tool turns in its history. Tools with ``tool_choice`` none pass (they stay out
-    of the prompt)."""
-    if tools is not None and tools.wants_calls:
-        raise ValidationError(f"{NOT_AVAILABLE}: send the request without `tools`")
-    if has_tool_turns(messages):
-        raise ValidationError(f"{NOT_AVAILABLE}: the history holds tool calls or results")
+    Tools the model may call constrain the generation, so they exclude the door's own
+    output constraint (``output_field`` names it in the 400), as on OpenAI chat.
+    """
+    if request is None:
+        return None, params
+    planned = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+    if planned is None or planned.constraint is None:
+        return planned, params
+    if params.constraint is not None:
+        raise ValidationError(
+            f"`{output_field}` cannot be combined with `tools` unless `tool_choice` is none"
+        )
+    return planned, replace(params, constraint=planned.constraint)

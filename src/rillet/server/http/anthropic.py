@@ -63,6 +63,8 @@ async def messages(request: Request) -> Response:
         service.model_name,
         generation.request.request_id,
         len(generation.request.prompt_token_ids),
+        planned.tools,
+        generation.timing,
     )
     if planned.stream:
         return stream_response(

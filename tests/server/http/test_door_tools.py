@@ -1,0 +1,134 @@
+"""Tool use on Anthropic's Messages and OpenAI's Responses doors, on a fake engine that
+answers with a scripted ``<tool_call>`` text, one character per token, read by the real
+``anthropic`` and ``openai`` SDKs: the streamed blocks / items and their accumulation, the
+whole message / response, the tool constraint and tool turns in the prompt."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from app_server import Door, door
+
+pytestmark = pytest.mark.timeout(30)
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+OSLO = CALL.replace("Paris", "Oslo")
+HI = [{"role": "user", "content": "Weather in Paris?"}]
+CONTEXT = 4096  # the fallback tool prompt, one token per character
+ANTHROPIC_TOOL: Any = {"name": "get_weather", "description": "Weather", "input_schema": SCHEMA}
+RESPONSES_TOOL: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather",
+    "parameters": SCHEMA,
+    "strict": False,
+}
+
+
+def claude(d: Door) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=d.url, api_key="k", max_retries=0)
+
+
+def gpt(d: Door) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="k", max_retries=0)
+
+
+def last_prompt(d: Door) -> str:
+    ids = d.engine.requests[-1].prompt_token_ids
+    return d.engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# ---- Anthropic ---------------------------------------------------------------------------
+
+
+async def test_messages_stream_assembles_tool_use_blocks_and_create_is_equal() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = "Let me check." + CALL + "\n" + OSLO
+        client = claude(d)
+        kwargs: Any = {"model": "m", "max_tokens": 400, "messages": HI, "tools": [ANTHROPIC_TOOL]}
+        async with client.messages.stream(**kwargs) as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_message()
+        assert kinds.count("input_json") > 10  # the arguments streamed as they came
+        assert final.stop_reason == "tool_use"
+        text, paris, oslo = final.content
+        assert text.type == "text" and text.text == "Let me check."
+        assert paris.type == "tool_use" and oslo.type == "tool_use"
+        assert (paris.name, paris.input, oslo.input) == (
+            "get_weather",
+            {"city": "Paris"},
+            {"city": "Oslo"},
+        )
+        assert paris.id.startswith("toolu_") and paris.id != oslo.id
+        whole = await client.messages.create(**kwargs)
+        assert whole.stop_reason == "tool_use"
+        assert [b.model_dump(exclude={"id"}) for b in whole.content] == [
+            b.model_dump(exclude={"id"}) for b in final.content
+        ]
+        assert whole.usage.output_tokens == final.usage.output_tokens == len(d.engine.reply)
+        # auto: free text, but a call the model starts is a valid call of a listed tool
+        constraint = d.engine.requests[-1].params.constraint
+        assert constraint is not None and json.loads(constraint.value)["format"]["type"] == (
+            "triggered_tags"
+        )
+
+
+async def test_a_forced_tool_sets_the_constraint_and_its_only_block_is_the_call() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = CALL
+        whole = await claude(d).messages.create(
+            model="m",
+            max_tokens=400,
+            messages=HI,  # type: ignore[arg-type]
+            tools=[ANTHROPIC_TOOL],
+            tool_choice={"type": "tool", "name": "get_weather"},
+        )
+        [block] = whole.content
+        assert block.type == "tool_use" and block.input == {"city": "Paris"}
+        assert whole.stop_reason == "tool_use"
+        request = d.engine.requests[-1]
+        fmt = json.loads(request.params.constraint.value)["format"]
+        assert fmt["type"] == "tag" and '"get_weather"' in fmt["begin"]
+        assert "get_weather" in last_prompt(d)  # the tools are in the prompt
+
+
+async def test_tool_use_and_tool_result_blocks_are_tool_turns_in_the_prompt() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = "It is sunny."
+        history: Any = [
+            *HI,
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {"city": "Paris"},
+                    }
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny, 21C"}
+                ],
+            },
+        ]
+        whole = await claude(d).messages.create(
+            model="m", max_tokens=100, messages=history, tools=[ANTHROPIC_TOOL]
+        )
+        assert whole.stop_reason == "end_turn" and whole.content[0].text == "It is sunny."  # type: ignore[union-attr]
+        prompt = last_prompt(d)
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+        assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt
