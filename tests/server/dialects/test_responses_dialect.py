@@ -189,3 +189,79 @@ def test_a_failure_is_an_error_event_then_response_failed_in_the_same_sequence()
         "param": None,
     }
     assert failed["sequence_number"] == 6 and failed["response"]["status"] == "failed"
+
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+
+
+def test_a_call_is_a_function_call_item_after_the_texts_message() -> None:
+    renderer = ResponsesRenderer("m", plan(tools=[FN]), "r")
+    events = renderer.start()
+    assert [name for name, _ in events] == ["response.created", "response.in_progress"]
+    for piece in ["Sure.", *CALL]:  # the call one character at a time
+        events += renderer.events(output(piece))
+    events += renderer.events(output("", FinishReason.EOS_TOKEN))
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    names = [name for name, _ in events]
+    assert names[2:9] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+    ]
+    assert names[-4:] == [
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    added = events[8][1]
+    assert added["output_index"] == 1
+    item = added["item"]
+    assert item["id"] == "fc_r_0" and item["call_id"].startswith("call_")
+    assert {k: item[k] for k in ("type", "name", "arguments", "status")} == {
+        "type": "function_call",
+        "name": "f",
+        "arguments": "",
+        "status": "in_progress",
+    }
+    deltas = [e for name, e in events if name == "response.function_call_arguments.delta"]
+    assert len(deltas) > 3 and {(d["item_id"], d["output_index"]) for d in deltas} == {
+        ("fc_r_0", 1)
+    }
+    arguments = "".join(d["delta"] for d in deltas)
+    assert json.loads(arguments) == {"x": 1}
+    done = events[-3][1]
+    assert (done["item_id"], done["output_index"], done["arguments"]) == ("fc_r_0", 1, arguments)
+    assert events[-2][1]["item"] == {**item, "arguments": arguments, "status": "completed"}
+    message, call = events[-1][1]["response"]["output"]
+    assert message["content"][0]["text"] == "Sure." and message["status"] == "completed"
+    assert call == events[-2][1]["item"]
+
+
+def test_the_whole_response_has_the_calls_and_no_message_without_text() -> None:
+    renderer = ResponsesRenderer("m", plan(tools=[FN], tool_choice="required"), "r")
+    answer = renderer.answer(output(CALL + "\n" + CALL.replace("1", "2"), FinishReason.EOS_TOKEN))
+    assert answer["status"] == "completed"
+    first, second = answer["output"]
+    assert (first["type"], first["status"], json.loads(first["arguments"])) == (
+        "function_call",
+        "completed",
+        {"x": 1},
+    )
+    assert json.loads(second["arguments"]) == {"x": 2} and second["call_id"] != first["call_id"]
+    assert (first["id"], second["id"]) == ("fc_r_0", "fc_r_1")
+
+
+def test_a_call_the_cap_cut_is_incomplete_and_an_empty_answer_has_an_empty_message() -> None:
+    tools = plan(tools=[FN])
+    cut = ResponsesRenderer("m", tools, "r").answer(output(CALL[:40], FinishReason.LENGTH))
+    assert cut["status"] == "incomplete"
+    [call] = cut["output"]
+    assert call["type"] == "function_call" and call["status"] == "incomplete"
+    empty = ResponsesRenderer("m", tools, "r").answer(output("", FinishReason.EOS_TOKEN))
+    [message] = empty["output"]
+    assert message["type"] == "message" and message["content"][0]["text"] == ""

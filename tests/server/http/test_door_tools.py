@@ -132,3 +132,98 @@ async def test_tool_use_and_tool_result_blocks_are_tool_turns_in_the_prompt() ->
         prompt = last_prompt(d)
         assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
         assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt
+
+
+# ---- Responses ---------------------------------------------------------------------------
+
+
+async def test_responses_stream_function_call_items_in_order_and_create_is_equal() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = CALL + "\n" + OSLO
+        client = gpt(d)
+        kwargs: Any = {
+            "model": "m",
+            "input": "Weather in Paris and Oslo?",
+            "tools": [RESPONSES_TOOL],
+            "tool_choice": "required",
+        }
+        stream = await client.responses.create(**kwargs, stream=True)
+        events = [event async for event in stream]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        kinds = [e.type for e in events]
+        assert kinds[:3] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+        ]
+        assert kinds[-1] == "response.completed"
+        added = [e.item for e in events if e.type == "response.output_item.added"]
+        assert [(item.type, item.name, item.arguments) for item in added] == [  # type: ignore[union-attr]
+            ("function_call", "get_weather", ""),
+            ("function_call", "get_weather", ""),
+        ]
+        for index, city in enumerate(["Paris", "Oslo"]):
+            of_item = [e for e in events if getattr(e, "output_index", None) == index]
+            assert of_item[0].type == "response.output_item.added"
+            assert of_item[-2].type == "response.function_call_arguments.done"
+            assert of_item[-1].type == "response.output_item.done"
+            deltas = [
+                e.delta for e in of_item if e.type == "response.function_call_arguments.delta"
+            ]
+            assert len(deltas) > 5
+            assert json.loads("".join(deltas)) == {"city": city}
+            assert of_item[-2].arguments == "".join(deltas)  # type: ignore[union-attr]
+            done = of_item[-1].item  # type: ignore[union-attr]
+            assert done.status == "completed" and done.call_id.startswith("call_")  # type: ignore[union-attr]
+        final = events[-1].response  # type: ignore[union-attr]
+        assert [item.type for item in final.output] == ["function_call", "function_call"]
+        async with client.responses.stream(**kwargs) as helper:
+            async for _ in helper:
+                pass
+            assembled = await helper.get_final_response()
+        calls = [item for item in assembled.output if item.type == "function_call"]
+        assert [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+        whole = await client.responses.create(**kwargs)
+        assert whole.status == "completed"
+        assert [item.model_dump(exclude={"id", "call_id"}) for item in whole.output] == [
+            item.model_dump(exclude={"id", "call_id"}) for item in final.output
+        ]
+        fmt = json.loads(d.engine.requests[-1].params.constraint.value)["format"]
+        assert fmt["type"] == "tags_with_separator" and fmt["at_least_one"]
+
+
+async def test_a_named_function_sets_the_constraint_and_text_before_a_call_is_a_message() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = "Checking." + CALL
+        whole = await gpt(d).responses.create(
+            model="m",
+            input="Weather in Paris?",
+            tools=[RESPONSES_TOOL],
+            tool_choice={"type": "function", "name": "get_weather"},
+            parallel_tool_calls=False,
+        )
+        message, call = whole.output
+        assert message.type == "message" and whole.output_text == "Checking."
+        assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+        fmt = json.loads(d.engine.requests[-1].params.constraint.value)["format"]
+        assert fmt["type"] == "tag" and '"get_weather"' in fmt["begin"]
+
+
+async def test_function_call_items_and_their_outputs_are_tool_turns_in_the_prompt() -> None:
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = "It is sunny."
+        items: Any = [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21C"},
+        ]
+        whole = await gpt(d).responses.create(model="m", input=items, tools=[RESPONSES_TOOL])
+        assert whole.output_text == "It is sunny."
+        prompt = last_prompt(d)
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+        assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt

@@ -230,7 +230,7 @@ class OpenAIRenderer:
         if isinstance(event, Content):
             return {"content": event.text}
         if isinstance(event, CallStart):
-            self._call_ids.append(_call_id())
+            self._call_ids.append(call_id())
             call = {
                 "index": event.index,
                 "id": self._call_ids[event.index],
@@ -252,7 +252,7 @@ class OpenAIRenderer:
             if isinstance(event, Content):
                 content.append(event.text)
             elif isinstance(event, CallStart):
-                self._call_ids.append(_call_id())
+                self._call_ids.append(call_id())
                 function = {"name": event.name, "arguments": ""}
                 calls.append({"id": self._call_ids[-1], "type": "function", "function": function})
             elif isinstance(event, CallArguments):
@@ -281,7 +281,7 @@ class OpenAIRenderer:
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
-def _call_id() -> str:
+def call_id() -> str:
     """OpenAI's form: ``call_`` and 24 letters and digits."""
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 

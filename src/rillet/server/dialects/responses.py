@@ -82,7 +82,7 @@ def plan_response(body: ResponsesRequest) -> ResponsesPlan:
         )
     if body.background:
         raise ValidationError(f"`background` is not supported: {NOT_STORED}")
-    messages = []
+    messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):

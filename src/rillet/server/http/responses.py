@@ -57,7 +57,9 @@ async def create_response(request: Request) -> Response:
 
     generation, planned = service.start("responses", plan, request_options(request))
     assert generation.request is not None
-    renderer = ResponsesRenderer(service.model_name, planned, generation.request.request_id)
+    renderer = ResponsesRenderer(
+        service.model_name, planned, generation.request.request_id, generation.timing
+    )
     if planned.stream:
 
         def failure(exc: RilletError) -> list[bytes]:
