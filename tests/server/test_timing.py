@@ -137,6 +137,78 @@ async def test_triton_http_events_carry_timing() -> None:
         assert without_timing(timed) == plain
 
 
+def named_data(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(event name, data)`` of each named SSE event (Anthropic's, Responses')."""
+    out = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in fields:
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def without_ids(value: Any) -> Any:
+    """Ids and clocks differ between two requests; nothing else may."""
+    if isinstance(value, dict):
+        skip = ("id", "item_id", "call_id", "created_at", TIMING_KEY)
+        return {k: without_ids(v) for k, v in value.items() if k not in skip}
+    if isinstance(value, list | tuple):
+        return [without_ids(v) for v in value]
+    return value
+
+
+TOOL_CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+
+async def test_anthropic_events_carry_timing_only_when_asked() -> None:
+    async with door(max_model_len=4096) as d:
+        d.engine.reply = "Hi" + TOOL_CALL
+        tool = {"name": "f", "input_schema": {"type": "object"}}
+        body = {
+            "model": "m",
+            "max_tokens": 200,
+            "messages": CHAT["messages"],
+            "stream": True,
+            "tools": [tool],
+        }
+        plain = await d.http.post("/v1/messages", json=body)
+        assert b"rillet_timing" not in plain.content
+
+        async def send() -> Any:
+            return await d.http.post("/v1/messages", json=body, headers=TIMED)
+
+        timed = named_data((await held_first(d, send)).text)
+        names = [name for name, _ in timed]
+        assert "content_block_start" in names and names[-2:] == ["message_delta", "message_stop"]
+        assert all(TIMING_KEY in event for _, event in timed)
+        assert timed[0][1][TIMING_KEY]["tokens"] == 0  # message_start
+        *through_delta, stop = [event[TIMING_KEY] for _, event in timed]
+        assert stop["tokens"] == 0 and "ttft_s" not in stop
+        check(through_delta, len(d.engine.reply))
+        assert timed[-2][1]["delta"]["stop_reason"] == "tool_use"
+        assert without_ids(timed) == without_ids(named_data(plain.text))
+
+
+async def test_responses_events_carry_timing_only_when_asked() -> None:
+    async with door(max_model_len=4096) as d:
+        d.engine.reply = "Hi" + TOOL_CALL
+        tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+        body = {"model": "m", "input": "Hi", "stream": True, "tools": [tool]}
+        plain = await d.http.post("/v1/responses", json=body)
+        assert b"rillet_timing" not in plain.content
+
+        async def send() -> Any:
+            return await d.http.post("/v1/responses", json=body, headers=TIMED)
+
+        timed = named_data((await held_first(d, send)).text)
+        assert timed[-1][0] == "response.completed"
+        assert [e[TIMING_KEY]["tokens"] for _, e in timed[:2]] == [0, 0]  # created, in_progress
+        check([e[TIMING_KEY] for _, e in timed], len(d.engine.reply))
+        kinds = {name for name, _ in timed}
+        assert "response.function_call_arguments.delta" in kinds
+        assert without_ids(timed) == without_ids(named_data(plain.text))
+
+
 async def test_ws_token_and_done_frames_carry_timing() -> None:
     async with door() as d:
         url = d.url.replace("http://", "ws://") + "/ws"

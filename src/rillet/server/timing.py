@@ -7,7 +7,8 @@ Every event of such a stream carries::
     "rillet_timing": {"emitted_at": <unix seconds>, "step": <engine step>, "tokens": <n>}
 
 and the event that ends the generation (the one with the finish reason: TGI's last event,
-OpenAI's finish chunk, ``/ws``'s ``done`` frame, gRPC's final response) adds::
+OpenAI's finish chunk, Anthropic's ``message_delta``, the Responses' ``response.completed``
+or ``response.incomplete``, ``/ws``'s ``done`` frame, gRPC's final response) adds::
 
     "queued_s":  admission -> the engine first scheduled the request
     "prefill_s": first scheduled -> the engine sampled the first token
