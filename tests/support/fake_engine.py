@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import string
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -48,6 +48,8 @@ class FakeStats:
     num_queued_prompt_tokens: int = 0
     prefill_tokens_per_s: float = 0.0
     step_time_s: float = 0.0
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    num_accepted_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class FakeEngine:
