@@ -15,6 +15,8 @@ from rillet.errors import ModelLoadError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: ``EngineConfig.kv_cache_dtype``'s choices.
 KV_CACHE_DTYPES = ("auto", "int8")
+#: ``EngineConfig.speculative``'s choices.
+SPECULATIVE_METHODS = ("off", "ngram")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class EngineConfig:
     the native kernels (where it is fast, and measured to cost no likelihood), else auto.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
+    ``speculative="ngram"`` drafts up to ``num_speculative_tokens`` tokens per greedy row
+    by prompt lookup (``engine/speculation.py``) and verifies them in the row's forward, in
+    steps of at most ``speculative_max_num_seqs`` running requests; the output is unchanged.
     ``fail_forward_at_batch_size`` is a fault-injection hook for tests
     (``RILLET_FAIL_FORWARD_AT_BATCH_SIZE``): the first model step that runs exactly that many
     requests raises inside its forward, once.
@@ -68,6 +73,9 @@ class EngineConfig:
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
     fail_forward_at_batch_size: int | None = None
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    speculative_max_num_seqs: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,6 +95,11 @@ class EngineConfig:
             raise ModelLoadError(
                 f"kv_cache_dtype must be one of {choices}, not {self.kv_cache_dtype!r}"
             )
+        if self.speculative not in SPECULATIVE_METHODS:
+            choices = ", ".join(SPECULATIVE_METHODS)
+            raise ModelLoadError(f"speculative must be one of {choices}, not {self.speculative!r}")
+        if self.num_speculative_tokens < 0 or self.speculative_max_num_seqs < 0:
+            raise ModelLoadError("num_speculative_tokens and speculative_max_num_seqs must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ModelLoadError("num_kv_blocks must be positive")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:

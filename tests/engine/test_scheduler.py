@@ -43,8 +43,9 @@ class FakeModel:
     def slot(self, request: Request, pos: int) -> int:
         return request.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def run(self, output: SchedulerOutput) -> dict[str, int]:
-        sampled: dict[str, int] = {}
+    def run(self, output: SchedulerOutput) -> dict[str, list[int]]:
+        """The "model"'s token after each sampling position (after each draft too)."""
+        sampled: dict[str, list[int]] = {}
         for item in output.scheduled:
             r, start, end = (
                 item.request,
@@ -55,11 +56,14 @@ class FakeModel:
             assert len(r.block_ids) * self.block_size >= end
             for pos in range(start):
                 assert self.kv[self.slot(r, pos)] == r.all_token_ids[pos], (r.request_id, pos)
-            for pos in range(start, end):
-                self.kv[self.slot(r, pos)] = r.all_token_ids[pos]
+            for pos, token in zip(range(start, end), item.token_ids, strict=True):
+                self.kv[self.slot(r, pos)] = token
             if item.samples:
-                context = [self.kv[self.slot(r, pos)] for pos in range(end)]
-                sampled[r.request_id] = next_token([t for t in context if t is not None])
+                first = end - len(item.draft_token_ids)
+                sampled[r.request_id] = [
+                    next_token([self.kv[self.slot(r, p)] for p in range(stop)])  # type: ignore[misc]
+                    for stop in range(first, end + 1)
+                ]
         return sampled
 
 
@@ -451,7 +455,7 @@ def scripted(
     sched.add_request(request)
     for token in tokens:
         output = sched.schedule()
-        sched.update_from_output(output, {request.request_id: token})
+        sched.update_from_output(output, {request.request_id: [token]})
         if request.is_finished:
             break
     assert sched.block_manager.num_used_blocks == 0 or not request.is_finished

@@ -17,7 +17,12 @@ GIB = 1 << 30
 
 #: A value other than the default for each option, as typed on the command line (by type,
 #: but where a config accepts only some values).
-SAMPLES = {"dtype": "float16", "kv_cache_dtype": "int8", "kv_cache_memory": "1.5"}
+SAMPLES = {
+    "dtype": "float16",
+    "kv_cache_dtype": "int8",
+    "kv_cache_memory": "1.5",
+    "speculative": "ngram",
+}
 
 
 def parse(*argv: str) -> dict[str, Any]:

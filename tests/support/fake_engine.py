@@ -15,7 +15,7 @@ import asyncio
 import string
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -49,6 +49,8 @@ class FakeStats:
     num_queued_prompt_tokens: int = 0
     prefill_tokens_per_s: float = 0.0
     step_time_s: float = 0.0
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    num_accepted_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class FakeEngine:

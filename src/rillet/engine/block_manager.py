@@ -206,6 +206,20 @@ class BlockManager:
             del self._free[block.block_id]
         block.ref_count += 1
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the table's blocks past the first ``num_tokens`` tokens' (the slots of
+        rejected draft tokens). They were taken this step and hold nothing committed, so
+        none is shared or in the prefix cache."""
+        keep = -(-num_tokens // self.block_size)
+        while len(request.block_ids) > keep:
+            block = self.blocks[request.block_ids.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                # Nothing cached in it: first in line for reuse, before cached prefixes.
+                self._free[block.block_id] = None
+                self._free.move_to_end(block.block_id, last=False)
+        request.num_registered_blocks = min(request.num_registered_blocks, keep)
+
     def free(self, request: Request) -> None:
         """Drop the request's references and clear its block table.
 

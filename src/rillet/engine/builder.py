@@ -15,6 +15,7 @@ from rillet.config import EngineConfig, auto_kv_cache_bytes
 from rillet.engine.core import EngineCore
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.engine.speculation import SpeculationConfig, Speculator
 from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels, registry
 from rillet.models.attention import kv_row_width
@@ -114,6 +115,16 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * row_bytes
 
 
+def speculator_for(config: EngineConfig) -> Speculator | None:
+    """The scheduler's speculator, or None when speculation is off."""
+    spec = SpeculationConfig(
+        method=config.speculative,
+        num_speculative_tokens=config.num_speculative_tokens,
+        max_num_seqs=config.speculative_max_num_seqs,
+    )
+    return Speculator(spec) if spec.enabled else None
+
+
 def build_engine(config: EngineConfig) -> EngineParts:
     """Load the model named by ``config`` and return a ready EngineCore with its tokenizer."""
     if config.num_threads:
@@ -187,6 +198,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             enable_prefix_caching=config.enable_prefix_caching,
         ),
         eos_token_ids=eos_ids,
+        speculator=speculator_for(config),
     )
     runner = ModelRunner(
         model,

@@ -96,7 +96,8 @@ class EngineCore:
             self.runner.release(request_id)
             self._failed.append((request_id, error))
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
-        num_prefill = self._count(scheduled.scheduled, result)
+        self.counters.num_generated_tokens += sum(r.num_step_tokens for r in updated)
+        num_prefill = self._count(scheduled.scheduled)
         self.rates.observe(num_prefill, duration)
         return [self._delta(request, result) for request in updated]
 
@@ -105,7 +106,7 @@ class EngineCore:
         failed, self._failed = self._failed, []
         return failed
 
-    def _count(self, scheduled: list[ScheduledRequest], result: StepResult) -> int:
+    def _count(self, scheduled: list[ScheduledRequest]) -> int:
         """Count the step; returns the prompt tokens it computed."""
         c = self.counters
         c.num_steps += 1
@@ -117,12 +118,14 @@ class EngineCore:
                 0, min(s.start_position + s.num_new_tokens, prompt_end) - s.start_position
             )
         c.num_prompt_tokens_computed += num_prefill
-        c.num_generated_tokens += len(result.sampled)
         return num_prefill
 
     def _delta(self, request: Request, result: StepResult) -> TokenDelta:
         rid = request.request_id
-        new_token_ids = [result.sampled[rid]] if rid in result.sampled else []
+        # The tokens the scheduler appended: the model's at each kept position (a stop
+        # token or the length cap may end a speculative row's run early).
+        n = request.num_step_tokens
+        new_token_ids = request.output_token_ids[-n:] if n else []
         delta = TokenDelta(
             request_id=rid,
             new_token_ids=new_token_ids,
@@ -131,13 +134,13 @@ class EngineCore:
             first_scheduled_time=request.first_scheduled_time,
             step=self.counters.num_steps,
         )
-        if new_token_ids and request.num_output_tokens == 1:
+        if new_token_ids and request.num_output_tokens == len(new_token_ids):
             # The monotonic clock, as first_scheduled_time: the server's, in every process.
             delta.first_token_time = time.monotonic()
         if rid in result.logprobs:
-            delta.logprobs = [result.logprobs[rid]]
+            delta.logprobs = result.logprobs[rid][:n]
         if rid in result.top_logprobs:
-            delta.top_logprobs = [result.top_logprobs[rid]]
+            delta.top_logprobs = result.top_logprobs[rid][:n]
         if rid in result.prompt_logprobs:
             delta.prompt_logprobs = result.prompt_logprobs[rid]
         if request.finish_reason is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from rillet.engine.core import EngineCore
@@ -52,11 +52,15 @@ class EngineStats:
     #: Moving averages of the core's speed (``engine/rates.py``); 0.0 until measured.
     prefill_tokens_per_s: float = 0.0
     step_time_s: float = 0.0
+    #: Speculative decoding, per proposer (empty when off): drafts proposed, and accepted.
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    num_accepted_tokens: dict[str, int] = field(default_factory=dict)
 
 
 def engine_stats(core: EngineCore) -> EngineStats:
     sched = core.scheduler
     bm = sched.block_manager
+    spec = sched.speculator
     c = core.counters
     return EngineStats(
         num_running=sched.num_running,
@@ -72,6 +76,8 @@ def engine_stats(core: EngineCore) -> EngineStats:
         num_queued_prompt_tokens=sched.num_queued_prompt_tokens,
         prefill_tokens_per_s=core.rates.prefill_tokens_per_s,
         step_time_s=core.rates.step_time_s,
+        num_draft_tokens=dict(spec.counters.num_draft_tokens) if spec else {},
+        num_accepted_tokens=dict(spec.counters.num_accepted_tokens) if spec else {},
     )
 
 

@@ -2,7 +2,9 @@
 
 Batch layout, matching ``models.attention``: decode rows first (one token each), then each
 multi-token chunk's rows. Rows that end a request's known tokens sample a token; for the
-rest (partial prefill chunks) only the KV cache is written.
+rest (partial prefill chunks) only the KV cache is written. A speculative row (a decode with
+draft tokens) is a chunk to attention, and samples at its last known token and at every
+draft: the scheduler compares those choices with the drafts.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ from rillet.tokenizer import Tokenizer
 
 @dataclass
 class StepResult:
-    """What the model produced this step, keyed by request id (only requests that sampled)."""
+    """What the model produced this step, keyed by request id (only requests that sampled).
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, float] = field(default_factory=dict)
-    top_logprobs: dict[str, list[TopLogprob]] = field(default_factory=dict)
+    One entry per sampled position: one for a plain row, ``1 + len(drafts)`` for a
+    speculative row.
+    """
+
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[float]] = field(default_factory=dict)
+    top_logprobs: dict[str, list[list[TopLogprob]]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
     #: Requests that sampled nothing and cannot go on (their grammar allows no token).
     failed: dict[str, RilletError] = field(default_factory=dict)
@@ -122,21 +128,32 @@ class ModelRunner:
         samplers = [i for i, s in enumerate(scheduled) if s.samples]
         if not samplers:
             return result
-        rows_index = torch.tensor([row_ends[i] - 1 for i in samplers], device=self.device)
+        # A row samples at its last known token and after each draft (only greedy,
+        # unconstrained rows carry drafts, so one SamplingRow serves all its positions).
+        widths = [1 + len(scheduled[i].draft_token_ids) for i in samplers]
+        rows_index = torch.tensor(
+            [row_ends[i] - w + j for i, w in zip(samplers, widths, strict=True) for j in range(w)],
+            device=self.device,
+        )
         logits = self.model.compute_logits(hidden.index_select(0, rows_index))
         requests = [scheduled[i].request for i in samplers]
         rows = [self._sampling_row(r) for r in requests]
-        allowed, result.failed = self.grammars.bitmask(requests)
-        out = self.sampler(logits, rows, allowed)
-        for j, request in enumerate(requests):
+        spread = [r for r, w in zip(requests, widths, strict=True) for _ in range(w)]
+        allowed, result.failed = self.grammars.bitmask(spread)
+        out = self.sampler(
+            logits, [x for x, w in zip(rows, widths, strict=True) for _ in range(w)], allowed
+        )
+        end = 0
+        for request, width in zip(requests, widths, strict=True):
+            start, end = end, end + width
             rid = request.request_id
             if rid in result.failed:
                 continue  # its row was sampled unmasked: the token is discarded
-            result.sampled[rid] = out.token_ids[j]
+            result.sampled[rid] = out.token_ids[start:end]
             if out.logprobs is not None:
-                result.logprobs[rid] = out.logprobs[j]
-            if out.top_logprobs is not None and out.top_logprobs[j]:
-                result.top_logprobs[rid] = out.top_logprobs[j]
+                result.logprobs[rid] = out.logprobs[start:end]
+            if out.top_logprobs is not None and out.top_logprobs[start]:
+                result.top_logprobs[rid] = out.top_logprobs[start:end]
         return result
 
     def _pick_threads(self, num_tokens: int) -> None:
@@ -163,7 +180,7 @@ class ModelRunner:
         bs = self.block_size
         for s in scheduled:
             req, start, end = s.request, s.start_position, s.start_position + s.num_new_tokens
-            ids.extend(req.all_token_ids[start:end])
+            ids.extend(s.token_ids)
             positions.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))

@@ -55,6 +55,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     #: How many leading entries of ``block_ids`` are already registered in the prefix cache.
     num_registered_blocks: int = 0
+    #: Output tokens the last step appended (more than one when it accepted draft tokens).
+    num_step_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -14,6 +14,11 @@ each prompt token lengthens the step every running stream waits for.
 When blocks run out for a running request, the most recently arrived unscheduled running
 request is preempted by recompute: its blocks are freed and it goes back to the front of the
 queue with its tokens intact.
+
+Speculation (``engine/speculation.py``) is the same rule with guessed tokens: a decode row
+may carry draft tokens after its last token, scheduled only where budget and free blocks
+allow without preempting anyone. :meth:`Scheduler.update_from_output` keeps the drafts the
+model agreed with (and the model's next token), and gives back the slots of the rest.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import bisect
 import itertools
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.request import Request, RequestStatus
+from rillet.engine.speculation import Speculator
 from rillet.errors import ValidationError
 from rillet.protocol import FinishReason
 
@@ -68,17 +75,29 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step: positions ``start_position`` .. ``+ num_new_tokens``."""
+    """One request's share of a step: positions ``start_position`` .. ``+ num_new_tokens``.
+
+    A speculative row ends with ``draft_token_ids`` (counted in ``num_new_tokens``): guesses
+    of the tokens after the request's last one, for the model to verify.
+    """
 
     request: Request
     num_new_tokens: int
     start_position: int
+    draft_token_ids: list[int] = field(default_factory=list)
     # Fixed at schedule time: after update_from_output appends the sampled token, the
     # request's num_tokens moves on, but this chunk still was the sampling one.
     _samples: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._samples = self.start_position + self.num_new_tokens == self.request.num_tokens
+        end = self.start_position + self.num_new_tokens - len(self.draft_token_ids)
+        self._samples = end == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The row's input ids: known tokens, then drafts."""
+        known = self.request.all_token_ids[self.start_position :]
+        return (known + self.draft_token_ids)[: self.num_new_tokens]
 
     @property
     def samples(self) -> bool:
@@ -105,9 +124,15 @@ class SchedulerOutput:
 class Scheduler:
     """Decides which tokens of which requests run each step; tracks when requests finish."""
 
-    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        eos_token_ids: frozenset[int] = frozenset(),
+        speculator: Speculator | None = None,
+    ):
         self.config = config
         self.eos_token_ids = eos_token_ids
+        self.speculator = speculator
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -189,6 +214,8 @@ class Scheduler:
         self.block_manager.free(request)
         del self._requests[request.request_id]
         del self._arrival_rank[request.request_id]
+        if self.speculator is not None:
+            self.speculator.release(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -209,6 +236,8 @@ class Scheduler:
         bm = self.block_manager
         prefill_bound = self.config.max_prefill_tokens_when_decoding
         decodes = 0
+        spec = self.speculator
+        speculate = spec is not None and spec.step_allows(len(self.running))
 
         # Decodes (one token left) before chunks; arrival order within each group.
         for request in sorted(self.running, key=_is_chunk):
@@ -222,10 +251,15 @@ class Scheduler:
                 budget = min(budget, prefill_bound)
                 prefill_bound = None
             num_new = min(left, budget)
-            if not self._make_room(request, num_new, done, preempted):
+            drafts = self._drafts(request, budget) if speculate and left == 1 else []
+            if drafts:
+                num_new += len(drafts)
+            elif not self._make_room(request, num_new, done, preempted):
                 continue
             bm.allocate(request, num_new, [])
-            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            scheduled.append(
+                ScheduledRequest(request, num_new, request.num_computed_tokens, drafts)
+            )
             done.add(request.request_id)
             budget -= num_new
             decodes += left == 1
@@ -270,6 +304,20 @@ class Scheduler:
         scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # stable: decodes first
         return SchedulerOutput(scheduled, preempted)
 
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for a decode row: as many as the budget, the request's token cap and
+        context, and the free blocks allow (never at the cost of a preemption)."""
+        assert self.speculator is not None
+        room = min(
+            budget - 1,
+            request.max_new_tokens - request.num_output_tokens - 1,
+            self.config.max_model_len - request.num_tokens - 1,
+        )
+        drafts = self.speculator.propose(request, room)
+        while drafts and not self.block_manager.can_allocate(request, 1 + len(drafts), []):
+            drafts.pop()
+        return drafts
+
     def _make_room(
         self, request: Request, num_new: int, done: set[str], preempted: list[Request]
     ) -> bool:
@@ -286,11 +334,17 @@ class Scheduler:
                 return False
         return True
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]
+    ) -> list[Request]:
         """Advance every scheduled request; append sampled tokens; finish stopped requests.
 
-        ``sampled`` maps request id -> token id for every scheduled request whose chunk
-        ``samples``. Returns the requests that got a token this step, in scheduled order
+        ``sampled`` maps request id -> the model's token at each verified position, for every
+        scheduled request whose chunk ``samples``: one token, or ``1 + len(drafts)`` for a
+        speculative row (the model's choice after its last token and after each draft).
+        Drafts are kept while they equal the model's choice; the model's token after the
+        last kept one is appended too. ``request.num_step_tokens`` says how many were
+        appended. Returns the requests that got tokens this step, in scheduled order
         (finished ones have ``finish_reason`` set and are already freed).
         """
         updated: list[Request] = []
@@ -299,13 +353,30 @@ class Scheduler:
             request = item.request
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished from outside between schedule() and now
-            request.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(request)
+            drafts = item.draft_token_ids
+            request.num_computed_tokens += item.num_new_tokens - len(drafts)
             if not item.samples:
+                self.block_manager.cache_full_blocks(request)
                 continue
-            token_id = sampled[request.request_id]
-            request.append_token(token_id)
-            reason = self._check_stop(request, token_id)
+            targets = sampled[request.request_id]
+            num_accepted = 0
+            while num_accepted < len(drafts) and drafts[num_accepted] == targets[num_accepted]:
+                num_accepted += 1
+            request.num_step_tokens = 0
+            reason = None
+            for token_id in targets[: num_accepted + 1]:
+                request.append_token(token_id)
+                request.num_step_tokens += 1
+                reason = self._check_stop(request, token_id)
+                if reason is not None:
+                    break
+            if drafts:
+                # The KV of every kept draft is computed; rejected ones' slots are given back.
+                request.num_computed_tokens += request.num_step_tokens - 1
+                self.block_manager.trim(request, request.num_computed_tokens)
+                assert self.speculator is not None
+                self.speculator.observe(request.request_id, len(drafts), num_accepted)
+            self.block_manager.cache_full_blocks(request)
             if reason is not None:
                 stopped.append((request, reason))
             updated.append(request)

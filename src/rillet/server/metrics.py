@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -20,6 +22,36 @@ class EngineStatsLike(Protocol):
     num_running: int
     num_waiting: int
     kv_cache_usage: float
+
+    @property
+    def num_draft_tokens(self) -> Mapping[str, int]:
+        """Speculative decoding, per proposer: draft tokens proposed (monotonic)."""
+
+    @property
+    def num_accepted_tokens(self) -> Mapping[str, int]:
+        """Speculative decoding, per proposer: draft tokens accepted (monotonic)."""
+
+
+class _SpeculationCollector(Collector):
+    """The engine's speculation counters, as counters (the engine counts; a scrape reads)."""
+
+    def __init__(self) -> None:
+        self.drafts: Mapping[str, int] = {}
+        self.accepted: Mapping[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, what, values in (
+            ("rillet_spec_decode_draft_tokens", "Draft tokens proposed", self.drafts),
+            (
+                "rillet_spec_decode_accepted_tokens",
+                "Draft tokens the model accepted",
+                self.accepted,
+            ),
+        ):
+            family = CounterMetricFamily(name, f"{what}, by proposer", labels=("proposer",))
+            for proposer, value in sorted(values.items()):
+                family.add_metric([proposer], value)
+            yield family
 
 
 class ServerMetrics:
@@ -89,6 +121,8 @@ class ServerMetrics:
             labelnames=("route", "outcome"),
             registry=r,
         )
+        self._speculation = _SpeculationCollector()
+        r.register(self._speculation)
 
     def watch_streams(self, streams: Sized) -> None:
         """Report ``len(streams)``, the resumable streams held, at scrape time."""
@@ -105,4 +139,6 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.in_flight.set(num_in_flight)
+        self._speculation.drafts = stats.num_draft_tokens
+        self._speculation.accepted = stats.num_accepted_tokens
         return generate_latest(self.registry)

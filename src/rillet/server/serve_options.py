@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rillet.config import KV_CACHE_DTYPES, EngineConfig
+from rillet.config import KV_CACHE_DTYPES, SPECULATIVE_METHODS, EngineConfig
 from rillet.server.config import ServerConfig
 
 _SERVER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
@@ -199,6 +199,27 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "steps of at most this many tokens use 4-bit copies of the weights (8-bit LM head); 0 = "
         "off (default: on for 4-bit checkpoints such as the bundled model)",
         engine="quantized_max_batch_tokens",
+    ),
+    Option(
+        "speculative",
+        help="speculative decoding: ngram drafts tokens by prompt lookup (the last tokens "
+        "matched in the prompt and output so far) and the model verifies them in one forward; "
+        "greedy requests only, output unchanged (default: off)",
+        engine="speculative",
+        choices=SPECULATIVE_METHODS,
+    ),
+    Option(
+        "num_speculative_tokens",
+        int,
+        "draft tokens per step and request under --speculative (default: 4)",
+        engine="num_speculative_tokens",
+    ),
+    Option(
+        "speculative_max_num_seqs",
+        int,
+        "speculate only in steps of at most this many running requests: larger batches are "
+        "compute-bound, where drafts cost what they could save (default: 4)",
+        engine="speculative_max_num_seqs",
     ),
     Option(
         "engine_in_process",

@@ -8,8 +8,16 @@ import pytest
 
 from fake_engine import char_tokenizer
 from rillet.constraint import Constraint
+from rillet.engine.detokenizer import RequestTextState
 from rillet.errors import GenerationError, ValidationError
-from rillet.protocol import FinishReason, GeneratedToken, GeneratedTopToken, RequestOutput
+from rillet.protocol import (
+    FinishReason,
+    GeneratedToken,
+    GeneratedTopToken,
+    RequestOutput,
+    TokenDelta,
+)
+from rillet.sampling import SamplingParams
 from rillet.server.config import ServerConfig
 from rillet.server.dialects import tgi
 from rillet.server.dialects.fields import clean_logprob, stop_list
@@ -146,3 +154,30 @@ def test_stream_events_and_the_answer() -> None:
     assert answer["generated_text"] == "HiHi"
     assert answer["details"]["prefill"] == [] and len(answer["details"]["tokens"]) == 3
     assert answer["details"]["top_tokens"][0][0]["id"] == 33
+
+
+def test_a_speculative_step_streams_one_event_per_token() -> None:
+    """A step that accepted drafts hands the front end one delta with several tokens: TGI
+    streams each as its own event, with its own text and logprob; a stop string inside the
+    run ends the stream at its token."""
+    tokenizer = char_tokenizer()
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=["lo"], logprobs=True)
+    state = RequestTextState(tokenizer, tokenizer.encode("Hi"), params)
+    renderer = tgi.TgiRenderer(tokenizer, plan({"details": True}))
+    ids = tokenizer.encode("Hel")
+    first = state.process(TokenDelta("r", ids, logprobs=[-0.1, -0.2, -0.3]))
+    assert first is not None and len(first.tokens) == 3
+    events = renderer.events(first)
+    assert [(e["index"], e["token"]["text"], e["token"]["logprob"]) for e in events] == [
+        (1, "H", -0.1),
+        (2, "e", -0.2),
+        (3, "l", -0.3),
+    ]
+    # The next run crosses the stop string "lo": its tokens end at "o".
+    last = state.process(TokenDelta("r", tokenizer.encode("lo w"), logprobs=[-0.4] * 4))
+    assert last is not None and state.stop_hit
+    events = renderer.events(last)
+    assert [e["token"]["text"] for e in events] == ["l", "o"]
+    assert [e["index"] for e in events] == [4, 5]
+    assert events[-1]["generated_text"] == "Hel"
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"

@@ -1,0 +1,170 @@
+"""Speculative decoding in the scheduler: the n-gram proposer, the policy, and verification.
+
+No torch: ``test_scheduler.FakeModel`` scores every position of a speculative row (its
+"model" is a pure function of the context), and it checks every position a row attends to
+holds the right token, so a rejected draft's KV that leaked into a block table or into the
+prefix cache fails the run.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_scheduler import (
+    FakeModel,
+    check_invariants,
+    expected_tokens,
+    make_request,
+    next_token,
+    step,
+)
+
+from rillet.engine.request import Request
+from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.engine.speculation import NgramIndex, SpeculationConfig, Speculator
+from rillet.protocol import FinishReason
+
+
+def test_ngram_index_proposes_what_followed_the_latest_longest_match() -> None:
+    index = NgramIndex(min_n=2, max_n=3)
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 1, 2, 3]
+    # (1, 2, 3) last occurred at the start: 4, 5 followed it. The shorter (2, 3) occurred
+    # later (7 followed), but the longer match wins.
+    assert index.propose(tokens, 2) == [4, 5]
+    tokens += [8]  # (3, 8) and (2, 3, 8) are new
+    assert index.propose(tokens, 4) == []
+    tokens += [1, 2]  # (8, 1, 2) is new; (1, 2) last occurred at 9..10, then 3 and 8
+    assert index.propose(tokens, 4) == [3, 8, 1, 2]
+    assert NgramIndex(2, 3).propose([5, 5, 5], 3) == [5]  # up to the known end
+
+
+class OracleSpeculator(Speculator):
+    """Proposes the fake model's true continuation, with one token wrong now and then."""
+
+    def __init__(self, config: SpeculationConfig, seed: int, wrong: float = 0.3) -> None:
+        super().__init__(config)
+        self.rng = random.Random(seed)
+        self.wrong = wrong
+
+    def propose(self, request: Request, max_tokens: int) -> list[int]:
+        k = min(self.config.num_speculative_tokens, max_tokens)
+        seq = list(request.all_token_ids)
+        drafts = []
+        for _ in range(max(0, k)):
+            seq.append(next_token(seq))
+            drafts.append(seq[-1])
+        if drafts and self.rng.random() < self.wrong:
+            drafts[self.rng.randrange(len(drafts))] = 7  # never a fake model token
+        return drafts
+
+
+def spec_config(**overrides: object) -> SpeculationConfig:
+    values: dict[str, object] = {"method": "ngram", "num_speculative_tokens": 3, **overrides}
+    return SpeculationConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_output_is_the_models_whatever_the_drafts(seed: int, prefix_caching: bool) -> None:
+    rng = random.Random(seed)
+    # A tight cache: speculation must fit around preemptions and never cause one.
+    cfg = SchedulerConfig(
+        max_num_seqs=6,
+        max_num_batched_tokens=24,
+        max_model_len=64,
+        block_size=4,
+        num_blocks=24,
+        enable_prefix_caching=prefix_caching,
+    )
+    spec = OracleSpeculator(spec_config(max_num_seqs=6), seed)
+    sched, model = Scheduler(cfg, eos_token_ids=frozenset({1500}), speculator=spec), FakeModel(cfg)
+    shared = [rng.randrange(1, 50) for _ in range(8)]  # prefix-cache hits between requests
+    requests = []
+    for i in range(14):
+        prompt = shared + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))]
+        requests.append(make_request(f"r{i}", prompt, max_new_tokens=rng.randrange(1, 30)))
+    for r in requests:
+        sched.add_request(r)
+    num_speculative_rows = 0
+    while sched.has_unfinished_requests():
+        output, _ = step(sched, model)
+        num_speculative_rows += sum(bool(s.draft_token_ids) for s in output.scheduled)
+    assert num_speculative_rows > 10
+    for r in requests:
+        want = expected_tokens(r.prompt_token_ids, r.max_new_tokens)
+        if 1500 in want:  # the EOS id ends it early
+            want = want[: want.index(1500) + 1]
+        assert r.output_token_ids == want, r.request_id
+        assert len(r.output_token_ids) <= r.max_new_tokens
+    assert sched.block_manager.num_used_blocks == 0
+    counters = spec.counters
+    assert 0 < counters.num_accepted_tokens["ngram"] < counters.num_draft_tokens["ngram"]
+
+
+def test_max_tokens_and_stop_ids_inside_an_accepted_run() -> None:
+    cfg = SchedulerConfig(
+        max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64, block_size=4, num_blocks=16
+    )
+    prompt = [3, 1, 4, 1, 5]
+    want = expected_tokens(prompt, 10)
+    for cap in (1, 2, 3, 5, 6):
+        sched = Scheduler(cfg, speculator=OracleSpeculator(spec_config(), 0, wrong=0.0))
+        r = make_request("a", prompt, max_new_tokens=cap)
+        sched.add_request(r)
+        model = FakeModel(cfg)
+        while sched.has_unfinished_requests():
+            output = sched.schedule()
+            # Drafts never reach past the cap: the row's last token is the cap's.
+            for s in output.scheduled:
+                assert s.request.num_output_tokens + 1 + len(s.draft_token_ids) <= cap
+            sched.update_from_output(output, model.run(output))
+        assert r.output_token_ids == want[:cap] and r.finish_reason is FinishReason.LENGTH
+    # A stop id the model emits in the middle of accepted drafts ends the run there.
+    sched = Scheduler(cfg, speculator=OracleSpeculator(spec_config(), 0, wrong=0.0))
+    r = make_request("b", prompt, max_new_tokens=10, stop_token_ids=[want[3]])
+    sched.add_request(r)
+    model = FakeModel(cfg)
+    steps = []
+    while sched.has_unfinished_requests():
+        _, updated = step(sched, model)
+        steps.append([u.num_step_tokens for u in updated])
+    assert r.output_token_ids == want[:4] and r.finish_reason is FinishReason.STOP_SEQUENCE
+    assert steps == [[1], [3]]  # the prompt's token, then 3 of a 4-token run
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_rejected_slots_are_given_back() -> None:
+    cfg = SchedulerConfig(
+        max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64, block_size=4, num_blocks=16
+    )
+    spec = OracleSpeculator(spec_config(num_speculative_tokens=8), 0, wrong=0.0)
+    sched, model = Scheduler(cfg, speculator=spec), FakeModel(cfg)
+    r = make_request("a", [1, 2, 3, 4], max_new_tokens=30)
+    sched.add_request(r)
+    step(sched, model)  # prefill: 4 tokens, 1 block, one output token
+    spec.wrong = 1.0  # every run now has a wrong token
+    spec.rng = random.Random(1)
+    for _ in range(5):
+        output, _ = step(sched, model)
+        (row,) = output.scheduled
+        # The table covers exactly the computed tokens: no block of rejected slots is kept.
+        assert len(r.block_ids) == -(-r.num_computed_tokens // cfg.block_size)
+        assert r.num_computed_tokens == r.num_tokens - 1
+        check_invariants(sched)
+        assert row.draft_token_ids
+
+
+def test_policy_batch_size_and_low_acceptance() -> None:
+    spec = Speculator(spec_config(max_num_seqs=2, min_acceptance=0.5, cooldown_steps=3))
+    assert spec.step_allows(2) and not spec.step_allows(3)
+    r = make_request("a", [1, 2, 3, 1, 2], temperature=0.0)
+    assert spec.propose(r, 8) == [3, 1, 2]
+    sampled = make_request("s", [1, 2, 3, 1, 2], temperature=0.7)
+    constrained = make_request("p", [1, 2, 3, 1, 2], temperature=0.0, repetition_penalty=1.2)
+    assert spec.propose(sampled, 8) == [] and spec.propose(constrained, 8) == []
+    for _ in range(3):
+        spec.observe("a", 3, 0)
+    # Acceptance fell under 0.5: no drafts while cooling down, then a probe.
+    assert [spec.propose(r, 8) for _ in range(4)] == [[], [], [], [3, 1, 2]]
+    assert not Speculator(SpeculationConfig()).step_allows(1)  # "off"
