@@ -6,7 +6,7 @@ Three things differ from an HF checkpoint, and each is undone here:
   turns them into float32, while F16/BF16/F32 keep their dtype;
 - layout: llama.cpp's converter permutes the rows of Llama's q/k projections (its rotary
   implementation pairs adjacent dimensions, HF pairs the two halves), so they are permuted back.
-Shapes need no transposition: GGUF lists dimensions fastest-first (``ne``), and the reader
+Shapes need no transposition: GGUF lists dimensions fastest-first (``ne``), and ``gguf_file``
 already exposes the data in C order, i.e. HF's ``[out, in]``.
 """
 
@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from rillet.errors import ModelLoadError
 from rillet.models.config import GEMMA3_LOCAL_ROPE_THETA, GEMMA3_SLIDING_PATTERN, ModelConfig
 from rillet.models.gguf_codes import GroupCodes, group_codes
+from rillet.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
 
 #: GGUF ``general.architecture`` -> does llama.cpp permute its q/k rows?
 GGUF_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False, "gemma3": False}
@@ -72,25 +73,15 @@ _SAMPLING_KEYS = {
 }
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    """Open (memory-map) a GGUF file; a corrupt or truncated file is a ModelLoadError."""
+def open_gguf(path: Path) -> GGUFFile:
+    """Open (memory-map) a GGUF file and parse its metadata (plain Python values) and tensor
+    table; a corrupt or truncated file is a ModelLoadError."""
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader fails with ValueError, IndexError, struct errors...
+        return read_gguf(path)
+    except Exception as exc:  # ValueError, struct.error, UnicodeDecodeError, OSError...
         raise ModelLoadError(
             f"cannot read GGUF file {path}: {exc} (truncated or corrupt?)"
         ) from exc
-
-
-def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Every metadata key as a plain Python value (str, int, float, bool or list)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception as exc:
-            raise ModelLoadError(f"GGUF metadata field {key!r} is unreadable: {exc}") from exc
-    return meta
 
 
 def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
@@ -105,7 +96,7 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     return f"model.layers.{layer}.{block[part]}.{suffix}"
 
 
-def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -> ModelConfig:
+def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[GGUFTensor]) -> ModelConfig:
     """The ModelConfig a GGUF file describes; unsupported or incomplete files raise."""
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -172,7 +163,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Sequence[ReaderTensor]) -
     )
 
 
-def check_tensor_names(tensors: Sequence[ReaderTensor], arch: str = "llama") -> None:
+def check_tensor_names(tensors: Sequence[GGUFTensor], arch: str = "llama") -> None:
     """Refuse a file with tensors we would otherwise drop silently (another architecture's)."""
     unknown = [
         t.name
@@ -184,7 +175,7 @@ def check_tensor_names(tensors: Sequence[ReaderTensor], arch: str = "llama") -> 
         raise ModelLoadError(f"GGUF file has tensors rillet cannot place: {shown}")
 
 
-def layer_weight_bits(tensors: Sequence[ReaderTensor]) -> int | None:
+def layer_weight_bits(tensors: Sequence[GGUFTensor]) -> int | None:
     """The widest integer width among the decoder layers' matrices, None when any of them is
     stored as floats. It tells how coarse a copy of the weights can be without losing
     precision the file had (a Q4_1 file: 4)."""
@@ -205,10 +196,10 @@ def generation_defaults_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta}
 
 
-def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
+def dequantize_tensor(tensor: GGUFTensor) -> torch.Tensor:
     """One GGUF tensor as a torch tensor in HF's shape: float32, or the file's float dtype."""
-    qtype = GGMLQuantizationType(tensor.tensor_type)
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    qtype = tensor.tensor_type
+    shape = tuple(reversed(tensor.shape))
     data = tensor.data
     try:
         if qtype == GGMLQuantizationType.F32:
@@ -240,9 +231,7 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_head.transpose(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(
-    reader: GGUFReader, config: ModelConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one tensor at a time, so only one is dequantized at once."""
     permuted = GGUF_ARCHITECTURES[config.architecture]
     gemma = config.architecture == "gemma3"
@@ -261,7 +250,7 @@ def iter_gguf_weights(
 
 
 def iter_gguf_group_codes(
-    reader: GGUFReader, config: ModelConfig
+    reader: GGUFFile, config: ModelConfig
 ) -> Iterator[tuple[str, GroupCodes]]:
     """Yield ``(hf_name, codes)`` for every matrix stored in a format the integer kernel can
     take as it is (``gguf_codes``), in HF's row order."""
@@ -270,8 +259,8 @@ def iter_gguf_group_codes(
         name = gguf_to_hf_name(tensor.name, config.architecture)
         if name is None or len(tensor.shape) != 2:
             continue
-        rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
-        codes = group_codes(tensor.data, GGMLQuantizationType(tensor.tensor_type), (rows, cols))
+        rows, cols = reversed(tensor.shape)
+        codes = group_codes(tensor.data, tensor.tensor_type, (rows, cols))
         if codes is None:
             continue
         heads = None

@@ -109,7 +109,7 @@ def _has_gguf_magic(path: Path) -> bool:
 
 def _load_gguf(path: Path) -> LoadedModel:
     reader = gguf_weights.open_gguf(path)
-    meta = gguf_weights.gguf_metadata(reader)
+    meta = reader.metadata
     config = gguf_weights.config_from_gguf(meta, reader.tensors)
     gguf_weights.check_tensor_names(reader.tensors, config.architecture)
     tokenizer = Tokenizer.from_gguf(meta)
