@@ -9,7 +9,7 @@ must have (``_expected_tensors``), and rebuilds its buffers after ``to_empty``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TypeVar
 
@@ -102,9 +102,15 @@ class CausalLM(nn.Module):
             return ".".join(parts), (start, size)
         return ".".join(parts), None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        skip: Callable[[str], bool] | None = None,
+    ) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ModelLoadError on a
         missing or misshapen tensor, so a broken checkpoint fails at start-up, not mid-request.
+        ``skip``: the tensors the caller left out of ``weights`` on purpose (e.g.
+        :meth:`codes_cover`), which are not missing.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
@@ -122,8 +128,10 @@ class CausalLM(nn.Module):
                         f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(dest.shape)}"
                     )
-                dest.copy_(tensor.to(dest.dtype))
+                dest.copy_(tensor)  # converts to the model's dtype on the way
                 loaded.add(hf_name.removeprefix("model."))
+        if skip is not None:
+            loaded |= {name for name in self._expected_tensors() if skip(name)}
         self._check_complete(loaded)
 
     def load_group_codes(self, codes: Iterable[tuple[str, GroupCodes]]) -> int:
@@ -140,6 +148,34 @@ class CausalLM(nn.Module):
                 module.add_source_codes(0 if rows is None else rows[0], group_codes)
                 placed += 1
         return placed
+
+    def codes_cover(self, hf_name: str) -> bool:
+        """Whether HF tensor ``hf_name``'s rows all have the checkpoint's own integer codes
+        (:meth:`load_group_codes`) in a linear layer of their own (an LM head tied to the
+        embedding shares its weight, whose floats the embedding reads): its float values
+        are then only needed if that layer ends up without a quantized copy."""
+        found = self.linear_for(hf_name)
+        if found is None:
+            return False
+        module, (first, count) = found
+        if not module.source_codes or module.weight is self.embed_tokens.weight:
+            return False
+        codes = module.source_codes.get(first)
+        return codes is not None and codes.u.shape[0] == count
+
+    def linear_for(self, hf_name: str) -> tuple[Linear, tuple[int, int]] | None:
+        """The linear layer HF weight ``hf_name`` (with or without ``model.``) goes to, and
+        its (first row, rows) there; None for a tensor of anything else."""
+        target, rows = self._target(hf_name)
+        if not target.endswith(".weight"):
+            return None
+        try:
+            module = self.get_submodule(target.removesuffix(".weight"))
+        except AttributeError:  # not ours: load_weights names it
+            return None
+        if not isinstance(module, Linear):
+            return None
+        return module, rows if rows is not None else (0, module.out_features)
 
     def _expected_tensors(self) -> set[str]:
         """Every tensor a checkpoint must have, under our (unfused) names."""
