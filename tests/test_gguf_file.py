@@ -8,11 +8,13 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from rillet.models import resolve_model_path
-from rillet.models.gguf_file import GGUFFile, read_gguf
+from rillet.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from rillet.models.gguf_weights import dequantize_tensor
 
 
 def reader_view(path: Path) -> tuple[dict[str, Any], gguf.GGUFReader]:
@@ -101,3 +103,13 @@ def test_big_endian_and_bad_magic_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"GGML" + bytes(20))
     with pytest.raises(ValueError, match="magic"):
         read_gguf(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.Q5_0])
+def test_dequantize_in_slabs_is_gguf_dequantize(qtype: Q) -> None:
+    # More rows than one slab holds, and a row count that does not divide into slabs.
+    values = np.random.default_rng(1).standard_normal((3001, 512)).astype(np.float32)
+    raw = quantize(values, qtype)
+    tensor = GGUFTensor("t", qtype, (512, 3001), values.size, raw)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    assert torch.equal(dequantize_tensor(tensor), expected)
