@@ -158,3 +158,9 @@ def weight_cache_dir() -> Path:
     """Where ready-to-serve weights are kept (``models.weight_cache``): ``weights/`` under
     :func:`cache_dir`."""
     return cache_dir() / "weights"
+
+
+def kernels_dir() -> Path:
+    """Where rillet's C++ CPU kernels are compiled, a folder per version of their sources
+    (``models.cpu_kernels``): ``kernels/`` under :func:`cache_dir`."""
+    return cache_dir() / "kernels"
