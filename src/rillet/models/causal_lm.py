@@ -26,6 +26,16 @@ from rillet.models.linear import Linear
 M = TypeVar("M", bound="CausalLM")
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that draws no random weight on the meta device (``CausalLM.empty``):
+    there ``normal_`` runs torch's Python reference, whose first call imports
+    torch._dynamo, 2 s of every start, for values that are never kept."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class CausalLM(nn.Module):
     """A decoder-only model: token ids -> final hidden states (``forward``) -> logits.
 
@@ -52,9 +62,18 @@ class CausalLM(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config, dtype)
-        model.to_empty(device=device)
-        # to_empty leaves buffers uninitialised and unties shared parameters: redo both.
-        model._init_buffers(device)
+        # Memory of their own for the parameters, uninitialised. Not ``to_empty``: its
+        # ``empty_like`` of a meta tensor runs torch's Python reference, whose first call
+        # imports sympy (1 s of every start).
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    memory = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    module._parameters[name] = nn.Parameter(memory, param.requires_grad)
+        # The rotary tables were made on the CPU even under meta (``rope.py``).
+        if any(b.device != torch.device(device) for b in model.buffers()):
+            model._init_buffers(device)
+        # One Parameter each above: tie the LM head to the embedding again.
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model
