@@ -49,6 +49,7 @@ _ELEMENT_DTYPES: dict[GGMLQuantizationType, type[np.generic]] = {
     GGMLQuantizationType.I64: np.int64,
 }
 _DEFAULT_ALIGNMENT = 32
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,20 @@ class _Cursor:
             raise ValueError("string runs past the end of the file")
         return str(self.buf[start : self.at], "utf-8")
 
+    def _strings(self, count: int) -> list[str]:
+        """``count`` strings in a row: a vocabulary's 150k tokens, so the loop is tight."""
+        buf, at, end = self.buf, self.at, len(self.buf)
+        length_at = _U64.unpack_from
+        out = []
+        for _ in range(count):
+            (length,) = length_at(buf, at)
+            at += 8 + length
+            if at > end:
+                raise ValueError("string runs past the end of the file")
+            out.append(str(buf[at - length : at], "utf-8"))
+        self.at = at
+        return out
+
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
@@ -169,6 +184,8 @@ class _Cursor:
                 values = np.frombuffer(self.buf, dtype, count, self.at).tolist()
                 self.at = end
                 return values
+            if item_kind == _STRING:
+                return self._strings(count)
             return [self.value(item_kind) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"unknown metadata value type {kind}")
