@@ -10,8 +10,10 @@ released. What is left is what the cache keeps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -85,7 +87,8 @@ def prepare_model(
     quantized = _from_cache(model, root, key, rows, native) if key is not None else None
     cached = quantized is not None
     if quantized is None:
-        quantized = _build(model, files, config, native, rows)
+        with _one_thread():
+            quantized = _build(model, files, config, native, rows)
         log.info("weights ready in %.1fs", time.perf_counter() - started)
         if key is not None:
             started = time.perf_counter()
@@ -98,6 +101,21 @@ def prepare_model(
     model.eval()
     bind_attributes(model)  # last: after every weight copy above is in place
     return ReadyModel(model, rows, quantized, packed, cached)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while the weights are prepared: thousands of small element-wise
+    ops and copies, each a fork and join across threads that gains nothing on memory-bound
+    work, and on a busy machine waits on a descheduled thread. On this 2-core VM, shared:
+    8-bit quantization 143 Mparams/s on one thread against 31 on two, packing 505 against
+    192 (bench/RESULTS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _from_cache(
