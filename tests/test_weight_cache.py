@@ -100,7 +100,9 @@ def options(**overrides: object) -> dict[str, object]:
 def ready(path: Path, root: Path, native: ModuleType, **overrides: object) -> ReadyModel:
     config = EngineConfig(model=str(path), **options(**overrides))  # type: ignore[arg-type]
     files = load_model_files(config.model)
-    return prepare_model(files, config, torch.device("cpu"), torch.bfloat16, native, root)
+    prepared = prepare_model(files, config, torch.device("cpu"), torch.bfloat16, native, root)
+    weight_cache.wait_for_writes()  # the entry is written in the background
+    return prepared
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -159,6 +161,7 @@ def test_greedy_outputs_identical_with_and_without_the_cache(
     outputs = []
     for cache in (False, True, True):
         llm = LLM(str(tiny_gguf), weight_cache=cache, **options())
+        weight_cache.wait_for_writes()
         outputs.append([c.token_ids for c in llm.generate(PROMPTS, GREEDY)])
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(outputs[0][0]) == GREEDY.max_new_tokens
@@ -171,6 +174,7 @@ def test_the_bundled_model_from_the_cache_is_the_fresh_one(
     monkeypatch.setenv("RILLET_CACHE_DIR", str(tmp_path / "rillet"))
     fresh = LLM(weight_cache=False)
     LLM()  # writes the entry
+    weight_cache.wait_for_writes()
     cached = LLM()
     assert_same_tensors(fresh.core.runner.model, cached.core.runner.model)
     assert [c.token_ids for c in fresh.generate(PROMPTS, GREEDY)] == [

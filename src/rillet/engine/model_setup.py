@@ -90,11 +90,8 @@ def prepare_model(
         with _one_thread():
             quantized = _build(model, files, config, native, rows)
         log.info("weights ready in %.1fs", time.perf_counter() - started)
-        if key is not None:
-            started = time.perf_counter()
-            path = weight_cache.save(root, key, weight_cache.snapshot(model))
-            if path is not None:
-                log.info("weights cached in %.1fs: %s", time.perf_counter() - started, path)
+        if key is not None:  # written while this start goes on
+            weight_cache.save_in_background(root, key, weight_cache.snapshot(model))
     else:
         log.info("weights mapped from the cache in %.1fs", time.perf_counter() - started)
     packed = enable_packed_weights(model, native, config.max_num_batched_tokens)

@@ -119,6 +119,38 @@ def save(root: Path, key: dict[str, Any], entry: Entry) -> Path | None:
     return path
 
 
+def save_in_background(root: Path, key: dict[str, Any], entry: Entry) -> None:
+    """:func:`save` on a thread of its own, so a start is ready without waiting for the
+    write (1.6 GB for Qwen2.5-1.5B: seconds). torch releases the GIL while it writes a
+    tensor (the longest pause measured on the calling thread: 14 ms). The thread is not a
+    daemon: a process that exits first waits for the entry to be whole."""
+    thread = threading.Thread(target=_timed_save, args=(root, key, entry), name="weight-cache")
+    with _writers_lock:
+        _writers[:] = [w for w in _writers if w.is_alive()] + [thread]
+    thread.start()
+
+
+def wait_for_writes() -> None:
+    """Block until every entry being written in the background is on disk."""
+    with _writers_lock:
+        writers = list(_writers)
+    for writer in writers:
+        writer.join()
+
+
+def _timed_save(root: Path, key: dict[str, Any], entry: Entry) -> None:
+    started = time.perf_counter()
+    path = save(root, key, entry)
+    if path is not None:
+        log.info(
+            "weights cached in %.1fs for the next start: %s", time.perf_counter() - started, path
+        )
+
+
+_writers: list[threading.Thread] = []
+_writers_lock = threading.Lock()
+
+
 def snapshot(model: nn.Module) -> Entry:
     """The tensors that make ``model`` ready: every parameter (on meta: its name only) and
     every Linear's quantized copy."""
