@@ -22,6 +22,7 @@ model's folder goes once its weight files are gone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -91,7 +92,8 @@ def load(root: Path, key: dict[str, Any]) -> Entry | None:
     except Exception as exc:  # a truncated zip, a pickle error, a wrong shape of dict...
         log.warning("ignoring the weight cache entry %s (%s); rebuilding it", path, exc)
         return None
-    os.utime(path)  # most recently used: kept longest
+    with contextlib.suppress(OSError):  # a read-only cache is still a cache
+        os.utime(path)  # most recently used: kept longest
     return entry
 
 
@@ -140,7 +142,11 @@ def wait_for_writes() -> None:
 
 def _timed_save(root: Path, key: dict[str, Any], entry: Entry) -> None:
     started = time.perf_counter()
-    path = save(root, key, entry)
+    try:
+        path = save(root, key, entry)
+    except Exception:  # a bug here must not look like the engine's; the start went on
+        log.exception("cannot write the weight cache entry")
+        return
     if path is not None:
         log.info(
             "weights cached in %.1fs for the next start: %s", time.perf_counter() - started, path
