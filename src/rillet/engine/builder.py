@@ -14,22 +14,19 @@ import torch
 from rillet.config import EngineConfig, auto_kv_cache_bytes
 from rillet.engine.core import EngineCore
 from rillet.engine.model_runner import ModelRunner
+from rillet.engine.model_setup import prepare_model
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.engine.speculation import SpeculationConfig, Speculator
 from rillet.errors import ModelLoadError
-from rillet.models import cpu_kernels, registry
+from rillet.models import cpu_kernels
 from rillet.models.attention import kv_row_width
-from rillet.models.attribute_binding import bind_attributes
 from rillet.models.config import ModelConfig
-from rillet.models.linear import enable_packed_weights, enable_quantized_weights
 from rillet.models.loader import load_model_files
 from rillet.tokenizer import Tokenizer
 
 log = logging.getLogger("rillet.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Bits of the decoder layers' copies: llama.cpp's Q4_1, the bundled file's own format.
-QUANTIZED_LAYER_BITS = 4
 #: Served context when the model allows more; keeps RoPE tables and prompts bounded.
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -162,29 +159,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
             f"sequence of max_model_len={max_model_len}; raise the KV budget or lower it"
         )
 
-    model = registry.model_class(cfg.architecture).empty(cfg, dtype, device)
-    model.load_weights(files.weights())
-    model.eval()
-    quantized_rows = config.quantized_max_batch_tokens
-    source_bits = files.layer_weight_bits
-    if quantized_rows is None:
-        # On only where it loses no precision the checkpoint had (see EngineConfig): an
-        # integer GGUF, whose 4- and 5-bit and Q8_0 matrices go to the kernel as they are
-        # (gguf_codes) and whose others (Q6_K...) are quantized again at 8 bits.
-        cpu_bf16 = (device.type, dtype) == ("cpu", torch.bfloat16)
-        # Every step: the integer kernel beats the bf16 one at every size measured, 1 to 512
-        # rows (whole passes, bench/linear_kernels.py), and then results do not depend on
-        # how many rows a step has.
-        quantized_rows = config.max_num_batched_tokens if cpu_bf16 and source_bits else 0
-    quantized_layers = 0
-    if native is not None and quantized_rows > 0:
-        if files.group_codes is not None:
-            model.load_group_codes(files.group_codes())
-        # Layers without codes of their own: 8 bits from a file with wider formats, else 4.
-        bits = 8 if source_bits and source_bits > QUANTIZED_LAYER_BITS else QUANTIZED_LAYER_BITS
-        quantized_layers = enable_quantized_weights(model, quantized_rows, native, bits)
-    packed_layers = enable_packed_weights(model, native, config.max_num_batched_tokens)
-    bind_attributes(model)  # last: after every weight copy above is in place
+    ready = prepare_model(files, config, device, dtype, native)
+    model = ready.model
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
@@ -215,14 +191,15 @@ def build_engine(config: EngineConfig) -> EngineParts:
     )
     log.info(
         "loaded %s: %d layers, %s on %s (%d linear layers packed; 4/8-bit weights in "
-        "%d for steps of <= %d tokens), %d KV blocks of %d tokens, context %d",
+        "%d for steps of <= %d tokens%s), %d KV blocks of %d tokens, context %d",
         files.name,
         cfg.num_layers,
         str(dtype).removeprefix("torch."),
         device,
-        packed_layers,
-        quantized_layers,
-        quantized_rows,
+        ready.packed_layers,
+        ready.quantized_layers,
+        ready.quantized_rows,
+        ", from the weight cache" if ready.cached else "",
         num_blocks,
         config.block_size,
         max_model_len,

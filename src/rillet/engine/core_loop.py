@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from rillet.engine.core import EngineCore
 from rillet.errors import GenerationError, RilletError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
+
+if TYPE_CHECKING:  # the core imports torch; a server's own process needs none of it
+    from rillet.engine.core import EngineCore
 
 log = logging.getLogger("rillet.engine")
 

@@ -9,7 +9,7 @@ must have (``_expected_tensors``), and rebuilds its buffers after ``to_empty``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TypeVar
 
@@ -24,6 +24,16 @@ from rillet.models.gguf_codes import GroupCodes
 from rillet.models.linear import Linear
 
 M = TypeVar("M", bound="CausalLM")
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that draws no random weight on the meta device (``CausalLM.empty``):
+    there ``normal_`` runs torch's Python reference, whose first call imports
+    torch._dynamo, 2 s of every start, for values that are never kept."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
 
 
 class CausalLM(nn.Module):
@@ -52,9 +62,18 @@ class CausalLM(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config, dtype)
-        model.to_empty(device=device)
-        # to_empty leaves buffers uninitialised and unties shared parameters: redo both.
-        model._init_buffers(device)
+        # Memory of their own for the parameters, uninitialised. Not ``to_empty``: its
+        # ``empty_like`` of a meta tensor runs torch's Python reference, whose first call
+        # imports sympy (1 s of every start).
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    memory = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    module._parameters[name] = nn.Parameter(memory, param.requires_grad)
+        # The rotary tables were made on the CPU even under meta (``rope.py``).
+        if any(b.device != torch.device(device) for b in model.buffers()):
+            model._init_buffers(device)
+        # One Parameter each above: tie the LM head to the embedding again.
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model
@@ -102,9 +121,15 @@ class CausalLM(nn.Module):
             return ".".join(parts), (start, size)
         return ".".join(parts), None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        skip: Callable[[str], bool] | None = None,
+    ) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ModelLoadError on a
         missing or misshapen tensor, so a broken checkpoint fails at start-up, not mid-request.
+        ``skip``: the tensors the caller left out of ``weights`` on purpose (e.g.
+        :meth:`codes_cover`), which are not missing.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
@@ -122,8 +147,10 @@ class CausalLM(nn.Module):
                         f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(dest.shape)}"
                     )
-                dest.copy_(tensor.to(dest.dtype))
+                dest.copy_(tensor)  # converts to the model's dtype on the way
                 loaded.add(hf_name.removeprefix("model."))
+        if skip is not None:
+            loaded |= {name for name in self._expected_tensors() if skip(name)}
         self._check_complete(loaded)
 
     def load_group_codes(self, codes: Iterable[tuple[str, GroupCodes]]) -> int:
@@ -140,6 +167,34 @@ class CausalLM(nn.Module):
                 module.add_source_codes(0 if rows is None else rows[0], group_codes)
                 placed += 1
         return placed
+
+    def codes_cover(self, hf_name: str) -> bool:
+        """Whether HF tensor ``hf_name``'s rows all have the checkpoint's own integer codes
+        (:meth:`load_group_codes`) in a linear layer of their own (an LM head tied to the
+        embedding shares its weight, whose floats the embedding reads): its float values
+        are then only needed if that layer ends up without a quantized copy."""
+        found = self.linear_for(hf_name)
+        if found is None:
+            return False
+        module, (first, count) = found
+        if not module.source_codes or module.weight is self.embed_tokens.weight:
+            return False
+        codes = module.source_codes.get(first)
+        return codes is not None and codes.u.shape[0] == count
+
+    def linear_for(self, hf_name: str) -> tuple[Linear, tuple[int, int]] | None:
+        """The linear layer HF weight ``hf_name`` (with or without ``model.``) goes to, and
+        its (first row, rows) there; None for a tensor of anything else."""
+        target, rows = self._target(hf_name)
+        if not target.endswith(".weight"):
+            return None
+        try:
+            module = self.get_submodule(target.removesuffix(".weight"))
+        except AttributeError:  # not ours: load_weights names it
+            return None
+        if not isinstance(module, Linear):
+            return None
+        return module, rows if rows is not None else (0, module.out_features)
 
     def _expected_tensors(self) -> set[str]:
         """Every tensor a checkpoint must have, under our (unfused) names."""

@@ -31,7 +31,7 @@ from torch import nn
 from rillet.errors import ModelLoadError
 from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache
-from rillet.models.causal_lm import CausalLM
+from rillet.models.causal_lm import CausalLM, Embedding
 from rillet.models.config import ModelConfig
 from rillet.models.decoder_stack import DecoderStack, quantized_layer
 from rillet.models.linear import Linear
@@ -117,7 +117,7 @@ class Gemma3ForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.rope, self.local_rope = self._ropes(config, dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -71,18 +71,31 @@ def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes
     None for a type without codes or values fp16 cannot hold."""
     if qtype not in CODE_BITS or shape[1] % GROUP:
         return None
-    _, block_bytes = GGML_QUANT_SIZES[qtype]
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
     blocks = np.ascontiguousarray(raw).reshape(-1, block_bytes)
-    u, d, m = _DECODERS[qtype](blocks)
     n, k = shape
+    groups = n * k // GROUP
+    per_block = block_size // GROUP
+    u = np.empty((groups, GROUP), dtype=np.uint8)
+    d = np.empty(groups, dtype=np.float16)
+    m = np.empty(groups, dtype=np.float16)
+    # A slab of blocks at a time: the decoders' temporaries stay in the cache (a whole
+    # 1.5B model's matrices decoded ~2x faster than in one go per tensor).
+    for start in range(0, blocks.shape[0], _BLOCKS_AT_ONCE):
+        part = slice(start * per_block, (start + _BLOCKS_AT_ONCE) * per_block)
+        u[part], d[part], m[part] = _DECODERS[qtype](blocks[start : start + _BLOCKS_AT_ONCE])
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         return None
     return GroupCodes(
-        u=torch.from_numpy(np.ascontiguousarray(u.reshape(n, k // GROUP, GROUP))),
-        d=torch.from_numpy(np.ascontiguousarray(d.reshape(n, k // GROUP))),
-        m=torch.from_numpy(np.ascontiguousarray(m.reshape(n, k // GROUP))),
+        u=torch.from_numpy(u.reshape(n, k // GROUP, GROUP)),
+        d=torch.from_numpy(d.reshape(n, k // GROUP)),
+        m=torch.from_numpy(m.reshape(n, k // GROUP)),
         bits=CODE_BITS[qtype],
     )
+
+
+#: Blocks decoded at a time.
+_BLOCKS_AT_ONCE = 4096
 
 
 Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # u [G, 32] uint8, d and m [G] fp16

@@ -19,7 +19,7 @@ from torch import nn
 
 from rillet.models import ops
 from rillet.models.attention import AttentionMetadata, KVCache, paged_attention
-from rillet.models.causal_lm import CausalLM
+from rillet.models.causal_lm import CausalLM, Embedding
 from rillet.models.config import ModelConfig
 from rillet.models.decoder_stack import DecoderStack, quantized_layer
 from rillet.models.linear import Linear
@@ -141,7 +141,7 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.rope = self._rope(config, dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)

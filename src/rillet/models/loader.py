@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,8 +33,15 @@ from rillet.models.gguf_codes import GroupCodes
 from rillet.models.model_cache import model_file
 from rillet.tokenizer import Tokenizer
 
-WeightsFn = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 GroupCodesFn = Callable[[], Iterator[tuple[str, GroupCodes]]]
+SkipFn = Callable[[str], bool]
+
+
+class WeightsFn(Protocol):
+    """``weights(skip)``: the HF-named tensors, one at a time; those whose name ``skip``
+    accepts are neither read nor yielded (no dequantization)."""
+
+    def __call__(self, skip: SkipFn | None = None) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -56,6 +63,8 @@ class LoadedModel:
     #: The file's own integers for the matrices stored in a format the integer kernel takes
     #: as it is (``gguf_codes``), HF-named; None for checkpoints without any.
     group_codes: GroupCodesFn | None = None
+    #: The files the weights and their shapes come from (what a cache of them is keyed on).
+    weight_files: tuple[Path, ...] = ()
 
 
 def resolve_model_path(model: str | None, locate: PartLocator = locate_installed) -> Path:
@@ -109,7 +118,7 @@ def _has_gguf_magic(path: Path) -> bool:
 
 def _load_gguf(path: Path) -> LoadedModel:
     reader = gguf_weights.open_gguf(path)
-    meta = gguf_weights.gguf_metadata(reader)
+    meta = reader.metadata
     config = gguf_weights.config_from_gguf(meta, reader.tensors)
     gguf_weights.check_tensor_names(reader.tensors, config.architecture)
     tokenizer = Tokenizer.from_gguf(meta)
@@ -117,13 +126,14 @@ def _load_gguf(path: Path) -> LoadedModel:
     return LoadedModel(
         config=config,
         # The closure keeps the reader (and its memory map) alive as long as it is needed.
-        weights=lambda: gguf_weights.iter_gguf_weights(reader, config),
+        weights=lambda skip=None: gguf_weights.iter_gguf_weights(reader, config, skip),
         tokenizer=tokenizer,
         generation_defaults=gguf_weights.generation_defaults_from_gguf(meta),
         name=path.stem,
         path=path,
         layer_weight_bits=gguf_weights.layer_weight_bits(reader.tensors),
         group_codes=lambda: gguf_weights.iter_gguf_group_codes(reader, config),
+        weight_files=(path,),
     )
 
 
@@ -140,11 +150,12 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         generation.pop(key, None)
     return LoadedModel(
         config=_with_eos(config, tokenizer),
-        weights=lambda: _iter_safetensors(files),
+        weights=lambda skip=None: _iter_safetensors(files, skip),
         tokenizer=tokenizer,
         generation_defaults=generation,
         name=path.name,
         path=path,
+        weight_files=(path / "config.json", *files),
     )
 
 
@@ -182,13 +193,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(
+    files: list[Path], skip: SkipFn | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118 -- safe_open is not a Mapping
                     # Old checkpoints saved rotary caches as weights; the model recomputes them.
-                    if name.endswith("rotary_emb.inv_freq"):
+                    if name.endswith("rotary_emb.inv_freq") or (skip and skip(name)):
                         continue
                     yield name, st.get_tensor(name)
         except (SafetensorError, OSError) as exc:

@@ -95,11 +95,16 @@ class RotaryEmbedding(torch.nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        inv_freq, attention_factor = inverse_frequencies(head_dim, theta, scaling, max_positions)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", (emb.cos() * attention_factor).to(dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * attention_factor).to(dtype), persistent=False)
+        # On the CPU even inside ``torch.device("meta")`` (``CausalLM.empty``): a meta
+        # arange runs torch's Python reference, whose first call imports torch._dynamo, 2 s
+        # of every start. The tables move with the module.
+        with torch.device("cpu"):
+            inv_freq, factor = inverse_frequencies(head_dim, theta, scaling, max_positions)
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -25,6 +26,7 @@ from rillet.server.serve_options import add_arguments, configs_of
 if TYPE_CHECKING:
     import grpc
 
+    from rillet.config import EngineConfig
     from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         engine_config, server_config = configs_of(
             vars(args), host="0.0.0.0" if args.expose else args.host
         )
-        with _Progress(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):
+        _compile_kernels_first(engine_config)
+        with _Progress(f"loading {model_label(args.model)}"):
             engine = AsyncEngine.from_config(engine_config, own_process=not args.engine_in_process)
         app = create_app(engine, server_config)
     except (RilletError, ValueError, OSError) as exc:
@@ -133,7 +136,9 @@ def _print_banner(service: GenerationService, sock: socket.socket) -> None:
     auth = ""
     if service.config.api_key:
         auth = f" -H {shlex.quote('Authorization: Bearer ' + service.config.api_key)}"
-    print(f"rillet: serving {service.model_name} on {url} (bound to {host}:{port})", flush=True)
+    print(
+        f"rillet: ready, serving {service.model_name} on {url} (bound to {host}:{port})", flush=True
+    )
     print(f"  TGI:    {url}/generate_stream   OpenAI: {url}/v1   metrics: {url}/metrics")
     print("  try:", flush=True)
     print(
@@ -141,6 +146,40 @@ def _print_banner(service: GenerationService, sock: socket.socket) -> None:
         f"-d {shlex.quote(body)}",
         flush=True,
     )
+
+
+def model_label(model: str | None) -> str:
+    """``--model`` as the loading line names it, with its size: ``qwen2.5-coder-1.5b
+    (1.1 GB)``, ``the bundled SmolLM2-135M-Instruct (98 MB)``, ``./m.gguf (253 MB)``."""
+    from rillet.models.catalogue import CATALOGUE, DEFAULT_MODEL, find_entry, format_size
+
+    if model is None:
+        bundled = CATALOGUE[DEFAULT_MODEL]
+        name = bundled.file_name.split(".")[0]
+        return f"the bundled {name} ({format_size(bundled.size)})"
+    path = Path(model).expanduser()
+    if path.is_file():
+        return f"{model} ({format_size(path.stat().st_size)})"
+    if path.is_dir():
+        weights = [*path.glob("*.safetensors"), *path.glob("*.gguf")]
+        return f"{model} ({format_size(sum(p.stat().st_size for p in weights))})"
+    entry = find_entry(model)
+    return f"{entry.name} ({format_size(entry.size)})" if entry else model
+
+
+def _compile_kernels_first(config: EngineConfig) -> None:
+    """Compile the CPU kernels here, saying so, when this start is the one that must: the
+    engine process then imports them (a minute of silence behind "loading" otherwise)."""
+    from rillet.models import cpu_kernels
+
+    if not config.native_kernels or config.device not in ("auto", "cpu") or cpu_kernels.is_built():
+        return
+    import torch  # only now: a start that need not compile never imports it here
+
+    if config.device == "auto" and torch.cuda.is_available():
+        return
+    with _Progress(cpu_kernels.COMPILE_NOTICE):
+        cpu_kernels.load()
 
 
 class _Progress:
