@@ -11,7 +11,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_scheduler import (
+
+from rillet.engine.request import Request
+from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.engine.speculation import NgramIndex, SpeculationConfig, Speculator
+from rillet.protocol import FinishReason
+from scheduler_model import (
     FakeModel,
     check_invariants,
     expected_tokens,
@@ -19,11 +24,6 @@ from test_scheduler import (
     next_token,
     step,
 )
-
-from rillet.engine.request import Request
-from rillet.engine.scheduler import Scheduler, SchedulerConfig
-from rillet.engine.speculation import NgramIndex, SpeculationConfig, Speculator
-from rillet.protocol import FinishReason
 
 
 def test_ngram_index_proposes_what_followed_the_latest_longest_match() -> None:
