@@ -90,6 +90,8 @@ def test_the_ray_builder_and_the_command_line_give_the_same_configs() -> None:
             args[option.name] = "true"
         elif option.on_ray:
             value = {int: "3", float: "0.75", str: "text"}[option.type]
+            if option.choices:  # the last choice, never the default
+                value = option.choices[-1]
             value = {"dtype": "float16", "kv_cache_dtype": "int8"}.get(option.name, value)
             argv += [option.flag, value]
             args[option.name] = value
