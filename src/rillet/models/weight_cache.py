@@ -229,9 +229,11 @@ def prune(root: Path, keep: Path | None = None) -> None:
 
 
 def _entry_path(root: Path, key: dict[str, Any]) -> Path:
-    """``<root>/<first file's name>-<files digest>/<key digest>.pt``: one folder per model."""
+    """``<root>/<model name>-<files digest>/<key digest>.pt``: one folder per model, named
+    after its file (a GGUF) or its folder (an HF checkpoint, whose first file is its config)."""
     files = json.dumps([f[0] for f in key["files"]])
-    stem = Path(key["files"][0][0]).stem if key["files"] else "model"
+    first = Path(key["files"][0][0]) if key["files"] else Path("model")
+    stem = first.parent.name if first.name == "config.json" else first.stem
     folder = f"{stem}-{hashlib.sha256(files.encode()).hexdigest()[:12]}"
     return root / folder / f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:24]}.pt"
 
