@@ -124,9 +124,12 @@ def save(root: Path, key: dict[str, Any], entry: Entry) -> Path | None:
 def save_in_background(root: Path, key: dict[str, Any], entry: Entry) -> None:
     """:func:`save` on a thread of its own, so a start is ready without waiting for the
     write (1.6 GB for Qwen2.5-1.5B: seconds). torch releases the GIL while it writes a
-    tensor (the longest pause measured on the calling thread: 14 ms). The thread is not a
-    daemon: a process that exits first waits for the entry to be whole."""
-    thread = threading.Thread(target=_timed_save, args=(root, key, entry), name="weight-cache")
+    tensor (the longest pause measured on the calling thread: 14 ms). A daemon: an engine
+    process told to stop must not outlive its server by a write; one cut short leaves only
+    a temporary file (:func:`prune` removes it), and the next start writes the entry."""
+    thread = threading.Thread(
+        target=_timed_save, args=(root, key, entry), name="weight-cache", daemon=True
+    )
     with _writers_lock:
         _writers[:] = [w for w in _writers if w.is_alive()] + [thread]
     thread.start()
