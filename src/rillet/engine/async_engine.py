@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rillet.engine import grammar
 from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
 from rillet.engine.inputs import build_request
@@ -101,8 +100,10 @@ class AsyncEngine:
         self._respawn = respawn
         #: Cores brought back so far (``rillet_engine_restarts``).
         self.restarts = 0
-        # make_request checks constraints on the caller's loop: have the library ready.
-        grammar.preload()
+        # The service checks a request's constraint on the caller's loop: have the grammar
+        # library ready by then. On a thread, and imported there: the library brings torch
+        # (~1.5 s), which the server's own process does not import while it starts.
+        threading.Thread(target=_preload_grammar, name="rillet-grammar-import", daemon=True).start()
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, own_process: bool = False) -> AsyncEngine:
@@ -307,3 +308,9 @@ class AsyncEngine:
 def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:
     for collector, item in batch:
         collector.put(item)
+
+
+def _preload_grammar() -> None:
+    from rillet.engine import grammar
+
+    grammar.import_library()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,10 +60,9 @@ def _xgr() -> ModuleType:
     return xgrammar
 
 
-def preload() -> None:
-    """Import the grammar library on a background thread, so the first constrained
-    request does not stall whichever loop it arrives on."""
-    threading.Thread(target=_xgr, name="rillet-grammar-import", daemon=True).start()
+def import_library() -> None:
+    """Import the grammar library now (``AsyncEngine`` does, on a thread of its own)."""
+    _xgr()
 
 
 def _grammar(constraint: Constraint) -> Any:

@@ -124,9 +124,12 @@ def save(root: Path, key: dict[str, Any], entry: Entry) -> Path | None:
 def save_in_background(root: Path, key: dict[str, Any], entry: Entry) -> None:
     """:func:`save` on a thread of its own, so a start is ready without waiting for the
     write (1.6 GB for Qwen2.5-1.5B: seconds). torch releases the GIL while it writes a
-    tensor (the longest pause measured on the calling thread: 14 ms). The thread is not a
-    daemon: a process that exits first waits for the entry to be whole."""
-    thread = threading.Thread(target=_timed_save, args=(root, key, entry), name="weight-cache")
+    tensor (the longest pause measured on the calling thread: 14 ms). A daemon: an engine
+    process told to stop must not outlive its server by a write; one cut short leaves only
+    a temporary file (:func:`prune` removes it), and the next start writes the entry."""
+    thread = threading.Thread(
+        target=_timed_save, args=(root, key, entry), name="weight-cache", daemon=True
+    )
     with _writers_lock:
         _writers[:] = [w for w in _writers if w.is_alive()] + [thread]
     thread.start()
@@ -229,9 +232,11 @@ def prune(root: Path, keep: Path | None = None) -> None:
 
 
 def _entry_path(root: Path, key: dict[str, Any]) -> Path:
-    """``<root>/<first file's name>-<files digest>/<key digest>.pt``: one folder per model."""
+    """``<root>/<model name>-<files digest>/<key digest>.pt``: one folder per model, named
+    after its file (a GGUF) or its folder (an HF checkpoint, whose first file is its config)."""
     files = json.dumps([f[0] for f in key["files"]])
-    stem = Path(key["files"][0][0]).stem if key["files"] else "model"
+    first = Path(key["files"][0][0]) if key["files"] else Path("model")
+    stem = first.parent.name if first.name == "config.json" else first.stem
     folder = f"{stem}-{hashlib.sha256(files.encode()).hexdigest()[:12]}"
     return root / folder / f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:24]}.pt"
 
