@@ -11,8 +11,6 @@ accepted whatever it says.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -24,9 +22,8 @@ from rillet.server.dialects.anthropic_render import PING, AnthropicRenderer
 from rillet.server.http.body import parse_json, parse_model, read_body, request_options, service_of
 from rillet.server.http.errors import ANTHROPIC_ERRORS, rendered_by
 from rillet.server.http.openapi import json_body
-from rillet.server.http.respond import collect_answer, stream_response
+from rillet.server.http.respond import collect_answer, named_events, stream_response
 from rillet.server.http.sse import sse_named_event
-from rillet.server.service import Generation
 
 router = APIRouter(prefix="/v1/messages", route_class=rendered_by(ANTHROPIC_ERRORS))
 
@@ -38,15 +35,6 @@ async def require_key(request: Request) -> None:
 
 _auth = [Depends(require_key)]
 KEEP_ALIVE = sse_named_event(*PING)
-
-
-async def _events(generation: Generation, renderer: AnthropicRenderer) -> AsyncIterator[bytes]:
-    for name, event in renderer.start():
-        yield sse_named_event(name, event)
-    async with contextlib.aclosing(generation.stream()) as outputs:
-        async for out in outputs:
-            for name, event in renderer.events(out):
-                yield sse_named_event(name, event)
 
 
 @router.post("", dependencies=_auth, openapi_extra=json_body(anthropic.MessagesRequest))
@@ -69,7 +57,7 @@ async def messages(request: Request) -> Response:
     if planned.stream:
         return stream_response(
             generation,
-            _events(generation, renderer),
+            named_events(generation, renderer),
             ANTHROPIC_ERRORS,
             request,
             keep_alive=KEEP_ALIVE,

@@ -11,8 +11,9 @@ within the resume window (``rillet.server.resumable``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Protocol
 
 from starlette.requests import Request
 
@@ -20,7 +21,12 @@ from rillet.errors import RilletError
 from rillet.protocol import RequestOutput
 from rillet.server.auth import presented_key
 from rillet.server.http.errors import ErrorFormat
-from rillet.server.http.sse import StreamResponse, cancel_on_disconnect, in_band_errors
+from rillet.server.http.sse import (
+    StreamResponse,
+    cancel_on_disconnect,
+    in_band_errors,
+    sse_named_event,
+)
 from rillet.server.resumable import ResumableStream
 from rillet.server.service import Generation
 
@@ -84,3 +90,23 @@ def sse_with_id(number: int, event: bytes) -> bytes:
 async def collect_answer(request: Request, generation: Generation) -> RequestOutput:
     """The whole generation; a client that disconnects first cancels it (ClientGone)."""
     return await cancel_on_disconnect(request, generation.run(generation.collect()))
+
+
+class NamedEventRenderer(Protocol):
+    """A renderer of named SSE events (``event: NAME``): Anthropic's and Responses'."""
+
+    def start(self) -> Iterable[tuple[str, Any]]: ...
+
+    def events(self, out: RequestOutput) -> Iterable[tuple[str, Any]]: ...
+
+
+async def named_events(
+    generation: Generation, renderer: NamedEventRenderer
+) -> AsyncIterator[bytes]:
+    """The renderer's opening events, then its events for each of the engine's outputs."""
+    for name, event in renderer.start():
+        yield sse_named_event(name, event)
+    async with contextlib.aclosing(generation.stream()) as outputs:
+        async for out in outputs:
+            for name, event in renderer.events(out):
+                yield sse_named_event(name, event)

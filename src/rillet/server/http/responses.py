@@ -10,9 +10,7 @@ the renderer's ``error`` and ``response.failed`` events, numbered in the stream'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -30,21 +28,11 @@ from rillet.server.http.body import (
 )
 from rillet.server.http.errors import OPENAI_ERRORS, rendered_by
 from rillet.server.http.openapi import json_body
-from rillet.server.http.respond import collect_answer, stream_response
+from rillet.server.http.respond import collect_answer, named_events, stream_response
 from rillet.server.http.sse import sse_named_event
-from rillet.server.service import Generation
 
 router = APIRouter(prefix="/v1/responses", route_class=rendered_by(OPENAI_ERRORS))
 _auth = [Depends(require_api_key)]
-
-
-async def _events(generation: Generation, renderer: ResponsesRenderer) -> AsyncIterator[bytes]:
-    for name, event in renderer.start():
-        yield sse_named_event(name, event)
-    async with contextlib.aclosing(generation.stream()) as outputs:
-        async for out in outputs:
-            for name, event in renderer.events(out):
-                yield sse_named_event(name, event)
 
 
 @router.post("", dependencies=_auth, openapi_extra=json_body(responses.ResponsesRequest))
@@ -66,7 +54,7 @@ async def create_response(request: Request) -> Response:
             return [sse_named_event(name, event) for name, event in renderer.failure_of(exc)]
 
         errors = dataclasses.replace(OPENAI_ERRORS, terminator=None, stream_events=failure)
-        return stream_response(generation, _events(generation, renderer), errors, request)
+        return stream_response(generation, named_events(generation, renderer), errors, request)
     return JSONResponse(renderer.answer(await collect_answer(request, generation)))
 
 
