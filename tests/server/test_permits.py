@@ -34,8 +34,8 @@ from websockets.asyncio.client import connect
 from app_server import Door, door
 from polling import poll_until
 from rillet.errors import GenerationError
+from rillet.server.generation import Generation
 from rillet.server.kserve.grpc_server import start_grpc_server
-from rillet.server.service import Generation
 from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(30)

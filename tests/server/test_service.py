@@ -21,8 +21,9 @@ from rillet.errors import (
 from rillet.protocol import FinishReason
 from rillet.sampling import SamplingParams
 from rillet.server.config import ServerConfig
+from rillet.server.generation import Generation
 from rillet.server.limits import FieldNames
-from rillet.server.service import Generation, GenerationService
+from rillet.server.service import GenerationService
 from rillet.server.spec import ChatPrompt, GenerationSpec
 
 pytestmark = pytest.mark.timeout(20)

@@ -28,7 +28,8 @@ from rillet.protocol import RequestOutput
 from rillet.server.auth import bearer_token
 from rillet.server.deadlines import RequestOptions
 from rillet.server.dialects import tgi, ws
-from rillet.server.service import Generation, GenerationService
+from rillet.server.generation import Generation
+from rillet.server.service import GenerationService
 
 log = logging.getLogger("rillet.server")
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from rillet.protocol import RequestOutput
 from rillet.server.dialects import openai
 from rillet.server.dialects.openai_render import OpenAIRenderer
+from rillet.server.generation import Generation
 from rillet.server.http.body import (
     parse_json,
     parse_model,
@@ -29,7 +30,6 @@ from rillet.server.http.errors import OPENAI_ERRORS, rendered_by
 from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import DONE, sse_event
-from rillet.server.service import Generation
 
 router = APIRouter(prefix="/v1", route_class=rendered_by(OPENAI_ERRORS))
 _auth = [Depends(require_api_key)]

@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from rillet.server.dialects import plain
+from rillet.server.generation import Generation
 from rillet.server.http.body import request_options, service_of
 from rillet.server.http.errors import PLAIN_ERRORS
 from rillet.server.http.respond import stream_response
 from rillet.server.http.sse import StreamResponse
-from rillet.server.service import Generation
 
 
 def plain_stream(request: Request, prompt: str) -> StreamResponse:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from rillet.errors import RilletError
 from rillet.protocol import RequestOutput
 from rillet.server.auth import presented_key
+from rillet.server.generation import Generation
 from rillet.server.http.errors import ErrorFormat
 from rillet.server.http.sse import (
     StreamResponse,
@@ -28,7 +29,6 @@ from rillet.server.http.sse import (
     sse_named_event,
 )
 from rillet.server.resumable import ResumableStream
-from rillet.server.service import Generation
 
 #: Opt-in request header (``1``) for a resumable SSE stream: some SSE parsers choke on ``id:``.
 RESUMABLE_HEADER = "x-rillet-resumable"

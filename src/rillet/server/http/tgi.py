@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from rillet import __version__
 from rillet.server.dialects import tgi
+from rillet.server.generation import Generation
 from rillet.server.http.body import (
     parse_json,
     parse_model,
@@ -27,7 +28,6 @@ from rillet.server.http.openapi import json_body
 from rillet.server.http.plain import plain_stream
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import sse_event
-from rillet.server.service import Generation
 
 router = APIRouter(route_class=rendered_by(TGI_ERRORS))
 _auth = [Depends(require_api_key)]

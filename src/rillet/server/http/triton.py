@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from rillet import __version__
 from rillet.errors import RilletError, ValidationError
 from rillet.server import kserve
+from rillet.server.generation import Generation
 from rillet.server.http.body import (
     parse_json,
     read_body,
@@ -33,7 +34,6 @@ from rillet.server.http.errors import ErrorFormat, rendered_by
 from rillet.server.http.openapi import json_body
 from rillet.server.http.respond import collect_answer, stream_response
 from rillet.server.http.sse import sse_event
-from rillet.server.service import Generation
 from rillet.server.timing import TIMING_KEY
 
 

@@ -29,7 +29,8 @@ from rillet.kserve import tensors
 from rillet.server import kserve
 from rillet.server.auth import bearer_token
 from rillet.server.deadlines import RequestOptions
-from rillet.server.service import Generation, GenerationService
+from rillet.server.generation import Generation
+from rillet.server.service import GenerationService
 from rillet.server.timing import TIMING_KEY
 
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
