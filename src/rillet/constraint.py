@@ -48,14 +48,7 @@ class Constraint:
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | str) -> Constraint:
         """A JSON Schema, given as an object or as JSON text. Raises ValidationError."""
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as exc:
-                raise ValidationError(f"the JSON schema is not valid JSON: {exc}") from None
-        if not isinstance(schema, Mapping):
-            raise ValidationError("a JSON schema must be a JSON object")
-        return cls(ConstraintKind.JSON_SCHEMA, json.dumps(schema, separators=(",", ":")))
+        return cls(ConstraintKind.JSON_SCHEMA, _compact_object(schema, "JSON schema"))
 
     @classmethod
     def json_object(cls) -> Constraint:
@@ -88,14 +81,7 @@ class Constraint:
         """A structural tag, ``{"type": "structural_tag", "format": {...}}``, as an object
         or as JSON text (vLLM's ``structured_outputs.structural_tag``). Raises
         ValidationError."""
-        if isinstance(tag, str):
-            try:
-                tag = json.loads(tag)
-            except ValueError as exc:
-                raise ValidationError(f"the structural tag is not valid JSON: {exc}") from None
-        if not isinstance(tag, Mapping):
-            raise ValidationError("a structural tag must be a JSON object")
-        return cls(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
+        return cls(ConstraintKind.STRUCTURAL_TAG, _compact_object(tag, "structural tag"))
 
     @property
     def size(self) -> int:
@@ -105,3 +91,15 @@ class Constraint:
     def describe(self) -> str:
         """A short label for logs and errors (never the whole source)."""
         return f"{self.kind.value} ({self.size} characters)"
+
+
+def _compact_object(value: Mapping[str, Any] | str, what: str) -> str:
+    """``value`` (an object, or JSON text of one) as compact JSON; ValidationError else."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValidationError(f"the {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"a {what} must be a JSON object")
+    return json.dumps(value, separators=(",", ":"))
