@@ -22,14 +22,14 @@ from tritonclient.utils import InferenceServerException
 from websockets.asyncio.client import connect
 
 from app_server import Door, door, grpc_door
-from fake_engine import FakeStats
+from fake_engine import engine_stats
 from polling import poll_until
 from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(30)
 
 #: 1000 prompt tokens ahead at 100 tokens/s: ~10 s to a first token.
-BUSY = FakeStats(0, 0, 0.0, num_queued_prompt_tokens=1000, prefill_tokens_per_s=100.0)
+BUSY = engine_stats(num_queued_prompt_tokens=1000, prefill_tokens_per_s=100.0)
 TGI = {"inputs": "Hi", "parameters": {"max_new_tokens": 5}}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
 QUEUE_1S = {"x-rillet-max-queue-ms": "1000"}
@@ -148,7 +148,7 @@ async def test_ws_frames_carry_deadlines() -> None:
             await sock.send(json.dumps(frame))
             refused = json.loads(await sock.recv())
             assert refused["error_type"] == "overloaded" and refused["retry_after"] == 10
-            d.engine.queue = FakeStats(0, 0, 0.0)
+            d.engine.queue = engine_stats()
             d.engine.pause()
             await sock.send(
                 json.dumps({"type": "generate", "id": 2, "prompt": "Hi", "timeout_ms": 100})
@@ -169,7 +169,7 @@ async def test_grpc_parameters_carry_deadlines() -> None:
             )
         assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert "max_queue_ms" in str(refused.value)
-        d.engine.queue = FakeStats(0, 0, 0.0)
+        d.engine.queue = engine_stats()
         d.engine.pause()
         result = await client.infer(
             "fake-model", vllm_inputs("Hi", stream=False), parameters={"timeout_ms": 100}

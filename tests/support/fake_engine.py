@@ -12,14 +12,16 @@ doors only; the integration tests run the real engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import string
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from rillet.engine.core_loop import EngineStats
 from rillet.errors import IncompleteGenerationError, RilletError
 from rillet.protocol import EngineRequest, FinishReason, GeneratedToken, RequestOutput
 from rillet.tokenizer import Tokenizer
@@ -41,16 +43,22 @@ def char_tokenizer() -> Tokenizer:
     return Tokenizer(backend, eos_token_ids=[EOS_ID])
 
 
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_queued_prompt_tokens: int = 0
-    prefill_tokens_per_s: float = 0.0
-    step_time_s: float = 0.0
-    num_draft_tokens: dict[str, int] = field(default_factory=dict)
-    num_accepted_tokens: dict[str, int] = field(default_factory=dict)
+def engine_stats(
+    num_running: int = 0, num_waiting: int = 0, kv_cache_usage: float = 0.0, **fields: Any
+) -> EngineStats:
+    """The engine's own stats type, with every count a test leaves out at zero (so a field
+    the engine adds needs no copy here)."""
+    counts = (
+        "num_used_blocks",
+        "num_prefix_hit_tokens",
+        "num_computed_tokens",
+        "num_prompt_tokens_computed",
+        "num_generated_tokens",
+        "num_preemptions",
+        "num_steps",
+    )
+    zeros: dict[str, Any] = dict.fromkeys(counts, 0)
+    return EngineStats(num_running, num_waiting, kv_cache_usage, **{**zeros, **fields})
 
 
 class FakeEngine:
@@ -74,7 +82,7 @@ class FakeEngine:
         self.num_outputs: dict[str, int] = {}
         #: What stats() reports of the queue and the engine's speed: tests set them, so the
         #: service's first-token prediction is fixed (0.0: not measured, no prediction).
-        self.queue = FakeStats(0, 0, 0.0)
+        self.queue = engine_stats()
         self._healthy = True
         self.restarts = 0
         self._paused = False
@@ -187,16 +195,8 @@ class FakeEngine:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def stats(self) -> FakeStats:
-        q = self.queue
-        return FakeStats(
-            len(self.running),
-            0,
-            0.0,
-            q.num_queued_prompt_tokens,
-            q.prefill_tokens_per_s,
-            q.step_time_s,
-        )
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self.queue, num_running=len(self.running))
 
     @property
     def is_healthy(self) -> bool:
