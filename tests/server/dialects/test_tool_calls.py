@@ -29,8 +29,10 @@ TWO = (
 )
 
 
-def run(pieces: list[str], max_calls: int | None = None) -> list[Event]:
-    parser = ToolCallParser(max_calls)
+def run(
+    pieces: list[str], max_calls: int | None = None, names: tuple[str, ...] = ()
+) -> list[Event]:
+    parser = ToolCallParser(max_calls, names)
     events: list[Event] = []
     for piece in pieces:
         events += parser.feed(piece)
@@ -151,3 +153,95 @@ def test_many_tokens_per_chunk_ending_one_call_and_starting_the_next() -> None:
     at = TWO.index("</tool_call>") + 3
     events = run([TWO[:at], TWO[at:]])
     assert calls(events) == [("a", '{"x": 1}'), ("b", "{}")]
+
+
+# ---- calls outside <tool_call> tags (llama.cpp's Hermes openings) --------------------------
+
+NAMES = ("get_weather", "get_time")
+#: Qwen2.5-Coder-1.5B's greedy answer to "What is the weather like in Paris right now? Use
+#: the tool." with tool_choice "auto" (measured on rillet serve).
+FENCED = (
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n'
+    '    "unit": "celsius"\n  }\n}\n```'
+)
+FENCED_AROUND = "I'll check.\n" + FENCED + '\n```\n{"name": "get_time"}\n```\nDone.'
+BARE = '{"name": "get_weather", "parameters": {"city": "Oslo"}} then text'
+NOT_CALLS = [
+    '```json\n{"name": "Bob", "age": 3}\n```',  # not a tool's name
+    '```json\n{"city": "Paris"}\n```',  # no name first
+    "```python\nprint(1)\n```",
+    "Text ```json\n{\"name\": \"get_weathe",  # cut short: could have been one
+    'Text first {"name": "get_weather", "arguments": {}}',  # bare, but not first
+    "`a` and `` b ``` c",
+]
+UNTAGGED = [FENCED, FENCED_AROUND, BARE, *NOT_CALLS]
+
+
+def test_a_fenced_call_naming_a_tool_is_a_call() -> None:
+    events = run([FENCED], names=NAMES)
+    assert content(events) == ""
+    [(name, arguments)] = calls(events)
+    assert name == "get_weather"
+    assert json.loads(arguments) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_fenced_calls_among_text() -> None:
+    events = run([FENCED_AROUND], names=NAMES)
+    assert content(events) == "I'll check.\nDone."
+    assert [name for name, _ in calls(events)] == ["get_weather", "get_time"]
+    assert calls(events)[1] == ("get_time", "{}")
+
+
+def test_a_bare_call_first_is_a_call_and_parameters_are_its_arguments() -> None:
+    events = run([BARE], names=NAMES)
+    assert calls(events) == [("get_weather", '{"city": "Oslo"}')]
+    assert content(events) == " then text"
+
+
+@pytest.mark.parametrize("text", NOT_CALLS)
+def test_text_that_is_not_an_untagged_call_is_all_content(text: str) -> None:
+    assert run([text], names=NAMES) == [Content(text)]
+
+
+def test_without_names_a_fenced_call_is_content() -> None:
+    assert run([FENCED]) == [Content(FENCED)]
+
+
+@pytest.mark.parametrize("text", UNTAGGED)
+def test_untagged_every_two_way_split_gives_the_same_events(text: str) -> None:
+    whole = run([text], names=NAMES)
+    for at in range(len(text) + 1):
+        assert run([text[:at], text[at:]], names=NAMES) == whole, at
+
+
+@given(st.data())
+def test_untagged_any_split_gives_the_same_events(data: st.DataObject) -> None:
+    text = data.draw(st.sampled_from([*UNTAGGED, TWO + FENCED]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert run(pieces, names=NAMES) == run([text], names=NAMES)
+
+
+def test_a_fence_is_held_back_only_while_it_could_open_a_call() -> None:
+    parser = ToolCallParser(None, NAMES)
+    assert parser.feed("See:\n``") == [Content("See:")]
+    assert parser.feed('`json\n{"name": "get_') == []
+    assert parser.feed('wea') == []
+    assert parser.feed('ther", "arguments": {"c') == [
+        CallStart(0, "get_weather"),
+        CallArguments(0, '{"c'),
+    ]
+    other = ToolCallParser(None, NAMES)
+    assert other.feed("```json\n{") == []
+    assert other.feed('"x": 1') == [Content('```json\n{"x": 1')]
+
+
+def test_a_fenced_call_streams_its_arguments_character_by_character() -> None:
+    parser = ToolCallParser(None, NAMES)
+    seen: list[Event] = []
+    for ch in FENCED:
+        seen += parser.feed(ch)
+    assert isinstance(seen[0], CallStart)
+    assert len([e for e in seen if isinstance(e, CallArguments)]) > 10
+    assert isinstance(seen[-1], CallEnd)  # ended by the closing fence, before finish
+    assert parser.finish() == []

@@ -110,7 +110,7 @@ class AnthropicRenderer:
         self.timing = timing
         self._calls: ToolCallParser | None = None
         if tools is not None and tools.parse:
-            self._calls = ToolCallParser(tools.max_calls)
+            self._calls = tools.parser()
         #: The message's content so far; a tool_use block's ``input`` is its JSON text
         #: until the message is whole.
         self._blocks: list[dict[str, Any]] = []

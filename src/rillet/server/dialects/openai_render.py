@@ -82,7 +82,7 @@ class OpenAIRenderer:
         tools = planned.tools
         self._calls: ToolCallParser | None = None
         if self.chat and tools is not None and tools.parse:
-            self._calls = ToolCallParser(tools.max_calls)
+            self._calls = tools.parser()
         self._call_ids: list[str] = []
 
     def envelope(self, obj: str, **fields: Any) -> dict[str, Any]:

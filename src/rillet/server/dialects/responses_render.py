@@ -44,7 +44,7 @@ from rillet.errors import RilletError
 from rillet.protocol import FinishReason, RequestOutput
 from rillet.server.dialects.openai_render import call_id as _call_id
 from rillet.server.dialects.responses import ResponsesPlan
-from rillet.server.dialects.tool_calls import CallArguments, CallStart, Content, ToolCallParser
+from rillet.server.dialects.tool_calls import CallArguments, CallStart, Content
 from rillet.server.dialects.tool_calls import Event as Piece
 from rillet.server.timing import TIMING_KEY, StreamTiming
 
@@ -68,7 +68,7 @@ class ResponsesRenderer:
         self.timing = timing
         self.created_at = int(time.time())
         tools = planned.tools
-        self._calls = ToolCallParser(tools.max_calls) if tools and tools.parse else None
+        self._calls = tools.parser() if tools and tools.parse else None
         #: The output items so far (``text``/``arguments`` as they grow); the last may be open.
         self._items: list[dict[str, Any]] = []
         self._open = False

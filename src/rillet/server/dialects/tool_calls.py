@@ -24,6 +24,11 @@ What it holds back, and why:
 A call whose head is not ``{"name": ..., "arguments": ...}`` in that order is buffered to
 its end tag and parsed whole; one that is not JSON at all is given back as content, so no
 generated text is ever lost.
+
+Given the request's tool ``names``, it also takes the openings llama.cpp's Hermes parser
+takes (``call_openings.py``): a Markdown code block holding ``{"name": "<a tool>", ...}``,
+anywhere, and such an object bare as the first thing written. What it holds back grows by
+a tail that could still become one (a code fence, until its first key or name rules it out).
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from rillet.server.dialects.call_openings import (
+    FENCE_CLOSE,
+    Opening,
+    Verdict,
+    match_opening,
+    walk,
+)
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -75,8 +88,11 @@ class ToolCallParser:
     parsed and dropped.
     """
 
-    def __init__(self, max_calls: int | None = None) -> None:
+    def __init__(self, max_calls: int | None = None, names: tuple[str, ...] = ()) -> None:
+        """``names``: the request's tools, which a call outside ``<tool_call>`` tags must
+        name to be taken as one (none: only tagged calls)."""
         self.max_calls = max_calls
+        self.names = names
         self.num_calls = 0
         self._buffer = ""  # text not yet turned into events
         self._in_call = False
@@ -84,6 +100,9 @@ class ToolCallParser:
         self._args = _ValueScanner()
         self._args_done = False
         self._args_sent = False  # some of the current call's arguments went out
+        self._form = "tag"  # how the current call opened: "tag", "fence" or "bare"
+        self._object: _ValueScanner | None = None  # finds the ``}`` of an untagged call
+        self._wrote_text = False  # something but whitespace came before the buffer
 
     def feed(self, text: str) -> list[Event]:
         """The events that ``text`` (the next piece of the generation) completes."""
@@ -116,26 +135,82 @@ class ToolCallParser:
 
     def _text_step(self, events: list[Event]) -> bool:
         at = self._buffer.find(START)
-        if at >= 0:
-            before = self._buffer[:at]
+        held, opening, fenced = self._untagged_opening(len(self._buffer) if at < 0 else at)
+        if opening is not None or at >= 0:
+            cut = held if opening is not None else at
+            before = self._buffer[:cut]
             if before.strip(_WHITESPACE):
                 events.append(Content(before.rstrip(_WHITESPACE)))
-            self._buffer = self._buffer[at + len(START) :]
+                self._wrote_text = True
             self._open_call()
+            if opening is None:
+                self._buffer = self._buffer[at + len(START) :]
+            else:
+                self._buffer = self._buffer[cut + opening.size :]
+                self._open_untagged(events, opening, fenced)
             return True
         overlap = _marker_overlap(self._buffer, START)
-        keep = overlap + _trailing_whitespace(self._buffer[: len(self._buffer) - overlap])
+        hold = min(held, len(self._buffer) - overlap)
+        keep = len(self._buffer) - hold + _trailing_whitespace(self._buffer[:hold])
         ready = self._buffer[: len(self._buffer) - keep]
         if ready:
             events.append(Content(ready))
+            self._wrote_text = self._wrote_text or bool(ready.strip(_WHITESPACE))
             self._buffer = self._buffer[len(ready) :]
         return False
+
+    def _untagged_opening(self, before: int) -> tuple[int, Opening | None, bool]:
+        """The first place before ``before`` where an untagged call opens (with the opening)
+        or could still open (with None), and whether it is fenced; ``len(buffer)`` and None
+        when there is none."""
+        if not self.names:
+            return len(self._buffer), None, False
+        starts: list[tuple[int, bool]] = []
+        if not self._wrote_text and not self.num_calls:
+            starts.append((0, False))  # a bare call as the first thing written
+        at = self._buffer.find("`")
+        while 0 <= at < before:
+            if at == 0 or self._buffer[at - 1] != "`":
+                starts.append((at, True))
+            at = self._buffer.find("`", at + 1)
+        for at, fenced in sorted(starts):
+            if at >= before:
+                break
+            verdict, opening = match_opening(self._buffer[at:], self.names, fenced)
+            if verdict is not Verdict.NO:
+                return at, opening, fenced
+        return len(self._buffer), None, False
 
     # ---- calls --------------------------------------------------------------------------
 
     def _open_call(self) -> None:
         self._in_call, self._started, self._args_done = True, False, False
         self._args, self._args_sent = _ValueScanner(), False
+        self._form, self._object = "tag", None
+
+    def _open_untagged(self, events: list[Event], opening: Opening, fenced: bool) -> None:
+        self._form = "fence" if fenced else "bare"
+        self._start(events, opening.name)
+        self._args_done = not opening.has_arguments
+        if opening.has_arguments:
+            self._object = _ValueScanner()
+            self._object.started, self._object.depth = True, 1  # inside the call's object
+
+    def _untagged_end_step(self, events: list[Event]) -> bool:
+        """Past an untagged call's arguments: its object's ``}``, then a fence's close."""
+        if self._object is not None:
+            _, consumed, closed = self._object.scan(self._buffer)
+            self._buffer = self._buffer[consumed:]
+            if not closed:
+                return False
+            self._object = None
+        if self._form == "fence":
+            verdict, size, _ = walk(self._buffer, FENCE_CLOSE)
+            if verdict is Verdict.PARTIAL:
+                return False
+            self._buffer = self._buffer[size:]  # 0 when the block was never closed
+        self._close_call(events)
+        return True
 
     def _call_step(self, events: list[Event]) -> bool:
         if not self._started:
@@ -150,6 +225,8 @@ class ToolCallParser:
             if self._args.whole_string is not None:
                 # ``"arguments": "{...}"``: the JSON was sent as a string; send the JSON.
                 self._send_arguments(events, self._args.whole_string)
+        if self._form != "tag":
+            return self._untagged_end_step(events)
         at = self._buffer.find(END)
         if at < 0:
             return False

@@ -28,6 +28,7 @@ from typing import Any
 
 from rillet.constraint import Constraint
 from rillet.errors import ValidationError
+from rillet.server.dialects.tool_calls import ToolCallParser
 
 #: OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,6 +53,13 @@ class ToolPlan:
     parse: bool
     #: 1 when the client forbade parallel calls.
     max_calls: int | None
+    #: The functions' names: a call the model writes outside ``<tool_call>`` tags (a
+    #: Markdown code block) is taken only when it names one of them.
+    names: tuple[str, ...] = ()
+
+    def parser(self) -> ToolCallParser:
+        """A parser of one generation's calls."""
+        return ToolCallParser(self.max_calls, self.names)
 
 
 def plan_tools(
@@ -89,7 +97,9 @@ def plan_tools(
         fmt = _call_tag(choice, functions[choice])
     constraint = Constraint.structural_tag({"type": "structural_tag", "format": fmt})
     listed = [dict(tool) for tool in tools]
-    return ToolPlan(listed, constraint, parse=True, max_calls=None if parallel else 1)
+    return ToolPlan(
+        listed, constraint, parse=True, max_calls=None if parallel else 1, names=tuple(functions)
+    )
 
 
 def check_history(messages: Sequence[Mapping[str, Any]]) -> None:
