@@ -223,3 +223,37 @@ def test_a_call_cut_by_the_length_limit_finishes_with_length() -> None:
     renderer = OpenAIRenderer(char_tokenizer(), "m", chat(stream=True), "r1")
     chunks = [c for out in outputs(CALL[:40], 7, FinishReason.LENGTH) for c in renderer.chunks(out)]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+#: Qwen2.5-Coder-1.5B's greedy call under tool_choice "auto" (measured): a Markdown block.
+FENCED_CALL = (
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'
+)
+
+
+@pytest.mark.parametrize("per_output", [1, 4, 1000])
+def test_a_fenced_call_naming_a_listed_tool_streams_as_a_call(per_output: int) -> None:
+    renderer = OpenAIRenderer(char_tokenizer(), "m", chat(stream=True), "r1")
+    chunks = [
+        c
+        for out in outputs(FENCED_CALL, per_output, FinishReason.EOS_TOKEN)
+        for c in renderer.chunks(out)
+    ]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    arguments = "".join(t["function"]["arguments"] for t in calls)
+    assert json.loads(arguments) == {"city": "Paris"}
+    if per_output == 1:
+        assert len(calls) > 10  # the arguments went out as they were generated
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_fenced_call_of_an_unlisted_name_stays_content() -> None:
+    renderer = OpenAIRenderer(char_tokenizer(), "m", chat(), "r1")
+    text = FENCED_CALL.replace("get_weather", "get_news")
+    [last] = outputs(text, 1000, FinishReason.EOS_TOKEN)
+    choice = renderer.answer(last)["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == "stop"
