@@ -14,6 +14,8 @@ lines, request timings, server logs and a plot per workload go to ``bench/out/se
     .venv/bin/python bench/compare.py --dry-run            # print every command, run none
     .venv/bin/python bench/compare.py --only rillet,llamaserver,vllm \\
         --workloads short,long,shared,dataset,open         # issue 16's workloads
+    .venv/bin/python bench/compare.py --skip-install --only rillet,vllm \\
+        --workloads short,json                             # constrained vs not (issue 28)
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
     .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
         --gguf ~/.cache/rillet/models/gemma3-270m/gemma-3-270m-q4_k_m.gguf --served-name gemma3
@@ -283,6 +285,14 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
     out = f"{args.max_tokens} out"
     return {
         "short": Workload("short", f"Short chat prompts (about 30 tokens), {out}", []),
+        # Run beside "short" (--workloads short,json): the same prompts, each answer held to
+        # a JSON schema (rillet bench --response-format; rillet.benchmark.constraint).
+        "json": Workload(
+            "json",
+            "The short prompts, answers constrained by a JSON schema (response_format "
+            f"json_schema, a list of at least 64 people), {out}",
+            ["--response-format", "json_schema"],
+        ),
         "long": Workload(
             "long",
             "1,024-token prompts, a different document each (completions route, exact length),"

@@ -64,6 +64,39 @@ def test_serve_script_measures_a_real_server(server: ServerHandle, tmp_path: Pat
         assert itl_count == sum(r["num_deltas"] for r in mine) - 4
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_constrained_run_sends_the_schema_and_reaches_max_tokens(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    """``--response-format json_schema``: the built-in schema outlasts max_tokens, so
+    every request is cut at the limit without ignore_eos."""
+    requests_out = tmp_path / "requests.jsonl"
+    argv = [sys.executable, str(SERVE_SCRIPT), "--url", server.url, "--no-progress"]
+    argv += ["--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "12"]
+    argv += ["--response-format", "json_schema", "--requests-out", str(requests_out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:
+        assert (row["ok"], row["errors"]) == (2, 0)
+        assert row["finish_reasons"] == {"length": 2}
+        assert row["output_tokens"] == 2 * 12
+
+
+def test_the_constrained_body_has_response_format_and_no_ignore_eos() -> None:
+    args = build_parser().parse_args(["bench", "--response-format", "json_schema"])
+    from rillet.benchmark.cli import config_from_args
+    from rillet.benchmark.constraint import LONG_SCHEMA
+
+    body = config_from_args(args).body(config_from_args(args).prompt(0))
+    assert body["response_format"]["json_schema"]["schema"] == LONG_SCHEMA
+    assert "ignore_eos" not in body
+    plain = config_from_args(build_parser().parse_args(["bench"]))
+    assert plain.body(plain.prompt(0))["ignore_eos"] is True
+    assert "response_format" not in plain.body(plain.prompt(0))
+
+
 def test_bench_is_a_rillet_command() -> None:
     args = build_parser().parse_args(["bench", "--concurrency", "1,2", "--no-ignore-eos"])
     assert args.command == "bench"
@@ -138,6 +171,10 @@ def test_open_loop_on_a_dataset_counts_goodput_and_each_requests_own_length(
         ["--goodput", "ttft=-1"],
         ["--dataset", "/nonexistent.json"],
         ["--dataset", "/nonexistent.json", "--input-tokens", "16"],
+        ["--schema", "/nonexistent.json"],
+        ["--response-format", "json_schema", "--schema", "/nonexistent.json"],
+        ["--response-format", "json_object", "--schema", "/nonexistent.json"],
+        ["--response-format", "json_object", "--api", "grpc"],
     ],
 )
 def test_bad_options_exit_2_before_any_request(

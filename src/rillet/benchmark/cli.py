@@ -93,6 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model folder or .gguf whose tokenizer counts --input-tokens (default: the bundled "
         "SmolLM2, which vLLM and llama.cpp serve with the same tokenizer)",
     )
+    add(
+        "--response-format",
+        choices=["json_object", "json_schema"],
+        help="constrain every answer: json_object, or json_schema with --schema (default: a "
+        "built-in list of at least 64 people, longer than --max-tokens); ignore_eos is then "
+        "not sent",
+    )
+    add("--schema", type=Path, help="JSON Schema file for --response-format json_schema")
     add("--extra-body", default="{}", help="JSON object merged into every request body")
     add("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     add(
@@ -173,9 +181,20 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         request_rates=rates,
         goodput=parse_targets(args.goodput or ""),
         seed=args.seed,
+        response_format=_response_format(args),
     )
     config.validate()
     return config
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.response_format is None:
+        if args.schema is not None:
+            raise ValueError("--schema goes with --response-format json_schema")
+        return None
+    from rillet.benchmark.constraint import response_format
+
+    return response_format(args.response_format, args.schema)
 
 
 def parse_targets(text: str) -> dict[str, float]:

@@ -109,6 +109,9 @@ class BenchConfig:
     goodput: Mapping[str, float] = field(default_factory=dict)
     #: Seeds the open loop's arrival times: two runs send at the same offsets.
     seed: int = 0
+    #: OpenAI's ``response_format`` sent with every request (``benchmark.constraint``);
+    #: ``ignore_eos`` is then left out.
+    response_format: Mapping[str, Any] | None = None
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -133,6 +136,8 @@ class BenchConfig:
             raise ValueError(f"--goodput knows {', '.join(GOODPUT_METRICS)}; not {sorted(unknown)}")
         if any(not target > 0 for target in self.goodput.values()):
             raise ValueError("--goodput targets must be positive milliseconds")
+        if self.response_format is not None and self.api == "grpc":
+            raise ValueError("--response-format needs --api chat or completions")
 
     @property
     def levels(self) -> Sequence[float]:
@@ -184,7 +189,9 @@ class BenchConfig:
             "max_tokens": self.max_tokens_of(prompt),
             "temperature": self.temperature,
         }
-        if self.ignore_eos:
+        if self.response_format is not None:
+            fields["response_format"] = dict(self.response_format)
+        elif self.ignore_eos:
             fields["ignore_eos"] = True  # vLLM's extra, honoured by rillet; others ignore it
         return {**fields, **self.extra_body}
 

@@ -189,6 +189,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         fail_at_batch_size=config.fail_forward_at_batch_size,
         tokenizer=files.tokenizer,
     )
+    runner.grammars.warm()
     log.info(
         "loaded %s: %d layers, %s on %s (%d linear layers packed; 4/8-bit weights in "
         "%d for steps of <= %d tokens%s), %d KV blocks of %d tokens, context %d",

@@ -170,7 +170,7 @@ NOT_CALLS = [
     '```json\n{"name": "Bob", "age": 3}\n```',  # not a tool's name
     '```json\n{"city": "Paris"}\n```',  # no name first
     "```python\nprint(1)\n```",
-    "Text ```json\n{\"name\": \"get_weathe",  # cut short: could have been one
+    'Text ```json\n{"name": "get_weathe',  # cut short: could have been one
     'Text first {"name": "get_weather", "arguments": {}}',  # bare, but not first
     "`a` and `` b ``` c",
 ]
@@ -226,7 +226,7 @@ def test_a_fence_is_held_back_only_while_it_could_open_a_call() -> None:
     parser = ToolCallParser(None, NAMES)
     assert parser.feed("See:\n``") == [Content("See:")]
     assert parser.feed('`json\n{"name": "get_') == []
-    assert parser.feed('wea') == []
+    assert parser.feed("wea") == []
     assert parser.feed('ther", "arguments": {"c') == [
         CallStart(0, "get_weather"),
         CallArguments(0, '{"c'),
