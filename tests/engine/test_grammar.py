@@ -22,6 +22,7 @@ from rillet.constraint import Constraint, ConstraintKind
 from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.grammar import (
     GrammarCache,
+    Grammars,
     RequestGrammar,
     TokenBitmask,
     check_constraint,
@@ -192,6 +193,18 @@ def test_cache_is_bounded(tokenizer: Tokenizer) -> None:
     assert cache.get(Constraint.regex("a+")) is not first  # evicted, compiled again
     first.result()
     assert RequestGrammar(first).is_completed is False
+
+
+def test_warm_builds_the_compiler_before_any_request(tokenizer: Tokenizer) -> None:
+    grammars = Grammars(tokenizer, tokenizer.vocab_size)
+    grammars.warm()
+    cache = grammars.cache
+    cache.warm().result()  # queued behind the first: both done once this one is
+    assert cache._compiler is not None and cache.num_compiles == 0
+    compiler = cache._compiler
+    cache.get(Constraint.regex("a+")).result()
+    assert cache._compiler is compiler and cache.num_compiles == 1  # built once
+    Grammars(None, 8).warm()  # no tokenizer (a bare runner): nothing to warm, no error
 
 
 # ---- the engine --------------------------------------------------------------------------
