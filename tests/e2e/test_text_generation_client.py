@@ -46,4 +46,4 @@ async def test_text_generation_client_and_hub_0x(server: ServerHandle) -> None:
         output = (await asyncio.wait_for(checks.communicate(), 240))[0].decode()
     print(output)
     assert checks.returncode == 0, output
-    assert output.count("ok   ") == 9
+    assert output.count("ok   ") == 12

@@ -9,6 +9,8 @@ failed. Not collected by pytest on its own (the main venv lacks ``text_generatio
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from collections.abc import Callable
 import huggingface_hub
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
+from text_generation.types import Grammar, GrammarType
 
 EOS_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -113,6 +116,51 @@ def check_hub_0x_inference_client() -> None:
     assert text == whole.choices[0].message.content and text
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def check_grammar_json() -> None:
+    client = Client(URL, timeout=60)
+    grammar = Grammar(type=GrammarType.Json, value=SCHEMA)
+    prompt = "A person as JSON:"
+    whole = client.generate(prompt, max_new_tokens=40, grammar=grammar)
+    value = json.loads(whole.generated_text)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int), value
+    assert whole.details.finish_reason.value == "eos_token"
+    events = list(client.generate_stream(prompt, max_new_tokens=40, grammar=grammar))
+    assert len(events) > 3 and events[-1].generated_text == whole.generated_text
+
+
+def check_grammar_regex() -> None:
+    client = Client(URL, timeout=60)
+    grammar = Grammar(type=GrammarType.Regex, value=r"[0-9]{3}-[0-9]{4}")
+    whole = client.generate("My phone number is", max_new_tokens=20, grammar=grammar)
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", whole.generated_text), whole.generated_text
+    events = list(client.generate_stream("My phone number is", max_new_tokens=20, grammar=grammar))
+    assert events[-1].generated_text == whole.generated_text
+
+
+def check_bad_grammar_is_a_validation_error() -> None:
+    client = Client(URL, timeout=60)
+    bad = [
+        Grammar(type=GrammarType.Regex, value="(unclosed"),
+        Grammar(type=GrammarType.Json, value={"type": "object", "properties": 3}),
+    ]
+    for grammar in bad:
+        for call in (client.generate, lambda *a, **k: list(client.generate_stream(*a, **k))):
+            try:
+                call(PROMPT, max_new_tokens=4, grammar=grammar)
+            except ValidationError:
+                pass
+            else:
+                raise AssertionError(f"no ValidationError for {grammar}")
+
+
 CHECKS: list[Callable[[], None]] = [
     check_generate_and_stream_agree,
     check_eos_is_special,
@@ -123,6 +171,9 @@ CHECKS: list[Callable[[], None]] = [
     check_overloaded_error,
     check_async_client,
     check_hub_0x_inference_client,
+    check_grammar_json,
+    check_grammar_regex,
+    check_bad_grammar_is_a_validation_error,
 ]
 
 
