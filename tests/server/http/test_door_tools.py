@@ -227,3 +227,59 @@ async def test_function_call_items_and_their_outputs_are_tool_turns_in_the_promp
         prompt = last_prompt(d)
         assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
         assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt
+
+
+# ---- an untagged call, and bad input, on both doors ----------------------------------------
+
+FENCED = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+
+
+async def test_a_fenced_call_is_a_tool_use_block_and_a_function_call_item() -> None:
+    """Qwen2.5's Markdown-block call (tool_choice auto) is a call on these doors too."""
+    async with door(max_model_len=CONTEXT) as d:
+        d.engine.reply = FENCED
+        message = await claude(d).messages.create(
+            model="m",
+            max_tokens=400,
+            messages=HI,  # type: ignore[arg-type]
+            tools=[ANTHROPIC_TOOL],
+        )
+        [block] = message.content
+        assert block.type == "tool_use" and block.input == {"city": "Paris"}
+        assert message.stop_reason == "tool_use"
+        response = await gpt(d).responses.create(
+            model="m", input="Weather in Paris?", tools=[RESPONSES_TOOL]
+        )
+        [call] = response.output
+        assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+
+
+async def test_bad_tools_are_400_in_each_doors_shape() -> None:
+    bad_schema = {**ANTHROPIC_TOOL, "input_schema": {"type": "object", "not": {}}}
+    async with door(max_model_len=CONTEXT) as d:
+        for tools, choice, message in (
+            ([ANTHROPIC_TOOL], {"type": "tool", "name": "nope"}, "not in `tools`"),
+            ([bad_schema], {"type": "auto"}, "unsupported JSON Schema keyword `not`"),
+        ):
+            with pytest.raises(anthropic.BadRequestError, match=message) as anthropic_error:
+                await claude(d).messages.create(
+                    model="m",
+                    max_tokens=8,
+                    messages=HI,  # type: ignore[arg-type]
+                    tools=tools,
+                    tool_choice=choice,  # type: ignore[arg-type]
+                )
+            assert anthropic_error.value.body["type"] == "error"  # type: ignore[index]
+        bad_parameters = {**RESPONSES_TOOL, "parameters": {"type": "object", "not": {}}}
+        for tools, choice, message in (
+            ([RESPONSES_TOOL], {"type": "function", "name": "nope"}, "not in `tools`"),
+            ([bad_parameters], "auto", "unsupported JSON Schema keyword `not`"),
+        ):
+            with pytest.raises(openai.BadRequestError, match=message):
+                await gpt(d).responses.create(
+                    model="m",
+                    input="Hi",
+                    tools=tools,
+                    tool_choice=choice,  # type: ignore[arg-type]
+                )
+        assert d.service.in_flight == 0 and not d.engine.requests

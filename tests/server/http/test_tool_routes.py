@@ -129,6 +129,23 @@ async def test_parse_returns_the_pydantic_object() -> None:
             },
             "uniqueItems",
         ),
+        (
+            "/v1/chat/completions",
+            {
+                **BODY,
+                "tools": None,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "strin"}},
+                },
+            },
+            'Unsupported type "strin"',
+        ),
+        (
+            "/v1/chat/completions",
+            {**BODY, "tools": None, "structured_outputs": {"regex": "(abc"}},
+            "invalid regex",
+        ),
     ],
 )
 async def test_bad_tools_and_schemas_are_400_in_openais_shape(
