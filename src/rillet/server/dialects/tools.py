@@ -7,7 +7,9 @@ tool's ``parameters`` schema), so a call the model starts is always a well-forme
 of a listed tool with arguments that match its schema:
 
 * ``auto`` (the default with tools): free text, in which each ``<tool_call>`` must go on
-  to a valid call (vLLM constrains only ``strict`` tools; a small model's calls need it);
+  to a valid call (vLLM constrains only ``strict`` tools; a small model's calls need it).
+  A call written as a Markdown code block naming a listed tool, as Qwen2.5-Coder-1.5B
+  writes it, is parsed as a call too (``call_openings.py``), but is not held to the schema;
 * ``required``: one or more calls and nothing else;
 * a named function: exactly one call of it;
 * ``none``: no constraint, and the tools stay out of the prompt (vLLM's
