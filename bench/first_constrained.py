@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
@@ -52,7 +53,7 @@ async def main(url: str) -> None:
         sent = time.perf_counter()
         body = {**base, "max_tokens": 20, "messages": ask, "response_format": constrained}
         await asyncio.gather(task, stream(client, url, body, first))
-    pairs = list(zip(running, running[1:], strict=False))
+    pairs = list(itertools.pairwise(running))
     before = sorted(b - a for a, b in pairs if b < sent)
     during = [b - a for a, b in pairs if b >= sent and a <= first[0] + 0.5]
     print(
