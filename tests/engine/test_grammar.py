@@ -21,10 +21,12 @@ from rillet.config import EngineConfig
 from rillet.constraint import Constraint, ConstraintKind
 from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.grammar import (
+    SPLIT_APPLY_ROWS,
     GrammarCache,
     Grammars,
     RequestGrammar,
     TokenBitmask,
+    apply_token_bitmask,
     check_constraint,
 )
 from rillet.engine.sampler import Sampler, SamplingRow
@@ -106,6 +108,26 @@ def _bitmask(allowed: list[list[int] | None], vocab: int) -> TokenBitmask:
             word = int(bits[r, t // 32]) & 0xFFFFFFFF | (1 << (t % 32))
             bits[r, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
     return TokenBitmask(bits, rows)
+
+
+def test_a_mask_of_many_rows_split_over_two_threads_masks_exactly_its_rows() -> None:
+    vocab = 1000
+    torch.manual_seed(1)
+    logits = torch.randn(24, vocab)
+    allowed: list[list[int] | None] = [
+        None if r % 5 == 0 else sorted({(r * 37 + k * 11) % vocab for k in range(r + 1)})
+        for r in range(24)
+    ]
+    mask = _bitmask(allowed, vocab)
+    assert len(mask.rows) >= SPLIT_APPLY_ROWS  # the two-thread path
+    masked = logits.clone()
+    apply_token_bitmask(masked, mask)
+    for r, ids in enumerate(allowed):
+        if ids is None:
+            assert torch.equal(masked[r], logits[r])
+        else:
+            finite = torch.isfinite(masked[r]).nonzero().flatten().tolist()
+            assert finite == ids and torch.equal(masked[r, ids], logits[r, ids])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

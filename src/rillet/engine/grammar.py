@@ -233,6 +233,15 @@ class RequestGrammar:
                 raise GenerationError(f"token {token_id} breaks the request's grammar")
             self.num_accepted += 1
 
+    @property
+    def can_fill(self) -> bool:
+        """Whether a next token may follow (not once the grammar accepted EOS)."""
+        return not self._matcher.is_terminated()
+
+    @property
+    def matcher(self) -> Any:
+        return self._matcher
+
     def fill(self, bits: torch.Tensor, row: int) -> bool:
         """Write the allowed next tokens into ``bits[row]``; False when none is allowed."""
         if self._matcher.is_terminated():
@@ -254,11 +263,29 @@ class TokenBitmask:
     rows: list[int]
 
 
+#: Masked rows from which the mask is applied on two threads. The library's CPU kernel
+#: runs one row at a time with the GIL released, and nothing else runs while it does: 64
+#: rows of SmolLM2's 49k took 18.5 ms on one thread and 7.7 ms split in two (loaded
+#: machine), where one row takes ~0.1-0.5 ms, which is what a thread hand-off is worth.
+SPLIT_APPLY_ROWS = 8
+_apply_pool: ThreadPoolExecutor | None = None
+
+
 def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
     """Set the disallowed tokens of ``mask.rows`` to -inf, in place (float32 ``logits``)."""
-    _xgr().apply_token_bitmask_inplace(
-        logits, mask.bits.to(logits.device), vocab_size=logits.shape[1], indices=mask.rows
-    )
+    global _apply_pool
+    bits = mask.bits.to(logits.device)
+    apply = functools.partial(_xgr().apply_token_bitmask_inplace, logits, bits)
+    vocab_size = logits.shape[1]
+    if logits.device.type != "cpu" or len(mask.rows) < SPLIT_APPLY_ROWS:
+        apply(vocab_size=vocab_size, indices=mask.rows)
+        return
+    if _apply_pool is None:
+        _apply_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rillet-mask")
+    # Every other row to the helper thread, the rest here: the halves cost about the same.
+    helper = _apply_pool.submit(apply, vocab_size=vocab_size, indices=mask.rows[1::2])
+    apply(vocab_size=vocab_size, indices=mask.rows[::2])
+    helper.result()
 
 
 class Grammars:
@@ -270,6 +297,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
         self._requests: dict[str, RequestGrammar] = {}
+        self._batch: Any = None  # fills the rows' masks on two threads
 
     @property
     def cache(self) -> GrammarCache:
@@ -304,19 +332,35 @@ class Grammars:
         if not rows:
             return None, {}
         bits = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
-        masked: list[int] = []
+        ready: list[int] = []
         failed: dict[str, RilletError] = {}
         for i in rows:
             request = requests[i]
             grammar = self._requests[request.request_id]
             try:
                 grammar.sync(request.output_token_ids)
-                if grammar.fill(bits, i):
-                    masked.append(i)
-                else:
-                    failed[request.request_id] = GenerationError(
-                        "the grammar allows no next token: generation cannot continue"
-                    )
             except RilletError as exc:
                 failed[request.request_id] = exc
+                continue
+            if grammar.can_fill:
+                ready.append(i)
+            else:
+                failed[request.request_id] = _no_token()
+        if ready:
+            if self._batch is None:
+                self._batch = _xgr().BatchGrammarMatcher(max_threads=2)
+            # One call for every row, on two threads: 0.84 ms for 64 rows of SmolLM2's
+            # vocabulary where a loop of fill_next_token_bitmask took 1.87 ms.
+            matchers = [self._requests[requests[i].request_id].matcher for i in ready]
+            self._batch.batch_fill_next_token_bitmask(matchers, bits, ready)
+        masked: list[int] = []
+        for i, any_allowed in zip(ready, bits[ready].any(dim=1).tolist(), strict=True):
+            if any_allowed:
+                masked.append(i)
+            else:
+                failed[requests[i].request_id] = _no_token()
         return TokenBitmask(bits, masked), failed
+
+
+def _no_token() -> GenerationError:
+    return GenerationError("the grammar allows no next token: generation cannot continue")
