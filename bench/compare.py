@@ -16,10 +16,15 @@ lines, request timings, server logs and a plot per workload go to ``bench/out/se
         --workloads short,long,shared,dataset,open         # issue 16's workloads
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
     .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
+        --model qwen2.5-coder-1.5b --workloads short,long,shared  # a catalogue model
+    .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
         --gguf ~/.cache/rillet/models/gemma3-270m/gemma-3-270m-q4_k_m.gguf --served-name gemma3
 
 Every server gets the same file: llama.cpp the GGUF itself, vLLM an HF folder written from
-it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16).
+it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16). ``--model NAME`` takes
+a name from ``rillet models`` (installed first with ``rillet pull NAME``): its checked file
+is the GGUF and NAME the served name. The llama-server build also builds
+``llama-perplexity`` beside it, for ``bench/perplexity.py``.
 
 Peers are benchmark tools, not project dependencies: nothing of theirs enters the repo.
 Stdlib only; it runs the harness and rillet with ``.venv/bin/python``.
@@ -153,7 +158,10 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                     *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"),
                     "-DLLAMA_BUILD_SERVER=ON",
                 ],
-                ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j2"],
+                [
+                    *("cmake", "--build", str(source / "build")),
+                    *("--target", "llama-server", "llama-perplexity", "-j2"),
+                ],
             ],
             [
                 *(str(llama_server), "--model", gguf, "--alias", served),
@@ -403,7 +411,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--level-timeout", type=float, default=300.0, help="cap per level, seconds")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="per server, seconds")
     p.add_argument("--gguf", type=Path, help="the model to serve (default: the bundled one)")
-    p.add_argument("--served-name", default=MODEL_NAME, help="the name every server answers to")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a catalogue model (`rillet models`) instead of --gguf; served as NAME",
+    )
+    p.add_argument(
+        "--served-name", help=f"the name every server answers to (default: {MODEL_NAME})"
+    )
     p.add_argument("--rillet-dtype", default="bfloat16")
     p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
     p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
@@ -424,11 +439,34 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def catalogue_file(name: str) -> Path:
+    """The checked GGUF of catalogue model ``name``, found by rillet in the project's venv
+    (this script imports nothing of rillet's); exits with rillet's own line if it is not
+    installed or unknown."""
+    code = (
+        "import sys\nfrom rillet.errors import RilletError\n"
+        "from rillet.models.loader import resolve_model_path\n"
+        "try:\n    print(resolve_model_path(sys.argv[1]))\n"
+        "except RilletError as exc:\n    sys.exit(str(exc))\n"
+    )
+    found = subprocess.run([str(PROJECT_PY), "-c", code, name], capture_output=True, text=True)
+    if found.returncode != 0:
+        last = (found.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"compare: --model {name}: {last}")
+    return Path(found.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     args = parse_args()
     if args.render_only:
         print(serve_report.write_report(args.render_only, args.out))
         return 0
+    if args.model and args.gguf:
+        print("compare: give --model or --gguf, not both", file=sys.stderr)
+        return 2
+    if args.model:
+        args.gguf = catalogue_file(args.model)
+    args.served_name = args.served_name or args.model or MODEL_NAME
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     run_dir = args.run_dir or ROOT / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S")
     hf_dir = ROOT / "bench" / "out" / f"hf-{args.served_name}"
