@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -93,12 +94,12 @@ _FINAL = re.compile(r"Final estimate: PPL = (\d+\.\d+) \+/- (\d+\.\d+)")
 
 
 def llama_perplexity_scores(
-    binary: str, gguf: Path, text: Path, ctx: int, chunks: int, log: Path
+    binary: str, gguf: Path, text: Path, ctx: int, chunks: int, extra: list[str], log: Path
 ) -> Scores:
     """Run llama-perplexity (one sequence per batch, ``THREADS`` threads) and read its
     running perplexities; its final estimate is exp of the mean NLL over all chunks."""
     command = [binary, "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx)]
-    command += ["-t", str(THREADS), "--chunks", str(chunks)]
+    command += ["-t", str(THREADS), "--chunks", str(chunks), *extra]
     print(f"[llama.cpp] $ {' '.join(command)}", flush=True)
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -126,11 +127,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def llama_server(binary: str, gguf: Path, log: Path) -> Iterator[str]:
+def llama_server(binary: str, gguf: Path, extra: list[str], log: Path) -> Iterator[str]:
     """llama-server on ``gguf`` (one slot), until /health answers; yields its URL."""
     port = free_port()
     command = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["-t", str(THREADS), "-np", "1", "-c", "4096", "--no-webui"]
+    command += ["-t", str(THREADS), "-np", "1", "-c", "4096", "--no-webui", *extra]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -168,12 +169,12 @@ def llama_server_greedy(url: str, prompt_ids: list[int], new_tokens: int) -> lis
 
 
 def compare_greedy(
-    llm: LLM, binary: str, gguf: Path, new_tokens: int, log: Path
+    llm: LLM, binary: str, gguf: Path, new_tokens: int, extra: list[str], log: Path
 ) -> list[dict[str, object]]:
     """Per prompt: rillet's and llama-server's greedy tokens, text and common prefix."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     rows: list[dict[str, object]] = []
-    with llama_server(binary, gguf, log) as url:
+    with llama_server(binary, gguf, extra, log) as url:
         for prompt in PROMPTS:
             ids = llm.tokenizer.encode(prompt)
             ours = llm.generate([ids], greedy)[0].token_ids
@@ -213,6 +214,11 @@ def main() -> int:
     parser.add_argument("--llama-server", metavar="BIN", help="also compare greedy answers")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument(
+        "--llama-args",
+        default="",
+        help="more options for both llama.cpp programs, one string (e.g. --no-repack)",
+    )
+    parser.add_argument(
         "--engine-option",
         action="append",
         default=[],
@@ -225,6 +231,7 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / time.strftime("ppl-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     gguf = resolve_model_path(args.model)
+    llama_args = shlex.split(args.llama_args)
     llm = LLM(args.model, **engine_options(args.engine_option))
     tokens = llm.tokenizer.encode(args.text.read_text())
     chunks = len(tokens) // args.ctx
@@ -238,10 +245,14 @@ def main() -> int:
     if args.llama_perplexity:
         log = out.with_suffix(".llama-perplexity.log")
         results.append(
-            llama_perplexity_scores(args.llama_perplexity, gguf, args.text, args.ctx, chunks, log)
+            llama_perplexity_scores(
+                args.llama_perplexity, gguf, args.text, args.ctx, chunks, llama_args, log
+            )
         )
     greedy = (
-        compare_greedy(llm, args.llama_server, gguf, args.new_tokens, out.with_suffix(".log"))
+        compare_greedy(
+            llm, args.llama_server, gguf, args.new_tokens, llama_args, out.with_suffix(".log")
+        )
         if args.llama_server
         else []
     )
