@@ -251,7 +251,12 @@ def main() -> int:
         )
     greedy = (
         compare_greedy(
-            llm, args.llama_server, gguf, args.new_tokens, llama_args, out.with_suffix(".log")
+            llm,
+            args.llama_server,
+            gguf,
+            args.new_tokens,
+            llama_args,
+            out.with_suffix(".llama-server.log"),
         )
         if args.llama_server
         else []
