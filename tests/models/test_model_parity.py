@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from model_files import tiny_state_dict, write_hf_folder
 from rillet import LLM, SamplingParams
 from rillet.models import cpu_kernels
 from rillet.models.attention import AttentionMetadata, PrefillChunk, allocate_kv_caches
@@ -106,6 +107,21 @@ def test_tiny_model_greedy_tokens_match_transformers(
     )
     assert (llm.core.runner.native is not None) is native_kernels
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    _assert_same_greedy_tokens(llm, theirs, 24)
+
+
+def test_tiny_qwen2_greedy_tokens_match_transformers(tmp_path: Path) -> None:
+    """The qwen2 path (q/k/v biases, untied head) on random weights: transformers'
+    Qwen2ForCausalLM on the same folder continues every prompt with the same tokens."""
+    state = tiny_state_dict("qwen2")
+    assert "model.layers.1.self_attn.v_proj.bias" in state
+    write_hf_folder(tmp_path, state, model_type="qwen2")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(theirs).__name__ == "Qwen2ForCausalLM"
+    llm = LLM(str(tmp_path), dtype="float32", num_kv_blocks=256)
+    config = llm.parts.model_config
+    assert config.architecture == "qwen2" and config.attention_bias
+    assert not config.tie_word_embeddings
     _assert_same_greedy_tokens(llm, theirs, 24)
 
 

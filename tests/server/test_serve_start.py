@@ -72,3 +72,19 @@ def test_the_loading_line_names_the_model_and_its_size(tmp_path: Path) -> None:
     gguf.write_bytes(bytes(2_000_000))
     assert model_label(str(gguf)) == f"{gguf} (2 MB)"
     assert model_label("no-such-model") == "no-such-model"
+
+
+@pytest.mark.slow
+def test_an_unknown_model_name_is_one_line_and_a_failed_exit() -> None:
+    command = [sys.executable, "-m", "rillet", "serve", "--port", "0", "--grpc-port", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [*command, "--model", "qwen9-7b"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "rillet serve: model 'qwen9-7b' is neither an existing path nor a catalogue model "
+        "(smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b; "
+        "`rillet models` lists them)"
+    )

@@ -52,9 +52,11 @@ def tiny_state_dict(model_type: str = "llama") -> dict[str, torch.Tensor]:
     return {k: torch.randn_like(v) * 0.5 for k, v in model.state_dict().items()}
 
 
-def write_hf_folder(folder: Path, state: dict[str, torch.Tensor], shards: int = 1) -> None:
+def write_hf_folder(
+    folder: Path, state: dict[str, torch.Tensor], shards: int = 1, model_type: str = "llama"
+) -> None:
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(tiny_hf_config()))
+    (folder / "config.json").write_text(json.dumps(tiny_hf_config(model_type)))
     (folder / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [257], "temperature": 0.6, "transformers_version": "x"})
     )
