@@ -16,6 +16,7 @@ Q5_0    8     q (0..31)               d                            -16 d
 Q5_1    8     q                       d                            m
 Q5_K    8     q of the sub-block      fp16(d x scale)              fp16(-dmin x min)
 Q8_0    8     q + 128                 d                            -128 d
+Q6_K    6     q (0..63)               fp16(d x scale), per 16      -32 d, per 16
 ======  ====  ======================  ===========================  =====================
 
 Q4_0/1, Q5_0/1 and Q8_0 map exactly (-8 d, -16 d and -128 d are exact in fp16). A K-quant
@@ -23,9 +24,11 @@ super-block of 256 holds eight sub-blocks of 32, each with a 6-bit scale and min
 super-block's fp16 ``d`` and ``dmin``: exactly a group with a scale and an offset, whose only
 change is the fp16 rounding of the two products (``tests/models/test_gguf_codes.py`` bounds it;
 ``bench/quantization_check.py`` measures what it does to a model). Q5 codes go to the 8-bit
-mode, whose ``u`` is any byte. Formats without that shape (Q6_K: sub-blocks of 16 with int8
-scales; Q2_K, Q3_K, the IQ types) have no codes here: the loader quantizes their float
-values again (8 bits for Q6_K).
+mode, whose ``u`` is any byte. Q6_K (sub-blocks of 16 with int8 scales, symmetric) keeps its
+width in the kernel's 6-bit mode, whose ``d`` and ``m`` are per 16 inputs: 7 bits a weight
+read against the 8-bit mode's 9, and Q4_K_M files keep their LM head and about half of
+their ``ffn_down`` matrices in Q6_K. Formats without such a shape (Q2_K, Q3_K, the IQ
+types) have no codes here: the loader quantizes their float values again.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from rillet.models.group_quantization import GROUP
+from rillet.models.group_quantization import GROUP, scales_per_group
 
 Q = GGMLQuantizationType
 
@@ -49,6 +52,7 @@ CODE_BITS: dict[Q, int] = {
     Q.Q5_1: 8,
     Q.Q5_K: 8,
     Q.Q8_0: 8,
+    Q.Q6_K: 6,
 }
 
 
@@ -57,8 +61,8 @@ class GroupCodes:
     """A ``[N, K]`` weight as ``w = d * u + m`` per group of 32 (``group_quantization``)."""
 
     u: torch.Tensor  # [N, K/32, 32] uint8
-    d: torch.Tensor  # [N, K/32] fp16
-    m: torch.Tensor  # [N, K/32] fp16
+    d: torch.Tensor  # [N, K/32] fp16 ([N, K/16] with 6 bits)
+    m: torch.Tensor  # as d
     bits: int
 
     def rows(self, permutation: torch.Tensor) -> GroupCodes:
@@ -76,20 +80,22 @@ def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes
     n, k = shape
     groups = n * k // GROUP
     per_block = block_size // GROUP
+    scales = scales_per_group(CODE_BITS[qtype])
     u = np.empty((groups, GROUP), dtype=np.uint8)
-    d = np.empty(groups, dtype=np.float16)
-    m = np.empty(groups, dtype=np.float16)
+    d = np.empty(groups * scales, dtype=np.float16)
+    m = np.empty(groups * scales, dtype=np.float16)
     # A slab of blocks at a time: the decoders' temporaries stay in the cache (a whole
     # 1.5B model's matrices decoded ~2x faster than in one go per tensor).
     for start in range(0, blocks.shape[0], _BLOCKS_AT_ONCE):
         part = slice(start * per_block, (start + _BLOCKS_AT_ONCE) * per_block)
-        u[part], d[part], m[part] = _DECODERS[qtype](blocks[start : start + _BLOCKS_AT_ONCE])
+        both = slice(part.start * scales, part.stop * scales)
+        u[part], d[both], m[both] = _DECODERS[qtype](blocks[start : start + _BLOCKS_AT_ONCE])
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         return None
     return GroupCodes(
         u=torch.from_numpy(u.reshape(n, k // GROUP, GROUP)),
-        d=torch.from_numpy(d.reshape(n, k // GROUP)),
-        m=torch.from_numpy(m.reshape(n, k // GROUP)),
+        d=torch.from_numpy(d.reshape(n, k // GROUP * scales)),
+        m=torch.from_numpy(m.reshape(n, k // GROUP * scales)),
         bits=CODE_BITS[qtype],
     )
 
@@ -174,6 +180,19 @@ def _q5_k(b: np.ndarray) -> Decoded:
     return (_k_low_nibbles(b[:, 48:176]) | fifth).reshape(-1, 32), d, m
 
 
+def _q6_k(b: np.ndarray) -> Decoded:
+    """A Q6_K super-block (ql[128], qh[64], int8 scales[16], fp16 d) -> 8 groups of 32 codes
+    (0..63) and 16 scales: per half of 128, element 32k + l (k = 0..3) has the low nibble of
+    ql[l] (k = 0, 2: low, high) or ql[32 + l] (k = 1, 3) and bits 2k..2k+1 of qh[l]."""
+    ql, qh = b[:, 0:128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [B, half, k, 32]
+    top = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    u = (low | (top << 4)).reshape(-1, 32)
+    scale = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = (_half(b, 208).astype(np.float32)[:, None] * scale).astype(np.float16).reshape(-1)
+    return u, d, (d * np.float16(-32)).astype(np.float16)
+
+
 _DECODERS = {
     Q.Q4_0: _q4_0,
     Q.Q4_1: _q4_1,
@@ -182,4 +201,5 @@ _DECODERS = {
     Q.Q5_1: _q5_1,
     Q.Q5_K: _q5_k,
     Q.Q8_0: _q8_0,
+    Q.Q6_K: _q6_k,
 }
