@@ -126,6 +126,28 @@ def test_q6_k_rows_keep_their_width_alone_and_take_8_bits_beside_others(native) 
     assert (got - x @ q6_reference.T).norm() < 0.01 * exact.norm()  # 8 bits of the same values
 
 
+@torch.no_grad()
+def test_q4_k_rows_run_on_their_own_two_levels_of_scale(native) -> None:  # type: ignore[no-untyped-def]
+    """A layer whose rows are all Q4_K takes mode 41: the file's codes under its own
+    super-block d and dmin and byte scales (4.625 bits a weight read, not 5), so the
+    kernel equals fp32 math on gguf's own dequantization, without the fp16 rounding of
+    d x scale that mode 4 has; a row permutation (llama.cpp's q/k order) moves the scales
+    with the codes."""
+    _need_quantized_kernel(native)
+    codes, reference = _codes(Q.Q4_K, seed=4)
+    assert codes.k_scales is not None
+    permutation = torch.randperm(ROWS, generator=torch.Generator().manual_seed(1))
+    layer = Linear(COLS, ROWS, bias=False).to(torch.bfloat16)
+    layer.add_source_codes(0, codes.rows(permutation))
+    assert layer.enable_quantized(8, 64, native)
+    assert layer.quantized_bits == group_quantization.K4
+    assert layer.quantized_weight is not None
+    assert layer.quantized_weight.shape == (ROWS // 16, COLS // 256, 2368)
+    x = torch.randint(-127, 128, (5, COLS), generator=torch.Generator().manual_seed(6)).float()
+    x.view(5, -1, 32)[..., 0] = 127
+    torch.testing.assert_close(layer(x), x @ reference[permutation].T, rtol=1e-4, atol=1e-3)
+
+
 def test_the_loader_yields_codes_in_hf_row_order(tmp_path: Path) -> None:
     """The tiny GGUF has q/k rows permuted as llama.cpp stores them (blk.1.attn_q is Q8_0):
     each matrix's codes must dequantize to exactly the float weights the loader reads."""

@@ -57,6 +57,23 @@ CODE_BITS: dict[Q, int] = {
 
 
 @dataclass(frozen=True)
+class KScales:
+    """Q4_K's own two levels of scale: per super-block of 256 an fp16 ``d`` and ``dmin``,
+    per group of 32 a 6-bit scale and min; a group's ``d`` is ``d * scale`` and its ``m``
+    is ``-dmin * min``. The kernel's mode 41 reads them as they are (4.625 bits a weight
+    against 5 with an fp16 ``d`` and ``m`` per group)."""
+
+    d: torch.Tensor  # [N, K/256] fp16
+    neg_dmin: torch.Tensor  # [N, K/256] fp16: -dmin
+    scale: torch.Tensor  # [N, K/32] uint8
+    min: torch.Tensor  # [N, K/32] uint8
+
+    def rows(self, permutation: torch.Tensor) -> KScales:
+        p = permutation
+        return KScales(self.d[p], self.neg_dmin[p], self.scale[p], self.min[p])
+
+
+@dataclass(frozen=True)
 class GroupCodes:
     """A ``[N, K]`` weight as ``w = d * u + m`` per group of 32 (``group_quantization``)."""
 
@@ -64,10 +81,15 @@ class GroupCodes:
     d: torch.Tensor  # [N, K/32] fp16 ([N, K/16] with 6 bits)
     m: torch.Tensor  # as d
     bits: int
+    #: Q4_K's scales before their product was rounded to fp16 (None for other types).
+    k_scales: KScales | None = None
 
     def rows(self, permutation: torch.Tensor) -> GroupCodes:
         """The same codes with output rows reordered (``permutation[i]`` is new row i)."""
-        return GroupCodes(self.u[permutation], self.d[permutation], self.m[permutation], self.bits)
+        k_scales = None if self.k_scales is None else self.k_scales.rows(permutation)
+        return GroupCodes(
+            self.u[permutation], self.d[permutation], self.m[permutation], self.bits, k_scales
+        )
 
 
 def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes | None:
@@ -97,6 +119,19 @@ def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes
         d=torch.from_numpy(d.reshape(n, k // GROUP * scales)),
         m=torch.from_numpy(m.reshape(n, k // GROUP * scales)),
         bits=CODE_BITS[qtype],
+        k_scales=_q4_k_scales(blocks, n, k) if qtype == Q.Q4_K else None,
+    )
+
+
+def _q4_k_scales(blocks: np.ndarray, n: int, k: int) -> KScales:
+    """The two levels of scale of Q4_K blocks ([B, 144]) of an ``[n, k]`` matrix."""
+    scale, low = _k_scale_bytes(blocks)
+    super_blocks = k // 256
+    return KScales(
+        d=torch.from_numpy(_half(blocks, 0).copy().reshape(n, super_blocks)),
+        neg_dmin=torch.from_numpy((-_half(blocks, 2)).reshape(n, super_blocks)),
+        scale=torch.from_numpy(scale.reshape(n, k // GROUP).copy()),
+        min=torch.from_numpy(low.reshape(n, k // GROUP).copy()),
     )
 
 
@@ -152,13 +187,19 @@ def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A Q4_K/Q5_K super-block's eight sub-block (d, m) in fp16: bytes 0-3 d and dmin, then
     12 bytes of 6-bit scales and mins (sub-blocks 0-3 in the low six bits of bytes 0-3 and
     4-7; 4-7 in the nibbles of bytes 8-11 with their top two bits in the bytes' top bits)."""
+    sc, mn = _k_scale_bytes(b)
+    d = _half(b, 0).astype(np.float32)[:, None] * sc.astype(np.float32)
+    m = -_half(b, 2).astype(np.float32)[:, None] * mn.astype(np.float32)
+    return d.astype(np.float16).reshape(-1), m.astype(np.float16).reshape(-1)
+
+
+def _k_scale_bytes(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit scales and mins of Q4_K/Q5_K super-blocks, as [B, 8] bytes each."""
     scales = b[:, 4:16].reshape(-1, 3, 4)
     low, mid, high = scales[:, 0], scales[:, 1], scales[:, 2]
     sc = np.concatenate([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], axis=-1)
-    d = _half(b, 0).astype(np.float32)[:, None] * sc.astype(np.float32)
-    m = -_half(b, 2).astype(np.float32)[:, None] * mn.astype(np.float32)
-    return d.astype(np.float16).reshape(-1), m.astype(np.float16).reshape(-1)
+    return sc, mn
 
 
 def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:

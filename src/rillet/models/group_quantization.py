@@ -34,6 +34,15 @@ def record_bytes(bits: int) -> int:
     return bits * GROUP * LANES // 8 + 2 * LANES * 2
 
 
+#: The kernel mode of Q4_K's own scales (``gguf_codes.KScales``): 4-bit codes, and per
+#: super-block of 256 inputs an fp16 d and -dmin per column over a byte scale and min per
+#: group.
+K4 = 41
+#: Bytes of one mode-41 super-record (16 columns x 256 inputs): 8 groups' 4-bit lines, the
+#: scales and mins as bytes, d and -dmin as fp16.
+K4_SUPER_RECORD = 8 * 256 + 2 * 8 * LANES + 2 * LANES * 2
+
+
 def scales_per_group(bits: int) -> int:
     """How many (d, m) pairs a group of 32 has: two for 6 bits (Q6_K's 16), else one."""
     return 2 if bits == 6 else 1
@@ -131,3 +140,25 @@ def _pack6(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     halves = d.reshape(n // LANES, LANES, g, 2).permute(0, 2, 3, 1).contiguous()
     d_bytes = halves.view(torch.uint8).reshape(n // LANES, g, -1)
     return torch.cat([low, top_lines, d_bytes], dim=-1).contiguous()
+
+
+def pack_k4(
+    u: torch.Tensor, d: torch.Tensor, neg_dmin: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
+) -> torch.Tensor:
+    """Mode 41 (``csrc/quantized_linear.cpp``): ``u`` [N, K/32, 32] 4-bit codes, ``d`` and
+    ``neg_dmin`` [N, K/256] fp16, ``scale`` and ``low`` [N, K/32] bytes ->
+    ``[N/16, K/256, K4_SUPER_RECORD]`` uint8."""
+    n, g, _ = u.shape
+    blocks, supers = n // LANES, g // 8
+    lines = pack(u, d.new_zeros(n, g), d.new_zeros(n, g), 4)[..., : 4 * 64]
+    payload = lines.reshape(blocks, supers, 8 * 256)
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, G] bytes -> [B, S, 8 x 16]
+        return t.reshape(blocks, LANES, supers, 8).permute(0, 2, 3, 1).reshape(blocks, supers, -1)
+
+    def per_super(t: torch.Tensor) -> torch.Tensor:  # [N, S] fp16 -> [B, S, 16 x 2] bytes
+        lanes = t.reshape(blocks, LANES, supers).permute(0, 2, 1).contiguous()
+        return lanes.view(torch.uint8).reshape(blocks, supers, -1)
+
+    parts = [payload, per_group(scale), per_group(low), per_super(d), per_super(neg_dmin)]
+    return torch.cat(parts, dim=-1).contiguous()

@@ -136,9 +136,14 @@ class Linear(nn.Linear):
             or not native.quantized_linear_supported()
         ):
             return False
+        k_scales = self._k_scales()
         u, d, m, bits = self._group_codes(bits)
         self.source_codes = None  # in the copy now, or of no use
-        packed = group_quantization.pack(u, d, m, bits)
+        if bits == 4 and k_scales is not None:
+            bits = group_quantization.K4
+            packed = group_quantization.pack_k4(u, *k_scales)
+        else:
+            packed = group_quantization.pack(u, d, m, bits)
         probe = _probe(5, weight)  # 4 + 1: a full row tile and a remainder
         rows = _probe_rows(self.out_features)
         expected = probe.float() @ group_quantization.dequantize(u[rows], d[rows], m[rows]).T
@@ -190,6 +195,29 @@ class Linear(nn.Linear):
         if row < self.out_features:
             u[row:], d[row:], m[row:] = self._quantize_rows(row, self.out_features, bits)
         return u, d, m, bits
+
+    def _k_scales(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(d, -dmin, scale, min) joined over the rows when every row has Q4_K's own scales
+        (``gguf_codes.KScales``) and the inputs fill whole super-blocks; else None."""
+        parts = self.source_codes or {}
+        ordered = [parts[first] for first in sorted(parts)]
+        covered = sum(c.u.shape[0] for c in ordered)
+        if (
+            not ordered
+            or covered != self.out_features
+            or self.in_features % 256
+            or any(c.k_scales is None for c in ordered)
+        ):
+            return None
+        scales = [c.k_scales for c in ordered if c.k_scales is not None]
+        return (
+            torch.cat([k.d for k in scales]),
+            torch.cat([k.neg_dmin for k in scales]),
+            torch.cat([k.scale for k in scales]),
+            torch.cat([k.min for k in scales]),
+        )
 
     @staticmethod
     def _codes_of_one_width(
