@@ -34,6 +34,7 @@ import argparse
 import ctypes
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -337,6 +338,7 @@ def servers(args: argparse.Namespace, gguf: Path, port: int) -> dict[str, list[s
             "--ctx-size",
             "4096",
             "--no-webui",
+            *shlex.split(args.llama_server_args),
         ]
     return commands
 
@@ -357,6 +359,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--llama-server", help="a llama-server binary (else rillet only)")
     parser.add_argument("--log-dir", default="/tmp")
+    parser.add_argument(
+        "--llama-server-args", default="", help="more llama-server options (e.g. --no-repack)"
+    )
     parser.add_argument("--skip-bandwidth", action="store_true")
     args = parser.parse_args()
 
@@ -395,7 +400,11 @@ def main() -> int:
     )
     port = free_port()
     for server, command in servers(args, size.gguf, port).items():
-        rate = statistics.median(decode_rates(command, port, "m", args))
+        try:
+            rate = statistics.median(decode_rates(command, port, "m", args))
+        except RuntimeError as exc:
+            print(f"| {server} | failed: {exc} | | | |")
+            continue
         read = size.rillet if server == "rillet" else size.gguf_read
         gbs = rate * read / GB
         fractions = " | ".join(f"{gbs / best[t]:.0%}" if t in best else "-" for t in (1, 2))
