@@ -179,6 +179,7 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
                 # One KV pool shared by every slot, as big as vLLM's 4 GiB holds; a slot is
                 # not limited to ctx/parallel then.
                 *("--ctx-size", "131072", "--kv-unified", "--no-webui"),
+                *shlex.split(args.llamaserver_args),
             ],
             fixed_versions={"llama-cpp-python sdist": args.llamaserver_version},
             note="built from the llama.cpp vendored in llama-cpp-python's sdist",
@@ -444,6 +445,12 @@ def parse_args() -> argparse.Namespace:
         default="",
         help="more llama_cpp.server options, one string (a GGUF without a chat template "
         "needs --chat_format, e.g. gemma)",
+    )
+    p.add_argument(
+        "--llamaserver-args",
+        default="",
+        help="more llama-server options, one string (e.g. --no-repack where its repacked "
+        "CPU buffers crash, as on this VM's build)",
     )
     p.add_argument("--llamaserver-version", default="0.3.36", help="llama-cpp-python sdist")
     p.add_argument(

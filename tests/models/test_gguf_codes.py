@@ -24,7 +24,7 @@ ROWS, COLS = 32, 512  # two K-quant super-blocks a row; two 16-column blocks
 def _raw(qtype: Q, rng: np.random.Generator) -> np.ndarray:
     """Blocks of ``qtype`` for a [ROWS, COLS] matrix: quantized by gguf where it can, random
     bytes with sane fp16 scales for the K-quants (which gguf cannot write)."""
-    if qtype in (Q.Q4_K, Q.Q5_K):
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         return k_quant_bytes(qtype, ROWS, rng)
     return quantize(rng.normal(size=(ROWS, COLS)).astype(np.float32), qtype)
 
@@ -42,10 +42,21 @@ def _codes(qtype: Q, seed: int = 0) -> tuple[GroupCodes, torch.Tensor]:
 def test_codes_stand_for_the_files_numbers(qtype: Q) -> None:
     codes, reference = _codes(qtype)
     assert codes.bits == CODE_BITS[qtype]
-    assert codes.u.shape == (ROWS, COLS // 32, 32) and codes.d.shape == (ROWS, COLS // 32)
-    assert int(codes.u.max()) <= {Q.Q4_0: 15, Q.Q4_1: 15, Q.Q4_K: 15, Q.Q5_K: 31}.get(qtype, 255)
+    per_group = 2 if qtype == Q.Q6_K else 1  # Q6_K: a scale per 16
+    assert codes.u.shape == (ROWS, COLS // 32, 32)
+    assert codes.d.shape == codes.m.shape == (ROWS, COLS // 32 * per_group)
+    top = {Q.Q4_0: 15, Q.Q4_1: 15, Q.Q4_K: 15, Q.Q5_K: 31, Q.Q6_K: 63}.get(qtype, 255)
+    assert int(codes.u.max()) <= top
     got = group_quantization.dequantize(codes.u, codes.d, codes.m)
-    if qtype in (Q.Q4_K, Q.Q5_K):
+    if qtype == Q.Q6_K:
+        # d x scale rounded to fp16 (m = -32 d exactly): half an ulp of d times |u - 32|.
+        d = codes.d.float().abs().repeat_interleave(16, dim=1)
+        centred = (codes.u.float().reshape(ROWS, COLS) - 32).abs()
+        bound = 2.0**-11 * d * centred + 2.0**-24
+        assert bool(((got - reference).abs() <= bound).all())
+        assert torch.equal(codes.m, (codes.d.float() * -32).half())
+        assert not torch.equal(got, reference)
+    elif qtype in (Q.Q4_K, Q.Q5_K):
         # The only change: a sub-block's d x scale and dmin x min are rounded to fp16, half
         # an ulp (2^-11 relative) each, so an element moves by at most that times its terms.
         d = codes.d.float().abs().repeat_interleave(32, dim=1)
@@ -58,8 +69,9 @@ def test_codes_stand_for_the_files_numbers(qtype: Q) -> None:
 
 
 def test_types_without_codes_are_left_to_the_loader() -> None:
-    raw = k_quant_bytes(Q.Q6_K, ROWS, np.random.default_rng(0))
-    assert group_codes(raw, Q.Q6_K, (ROWS, COLS)) is None
+    _, block_bytes = gguf.GGML_QUANT_SIZES[Q.Q3_K]
+    raw = np.random.default_rng(0).integers(0, 256, (ROWS, 2 * block_bytes), dtype=np.uint8)
+    assert group_codes(raw, Q.Q3_K, (ROWS, COLS)) is None
     assert group_codes(np.zeros((ROWS, COLS), np.float32), Q.F32, (ROWS, COLS)) is None
 
 
@@ -68,7 +80,7 @@ def _need_quantized_kernel(native) -> None:  # type: ignore[no-untyped-def]
         pytest.skip("this CPU build has no AVX512-VNNI quantized kernel")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q8_0, Q.Q4_0, Q.Q5_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.Q5_1])
 @torch.no_grad()
 def test_kernel_on_codes_equals_fp32_math_on_the_files_numbers(native, qtype: Q) -> None:  # type: ignore[no-untyped-def]
     """Inputs whose 8-bit rounding is exact (integers, 127 in every group), so the kernel's
@@ -87,6 +99,53 @@ def test_kernel_on_codes_equals_fp32_math_on_the_files_numbers(native, qtype: Q)
     assert (got - x @ reference.T).norm() < 1e-3 * exact.norm()
     for i in range(9):
         assert torch.equal(native.quantized_linear(x[i : i + 1], packed, codes.bits)[0], got[i])
+
+
+@torch.no_grad()
+def test_q6_k_rows_keep_their_width_alone_and_take_8_bits_beside_others(native) -> None:  # type: ignore[no-untyped-def]
+    """A layer all of whose rows are Q6_K takes the 6-bit copy with exactly their numbers
+    (7 bits a weight read, not 9); fused beside Q4_K rows (a Q4_K_M file's qkv, whose v is
+    Q6_K) it takes 8 bits, the Q6_K rows quantized again from their exact values."""
+    _need_quantized_kernel(native)
+    q6, q6_reference = _codes(Q.Q6_K, seed=2)
+    q4, _ = _codes(Q.Q4_K, seed=3)
+    alone = Linear(COLS, ROWS, bias=False).to(torch.bfloat16)
+    alone.add_source_codes(0, q6)
+    assert alone.enable_quantized(8, 64, native) and alone.quantized_bits == 6
+    assert alone.quantized_weight is not None
+    assert alone.quantized_weight.shape == (ROWS // 16, COLS // 32, 448)
+    x = torch.randint(-127, 128, (3, COLS), generator=torch.Generator().manual_seed(5)).float()
+    x.view(3, -1, 32)[..., 0] = 127
+    exact = x @ group_quantization.dequantize(q6.u, q6.d, q6.m).T
+    torch.testing.assert_close(alone(x), exact, rtol=1e-4, atol=1e-3)
+    fused = Linear(COLS, 2 * ROWS, bias=False).to(torch.bfloat16)
+    fused.add_source_codes(0, q4)
+    fused.add_source_codes(ROWS, q6)
+    assert fused.enable_quantized(4, 64, native) and fused.quantized_bits == 8
+    got = fused(x)[:, ROWS:]
+    assert (got - x @ q6_reference.T).norm() < 0.01 * exact.norm()  # 8 bits of the same values
+
+
+@torch.no_grad()
+def test_q4_k_rows_run_on_their_own_two_levels_of_scale(native) -> None:  # type: ignore[no-untyped-def]
+    """A layer whose rows are all Q4_K takes mode 41: the file's codes under its own
+    super-block d and dmin and byte scales (4.625 bits a weight read, not 5), so the
+    kernel equals fp32 math on gguf's own dequantization, without the fp16 rounding of
+    d x scale that mode 4 has; a row permutation (llama.cpp's q/k order) moves the scales
+    with the codes."""
+    _need_quantized_kernel(native)
+    codes, reference = _codes(Q.Q4_K, seed=4)
+    assert codes.k_scales is not None
+    permutation = torch.randperm(ROWS, generator=torch.Generator().manual_seed(1))
+    layer = Linear(COLS, ROWS, bias=False).to(torch.bfloat16)
+    layer.add_source_codes(0, codes.rows(permutation))
+    assert layer.enable_quantized(8, 64, native)
+    assert layer.quantized_bits == group_quantization.K4
+    assert layer.quantized_weight is not None
+    assert layer.quantized_weight.shape == (ROWS // 16, COLS // 256, 2368)
+    x = torch.randint(-127, 128, (5, COLS), generator=torch.Generator().manual_seed(6)).float()
+    x.view(5, -1, 32)[..., 0] = 127
+    torch.testing.assert_close(layer(x), x @ reference[permutation].T, rtol=1e-4, atol=1e-3)
 
 
 def test_the_loader_yields_codes_in_hf_row_order(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ Q5_0    8     q (0..31)               d                            -16 d
 Q5_1    8     q                       d                            m
 Q5_K    8     q of the sub-block      fp16(d x scale)              fp16(-dmin x min)
 Q8_0    8     q + 128                 d                            -128 d
+Q6_K    6     q (0..63)               fp16(d x scale), per 16      -32 d, per 16
 ======  ====  ======================  ===========================  =====================
 
 Q4_0/1, Q5_0/1 and Q8_0 map exactly (-8 d, -16 d and -128 d are exact in fp16). A K-quant
@@ -23,9 +24,11 @@ super-block of 256 holds eight sub-blocks of 32, each with a 6-bit scale and min
 super-block's fp16 ``d`` and ``dmin``: exactly a group with a scale and an offset, whose only
 change is the fp16 rounding of the two products (``tests/models/test_gguf_codes.py`` bounds it;
 ``bench/quantization_check.py`` measures what it does to a model). Q5 codes go to the 8-bit
-mode, whose ``u`` is any byte. Formats without that shape (Q6_K: sub-blocks of 16 with int8
-scales; Q2_K, Q3_K, the IQ types) have no codes here: the loader quantizes their float
-values again (8 bits for Q6_K).
+mode, whose ``u`` is any byte. Q6_K (sub-blocks of 16 with int8 scales, symmetric) keeps its
+width in the kernel's 6-bit mode, whose ``d`` and ``m`` are per 16 inputs: 7 bits a weight
+read against the 8-bit mode's 9, and Q4_K_M files keep their LM head and about half of
+their ``ffn_down`` matrices in Q6_K. Formats without such a shape (Q2_K, Q3_K, the IQ
+types) have no codes here: the loader quantizes their float values again.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from rillet.models.group_quantization import GROUP
+from rillet.models.group_quantization import GROUP, scales_per_group
 
 Q = GGMLQuantizationType
 
@@ -49,7 +52,25 @@ CODE_BITS: dict[Q, int] = {
     Q.Q5_1: 8,
     Q.Q5_K: 8,
     Q.Q8_0: 8,
+    Q.Q6_K: 6,
 }
+
+
+@dataclass(frozen=True)
+class KScales:
+    """Q4_K's own two levels of scale: per super-block of 256 an fp16 ``d`` and ``dmin``,
+    per group of 32 a 6-bit scale and min; a group's ``d`` is ``d * scale`` and its ``m``
+    is ``-dmin * min``. The kernel's mode 41 reads them as they are (4.625 bits a weight
+    against 5 with an fp16 ``d`` and ``m`` per group)."""
+
+    d: torch.Tensor  # [N, K/256] fp16
+    neg_dmin: torch.Tensor  # [N, K/256] fp16: -dmin
+    scale: torch.Tensor  # [N, K/32] uint8
+    min: torch.Tensor  # [N, K/32] uint8
+
+    def rows(self, permutation: torch.Tensor) -> KScales:
+        p = permutation
+        return KScales(self.d[p], self.neg_dmin[p], self.scale[p], self.min[p])
 
 
 @dataclass(frozen=True)
@@ -57,13 +78,18 @@ class GroupCodes:
     """A ``[N, K]`` weight as ``w = d * u + m`` per group of 32 (``group_quantization``)."""
 
     u: torch.Tensor  # [N, K/32, 32] uint8
-    d: torch.Tensor  # [N, K/32] fp16
-    m: torch.Tensor  # [N, K/32] fp16
+    d: torch.Tensor  # [N, K/32] fp16 ([N, K/16] with 6 bits)
+    m: torch.Tensor  # as d
     bits: int
+    #: Q4_K's scales before their product was rounded to fp16 (None for other types).
+    k_scales: KScales | None = None
 
     def rows(self, permutation: torch.Tensor) -> GroupCodes:
         """The same codes with output rows reordered (``permutation[i]`` is new row i)."""
-        return GroupCodes(self.u[permutation], self.d[permutation], self.m[permutation], self.bits)
+        k_scales = None if self.k_scales is None else self.k_scales.rows(permutation)
+        return GroupCodes(
+            self.u[permutation], self.d[permutation], self.m[permutation], self.bits, k_scales
+        )
 
 
 def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes | None:
@@ -76,21 +102,36 @@ def group_codes(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> GroupCodes
     n, k = shape
     groups = n * k // GROUP
     per_block = block_size // GROUP
+    scales = scales_per_group(CODE_BITS[qtype])
     u = np.empty((groups, GROUP), dtype=np.uint8)
-    d = np.empty(groups, dtype=np.float16)
-    m = np.empty(groups, dtype=np.float16)
+    d = np.empty(groups * scales, dtype=np.float16)
+    m = np.empty(groups * scales, dtype=np.float16)
     # A slab of blocks at a time: the decoders' temporaries stay in the cache (a whole
     # 1.5B model's matrices decoded ~2x faster than in one go per tensor).
     for start in range(0, blocks.shape[0], _BLOCKS_AT_ONCE):
         part = slice(start * per_block, (start + _BLOCKS_AT_ONCE) * per_block)
-        u[part], d[part], m[part] = _DECODERS[qtype](blocks[start : start + _BLOCKS_AT_ONCE])
+        both = slice(part.start * scales, part.stop * scales)
+        u[part], d[both], m[both] = _DECODERS[qtype](blocks[start : start + _BLOCKS_AT_ONCE])
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         return None
     return GroupCodes(
         u=torch.from_numpy(u.reshape(n, k // GROUP, GROUP)),
-        d=torch.from_numpy(d.reshape(n, k // GROUP)),
-        m=torch.from_numpy(m.reshape(n, k // GROUP)),
+        d=torch.from_numpy(d.reshape(n, k // GROUP * scales)),
+        m=torch.from_numpy(m.reshape(n, k // GROUP * scales)),
         bits=CODE_BITS[qtype],
+        k_scales=_q4_k_scales(blocks, n, k) if qtype == Q.Q4_K else None,
+    )
+
+
+def _q4_k_scales(blocks: np.ndarray, n: int, k: int) -> KScales:
+    """The two levels of scale of Q4_K blocks ([B, 144]) of an ``[n, k]`` matrix."""
+    scale, low = _k_scale_bytes(blocks)
+    super_blocks = k // 256
+    return KScales(
+        d=torch.from_numpy(_half(blocks, 0).copy().reshape(n, super_blocks)),
+        neg_dmin=torch.from_numpy((-_half(blocks, 2)).reshape(n, super_blocks)),
+        scale=torch.from_numpy(scale.reshape(n, k // GROUP).copy()),
+        min=torch.from_numpy(low.reshape(n, k // GROUP).copy()),
     )
 
 
@@ -146,13 +187,19 @@ def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A Q4_K/Q5_K super-block's eight sub-block (d, m) in fp16: bytes 0-3 d and dmin, then
     12 bytes of 6-bit scales and mins (sub-blocks 0-3 in the low six bits of bytes 0-3 and
     4-7; 4-7 in the nibbles of bytes 8-11 with their top two bits in the bytes' top bits)."""
+    sc, mn = _k_scale_bytes(b)
+    d = _half(b, 0).astype(np.float32)[:, None] * sc.astype(np.float32)
+    m = -_half(b, 2).astype(np.float32)[:, None] * mn.astype(np.float32)
+    return d.astype(np.float16).reshape(-1), m.astype(np.float16).reshape(-1)
+
+
+def _k_scale_bytes(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit scales and mins of Q4_K/Q5_K super-blocks, as [B, 8] bytes each."""
     scales = b[:, 4:16].reshape(-1, 3, 4)
     low, mid, high = scales[:, 0], scales[:, 1], scales[:, 2]
     sc = np.concatenate([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], axis=-1)
-    d = _half(b, 0).astype(np.float32)[:, None] * sc.astype(np.float32)
-    m = -_half(b, 2).astype(np.float32)[:, None] * mn.astype(np.float32)
-    return d.astype(np.float16).reshape(-1), m.astype(np.float16).reshape(-1)
+    return sc, mn
 
 
 def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -174,6 +221,19 @@ def _q5_k(b: np.ndarray) -> Decoded:
     return (_k_low_nibbles(b[:, 48:176]) | fifth).reshape(-1, 32), d, m
 
 
+def _q6_k(b: np.ndarray) -> Decoded:
+    """A Q6_K super-block (ql[128], qh[64], int8 scales[16], fp16 d) -> 8 groups of 32 codes
+    (0..63) and 16 scales: per half of 128, element 32k + l (k = 0..3) has the low nibble of
+    ql[l] (k = 0, 2: low, high) or ql[32 + l] (k = 1, 3) and bits 2k..2k+1 of qh[l]."""
+    ql, qh = b[:, 0:128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [B, half, k, 32]
+    top = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    u = (low | (top << 4)).reshape(-1, 32)
+    scale = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = (_half(b, 208).astype(np.float32)[:, None] * scale).astype(np.float16).reshape(-1)
+    return u, d, (d * np.float16(-32)).astype(np.float16)
+
+
 _DECODERS = {
     Q.Q4_0: _q4_0,
     Q.Q4_1: _q4_1,
@@ -182,4 +242,5 @@ _DECODERS = {
     Q.Q5_1: _q5_1,
     Q.Q5_K: _q5_k,
     Q.Q8_0: _q8_0,
+    Q.Q6_K: _q6_k,
 }

@@ -11,6 +11,10 @@ with an fp16 scale ``d`` and offset ``m``: ``w = d * u + m``.
   (``m = -128 d``); llama.cpp's Q8_0, the format of the bundled model's embedding (tied to
   its LM head).
 
+- 6-bit: llama.cpp's Q6_K as the file has it, ``u`` in 0..63 with a scale per 16 inputs
+  (``d`` holds two per group) and ``m = -32 d``. Only a file's codes take it
+  (``gguf_codes``); :func:`quantize` makes 4 and 8 bits.
+
 :func:`dequantize` is the exact inverse of the stored numbers; tests use it as the reference.
 """
 
@@ -25,8 +29,23 @@ LANES = 16
 
 
 def record_bytes(bits: int) -> int:
-    """Bytes of one (16 columns x 32 inputs) record: the integers, then d and m as fp16."""
+    """Bytes of one (16 columns x 32 inputs) record: the integers, then d and m as fp16
+    (6 bits: the two halves' d)."""
     return bits * GROUP * LANES // 8 + 2 * LANES * 2
+
+
+#: The kernel mode of Q4_K's own scales (``gguf_codes.KScales``): 4-bit codes, and per
+#: super-block of 256 inputs an fp16 d and -dmin per column over a byte scale and min per
+#: group.
+K4 = 41
+#: Bytes of one mode-41 super-record (16 columns x 256 inputs): 8 groups' 4-bit lines, the
+#: scales and mins as bytes, d and -dmin as fp16.
+K4_SUPER_RECORD = 8 * 256 + 2 * 8 * LANES + 2 * LANES * 2
+
+
+def scales_per_group(bits: int) -> int:
+    """How many (d, m) pairs a group of 32 has: two for 6 bits (Q6_K's 16), else one."""
+    return 2 if bits == 6 else 1
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -76,9 +95,12 @@ def _quantize_rows(
 
 
 def dequantize(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The float32 ``[N, K]`` weight that (u, d, m) stand for."""
-    w = u.float() * d.float()[..., None] + m.float()[..., None]
-    return w.reshape(u.shape[0], -1)
+    """The float32 ``[N, K]`` weight that (u, d, m) stand for; ``d`` and ``m`` have one value
+    per group of 32 ([N, K/32]) or, with 6 bits, per 16 ([N, K/16])."""
+    n = u.shape[0]
+    pieces = u.float().reshape(n, d.shape[1], -1)
+    w = pieces * d.float()[..., None] + m.float()[..., None]
+    return w.reshape(n, -1)
 
 
 def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,6 +111,8 @@ def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.
     inputs 8t..8t+3 and the high nibbles 8t+4..8t+7.
     """
     n, g, _ = u.shape
+    if bits == 6:
+        return _pack6(u, d)
     blocks = u.reshape(n // LANES, LANES, g, GROUP).permute(0, 2, 1, 3)  # [B, G, col, 32]
     if bits == 8:
         # [B, G, col, t, j] -> [B, G, t, col, j]
@@ -101,3 +125,40 @@ def pack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.
     d_bytes = d.reshape(n // LANES, LANES, g).permute(0, 2, 1).contiguous().view(torch.uint8)
     m_bytes = m.reshape(n // LANES, LANES, g).permute(0, 2, 1).contiguous().view(torch.uint8)
     return torch.cat([payload, d_bytes, m_bytes], dim=-1).contiguous()
+
+
+def _pack6(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The 6-bit record (``csrc/quantized_linear.cpp``): the low nibbles as :func:`pack`'s
+    4-bit lines, then two lines of top bits (line h byte 4i + j, bits 2k..2k+1: input
+    16h + 4k + j of column i), then d of each half for the 16 columns (``m`` is -32 d)."""
+    n, g, _ = u.shape
+    low = pack(u & 0x0F, d[:, ::2], d[:, ::2], 4)[..., : 4 * 64]
+    top = (u >> 4).reshape(n // LANES, LANES, g, 2, 4, 4)  # [B, col, G, h, k, j]
+    fields = top.permute(0, 2, 3, 1, 5, 4)  # [B, G, h, col, j, k]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    top_lines = (fields << shifts).sum(dim=-1, dtype=torch.uint8).reshape(n // LANES, g, -1)
+    halves = d.reshape(n // LANES, LANES, g, 2).permute(0, 2, 3, 1).contiguous()
+    d_bytes = halves.view(torch.uint8).reshape(n // LANES, g, -1)
+    return torch.cat([low, top_lines, d_bytes], dim=-1).contiguous()
+
+
+def pack_k4(
+    u: torch.Tensor, d: torch.Tensor, neg_dmin: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
+) -> torch.Tensor:
+    """Mode 41 (``csrc/quantized_linear.cpp``): ``u`` [N, K/32, 32] 4-bit codes, ``d`` and
+    ``neg_dmin`` [N, K/256] fp16, ``scale`` and ``low`` [N, K/32] bytes ->
+    ``[N/16, K/256, K4_SUPER_RECORD]`` uint8."""
+    n, g, _ = u.shape
+    blocks, supers = n // LANES, g // 8
+    lines = pack(u, d.new_zeros(n, g), d.new_zeros(n, g), 4)[..., : 4 * 64]
+    payload = lines.reshape(blocks, supers, 8 * 256)
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, G] bytes -> [B, S, 8 x 16]
+        return t.reshape(blocks, LANES, supers, 8).permute(0, 2, 3, 1).reshape(blocks, supers, -1)
+
+    def per_super(t: torch.Tensor) -> torch.Tensor:  # [N, S] fp16 -> [B, S, 16 x 2] bytes
+        lanes = t.reshape(blocks, LANES, supers).permute(0, 2, 1).contiguous()
+        return lanes.view(torch.uint8).reshape(blocks, supers, -1)
+
+    parts = [payload, per_group(scale), per_group(low), per_super(d), per_super(neg_dmin)]
+    return torch.cat(parts, dim=-1).contiguous()

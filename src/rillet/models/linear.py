@@ -136,9 +136,14 @@ class Linear(nn.Linear):
             or not native.quantized_linear_supported()
         ):
             return False
+        k_scales = self._k_scales()
         u, d, m, bits = self._group_codes(bits)
         self.source_codes = None  # in the copy now, or of no use
-        packed = group_quantization.pack(u, d, m, bits)
+        if bits == 4 and k_scales is not None:
+            bits = group_quantization.K4
+            packed = group_quantization.pack_k4(u, *k_scales)
+        else:
+            packed = group_quantization.pack(u, d, m, bits)
         probe = _probe(5, weight)  # 4 + 1: a full row tile and a remainder
         rows = _probe_rows(self.out_features)
         expected = probe.float() @ group_quantization.dequantize(u[rows], d[rows], m[rows]).T
@@ -162,14 +167,19 @@ class Linear(nn.Linear):
 
     def _group_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(u, d, m, bits) of the copy: the checkpoint's own codes where every row has 4-bit
-        ones; else ``bits`` (8 if any row has codes: 4-bit codes are valid 8-bit ones)
-        quantized from the weight, with the rows that have codes set to them."""
+        ones, or every row 6-bit ones (Q6_K); else ``bits`` (8 if any row has codes: 4-bit
+        codes are valid 8-bit ones) quantized from the weight, with the rows that have codes
+        set to them (6-bit codes, whose scales are per 16, quantized again to 8 bits)."""
         parts = self.source_codes or {}
         covered = sum(c.u.shape[0] for c in parts.values())
-        if parts and covered == self.out_features and all(c.bits == 4 for c in parts.values()):
+        widths = {c.bits for c in parts.values()}
+        if parts and covered == self.out_features and len(widths) == 1 and widths <= {4, 6}:
+            if widths == {6}:
+                return self._codes_of_one_width(parts, 6)
             bits = 4
         elif parts:
             bits = 8
+            parts = {first: _as_8_bit(c) if c.bits == 6 else c for first, c in parts.items()}
         groups = self.in_features // group_quantization.GROUP
         u = torch.empty(self.out_features, groups, group_quantization.GROUP, dtype=torch.uint8)
         d = torch.empty(self.out_features, groups, dtype=torch.float16)
@@ -186,10 +196,53 @@ class Linear(nn.Linear):
             u[row:], d[row:], m[row:] = self._quantize_rows(row, self.out_features, bits)
         return u, d, m, bits
 
+    def _k_scales(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(d, -dmin, scale, min) joined over the rows when every row has Q4_K's own scales
+        (``gguf_codes.KScales``) and the inputs fill whole super-blocks; else None."""
+        parts = self.source_codes or {}
+        ordered = [parts[first] for first in sorted(parts)]
+        covered = sum(c.u.shape[0] for c in ordered)
+        if (
+            not ordered
+            or covered != self.out_features
+            or self.in_features % 256
+            or any(c.k_scales is None for c in ordered)
+        ):
+            return None
+        scales = [c.k_scales for c in ordered if c.k_scales is not None]
+        return (
+            torch.cat([k.d for k in scales]),
+            torch.cat([k.neg_dmin for k in scales]),
+            torch.cat([k.scale for k in scales]),
+            torch.cat([k.min for k in scales]),
+        )
+
+    @staticmethod
+    def _codes_of_one_width(
+        parts: dict[int, GroupCodes], bits: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Every row's codes, all of width ``bits``, joined in row order."""
+        ordered = [parts[first] for first in sorted(parts)]
+        u = torch.cat([c.u for c in ordered])
+        d = torch.cat([c.d for c in ordered])
+        m = torch.cat([c.m for c in ordered])
+        return u, d, m, bits
+
     def _quantize_rows(
         self, start: int, stop: int, bits: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return group_quantization.quantize(self.weight[start:stop], bits)
+
+
+def _as_8_bit(codes: GroupCodes) -> GroupCodes:
+    """6-bit codes (scales per 16) as 8-bit ones (per 32), for a layer whose other rows
+    have 4- or 8-bit codes: quantized again from their exact values, as the float weight
+    would have been."""
+    weight = group_quantization.dequantize(codes.u, codes.d, codes.m)
+    u, d, m = group_quantization.quantize(weight, 8)
+    return GroupCodes(u, d, m, 8)
 
 
 def _probe_rows(rows: int) -> torch.Tensor:

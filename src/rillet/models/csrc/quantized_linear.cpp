@@ -15,6 +15,16 @@
 //   4-bit: 4 lines, line t byte 4i + j = u[col i, 8t + j] | u[col i, 8t + 4 + j] << 4
 //                                                                            (256 bytes)
 //   then d[16] and m[16] as fp16 (64 bytes).
+//   6-bit (llama.cpp's Q6_K, kept at its width): w = d[half] * (u - 32), u in 0..63, with a
+//   scale per 16 inputs and no offset. The low four bits as the 4-bit layout's 4 lines; then
+//   2 lines of the top two bits, line h byte 4i + j bits 2k..2k+1 = u[col i, 16h + 4k + j]
+//   >> 4; then d[half 0][16] and d[half 1][16] as fp16                     (448 bytes)
+//   (7 bits a weight against the 8-bit mode's 9, which Q6_K tensors took before).
+//   Mode 41 (llama.cpp's Q4_K with its own scales): 4-bit codes under two levels of scale,
+//   w = d[col] * sc[g, col] * u - dmin[col] * mn[g, col] over a super-block of 8 groups.
+//   One super-record per (16 columns, 256 inputs): the 8 groups' 4-bit lines (8 x 256
+//   bytes), sc[8][16] and mn[8][16] as bytes, then d[16] and -dmin[16] as fp16
+//   (2368 bytes: 4.625 bits a weight against 5 with an fp16 d and m per group).
 // A line is exactly vpdpbusd's weight operand for 16 columns; the input operand is one
 // int32 (4 input bytes) broadcast to every lane.
 #include <ATen/ATen.h>
@@ -35,9 +45,17 @@ constexpr int64_t kLanes = 16;  // output columns per block
 constexpr int64_t kGroup = 32;  // inputs per quantization group
 constexpr int kMaxRowsPerTile = 4;
 
-constexpr int64_t payload_bytes(int64_t bits) { return bits * kGroup * kLanes / 8; }
-// The integers, then d[16] and m[16] as fp16.
-constexpr int64_t record_bytes(int64_t bits) { return payload_bytes(bits) + 2 * kLanes * 2; }
+constexpr int kK4 = 41;             // the mode of Q4_K's own scales
+constexpr int64_t kSuperGroups = 8;  // groups of 32 per K-quant super-block
+constexpr int64_t kSuperRecord = kSuperGroups * 256 + 2 * kSuperGroups * kLanes + 2 * kLanes * 2;
+
+constexpr int64_t payload_bytes(int64_t bits) {
+  return (bits == kK4 ? 4 : bits) * kGroup * kLanes / 8;
+}
+// The integers, then d[16] and m[16] as fp16; mode 41: a super-record's share per group.
+constexpr int64_t record_bytes(int64_t bits) {
+  return bits == kK4 ? kSuperRecord / kSuperGroups : payload_bytes(bits) + 2 * kLanes * 2;
+}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // One row's inputs quantized per group: int8 values, the scale, and scale * sum of values.
@@ -45,6 +63,7 @@ struct QuantizedRows {
   std::vector<int8_t> values;  // [M, K]
   std::vector<float> scales;   // [M, G]
   std::vector<float> offsets;  // [M, G]: scale * sum of the group's int8 values
+  std::vector<int32_t> half_sums;  // [M, G, 2]: sum of each half's int8 values (6-bit mode)
 };
 
 // Row m of x ([K] values) quantized per group into q.
@@ -63,9 +82,11 @@ void quantize_row(const T* row, int64_t K, int64_t m, QuantizedRows& q) {
     int8_t* dst = q.values.data() + m * K + g * kGroup;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kLanes), _mm512_cvtepi32_epi8(qb));
-    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    const int sum_a = _mm512_reduce_add_epi32(qa), sum_b = _mm512_reduce_add_epi32(qb);
     q.scales[m * G + g] = scale;
-    q.offsets[m * G + g] = scale * static_cast<float>(sum);
+    q.offsets[m * G + g] = scale * static_cast<float>(sum_a + sum_b);
+    q.half_sums[2 * (m * G + g)] = sum_a;
+    q.half_sums[2 * (m * G + g) + 1] = sum_b;
   }
 }
 
@@ -77,11 +98,18 @@ constexpr int64_t kQuantizeGrain = 32;
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t G = K / kGroup;
-  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G)};
+  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G),
+                  std::vector<int32_t>(2 * M * G)};
   at::parallel_for(0, M, kQuantizeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) quantize_row(x + m * K, K, m, q);
   });
   return q;
+}
+
+// 16 bytes as 16 fp32 lanes.
+inline __m512 load_u8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // MR rows x NB column blocks, over all groups.
@@ -101,15 +129,71 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
       for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_setzero_si512();
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) {
-      rec[b] = w + b * block_stride + g * kRecord;
-      // Eight records ahead into L2, so each stream keeps a few lines in flight.
-      for (int64_t off = 0; off < kRecord; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
+      if constexpr (BITS == kK4) {
+        const uint8_t* super = w + b * block_stride + (g / kSuperGroups) * kSuperRecord;
+        rec[b] = super + (g % kSuperGroups) * 256;
+        // The next super-record into L2, a group's share at a time (as far ahead as the
+        // other modes' eight records).
+        const uint8_t* ahead = super + kSuperRecord + (g % kSuperGroups) * kRecord;
+        for (int64_t off = 0; off < kRecord; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T1);
+      } else {
+        rec[b] = w + b * block_stride + g * kRecord;
+        // Eight records ahead into L2, so each stream keeps a few lines in flight.
+        for (int64_t off = 0; off < kRecord; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
+      }
     }
     const int32_t* xq[MR];
     for (int m = 0; m < MR; ++m)
       xq[m] = reinterpret_cast<const int32_t*>(q.values.data() + (m0 + m) * K + g * kGroup);
-    if constexpr (BITS == 8) {
+    if constexpr (BITS == 6) {
+      const __m512i top_bits = _mm512_set1_epi8(0x30);
+      for (int half = 0; half < 2; ++half) {
+        __m512i hdot[MR][NB];
+        for (int m = 0; m < MR; ++m)
+          for (int b = 0; b < NB; ++b) hdot[m][b] = _mm512_setzero_si512();
+        __m512i high[NB];
+        for (int b = 0; b < NB; ++b) high[b] = _mm512_loadu_si512(rec[b] + 256 + half * 64);
+        for (int t = 2 * half; t < 2 * half + 2; ++t) {
+          // Quads 2t and 2t + 1 (inputs 8t..8t+7): the low nibbles of line t, and fields
+          // k = 2(t - 2 half) and k + 1 of the half's top-bits line moved to bits 4..5.
+          const int k = 2 * (t - 2 * half);
+          __m512i lo[NB], hi[NB];
+          for (int b = 0; b < NB; ++b) {
+            const __m512i v = _mm512_loadu_si512(rec[b] + t * 64);
+            const __m512i h = high[b];
+            const __m512i top_lo = k == 0 ? _mm512_slli_epi16(h, 4) : h;
+            const __m512i top_hi = k == 0 ? _mm512_slli_epi16(h, 2) : _mm512_srli_epi16(h, 2);
+            lo[b] = _mm512_or_si512(_mm512_and_si512(v, low_nibbles),
+                                    _mm512_and_si512(top_lo, top_bits));
+            hi[b] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles),
+                                    _mm512_and_si512(top_hi, top_bits));
+          }
+          for (int m = 0; m < MR; ++m) {
+            const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
+            const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
+            for (int b = 0; b < NB; ++b) {
+              hdot[m][b] = _mm512_dpbusd_epi32(hdot[m][b], lo[b], xlo);
+              hdot[m][b] = _mm512_dpbusd_epi32(hdot[m][b], hi[b], xhi);
+            }
+          }
+        }
+        // sum_k d (u - 32) x s = d s (sum_k u q - 32 sum_k q), the bracket exact in int32.
+        for (int b = 0; b < NB; ++b) {
+          const __m512 d = load16(
+              reinterpret_cast<const c10::Half*>(rec[b] + kPayload + half * 2 * kLanes));
+          for (int m = 0; m < MR; ++m) {
+            const int64_t at = (m0 + m) * G + g;
+            const __m512i centred = _mm512_sub_epi32(
+                hdot[m][b], _mm512_set1_epi32(32 * q.half_sums[2 * at + half]));
+            const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(q.scales[at]));
+            acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), ds, acc[m][b]);
+          }
+        }
+      }
+      continue;
+    } else if constexpr (BITS == 8) {
       for (int t = 0; t < 8; ++t) {
         __m512i wv[NB];
         for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(rec[b] + t * 64);
@@ -118,7 +202,7 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
           for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], wv[b], xv);
         }
       }
-    } else {
+    } else {  // 4 bits (modes 4 and 41)
       for (int t = 0; t < 4; ++t) {
         __m512i lo[NB], hi[NB];
         for (int b = 0; b < NB; ++b) {
@@ -137,8 +221,18 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
       }
     }
     for (int b = 0; b < NB; ++b) {
-      const __m512 d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
-      const __m512 mn = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload + 2 * kLanes));
+      __m512 d, mn;
+      if constexpr (BITS == kK4) {
+        const uint8_t* scales = rec[b] - (g % kSuperGroups) * 256 + kSuperGroups * 256;
+        const uint8_t* supers = scales + 2 * kSuperGroups * kLanes;
+        const int64_t at = (g % kSuperGroups) * kLanes;
+        d = _mm512_mul_ps(load16(reinterpret_cast<const c10::Half*>(supers)), load_u8(scales + at));
+        mn = _mm512_mul_ps(load16(reinterpret_cast<const c10::Half*>(supers + 2 * kLanes)),
+                           load_u8(scales + kSuperGroups * kLanes + at));
+      } else {
+        d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
+        mn = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload + 2 * kLanes));
+      }
       for (int m = 0; m < MR; ++m) {
         const int64_t at = (m0 + m) * G + g;
         const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(q.scales[at]));
@@ -214,27 +308,35 @@ bool quantized_linear_supported() {
 
 at::Tensor quantized_linear(at::Tensor x, at::Tensor packed, int64_t bits) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8 || bits == kK4, "bits must be 4, 6, 8 or 41");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "x must be [M, K] bf16 or fp32, contiguous");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(2) == record_bytes(bits),
-              "packed must be [N / 16, K / 32, ", record_bytes(bits), "] uint8");
+                  packed.size(2) == (bits == kK4 ? kSuperRecord : record_bytes(bits)),
+              "packed must be [N / 16, K / 32, ", record_bytes(bits),
+              "] uint8 (mode 41: [N / 16, K / 256, ", kSuperRecord, "])");
   const int64_t M = x.size(0), K = x.size(1), num_blocks = packed.size(0);
-  TORCH_CHECK(packed.size(1) * kGroup == K, "x has ", K, " columns; the weight expects ",
-              packed.size(1) * kGroup);
+  const int64_t per_row_unit = bits == kK4 ? kSuperGroups * kGroup : kGroup;
+  TORCH_CHECK(packed.size(1) * per_row_unit == K, "x has ", K, " columns; the weight expects ",
+              packed.size(1) * per_row_unit);
   at::Tensor y = at::empty({M, num_blocks * kLanes}, x.options());
   if (M == 0) return y;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   if (x.scalar_type() == at::kBFloat16) {
     const auto* xp = x.data_ptr<c10::BFloat16>();
     auto* yp = y.data_ptr<c10::BFloat16>();
-    bits == 4 ? run<4>(xp, M, K, wp, num_blocks, yp) : run<8>(xp, M, K, wp, num_blocks, yp);
+    bits == 4     ? run<4>(xp, M, K, wp, num_blocks, yp)
+    : bits == 6   ? run<6>(xp, M, K, wp, num_blocks, yp)
+    : bits == kK4 ? run<kK4>(xp, M, K, wp, num_blocks, yp)
+                  : run<8>(xp, M, K, wp, num_blocks, yp);
   } else {
     const auto* xp = x.data_ptr<float>();
     auto* yp = y.data_ptr<float>();
-    bits == 4 ? run<4>(xp, M, K, wp, num_blocks, yp) : run<8>(xp, M, K, wp, num_blocks, yp);
+    bits == 4     ? run<4>(xp, M, K, wp, num_blocks, yp)
+    : bits == 6   ? run<6>(xp, M, K, wp, num_blocks, yp)
+    : bits == kK4 ? run<kK4>(xp, M, K, wp, num_blocks, yp)
+                  : run<8>(xp, M, K, wp, num_blocks, yp);
   }
   return y;
 #else
