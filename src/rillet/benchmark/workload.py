@@ -109,6 +109,9 @@ class BenchConfig:
     goodput: Mapping[str, float] = field(default_factory=dict)
     #: Seeds the open loop's arrival times: two runs send at the same offsets.
     seed: int = 0
+    #: Ask rillet for its per-event timing (``X-Rillet-Timing: 1``; ``timing`` over gRPC)
+    #: and split each request's TTFT into queue, prefill, server and network.
+    server_timing: bool = False
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -202,4 +205,7 @@ class BenchConfig:
         return body
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.server_timing:
+            headers["X-Rillet-Timing"] = "1"
+        return headers
