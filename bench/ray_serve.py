@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -81,7 +82,16 @@ def load_system(
 ) -> list[dict]:
     with urllib.request.urlopen(url + "/info", timeout=30) as response:
         model = json.load(response)["model_id"]
-    return load(args, system, url, model, out / f"{system}.jsonl", server_pid=pid)
+    extra = (
+        () if args.requests_per_level is None else ("--requests-per-level", args.requests_per_level)
+    )
+    lines = out / f"{system}.jsonl"
+    try:
+        return load(args, system, url, model, lines, server_pid=pid, extra=tuple(map(str, extra)))
+    except subprocess.CalledProcessError:
+        # A level with errors or requests cancelled at its time cap: keep its row (the
+        # table's errors column says so) rather than lose the whole run.
+        return [json.loads(line) for line in lines.read_text().splitlines()]
 
 
 def run_direct(
@@ -172,6 +182,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--level-timeout", type=float, default=150.0)
+    parser.add_argument(
+        "--requests-per-level", type=int, help="default: bench/serve.py's, max(8, 4 x c)"
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument(
         "--merge-steps", default="4", help="values of --max-merge-steps to run (default: 4)"
