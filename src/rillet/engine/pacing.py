@@ -21,7 +21,9 @@ Each stream caps the hold at its own maximum (the server's ``--max-merge-steps``
 default): a token waits at most that many minus one further steps of its request. A
 stream's first token, its end and an error always go out at once, so time to first token and
 the final event are never held. TGI's ``/generate_stream`` (one event per token anyway) asks
-for no hold.
+for no hold. A request its own timeout ends (``X-Rillet-Timeout-Ms``) loses the tokens held
+at that moment (at most the hold minus one step's): they were never sent, and its usage
+counts only what was.
 """
 
 from __future__ import annotations
