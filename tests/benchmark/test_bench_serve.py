@@ -6,6 +6,7 @@ counts and how it writes it, never how fast the server was.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from rillet.benchmark.runner import arrival_offsets
@@ -95,6 +97,44 @@ def test_the_constrained_body_has_response_format_and_no_ignore_eos() -> None:
     plain = config_from_args(build_parser().parse_args(["bench"]))
     assert plain.body(plain.prompt(0))["ignore_eos"] is True
     assert "response_format" not in plain.body(plain.prompt(0))
+
+
+@pytest.mark.parametrize("api", ["chat", "grpc"])
+def test_server_timing_splits_each_ttft_into_parts_that_add_up(
+    server: ServerHandle, tmp_path: Path, api: str
+) -> None:
+    """``--server-timing`` against a real server: every request's TTFT has its four parts,
+    they add up to it (to the rounding of each to a microsecond), and each level prints and
+    plots their p50/p90."""
+    requests_out, plot = tmp_path / "requests.jsonl", tmp_path / "plot.png"
+    argv = [sys.executable, str(SERVE_SCRIPT), "--url", server.url, "--api", api]
+    model = httpx.get(f"{server.url}/info").json()["model_id"]
+    argv += ["--model", model, "--grpc-url", server.grpc_target]
+    argv += ["--concurrency", "1,2", "--requests-per-level", "3", "--max-tokens", "6"]
+    argv += ["--server-timing", "--no-progress", "--requests-out", str(requests_out)]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    argv += ["--plot", str(plot)] if has_matplotlib else []
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:
+        split = row["ttft_split_ms"]
+        assert list(split) == ["queue", "prefill", "server", "network"]
+        for dist in split.values():
+            assert dist["p50"] is not None and dist["p50"] <= dist["p90"]
+    per_request = [json.loads(line) for line in requests_out.read_text().splitlines()]
+    assert len(per_request) == 6
+    for r in per_request:
+        parts = r["ttft_split_ms"]
+        assert parts["queue"] >= 0 and parts["prefill"] >= 0
+        assert parts["network"] >= 0  # the client's wait contains the server's
+        assert abs(sum(parts.values()) - r["ttft_ms"]) < 0.01
+    assert "TTFT by the server's timing (ms)" in done.stderr
+    assert "queue p50/p90" in done.stderr
+    if has_matplotlib:
+        ttft_plot = tmp_path / "plot-ttft.png"
+        assert ttft_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_is_a_rillet_command() -> None:

@@ -177,3 +177,98 @@ async def test_grpc_parameters_carry_deadlines() -> None:
         response = result.get_response()
         assert response.parameters["rillet_finish_detail"].string_param == "timeout"
         assert result.as_numpy("text_output")[0] == b"HiH"  # the prompt, then the one token
+
+
+MESSAGES = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}
+RESPONSES = {"model": "m", "input": "Hi", "max_output_tokens": 5}
+TRITON_STREAM = {"text_input": "Hi", "stream": True, "parameters": {"max_tokens": 5}}
+
+
+def named_data(text: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in fields:
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+async def test_anthropic_responses_and_completions_refuse_in_their_own_shape() -> None:
+    async with door() as d:
+        d.engine.queue = BUSY
+        for body in (MESSAGES, MESSAGES | {"stream": True}):
+            response = await d.http.post("/v1/messages", json=body, headers=QUEUE_1S)
+            assert response.status_code == 429 and response.headers["retry-after"] == "10"
+            error = response.json()
+            assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+        for route, body in [
+            ("/v1/responses", RESPONSES | {"stream": True}),
+            ("/v1/completions", {"prompt": "Hi", "stream": True}),
+        ]:
+            response = await d.http.post(route, json=body, headers=QUEUE_1S)
+            assert response.status_code == 429 and response.headers["retry-after"] == "10"
+            assert response.json()["error"]["type"] == "overloaded"
+        assert d.engine.requests == [] and d.service.in_flight == 0
+
+
+async def test_no_first_token_in_time_is_in_band_on_anthropic_responses_and_triton() -> None:
+    async with door() as d:
+        response = await _held_before_first_token(d, "/v1/messages", MESSAGES | {"stream": True})
+        names = [name for name, _ in named_data(response.text)]
+        assert names == ["message_start", "error"]
+        assert named_data(response.text)[-1][1]["error"]["type"] == "overloaded_error"
+    async with door() as d:
+        response = await _held_before_first_token(d, "/v1/responses", RESPONSES | {"stream": True})
+        got = named_data(response.text)
+        assert [name for name, _ in got][-2:] == ["error", "response.failed"]
+        assert got[-1][1]["response"]["error"]["code"] == "overloaded"
+    async with door() as d:
+        route = "/v2/models/fake-model/generate_stream"
+        response = await _held_before_first_token(d, route, TRITON_STREAM)
+        assert events(response.text) == [{"error": "no first token within 50 ms (max_queue_ms)"}]
+
+
+async def test_a_timeout_ends_every_other_door_with_what_it_has_and_says_so() -> None:
+    """Anthropic (``max_tokens``), Responses (``incomplete``), completions and Triton HTTP
+    carry ``rillet_finish_detail``; plain text has no place for it and just ends."""
+    timeout = {"x-rillet-timeout-ms": "100"}
+    async with door() as d:
+        d.engine.pause()  # after each request's first token
+        answer = (await d.http.post("/v1/messages", json=MESSAGES, headers=timeout)).json()
+        assert answer["content"] == [{"type": "text", "text": "H"}]
+        assert answer["stop_reason"] == "max_tokens" and answer["usage"]["output_tokens"] == 1
+        assert answer["rillet_finish_detail"] == "timeout"
+
+        stream = MESSAGES | {"stream": True}
+        got = named_data((await d.http.post("/v1/messages", json=stream, headers=timeout)).text)
+        [delta] = [e for name, e in got if name == "message_delta"]
+        assert delta["delta"]["stop_reason"] == "max_tokens"
+        assert delta["rillet_finish_detail"] == "timeout" and got[-1][0] == "message_stop"
+
+        for body in (RESPONSES, RESPONSES | {"stream": True}):
+            response = await d.http.post("/v1/responses", json=body, headers=timeout)
+            if body.get("stream"):
+                name, event = named_data(response.text)[-1]
+                assert name == "response.incomplete"
+                answer = event["response"]
+            else:
+                answer = response.json()
+            assert answer["status"] == "incomplete" and answer["usage"]["output_tokens"] == 1
+            assert answer["output"][0]["content"][0]["text"] == "H"
+            assert answer["rillet_finish_detail"] == "timeout"
+
+        completion = {"prompt": "Hi", "max_tokens": 5, "stream": True}
+        response = await d.http.post("/v1/completions", json=completion, headers=timeout)
+        chunks = events(response.text)
+        assert [c["choices"][0]["text"] for c in chunks] == ["H", ""]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["rillet_finish_detail"] == "timeout"
+
+        route = "/v2/models/fake-model/generate_stream"
+        response = await d.http.post(route, json=TRITON_STREAM, headers=timeout)
+        *_, last = events(response.text)
+        assert last["rillet_finish_detail"] == "timeout"
+
+        response = await d.http.post("/?prompt=Hi", headers=timeout)
+        assert response.status_code == 200 and response.text == "H"
+        assert len(d.engine.aborted) == 7 and d.service.in_flight == 0

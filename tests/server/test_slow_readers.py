@@ -3,7 +3,8 @@ and a core the test steps (``stepped_engine.py``): the engine never waits for a 
 
 Where a stalled reader's output sits, door by door, before the collector holds any:
 
-* TGI / OpenAI / Triton HTTP (SSE): the client's socket buffer, the server's socket send
+* TGI / OpenAI / Anthropic / Responses / Triton HTTP (SSE), plain text (chunked): the
+  client's socket buffer, the server's socket send
   buffer, then the transport's write buffer (uvicorn pauses the response's writer past its
   high-water mark), so the stream's producer stops taking outputs: they merge in the
   collector.
@@ -14,7 +15,10 @@ Where a stalled reader's output sits, door by door, before the collector holds a
 
 Then the collector holds them, merged, up to ``--max-stream-buffer-bytes``: (a) a reader
 that comes back gets every token; (b) past the bound the request is aborted in the engine
-and the reader gets one in-band ``incomplete_generation`` error, and its permit is back.
+and the reader gets one in-band error in its door's shape (``incomplete_generation``;
+Anthropic's ``api_error``; Responses' ``error`` + ``response.failed``; Triton HTTP's
+``{"error": message}``), and its permit is back. Plain text cannot say "error" mid-stream:
+it ends, short.
 """
 
 from __future__ import annotations
@@ -193,3 +197,108 @@ async def test_grpc_a_stalled_reader(bound: int | None) -> None:
     else:
         assert backend.aborted == [rid]
         assert error is not None and "incomplete_generation" in str(error)
+
+
+def named_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(event name, data)`` of each named SSE event (Anthropic's, Responses')."""
+    out = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in fields:
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def anthropic_outcome(body: str) -> tuple[str, str | None, int | None]:
+    """(text, the in-band error's type, the usage's output tokens) of a Messages stream."""
+    got = named_events(body)
+    text = "".join(e["delta"].get("text", "") for n, e in got if n == "content_block_delta")
+    errors = [e["error"]["type"] for n, e in got if n == "error"]
+    usage = [e["usage"]["output_tokens"] for n, e in got if n == "message_delta"]
+    assert len(errors) <= 1 and (not errors or got[-1][0] == "error")
+    return text, errors[0] if errors else None, usage[0] if usage else None
+
+
+def responses_outcome(body: str) -> tuple[str, str | None, int | None]:
+    """The same of a Responses stream (its error event is ``response.failed``)."""
+    got = named_events(body)
+    text = "".join(e["delta"] for n, e in got if n == "response.output_text.delta")
+    failed = [e["response"]["error"]["code"] for n, e in got if n == "response.failed"]
+    ends = [e["response"]["usage"] for n, e in got if n == "response.incomplete"]
+    assert len(failed) <= 1 and (not failed or got[-1][0] == "response.failed")
+    return text, failed[0] if failed else None, ends[0]["output_tokens"] if ends else None
+
+
+def triton_outcome(body: str) -> tuple[str, str | None, int | None]:
+    """Triton HTTP's events: text pieces, or ``{"error": message}`` (no type: the message)."""
+    got = events(body)
+    errors = [e["error"] for e in got if "error" in e]
+    assert len(errors) <= 1 and (not errors or "error" in got[-1])
+    text = "".join(e.get("text_output", "") for e in got if "error" not in e)
+    return text, errors[0] if errors else None, None
+
+
+MESSAGES = {
+    "model": "m",
+    "max_tokens": 1 << 19,
+    "messages": [{"role": "user", "content": "Hi"}],
+    "stream": True,
+}
+RESPONSES = {"model": "m", "input": "Hi", "max_output_tokens": 1 << 19, "stream": True}
+TRITON = {"text_input": "Hi", "stream": True, "parameters": {"max_tokens": 1 << 19}}
+#: route, body, what the body says, and its in-band error past the bound
+SSE_DOORS = {
+    # Anthropic has no type for an incomplete generation: its catch-all, as a 500 would be.
+    "anthropic": ("/v1/messages", MESSAGES, anthropic_outcome, "api_error"),
+    "responses": ("/v1/responses", RESPONSES, responses_outcome, "incomplete_generation"),
+    "triton-http": (
+        "/v2/models/fake-model/generate_stream",
+        TRITON,
+        triton_outcome,
+        "the client read too slowly: more than 2048 bytes of output were waiting for it "
+        "(--max-stream-buffer-bytes)",
+    ),
+}
+
+
+@pytest.mark.parametrize("bound", [None, SMALL_BOUND], ids=["every-token", "past-the-bound"])
+@pytest.mark.parametrize("name", SSE_DOORS)
+async def test_named_event_and_triton_doors_a_stalled_reader(name: str, bound: int | None) -> None:
+    """Anthropic, Responses and Triton HTTP: every token after a stall, or one in-band
+    error of the door's own kind past the bound."""
+    route, body, outcome, bound_error = SSE_DOORS[name]
+    config = {} if bound is None else {"max_stream_buffer_bytes": bound}
+    async with http_door(**config) as (engine, backend, service, http):
+        async with http.stream("POST", route, json=body) as response:
+            rid = await stall(engine, backend)
+            if bound is None:
+                backend.step(finish=True)
+            raw = (await response.aread()).decode()
+        await poll_until(lambda: service.in_flight == 0)
+    text, error, usage = outcome(raw)
+    if bound is None:
+        assert text == "x" * backend.num_steps and error is None and backend.aborted == []
+        assert usage in (None, backend.num_steps)
+    else:
+        assert backend.aborted == [rid] and len(text) < backend.num_steps
+        assert error == bound_error
+
+
+@pytest.mark.parametrize("bound", [None, SMALL_BOUND], ids=["every-token", "past-the-bound"])
+async def test_plain_a_stalled_reader(bound: int | None) -> None:
+    """Plain text has no way to say "error" mid-stream: past the bound it just ends, short,
+    and the request is aborted at once; otherwise every token comes."""
+    config = {} if bound is None else {"max_stream_buffer_bytes": bound}
+    async with http_door(**config) as (engine, backend, service, http):
+        query = {"prompt": "Hi", "max_new_tokens": str(1 << 19)}
+        async with http.stream("POST", "/", params=query) as response:
+            rid = await stall(engine, backend)
+            if bound is None:
+                backend.step(finish=True)
+            text = (await response.aread()).decode()
+        await poll_until(lambda: service.in_flight == 0)
+    if bound is None:
+        assert text == "x" * backend.num_steps and backend.aborted == []
+    else:
+        assert backend.aborted == [rid] and text == "x" * len(text)
+        assert len(text) < backend.num_steps

@@ -130,11 +130,15 @@ class FakeEngine:
     # ---- EngineLike -------------------------------------------------------------------
 
     async def generate(
-        self, request: EngineRequest, max_buffer_bytes: int | None = None
+        self,
+        request: EngineRequest,
+        max_buffer_bytes: int | None = None,
+        max_hold_steps: int = 1,
     ) -> AsyncGenerator[RequestOutput, None]:
         """The reply, one output per token. Each waits for its reader (no collector here,
-        so ``max_buffer_bytes`` means nothing): the stalled-reader tests run the real
-        ``AsyncEngine`` over a stepped core instead (``stepped_engine.py``)."""
+        so ``max_buffer_bytes`` and ``max_hold_steps`` mean nothing): the stalled-reader
+        and merging tests run the real ``AsyncEngine`` over a stepped core instead
+        (``stepped_engine.py``)."""
         if self._shutdown:
             raise IncompleteGenerationError("the server is shutting down")
         rid = request.request_id

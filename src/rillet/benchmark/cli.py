@@ -116,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--server-pid", type=int, help="report CPU used by this process tree (Linux /proc)")
     add("--out", type=Path, help="append the level JSON lines to this file")
     add("--requests-out", type=Path, help="append one JSON line per request (raw timings)")
+    add(
+        "--server-timing",
+        action="store_true",
+        help="send X-Rillet-Timing: 1 (rillet only) and split each request's TTFT into queue, "
+        "prefill, server and network (client TTFT minus the server's ttft_s); prints their "
+        "p50/p90 and, with --plot, draws them into PATH-ttft.png",
+    )
     add("--plot", type=Path, help="draw tok/s and TTFT vs concurrency into this PNG")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -182,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         goodput=parse_targets(args.goodput or ""),
         seed=args.seed,
         response_format=_response_format(args),
+        server_timing=args.server_timing,
     )
     config.validate()
     return config
@@ -243,7 +251,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     from rillet.benchmark.progress import Progress
     from rillet.benchmark.runner import WarmupFailed, json_line, run_benchmark
-    from rillet.benchmark.stats import format_table
+    from rillet.benchmark.stats import format_table, format_ttft_split
 
     try:
         config = config_from_args(args)
@@ -271,11 +279,20 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("rillet bench: interrupted", file=sys.stderr)
         return 130
     print(f"\n{config.name} (times in ms)\n{format_table(rows)}", file=sys.stderr)
+    split = format_ttft_split(rows)
+    if config.server_timing:
+        if split:
+            print(f"\nTTFT by the server's timing (ms)\n{split}", file=sys.stderr)
+        else:
+            print("rillet bench: the server sent no timing (not rillet?)", file=sys.stderr)
     if args.plot:
-        from rillet.benchmark.plot import PlotUnavailable, plot_levels
+        from rillet.benchmark.plot import PlotUnavailable, plot_levels, plot_ttft_split
 
         try:
             print(f"plot: {plot_levels(rows, args.plot, config.name)}", file=sys.stderr)
+            if split:
+                path = args.plot.with_name(f"{args.plot.stem}-ttft{args.plot.suffix}")
+                print(f"plot: {plot_ttft_split(rows, path, config.name)}", file=sys.stderr)
         except PlotUnavailable as exc:
             print(f"rillet bench: {exc}", file=sys.stderr)
             return 2

@@ -38,6 +38,8 @@ def infer_request(config: BenchConfig, index: int, prompt: Prompt) -> pb.ModelIn
     ):
         request.inputs.add(name=name, datatype=datatype, shape=[1])
         request.raw_input_contents.append(tensors.encode(datatype, [value]))
+    if config.server_timing:
+        request.parameters["timing"].bool_param = True
     return request
 
 
@@ -69,7 +71,10 @@ async def stream_grpc_request(
                 )
                 if text:
                     record.add_delta(text, now, start)
-                if response.infer_response.parameters["triton_final_response"].bool_param:
+                parameters = response.infer_response.parameters
+                if config.server_timing and "rillet_timing" in parameters:
+                    record.add_server_timing(json.loads(parameters["rillet_timing"].string_param))
+                if parameters["triton_final_response"].bool_param:
                     record.finish_reason = outputs.get("finish_reason", b"").decode() or None
                     break
         record.status = 200

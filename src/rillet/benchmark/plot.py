@@ -1,4 +1,5 @@
-"""Throughput and TTFT against concurrency, one line per server label, as a PNG.
+"""Throughput and TTFT against concurrency, one line per server label, as a PNG; and, with
+``--server-timing``, where TTFT went (queue, prefill, server, network) against the level.
 
 matplotlib is optional (``pip install matplotlib``, or the ``bench`` extra) and imported
 only when a plot is asked for, so the load generator itself needs httpx only.
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rillet.benchmark.stats import level_of
+from rillet.benchmark.stats import TTFT_PARTS, level_of
 
 
 class PlotUnavailable(Exception):
@@ -32,15 +33,7 @@ def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Draw output tok/s and TTFT p50/p99 (log scale) vs each row's level into ``path``: its
     concurrency, or its request rate in an open loop."""
-    try:
-        matplotlib = importlib.import_module("matplotlib")
-    except ImportError as exc:
-        raise PlotUnavailable(
-            "plotting needs matplotlib: pip install matplotlib (or rillet[bench])"
-        ) from exc
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
-    plt = importlib.import_module("matplotlib.pyplot")
-
+    plt = _pyplot()
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_label.setdefault(str(row.get("label", "?")), []).append(row)
@@ -82,6 +75,63 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_ttft_split(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draw the p50 (solid) and p90 (dashed) of each part of TTFT (``ttft_split_ms``, from
+    ``--server-timing``) against the level, one panel per server label, into ``path``."""
+    plt = _pyplot()
+    timed = [row for row in rows if row.get("ttft_split_ms")]
+    labels = sorted({str(row.get("label", "?")) for row in timed})
+    fig, axes = plt.subplots(1, max(1, len(labels)), figsize=(6 * max(1, len(labels)), 4.2))
+    for ax, label in zip(axes if len(labels) > 1 else [axes], labels, strict=True):
+        label_rows = sorted((r for r in timed if str(r.get("label", "?")) == label), key=level_of)
+        levels = [level_of(r) for r in label_rows]
+        for part in TTFT_PARTS:
+            (line,) = ax.plot(
+                levels,
+                [_ms(r["ttft_split_ms"][part]["p50"]) for r in label_rows],
+                marker="o",
+                label=f"{part} p50",
+            )
+            ax.plot(
+                levels,
+                [_ms(r["ttft_split_ms"][part]["p90"]) for r in label_rows],
+                "--",
+                color=line.get_color(),
+                label=f"{part} p90",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [f"{c:g}" for c in levels])
+        ax.set_yscale("symlog", linthresh=1.0)  # sub-millisecond parts beside seconds of queue
+        ax.set_xlabel("level")
+        ax.set_ylabel("ms")
+        ax.set_title(label, fontsize="small")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=2)
+    if title:
+        fig.suptitle(f"{title}: where TTFT went")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _pyplot() -> Any:
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError as exc:
+        raise PlotUnavailable(
+            "plotting needs matplotlib: pip install matplotlib (or rillet[bench])"
+        ) from exc
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    return importlib.import_module("matplotlib.pyplot")
+
+
+def _ms(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _seconds(ms: float | None) -> float:

@@ -26,6 +26,9 @@ from typing import Any
 from rillet.benchmark.stream import RequestRecord
 
 PERCENTILES: tuple[int, ...] = (50, 90, 99)
+#: Where a request's time to first token went, by the server's timing (``--server-timing``;
+#: ``RequestRecord.ttft_split``): the parts add up to the TTFT the client measured.
+TTFT_PARTS: tuple[str, ...] = ("queue", "prefill", "server", "network")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -97,6 +100,11 @@ def summarize_level(
         "tpot_ms": distribution_ms(tpots),
         "latency_ms": distribution_ms([r.latency for r in ok if r.latency is not None]),
     }
+    splits = [split for r in ok if (split := r.ttft_split()) is not None]
+    if splits:
+        row["ttft_split_ms"] = {
+            part: distribution_ms([split[part] for split in splits]) for part in TTFT_PARTS
+        }
     if goodput:
         good = sum(1 for r in ok if meets(r, goodput))
         row["goodput"] = {
@@ -192,6 +200,23 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             " ".join(_cell(v).rjust(width) for v, (_, width) in zip(cells, columns, strict=True))
         )
+    return "\n".join(lines)
+
+
+def format_ttft_split(rows: Sequence[dict[str, Any]]) -> str:
+    """p50 / p90 of each part of TTFT per level (``--server-timing``), in ms; '' when no
+    row has them (the server sent no timing)."""
+    timed = [row for row in rows if row.get("ttft_split_ms")]
+    if not timed:
+        return ""
+    header = ["level".rjust(6)] + [f"{part} p50/p90".rjust(17) for part in TTFT_PARTS]
+    lines = [" ".join(header)]
+    for row in timed:
+        cells = [level_name(row).rjust(6)]
+        for part in TTFT_PARTS:
+            dist = row["ttft_split_ms"][part]
+            cells.append(f"{_cell(dist['p50'])} / {_cell(dist['p90'])}".rjust(17))
+        lines.append(" ".join(cells))
     return "\n".join(lines)
 
 

@@ -40,6 +40,12 @@ class RequestRecord:
     finish_reason: str | None = None
     error: str | None = None
     cancelled: bool = False
+    #: The server's own account of the first token (``--server-timing``: the final event's
+    #: ``rillet_timing``), in seconds: admission -> scheduled, scheduled -> sampled, and
+    #: admission -> its event emitted.
+    queued: float | None = None
+    prefill: float | None = None
+    server_ttft: float | None = None
     _last: float = field(default=0.0, repr=False)
 
     @property
@@ -56,6 +62,29 @@ class RequestRecord:
         self._last = now - start
         self.num_deltas += 1
         self.num_chars += len(text)
+
+    def add_server_timing(self, timing: Any) -> None:
+        """Keep the summary of a ``rillet_timing`` object (only the final event has one)."""
+        if isinstance(timing, dict) and timing.get("ttft_s") is not None:
+            self.queued = timing.get("queued_s")
+            self.prefill = timing.get("prefill_s")
+            self.server_ttft = float(timing["ttft_s"])
+
+    def ttft_split(self) -> dict[str, float] | None:
+        """This request's TTFT in parts that add up to it: ``queue`` and ``prefill`` (the
+        engine's), ``server`` (the server's own delivery: the rest of its ``ttft_s``) and
+        ``network`` (the client's TTFT minus the server's: the hops both ways, HTTP parsing
+        before admission, reading). None without the server's timing."""
+        if None in (self.ttft, self.server_ttft, self.queued, self.prefill):
+            return None
+        assert self.ttft is not None and self.server_ttft is not None
+        assert self.queued is not None and self.prefill is not None
+        return {
+            "queue": self.queued,
+            "prefill": self.prefill,
+            "server": self.server_ttft - self.queued - self.prefill,
+            "network": self.ttft - self.server_ttft,
+        }
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +109,7 @@ class RequestRecord:
             "num_chars": self.num_chars,
             "finish_reason": self.finish_reason,
             "gaps_ms": [_ms(g) for g in self.gaps],
+            "ttft_split_ms": {k: _ms(v) for k, v in (self.ttft_split() or {}).items()} or None,
         }
 
 
@@ -153,6 +183,7 @@ def _read_event(payload: str, config: BenchConfig, record: RequestRecord) -> str
     if event.get("error") and not event.get("choices"):
         record.error = f"error event: {str(event['error'])[:160]}"
         return ""
+    record.add_server_timing(event.get("rillet_timing"))
     usage = event.get("usage")
     if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
         record.usage_tokens = int(usage["completion_tokens"])

@@ -112,6 +112,9 @@ class BenchConfig:
     #: OpenAI's ``response_format`` sent with every request (``benchmark.constraint``);
     #: ``ignore_eos`` is then left out.
     response_format: Mapping[str, Any] | None = None
+    #: Ask rillet for its per-event timing (``X-Rillet-Timing: 1``; ``timing`` over gRPC)
+    #: and split each request's TTFT into queue, prefill, server and network.
+    server_timing: bool = False
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot give a meaningful run."""
@@ -209,4 +212,7 @@ class BenchConfig:
         return body
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.server_timing:
+            headers["X-Rillet-Timing"] = "1"
+        return headers

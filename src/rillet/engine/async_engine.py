@@ -33,6 +33,7 @@ from rillet.engine.collector import Item, RequestCollector
 from rillet.engine.core_loop import CommandKind, EngineStats, Reporter
 from rillet.engine.inputs import build_request
 from rillet.engine.output_processor import OutputProcessor, TextReporter
+from rillet.engine.pacing import StreamPacer
 from rillet.errors import (
     EngineDeadError,
     IncompleteGenerationError,
@@ -94,6 +95,8 @@ class AsyncEngine:
         self._backend = backend
         self._processor = OutputProcessor(tokenizer)
         self._collectors: dict[str, RequestCollector] = {}
+        #: How many steps streams that merge hold their tokens now (``engine/pacing.py``).
+        self.pacer = StreamPacer()
         self._started = False
         self._stopping = False
         self._dead: BaseException | None = None
@@ -176,9 +179,17 @@ class AsyncEngine:
         )
 
     async def generate(
-        self, request: EngineRequest, max_buffer_bytes: int | None = None
+        self,
+        request: EngineRequest,
+        max_buffer_bytes: int | None = None,
+        max_hold_steps: int = 1,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream deltas for ``request`` until one has a finish_reason.
+
+        ``max_hold_steps`` > 1 lets the engine's :class:`StreamPacer` hold this stream's
+        tokens for up to that many steps when the host is busy, so they go out as one delta
+        (its first token, its end and errors never wait); 1 delivers every step's tokens as
+        soon as they are sampled (a reader that falls behind still gets merged deltas).
 
         Raises the engine's error for this request (GenerationError, EngineDeadError,
         IncompleteGenerationError on shutdown) in place of the next delta. A consumer that
@@ -192,7 +203,10 @@ class AsyncEngine:
         rid = request.request_id
         if rid in self._collectors:
             raise ValidationError(f"request id {rid!r} is already in use")
-        collector = RequestCollector(max_buffer_bytes, lambda: self._abort(rid))
+        pacer = self.pacer if max_hold_steps > 1 else None
+        collector = RequestCollector(
+            max_buffer_bytes, lambda: self._abort(rid), pacer, max_hold_steps
+        )
         self._collectors[rid] = collector
         self._processor.add(request)
         self._backend.send("add", request)
@@ -222,6 +236,12 @@ class AsyncEngine:
         """What a request's output waiting for its consumer holds (0: it keeps up)."""
         collector = self._collectors.get(request_id)
         return 0 if collector is None else collector.num_bytes
+
+    def is_held(self, request_id: str) -> bool:
+        """Whether a request's pending output waits for more steps on purpose (the pacer
+        holds it: the host is busy), rather than for its reader."""
+        collector = self._collectors.get(request_id)
+        return collector is not None and collector.is_held
 
     def stats(self) -> EngineStats:
         """A snapshot of the core's counters (from its last report, if it runs elsewhere)."""
@@ -255,6 +275,7 @@ class AsyncEngine:
         Collectors remember their own loop, so one engine can serve streams from several
         event loops (e.g. successive ``asyncio.run`` calls) without losing outputs.
         """
+        posted_at = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestCollector, Item]]] = {}
         for rid, item in items:
             collector = self._collectors.get(rid)
@@ -262,7 +283,14 @@ class AsyncEngine:
                 by_loop.setdefault(collector.loop, []).append((collector, item))
         for loop, batch in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_deliver, batch)
+                loop.call_soon_threadsafe(self._deliver, batch, posted_at)
+
+    def _deliver(self, batch: list[tuple[RequestCollector, Item]], posted_at: float) -> None:
+        """On the collectors' loop: update the pacer's signals (how late the loop is, how
+        many streams are open), then hand each item over."""
+        self.pacer.observe(posted_at, time.monotonic(), len(self._collectors))
+        for collector, item in batch:
+            collector.put(item)
 
     def _on_death(self, exc: BaseException) -> None:
         if self._stopping:
@@ -303,11 +331,6 @@ class AsyncEngine:
             log.warning("the engine is back")
             return
         log.error("the engine is dead and will not be restarted")
-
-
-def _deliver(batch: list[tuple[RequestCollector, Item]]) -> None:
-    for collector, item in batch:
-        collector.put(item)
 
 
 def _preload_grammar() -> None:

@@ -51,6 +51,10 @@ class ServerConfig:
     #: Output one stream may have waiting for a stalled reader (text bytes plus a fixed
     #: size per token) before the request is aborted with an in-band error.
     max_stream_buffer_bytes: int = 16 << 20
+    #: The most engine steps a stream's tokens may wait to go out as one event when the host
+    #: is busy (``engine/pacing.py``); 1: every step's tokens go out at once. Not TGI's
+    #: ``/generate_stream``, which sends one event per token anyway.
+    max_merge_steps: int = 4
     #: Milliseconds a request may wait for its first token unless it says otherwise
     #: (``X-Rillet-Max-Queue-Ms``); None: no deadline.
     max_queue_ms: int | None = None
@@ -93,6 +97,7 @@ class ServerConfig:
             "max_resume_bytes",
             "max_resume_stream_bytes",
             "max_stream_buffer_bytes",
+            "max_merge_steps",
             "max_queue_ms",
             "request_timeout_s",
         ):

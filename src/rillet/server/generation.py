@@ -85,8 +85,12 @@ class Generation:
         task.add_done_callback(lambda _: self._release())
         return task
 
-    async def stream(self) -> AsyncGenerator[RequestOutput, None]:
+    async def stream(self, merge: bool = True) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs for this request, observed for metrics.
+
+        ``merge``: when the host is busy, the tokens of up to ``--max-merge-steps`` engine
+        steps may come as one output (``engine/pacing.py``); False for a door that sends one
+        event per token anyway (TGI's stream), where holding would only delay them.
 
         Raises the request's error (a RilletError) in place of the next output. An abort the
         consumer did not ask for (the engine's own) is an IncompleteGenerationError.
@@ -98,8 +102,12 @@ class Generation:
         try:
             # Closed at once, not when the garbage collector gets to it: closing the
             # engine's generator is what aborts the request in the engine.
-            bound = self.service.config.max_stream_buffer_bytes
-            outputs_of = self.service.engine.generate(self.request, max_buffer_bytes=bound)
+            config = self.service.config
+            outputs_of = self.service.engine.generate(
+                self.request,
+                max_buffer_bytes=config.max_stream_buffer_bytes,
+                max_hold_steps=config.max_merge_steps if merge else 1,
+            )
             async with contextlib.aclosing(outputs_of) as outputs:
                 while True:
                     wait_s, first_token_due = self._next_deadline()

@@ -156,6 +156,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         )
     ),
     Option(
+        "max_merge_steps",
+        int,
+        "when many streams are open (more than 8 per engine step) or the event loop runs late, "
+        "a stream's tokens of up to this many engine steps go out as one event, which cuts the "
+        "host's CPU per token; a stream's first token and its end never wait; 1: every token "
+        "goes out as soon as it is sampled; TGI's one-event-per-token stream never merges "
+        "(default: %(default)s)",
+        server="max_merge_steps",
+    ),
+    Option(
         "resume_window",
         float,
         "seconds a resumable stream (request header `X-Rillet-Resumable: 1`) waits for its "

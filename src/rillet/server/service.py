@@ -76,10 +76,14 @@ class EngineLike(Protocol):
     generation_defaults: Mapping[str, Any]
 
     def generate(
-        self, request: EngineRequest, max_buffer_bytes: int | None = None
+        self,
+        request: EngineRequest,
+        max_buffer_bytes: int | None = None,
+        max_hold_steps: int = 1,
     ) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs; a reader that leaves more than ``max_buffer_bytes``
-        waiting is given up (``AsyncEngine.generate``)."""
+        waiting is given up, and a busy host may merge up to ``max_hold_steps`` steps into
+        one output (``AsyncEngine.generate``)."""
         ...
 
     def stats(self) -> ServiceStats: ...

@@ -35,7 +35,8 @@ _body = json_body(tgi.GenerateRequest)
 
 
 async def _events(generation: Generation, renderer: tgi.TgiRenderer) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(generation.stream()) as outputs:
+    # One event per token, merged or not: holding tokens back would only delay them.
+    async with contextlib.aclosing(generation.stream(merge=False)) as outputs:
         async for out in outputs:
             for event in renderer.events(out):
                 yield sse_event(event)
