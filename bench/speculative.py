@@ -9,7 +9,7 @@ over ``--repeats`` runs.
 
     PYTHONPATH=src .venv/bin/python bench/speculative.py --systems rillet-off,rillet-ngram
     PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \\
-        --systems rillet-off,rillet-ngram,llama-plain,llama-ngram
+        --systems rillet-off,rillet-ngram,llama-plain,llama-ngram,llama-ngram-mod
     PYTHONPATH=src .venv/bin/python bench/speculative.py --workload chat --concurrency 16,64
 """
 
@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -60,7 +59,10 @@ def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
             *("--ctx-size", "8192", "--parallel", "1", "--no-webui"),
         ]
         systems["llama-plain"] = llama
-        systems["llama-ngram"] = [*llama, *shlex.split(args.llama_spec_args)]
+        # Its n-gram proposers with their own defaults (the vendored llama.cpp has
+        # ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod and ngram-cache).
+        systems["llama-ngram"] = [*llama, "--spec-type", "ngram-simple"]
+        systems["llama-ngram-mod"] = [*llama, "--spec-type", "ngram-mod"]
     return systems
 
 
@@ -120,11 +122,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--requests", type=int, default=3, help="requests per level")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
-    parser.add_argument(
-        "--llama-spec-args",
-        default="--spec-type ngram-simple --draft-max 4",
-        help="llama-server's speculation options for llama-ngram",
-    )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     port = 18600 + os.getpid() % 1000
