@@ -27,7 +27,8 @@ class CodeEditPrompts:
             self.source = path.read_text()
         except OSError as exc:
             raise ValueError(f"--code-edit: cannot read {path}: {exc.strerror}") from None
-        names = list(dict.fromkeys(_DEF.findall(self.source)))
+        found = dict.fromkeys(_DEF.findall(self.source))
+        names = [name for name in found if not (name.startswith("__") and name.endswith("__"))]
         if not names:
             raise ValueError(f"--code-edit: {path} defines no function to rename")
         self.names = names
