@@ -1,118 +1,150 @@
-"""Speculative decoding on a code-editing workload: single-stream decode tok/s, with and
-without n-gram (prompt lookup) drafts.
+"""Speculative decoding, served: rillet with and without ``--speculative ngram``, and
+llama-server with and without its own n-gram speculation, on the code-editing workload at
+c = 1 (``rillet bench --code-edit``), and rillet's chat workload at higher concurrency.
 
-The prompt holds a source file (``--source``, default this repo's block manager, ~230
-lines) and asks for it back with one small change, so most output tokens are in the
-prompt. One request at a time (c = 1), greedy, ``--output-tokens`` tokens. Reported per
-run: decode tok/s after the first token (wall clock between the first and the last token),
-steps, and the acceptance (accepted / proposed drafts). Runs alternate off / ngram so a
-noisy machine's drift hits both; each line of the summary is the median of ``--repeats``.
+Each system is started, loaded with ``rillet bench`` (its JSON line: TTFT and TPOT apart,
+decode rate = 1 / TPOT, and rillet's acceptance from ``/metrics``), and stopped; runs
+alternate systems so a noisy machine's drift hits all of them; the summary is the median
+over ``--repeats`` runs.
 
-    PYTHONPATH=src .venv/bin/python bench/speculative.py
-    PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b
+    PYTHONPATH=src .venv/bin/python bench/speculative.py --systems rillet-off,rillet-ngram
+    PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \\
+        --systems rillet-off,rillet-ngram,llama-plain,llama-ngram,llama-ngram-mod
+    PYTHONPATH=src .venv/bin/python bench/speculative.py --workload chat --concurrency 16,64
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import torch
-
-from rillet import LLM, SamplingParams
-from rillet.engine.inputs import build_request
-
-DEFAULT_SOURCE = Path(__file__).resolve().parents[1] / "src/rillet/engine/block_manager.py"
-INSTRUCTION = (
-    "Here is a Python file. Return the whole file, unchanged except that the method "
-    "`num_free_blocks` is renamed to `free_block_count`. Reply with the code only.\n\n"
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CODE = ROOT / "bench/data/code_edit_block_manager.py"
+LLAMA_SERVER = Path(
+    "/work/peers/venvs/llama-server/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
 )
 
 
-def prompt_ids(llm: LLM, source: str) -> list[int]:
-    messages = [{"role": "user", "content": INSTRUCTION + "```python\n" + source + "```"}]
-    text = llm.tokenizer.apply_chat_template(messages) + "```python\n"
-    return llm.tokenizer.encode(text, add_special_tokens=False)
+def gguf_of(model: str | None) -> Path:
+    """The GGUF file rillet serves for a catalogue name (llama-server gets the same file)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from rillet.models.loader import resolve_model_path
+
+    return resolve_model_path(model)
 
 
-def run_once(llm: LLM, ids: list[int], output_tokens: int) -> dict[str, float | str]:
-    core = llm.core
-    params = SamplingParams(max_new_tokens=output_tokens, temperature=0.0, ignore_eos=True)
-    vocab = llm.parts.model_config.vocab_size
-    core.add_request(build_request(llm.tokenizer, vocab, llm.parts.max_model_len, ids, params))
-    spec = core.scheduler.speculator
-    drafts_before = sum(spec.counters.num_draft_tokens.values()) if spec else 0
-    accepted_before = sum(spec.counters.num_accepted_tokens.values()) if spec else 0
-    steps_before = core.counters.num_steps
-    first = last = 0.0
-    tokens: list[int] = []
-    while core.has_unfinished_requests():
-        for delta in core.step():
-            if delta.new_token_ids and not tokens:
-                first = time.perf_counter()
-                steps_before = core.counters.num_steps
-            tokens.extend(delta.new_token_ids)
-        last = time.perf_counter()
-    drafts = (sum(spec.counters.num_draft_tokens.values()) - drafts_before) if spec else 0
-    accepted = (sum(spec.counters.num_accepted_tokens.values()) - accepted_before) if spec else 0
+def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
+    model = ["--model", args.model] if args.model else []
+    rillet = [PYTHON, "-m", "rillet", "serve", "--port", str(port), *model]
+    k = str(args.num_speculative_tokens)
+    systems = {
+        "rillet-off": rillet,
+        "rillet-ngram": [*rillet, "--speculative", "ngram", "--num-speculative-tokens", k],
+    }
+    if any(name.startswith("llama") for name in args.systems.split(",")):
+        llama = [
+            *(str(LLAMA_SERVER), "--model", str(gguf_of(args.model)), "--port", str(port)),
+            *("--host", "127.0.0.1", "--threads", "2", "--threads-batch", "2"),
+            *("--ctx-size", "8192", "--parallel", "1", "--no-webui"),
+        ]
+        systems["llama-plain"] = llama
+        # Its n-gram proposers with their own defaults (the vendored llama.cpp has
+        # ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod and ngram-cache).
+        systems["llama-ngram"] = [*llama, "--spec-type", "ngram-simple"]
+        systems["llama-ngram-mod"] = [*llama, "--spec-type", "ngram-mod"]
+    return systems
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode} while starting")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2):
+            return
+        time.sleep(1.0)
+    raise SystemExit("server not ready after 300 s")
+
+
+def run_system(name: str, command: list[str], port: int, args: argparse.Namespace) -> list[dict]:
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+        try:
+            wait_ready(url, proc)
+            lines = Path(tmp) / "rows.jsonl"
+            workload = ["--code-edit", str(CODE)] if args.workload == "code-edit" else []
+            bench = [
+                *(PYTHON, "-m", "rillet", "bench", "--url", url, "--model", "m"),
+                *("--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens)),
+                *("--requests-per-level", str(args.requests), "--out", str(lines)),
+                *("--no-progress", "--label", name, *workload),
+            ]
+            subprocess.run(bench, check=True, stdout=subprocess.DEVNULL, env=env)
+            return [json.loads(line) for line in lines.read_text().splitlines()]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+
+
+def summary(row: dict) -> dict[str, object]:
+    tpot = row["tpot_ms"]["p50"]
     return {
-        "decode_tok_s": (len(tokens) - 1) / (last - first),
-        "decode_steps": core.counters.num_steps - steps_before,
-        "acceptance": accepted / drafts if drafts else 0.0,
-        "text_head": llm.tokenizer.decode(tokens[:40]),
+        "c": row["concurrency"],
+        "decode_tok_s": round(1000 / tpot, 2) if tpot else None,
+        "ttft_ms": row["ttft_ms"]["p50"],
+        "output_tok_s": row["output_tok_s"],
+        "acceptance": row.get("spec_acceptance"),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model (default: bundled SmolLM2)")
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--output-tokens", type=int, default=256)
+    parser.add_argument("--model", default=None, help="catalogue name (default: bundled SmolLM2)")
+    parser.add_argument("--systems", default="rillet-off,rillet-ngram")
+    parser.add_argument("--workload", choices=("code-edit", "chat"), default="code-edit")
+    parser.add_argument("--concurrency", default="1")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=3, help="requests per level")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-
-    options: dict[str, object] = {"enable_prefix_caching": False, "max_model_len": 8192}
-    engines = {
-        "off": LLM(args.model, **options),
-        "ngram": LLM(
-            args.model,
-            speculative="ngram",
-            num_speculative_tokens=args.num_speculative_tokens,
-            **options,
-        ),
-    }
-    ids = prompt_ids(engines["off"], args.source.read_text())
-    print(
-        f"# model={engines['off'].parts.model_name} dtype={engines['off'].parts.dtype} "
-        f"threads={torch.get_num_threads()} prompt_tokens={len(ids)} "
-        f"output_tokens={args.output_tokens} k={args.num_speculative_tokens}",
-        flush=True,
-    )
-    for llm in engines.values():
-        run_once(llm, ids[:64], 8)  # warm-up
-    results: dict[str, list[dict[str, float | str]]] = {name: [] for name in engines}
-    for _ in range(args.repeats):
-        for name, llm in engines.items():
-            result = run_once(llm, ids, args.output_tokens)
-            results[name].append(result)
-            print(json.dumps({"speculative": name, **result}), flush=True)
-    medians = {
-        name: statistics.median(float(r["decode_tok_s"]) for r in runs)
-        for name, runs in results.items()
-    }
-    print(
-        json.dumps(
-            {
-                "median_decode_tok_s": {k: round(v, 1) for k, v in medians.items()},
-                "speedup": round(medians["ngram"] / medians["off"], 2),
+    port = 18600 + os.getpid() % 1000
+    every = commands(args, port)
+    names = args.systems.split(",")
+    results: dict[str, list[list[dict[str, object]]]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names:
+            rows = [summary(row) for row in run_system(name, every[name], port, args)]
+            results[name].append(rows)
+            print(json.dumps({"system": name, "run": repeat, "levels": rows}), flush=True)
+    for name, runs in results.items():
+        for i, level in enumerate(runs[0]):
+            medians = {
+                key: statistics.median(float(run[i][key]) for run in runs)  # type: ignore[arg-type]
+                for key in ("decode_tok_s", "ttft_ms", "output_tok_s")
+                if all(run[i][key] is not None for run in runs)
             }
-        ),
-        flush=True,
-    )
+            accept = [run[i]["acceptance"] for run in runs if run[i]["acceptance"] is not None]
+            line = {"system": name, "c": level["c"], "median": medians}
+            if accept:
+                line["acceptance"] = statistics.median(float(a) for a in accept)  # type: ignore[arg-type]
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

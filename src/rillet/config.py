@@ -47,9 +47,11 @@ class EngineConfig:
     the native kernels (where it is fast, and measured to cost no likelihood), else auto.
     ``native_kernels`` compiles rillet's C++ CPU kernels on first use (``RILLET_NATIVE_KERNELS=0``
     turns them off).
-    ``speculative="ngram"`` drafts up to ``num_speculative_tokens`` tokens per greedy row
-    by prompt lookup (``engine/speculation.py``) and verifies them in the row's forward, in
-    steps of at most ``speculative_max_num_seqs`` running requests; the output is unchanged.
+    ``speculative="ngram"`` drafts up to ``num_speculative_tokens`` tokens per row by prompt
+    lookup (``engine/speculation.py``) and verifies them in the row's forward, as decode rows;
+    a greedy or seeded request's output is unchanged, a sampled one's follows the model's
+    distribution. How many drafts a request gets follows its measured acceptance and the
+    batch size, in steps of at most ``speculative_max_num_seqs`` running requests.
     ``weight_cache`` keeps the weights ready to serve (dequantized, quantized, packed) on
     disk after the first start and maps them on later ones (``models.weight_cache``, under
     :func:`weight_cache_dir`); ``RILLET_WEIGHT_CACHE=0`` turns it off.

@@ -156,15 +156,32 @@ def test_rejected_slots_are_given_back() -> None:
 
 
 def test_policy_batch_size_and_low_acceptance() -> None:
-    spec = Speculator(spec_config(max_num_seqs=2, min_acceptance=0.5, cooldown_steps=3))
+    spec = Speculator(spec_config(max_num_seqs=2, cooldown_steps=3, row_cost=0.1))
     assert spec.step_allows(2) and not spec.step_allows(3)
+    assert spec.step_allows(1)
     r = make_request("a", [1, 2, 3, 1, 2], temperature=0.0)
     assert spec.propose(r, 8) == [3, 1, 2]
     sampled = make_request("s", [1, 2, 3, 1, 2], temperature=0.7)
-    constrained = make_request("p", [1, 2, 3, 1, 2], temperature=0.0, repetition_penalty=1.2)
-    assert spec.propose(sampled, 8) == [] and spec.propose(constrained, 8) == []
-    for _ in range(3):
+    penalised = make_request("p", [1, 2, 3, 1, 2], temperature=0.0, repetition_penalty=1.2)
+    assert spec.propose(sampled, 8) == [3, 1, 2] and spec.propose(penalised, 8) == []
+    for _ in range(6):
         spec.observe("a", 3, 0)
-    # Acceptance fell under 0.5: no drafts while cooling down, then a probe.
-    assert [spec.propose(r, 8) for _ in range(4)] == [[], [], [], [3, 1, 2]]
+    # Acceptance fell under the row cost: no drafts while cooling down, then a probe of one.
+    assert [spec.propose(r, 8) for _ in range(4)] == [[], [], [3], []]
+
+
+def test_policy_drafts_only_what_pays_at_the_batch_size() -> None:
+    """Draft i pays when acceptance^i > row_cost * batch; a step's rows stay bounded."""
+    spec = Speculator(spec_config(num_speculative_tokens=8, row_cost=0.05, max_step_rows=12))
+    assert spec.step_allows(1)
+    assert spec.num_worth_proposing(0.5, 8) == 4  # 0.5^4 = 0.0625 > 0.05 > 0.5^5
+    assert spec.num_worth_proposing(0.9, 8) == 8
+    assert spec.step_allows(4)  # threshold 0.2
+    assert spec.num_worth_proposing(0.5, 8) == 2
+    assert spec.num_worth_proposing(0.15, 8) == 0
+    # 4 decode rows + drafts <= 12 rows: the budget runs out across requests.
+    rows = [make_request(f"r{i}", [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1, 2]) for i in range(4)]
+    drafted = [len(spec.propose(r, 8)) for r in rows]
+    assert drafted == [6, 2, 0, 0]  # the match has 6 tokens after it; 2 rows were left
+    assert not spec.step_allows(12)  # the batch alone fills the step
     assert not Speculator(SpeculationConfig()).step_allows(1)  # "off"

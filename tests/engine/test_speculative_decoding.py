@@ -1,7 +1,9 @@
-"""Speculative decoding on real models: greedy output identical with and without it.
+"""Speculative decoding on real models: greedy output identical with and without it, a
+seeded sampled output identical too, and unseeded sampled outputs distributed as the
+target's (a chi-square test against the exact distribution from transformers).
 
-float32, where a row's result does not depend on the batch's shape, so a verify row of
-``1 + k`` query tokens (the paged prefill kernel) picks what a one-token decode would.
+float32, where a row's result does not depend on the batch's shape, so a verify row's
+positions (decode rows of one sequence) pick what one-token decodes would.
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ class KnownContinuation(Speculator):
         self.num_calls = 0
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:
-        if not request.params.is_greedy:
-            return []
         self.num_calls += 1
         known = self.outputs[tuple(request.prompt_token_ids)]
         n = request.num_output_tokens
@@ -77,10 +77,14 @@ def check_engine(plain: LLM, spec: LLM) -> None:
         stops.append(SamplingParams(max_new_tokens=13, temperature=0.0, stop=[stop]))
     assert_same(run(plain, stops), run(spec, stops))
 
-    # Sampled rows do not speculate, and still finish.
+    # Seeded sampled rows speculate, and draw the very tokens they would without.
     drafted = speculator.counters.num_draft_tokens["ngram"]
-    spec.generate(PROMPTS, SamplingParams(max_new_tokens=5, temperature=0.8, seed=1))
-    assert speculator.counters.num_draft_tokens["ngram"] == drafted
+    sampled = [
+        SamplingParams(max_new_tokens=24, temperature=0.8, seed=i, logprobs=True, ignore_eos=True)
+        for i in range(len(PROMPTS))
+    ]
+    assert_same(run(plain, sampled), run(spec, sampled))
+    assert speculator.counters.num_draft_tokens["ngram"] > drafted
     assert spec.core.scheduler.block_manager.num_used_blocks == 0
 
 
@@ -116,3 +120,76 @@ def test_bundled_model_with_prompt_lookup() -> None:
     plain = LLM(None, **OPTIONS)
     spec = LLM(None, speculative="ngram", speculative_max_num_seqs=8, **OPTIONS)
     check_engine(plain, spec)
+
+
+class TableDrafts(Speculator):
+    """Drafts looked up by the request's first output token (the drafts' positions follow
+    it), so every verified position has both accepted and rejected drafts."""
+
+    def __init__(self, table: dict[int, list[int]]) -> None:
+        super().__init__(SpeculationConfig("ngram", 2, max_num_seqs=1 << 16, max_step_rows=1 << 16))
+        self.table = table
+
+    def propose(self, request: Request, max_tokens: int) -> list[int]:
+        if request.num_output_tokens != 1:
+            return []
+        return self.table[request.output_token_ids[0]][:max_tokens]
+
+
+def test_sampled_outputs_follow_the_targets_distribution(tiny_model_dir: Path) -> None:
+    """3 tokens at temperature 1 and top-k 4 (64 outcomes), 4,000 times under speculation:
+    the second and third come from verified positions (drafted: the most likely token
+    there). Their joint counts against the exact distribution, from transformers."""
+    import torch
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    llm = LLM(str(tiny_model_dir), **OPTIONS)
+    prompt = llm.tokenizer.encode("the cat sat on", add_special_tokens=False)
+
+    def top4(ids: list[int]) -> dict[int, float]:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1]
+        values, tokens = logits.topk(4)
+        return dict(zip(tokens.tolist(), values.softmax(0).tolist(), strict=True))
+
+    expected: dict[tuple[int, int, int], float] = {}
+    table: dict[int, list[int]] = {}
+    for t1, p1 in top4(prompt).items():
+        second = top4([*prompt, t1])
+        best2 = max(second, key=second.__getitem__)
+        for t2, p2 in second.items():
+            third = top4([*prompt, t1, t2])
+            if t2 == best2:
+                table[t1] = [t2, max(third, key=third.__getitem__)]
+            for t3, p3 in third.items():
+                expected[(t1, t2, t3)] = p1 * p2 * p3
+
+    spec = TableDrafts(table)
+    llm.core.scheduler.speculator = spec
+    n = 4000
+    # A 4th token leaves room for 2 drafts after the first (it is not counted).
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4, ignore_eos=True)
+    counts: dict[tuple[int, int, int], int] = {}
+    for c in llm.generate([prompt] * n, params):
+        key = (c.token_ids[0], c.token_ids[1], c.token_ids[2])
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(expected)
+    drafted = spec.counters.num_draft_tokens["ngram"]
+    accepted = spec.counters.num_accepted_tokens["ngram"]
+    assert drafted == 2 * n and 0.2 * drafted < accepted < 0.9 * drafted
+
+    # Pearson's chi-square over the outcomes expected at least 5 times, the rest pooled.
+    big = [k for k, p in expected.items() if p * n >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    means = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
+    if means[-1] < 5:
+        observed[-2] += observed.pop()
+        means[-2] += means.pop()
+    statistic = sum((o - m) ** 2 / m for o, m in zip(observed, means, strict=True))
+    df = len(means) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
+    assert p_value > 0.001, (statistic, df, p_value)
+    # The test can fail: accepting every draft gives the drafted outcomes far too often.
+    drafted_share = sum(counts.get((t1, *d), 0) for t1, d in table.items()) / n
+    assert drafted_share < 0.9

@@ -106,6 +106,65 @@ def test_kernel_result_does_not_depend_on_the_batch(native) -> None:  # type: ig
         assert torch.equal(alone, batched[i : i + 1])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 24), (6, 2, 128)])
+@pytest.mark.parametrize("window", [None, 20])
+def test_rows_of_one_sequence_match_each_row_decoded_alone(  # type: ignore[no-untyped-def]
+    native, cache_dtype, heads, kv_heads, head_dim, window
+) -> None:
+    """Speculative verification's layout: a sequence's positions p .. p + k as rows sharing
+    one block table (``seq_starts``), each with its own length, read in one task. Each row
+    equals that row decoded alone: bitwise without a window; with one, the softmax may start
+    at another offset, so to rounding."""
+    gen = torch.Generator().manual_seed(5)
+    width = kv_row_width(head_dim, cache_dtype)
+    shape = (32, 16, kv_heads, head_dim)
+    if cache_dtype == torch.int8:
+        key_cache = quantize_kv_rows(torch.randn(shape, generator=gen)).view(*shape[:3], width)
+        value_cache = quantize_kv_rows(torch.randn(shape, generator=gen)).view(*shape[:3], width)
+    else:
+        key_cache = torch.randn(shape, generator=gen).to(cache_dtype)
+        value_cache = torch.randn(shape, generator=gen).to(cache_dtype)
+    tables = torch.randperm(32, generator=gen).view(4, 8)
+    # Sequences of 1, 5, 1 and 3 rows; the middle ones cross a block boundary.
+    rows = [
+        (0, 40),
+        (1, 60),
+        (1, 61),
+        (1, 62),
+        (1, 63),
+        (1, 64),
+        (2, 3),
+        (3, 126),
+        (3, 127),
+        (3, 128),
+    ]
+    lens = torch.tensor([n for _, n in rows])
+    row_tables = tables[[s for s, _ in rows]]
+    starts = torch.tensor([0, 1, 6, 7, 10])
+    q = torch.randn(len(rows), heads, head_dim, generator=gen).to(torch.bfloat16)
+    together = cpu_kernels.paged_decode_attention(
+        native, q, key_cache, value_cache, row_tables, lens, 0.125, window, starts
+    )
+    for i in range(len(rows)):
+        alone = cpu_kernels.paged_decode_attention(
+            native,
+            q[i : i + 1],
+            key_cache,
+            value_cache,
+            row_tables[i : i + 1],
+            lens[i : i + 1],
+            0.125,
+            window,
+        )
+        if window is None:
+            assert torch.equal(alone, together[i : i + 1]), i
+        else:
+            torch.testing.assert_close(
+                alone.float(), together[i : i + 1].float(), atol=1e-2, rtol=1e-2
+            )
+
+
 def resident_bytes() -> int:
     """This process's resident set (Linux ``/proc/self/statm``, in pages)."""
     import os

@@ -88,7 +88,8 @@ def check_invariants(sched: Scheduler, output: SchedulerOutput | None = None) ->
         assert output.num_batched_tokens <= cfg.max_num_batched_tokens
         sizes = [s.num_new_tokens for s in output.scheduled]
         assert all(n >= 1 for n in sizes)
-        assert sizes == sorted(sizes, key=lambda n: n > 1)  # decodes first
+        decode = [s.is_decode for s in output.scheduled]
+        assert decode == sorted(decode, reverse=True)  # decodes (with drafts) first
         ids = {s.request.request_id for s in output.scheduled}
         assert len(ids) == len(sizes)
         # A request preempted in a step is not re-admitted in the same step.

@@ -89,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and its answer's length as max_tokens (bench/data/sharegpt-sample.json is ours)",
     )
     add(
+        "--code-edit",
+        type=Path,
+        metavar="FILE",
+        help="code editing: each prompt is FILE with a request to rename one of its functions "
+        "and return it whole, so most output tokens are in the prompt (the work speculative "
+        "decoding by prompt lookup is for); bench/data/code_edit_block_manager.py is ours",
+    )
+    add(
         "--tokenizer",
         help="model folder or .gguf whose tokenizer counts --input-tokens (default: the bundled "
         "SmolLM2, which vLLM and llama.cpp serve with the same tokenizer)",
@@ -221,11 +229,17 @@ def parse_targets(text: str) -> dict[str, float]:
 def _prompt_set(args: argparse.Namespace) -> Any:
     """The workload the options ask for (long prompts, a dataset), or None (the built-in
     prompts)."""
-    chosen = [args.input_tokens, args.shared_prefix_tokens, args.dataset]
+    chosen = [args.input_tokens, args.shared_prefix_tokens, args.dataset, args.code_edit]
     if all(option is None for option in chosen):
         return None
     if sum(option is not None for option in chosen) > 1:
-        raise ValueError("choose one of --input-tokens, --shared-prefix-tokens and --dataset")
+        raise ValueError(
+            "choose one of --input-tokens, --shared-prefix-tokens, --dataset and --code-edit"
+        )
+    if args.code_edit is not None:
+        from rillet.benchmark.code_edit import CodeEditPrompts
+
+        return CodeEditPrompts(args.code_edit)
     for option in (args.input_tokens, args.shared_prefix_tokens):
         if option is not None and option < 1:
             raise ValueError("--input-tokens and --shared-prefix-tokens must be at least 1")
@@ -268,6 +282,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             extra = {"label": row["label"], "concurrency": row["concurrency"]}
             _append(args.requests_out, [json_line({**extra, **r.to_json()}) for r in records])
         progress.note(format_table([row]))
+        if "spec_acceptance" in row:
+            drafts = int(row["spec_draft_tokens"])
+            progress.note(f"speculation: {row['spec_acceptance']:.1%} of {drafts} drafts accepted")
 
     progress.note(f"rillet bench: {config.name} -> {config.endpoint}")
     try:

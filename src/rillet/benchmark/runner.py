@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from rillet.benchmark import spec_metrics
 from rillet.benchmark.progress import Progress
 from rillet.benchmark.stats import summarize_level
 from rillet.benchmark.stream import RequestRecord, stream_request
@@ -210,8 +211,13 @@ async def run_benchmark(
         await warm_up(send, config, progress)
         for level in config.levels:
             started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            spec_before = await spec_metrics.scrape(config.base_url, config.headers())
             summary, records = await run_level(send, config, level, progress)
             row = {**meta, "started_at": started_at, **summary}
+            if spec_before is not None:
+                spec_after = await spec_metrics.scrape(config.base_url, config.headers())
+                if spec_after is not None:
+                    row.update(spec_after.since(spec_before))
             rows.append(row)
             if on_row is not None:
                 on_row(row, records)

@@ -3,8 +3,11 @@
 Batch layout, matching ``models.attention``: decode rows first (one token each), then each
 multi-token chunk's rows. Rows that end a request's known tokens sample a token; for the
 rest (partial prefill chunks) only the KV cache is written. A speculative row (a decode with
-draft tokens) is a chunk to attention, and samples at its last known token and at every
-draft: the scheduler compares those choices with the drafts.
+k draft tokens) is k + 1 decode rows of one sequence, at positions p .. p + k, each with its
+own context length (``AttentionMetadata.decode_seq_starts``): it runs on the decode kernel,
+which reads the context once for all of them, and the linear layers see k + 1 more rows of
+a small batch (on a memory-bound CPU step, nearly free). It samples at its last known token
+and at every draft: the scheduler compares those choices with the drafts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from rillet.engine.grammar import Grammars
 from rillet.engine.request import Request
-from rillet.engine.sampler import Sampler, SamplingRow
+from rillet.engine.sampler import MIN_TEMPERATURE, Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rillet.errors import RilletError
 from rillet.models.attention import (
@@ -112,8 +115,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        # Single-token rows (decodes) go first: attention batches them in one call.
-        scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # Decode rows go first (speculative ones included): attention batches them in one call.
+        scheduled = sorted(step.scheduled, key=lambda s: not s.is_decode)
         self._pick_threads(step.num_batched_tokens)
         input_ids, positions, slots = self._flat_inputs(scheduled)
         meta = self._attention_metadata(scheduled, slots, positions)
@@ -128,8 +131,8 @@ class ModelRunner:
         samplers = [i for i, s in enumerate(scheduled) if s.samples]
         if not samplers:
             return result
-        # A row samples at its last known token and after each draft (only greedy,
-        # unconstrained rows carry drafts, so one SamplingRow serves all its positions).
+        # A row samples at its last known token and after each draft (only rows without
+        # penalties or a grammar carry drafts, so one SamplingRow serves all its positions).
         widths = [1 + len(scheduled[i].draft_token_ids) for i in samplers]
         rows_index = torch.tensor(
             [row_ends[i] - w + j for i, w in zip(samplers, widths, strict=True) for j in range(w)],
@@ -140,9 +143,14 @@ class ModelRunner:
         rows = [self._sampling_row(r) for r in requests]
         spread = [r for r, w in zip(requests, widths, strict=True) for _ in range(w)]
         allowed, result.failed = self.grammars.bitmask(spread)
+        rewinds = _seeded_speculative_rows(rows, widths)
         out = self.sampler(
             logits, [x for x, w in zip(rows, widths, strict=True) for _ in range(w)], allowed
         )
+        for i, state in rewinds.items():
+            drafts = scheduled[samplers[i]].draft_token_ids
+            first = sum(widths[:i])
+            _rewind(rows[i], state, out.token_ids[first : first + widths[i]], drafts, logits)
         end = 0
         for request, width in zip(requests, widths, strict=True):
             start, end = end, end + width
@@ -208,21 +216,26 @@ class ModelRunner:
         self, scheduled: list[ScheduledRequest], slots: torch.Tensor, positions: torch.Tensor
     ) -> AttentionMetadata:
         meta = AttentionMetadata(slot_mapping=slots, positions=positions, native=self.native)
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        decodes = [s for s in scheduled if s.is_decode]
         if decodes:
-            lens = [s.start_position + 1 for s in decodes]
-            meta.num_decode_tokens = len(decodes)
-            meta.decode_block_ids = self._block_table([s.request for s in decodes], lens)
+            # A speculative row's positions p .. p + k attend to p + 1 .. p + k + 1 keys.
+            lens = [s.start_position + 1 + i for s in decodes for i in range(s.num_new_tokens)]
+            per_row = [s.request for s in decodes for _ in range(s.num_new_tokens)]
+            meta.num_decode_tokens = len(lens)
+            meta.decode_block_ids = self._block_table(per_row, lens)
             lens_t = torch.tensor(lens, device=self.device)
             meta.decode_context_lens = lens_t
+            if len(lens) > len(decodes):
+                starts = [0, *accumulate(s.num_new_tokens for s in decodes)]
+                meta.decode_seq_starts = torch.tensor(starts, dtype=torch.long, device=self.device)
             if self.native is None:  # only the SDPA fallback reads a mask
                 width = meta.decode_block_ids.shape[1] * self.block_size
                 mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
-                meta.decode_mask = mask.view(len(decodes), 1, 1, width)
+                meta.decode_mask = mask.view(len(lens), 1, 1, width)
         prefills = scheduled[len(decodes) :]
         if prefills and self.native is not None:
             meta.native_prefills = self._native_prefills(prefills)
-        row = len(decodes)
+        row = meta.num_decode_tokens
         for s in prefills:
             chunk = PrefillChunk(
                 query_start=row, query_len=s.num_new_tokens, start_position=s.start_position
@@ -294,6 +307,39 @@ class ModelRunner:
                 parts.extend(self.sampler.prompt_logprobs_for(logits, targets))
             if end == num_prompt:
                 result.prompt_logprobs[rid] = self._prompt_logprob_parts.pop(rid)
+
+
+def _seeded_speculative_rows(rows: list[SamplingRow], widths: list[int]) -> dict[int, torch.Tensor]:
+    """Generator states, before this step's draws, of the seeded sampled rows with drafts."""
+    return {
+        i: row.generator.get_state()
+        for i, (row, width) in enumerate(zip(rows, widths, strict=True))
+        if width > 1 and row.generator is not None and row.params.temperature >= MIN_TEMPERATURE
+    }
+
+
+def _rewind(
+    row: SamplingRow,
+    state: torch.Tensor,
+    chosen: list[int],
+    drafts: list[int],
+    logits: torch.Tensor,
+) -> None:
+    """Leave a seeded row's generator where drawing only the positions it keeps would have.
+
+    The sampler drew every position of the row in order, V uniforms each, as it draws one
+    position a step without drafts; the positions after the first rejected draft are
+    thrown away. Replaying the kept positions' draws makes a seeded request's tokens the
+    same with and without speculation (and whatever its drafts were).
+    """
+    kept = 1
+    while kept < len(chosen) and chosen[kept - 1] == drafts[kept - 1]:
+        kept += 1
+    assert row.generator is not None
+    row.generator.set_state(state)
+    scratch = torch.empty(logits.shape[1], dtype=torch.float32, device=logits.device)
+    for _ in range(kept):
+        scratch.uniform_(generator=row.generator)
 
 
 def _row_ends(scheduled: list[ScheduledRequest]) -> list[int]:

@@ -100,6 +100,11 @@ class ScheduledRequest:
         return (known + self.draft_token_ids)[: self.num_new_tokens]
 
     @property
+    def is_decode(self) -> bool:
+        """One known token (and maybe drafts after it): decode rows, one per position."""
+        return self.num_new_tokens == 1 + len(self.draft_token_ids)
+
+    @property
     def samples(self) -> bool:
         """True when this chunk reaches the last known token, so a token is sampled."""
         return self._samples
@@ -301,7 +306,7 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, num_new, num_hit))
             budget -= num_new
 
-        scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # stable: decodes first
+        scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first
         return SchedulerOutput(scheduled, preempted)
 
     def _drafts(self, request: Request, budget: int) -> list[int]:

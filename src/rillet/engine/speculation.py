@@ -7,17 +7,24 @@ agrees with plus the target's own next token, and the block manager gives back t
 of the rest. So a step still yields at least one token per row, and the output is the
 target's greedy output whatever the drafts were.
 
-Only plain greedy rows speculate: temperature 0, no penalties (they depend on the tokens
-before each position), no grammar (its mask follows committed tokens only), past
-``min_tokens`` (whose suppression depends on the count). Every other row decodes as before.
+Rows speculate when their next-token choice at each position depends only on that
+position's logits: no penalties (they depend on the tokens before each position), no
+grammar (its mask follows committed tokens only), past ``min_tokens`` (whose suppression
+depends on the count). Greedy rows keep the drafts the argmax agrees with; sampled rows
+draw each position as they would without drafts and keep the drafts the draw agrees with,
+which is rejection sampling for a deterministic draft (``engine/model_runner.py``).
 
-Policy, per step and per request, so speculation never makes a loaded engine slower:
-a step speculates only while the running batch is at most ``max_num_seqs`` requests (a
-decode step of a few rows is memory-bound: scoring k more tokens per row costs little,
-while a large batch is compute-bound and every draft token costs a full token's work);
-a request whose measured acceptance falls below ``min_acceptance`` stops proposing for a
-while and then probes again (acceptance changes along a generation: a copied passage ends,
-another begins).
+Policy (``SpeculationConfig``), per step and per request, so speculation never makes a
+loaded engine slower. A request's acceptance ``a`` is the chance a draft is accepted given
+the ones before it were: accepted / (accepted + first rejections), decayed so it follows
+the generation (a copied passage ends, another begins). With ``k`` drafts at ``a`` a row
+yields ``1 + a + ... + a^k`` tokens a step. Each draft row adds ``row_cost`` of a decode
+step's time (bench/verify_step.py), while the step makes about ``B`` tokens (``B`` decode
+rows), so draft ``i`` pays when ``a^i > row_cost * B``. A request gets the longest run of
+drafts that pays; a step's rows stay within ``max_step_rows`` (past that, a CPU step stops
+being bound by reading the weights and every row costs nearly a full token) and
+speculates only while at most ``max_num_seqs`` requests run. A request whose first draft
+does not pay stops proposing and probes with one draft every ``cooldown_steps`` steps.
 
 No torch here: this runs inside the scheduler.
 """
@@ -40,10 +47,12 @@ class SpeculationConfig:
     max_ngram: int = 4
     min_ngram: int = 2
     #: Speculate only in steps whose running batch is at most this many requests.
-    max_num_seqs: int = 4
-    #: A request whose accepted / proposed ratio (a moving average) drops below this stops
-    #: proposing for ``cooldown_steps`` steps.
-    min_acceptance: float = 0.25
+    max_num_seqs: int = 8
+    #: At most this many rows (decode rows plus drafts) in a speculating step.
+    max_step_rows: int = 24
+    #: What one more row adds to a decode step's time, as a fraction of it.
+    row_cost: float = 0.03
+    #: A request whose first draft does not pay probes with one draft this often.
     cooldown_steps: int = 16
 
     def __post_init__(self) -> None:
@@ -94,8 +103,15 @@ class NgramIndex:
 @dataclass
 class _RequestStats:
     index: NgramIndex
-    acceptance: float = 1.0  # optimistic: a new request gets to try
-    cooldown: int = 0
+    # Decayed counts: drafts accepted, and drafts judged (accepted + first rejections).
+    # The prior (a = 0.8 over 1.25 judged drafts) lets a new request try a full run.
+    accepted: float = 1.0
+    judged: float = 1.25
+    idle_steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.judged
 
 
 @dataclass
@@ -109,34 +125,56 @@ class SpeculationCounters:
 class Speculator:
     """Proposes draft tokens for eligible rows and learns each request's acceptance."""
 
-    #: Weight of the latest step in a request's acceptance average.
-    _ALPHA = 0.3
+    #: Weight kept by the past at each verification (about the last 5 count).
+    _DECAY = 0.8
 
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
         self.counters = SpeculationCounters({config.method: 0}, {config.method: 0})
         self._requests: dict[str, _RequestStats] = {}
+        self._threshold = 0.0
+        self._rows_left = 0
 
     def step_allows(self, num_running: int) -> bool:
-        """Whether a step of ``num_running`` requests speculates at all."""
-        return self.config.enabled and num_running <= self.config.max_num_seqs
+        """Whether a step of ``num_running`` requests speculates at all; if so, starts the
+        step's budget (every running request counts as one decode row)."""
+        cfg = self.config
+        if not (cfg.enabled and num_running <= cfg.max_num_seqs):
+            return False
+        self._threshold = cfg.row_cost * num_running
+        self._rows_left = cfg.max_step_rows - num_running
+        return self._rows_left > 0
+
+    def num_worth_proposing(self, acceptance: float, limit: int) -> int:
+        """The longest run of drafts, at most ``limit``, whose every draft pays this step."""
+        k, chance = 0, acceptance
+        while k < limit and chance > self._threshold:
+            k += 1
+            chance *= acceptance
+        return k
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:
-        """Draft tokens for ``request``'s next step, at most ``max_tokens`` (may be [])."""
+        """Draft tokens for ``request``'s next step, at most ``max_tokens`` (may be []).
+        Call after :meth:`step_allows` said the step speculates."""
         cfg = self.config
-        k = min(cfg.num_speculative_tokens, max_tokens)
-        if k <= 0 or not _eligible(request):
+        limit = min(cfg.num_speculative_tokens, max_tokens, self._rows_left)
+        if limit <= 0 or not _eligible(request):
             return []
         stats = self._requests.get(request.request_id)
         if stats is None:
             stats = _RequestStats(NgramIndex(cfg.min_ngram, cfg.max_ngram))
             self._requests[request.request_id] = stats
-        if stats.cooldown > 0:
-            stats.cooldown -= 1
-            if stats.cooldown == 0:
-                stats.acceptance = cfg.min_acceptance  # probe again, on probation
-            return []
-        return stats.index.propose(request.all_token_ids, k)
+        k = self.num_worth_proposing(stats.acceptance, limit)
+        if k == 0:
+            stats.idle_steps += 1
+            if stats.idle_steps < cfg.cooldown_steps:
+                return []
+            k = 1  # a probe: has this request started copying again?
+        drafts = stats.index.propose(request.all_token_ids, k)
+        if drafts:
+            stats.idle_steps = 0
+            self._rows_left -= len(drafts)
+        return drafts
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Record one verification: ``num_accepted`` of ``num_drafts`` drafts agreed."""
@@ -147,21 +185,19 @@ class Speculator:
         stats = self._requests.get(request_id)
         if stats is None or num_drafts == 0:
             return
-        rate = num_accepted / num_drafts
-        stats.acceptance += self._ALPHA * (rate - stats.acceptance)
-        if stats.acceptance < self.config.min_acceptance:
-            stats.cooldown = self.config.cooldown_steps
+        judged = num_accepted + (num_accepted < num_drafts)
+        stats.accepted = self._DECAY * stats.accepted + num_accepted
+        stats.judged = self._DECAY * stats.judged + judged
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
 
 def _eligible(request: Request) -> bool:
-    """Rows whose next-token choice is a pure argmax of the raw logits at each position."""
+    """Rows whose next-token choice at each position depends on its logits alone."""
     p = request.params
     return (
-        p.is_greedy
-        and p.constraint is None
+        p.constraint is None
         and p.repetition_penalty == 1.0
         and p.frequency_penalty == 0.0
         and p.presence_penalty == 0.0

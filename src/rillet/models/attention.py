@@ -107,6 +107,10 @@ class AttentionMetadata:
     # Decodes need either the compiled kernel with context lengths, or the SDPA mask.
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size], True = attend
     decode_context_lens: torch.Tensor | None = None  # [D] int64
+    # Speculative verification: rows decode_seq_starts[s] .. [s + 1] are one sequence's
+    # positions p .. p + k, each a decode row with its own context length (the step writes
+    # all their K/V before attention reads it). None: one row a sequence.
+    decode_seq_starts: torch.Tensor | None = None  # [S + 1] int64
     native: ModuleType | None = None  # compiled CPU kernels (attention and fused ops), if any
     prefills: list[PrefillChunk] = field(default_factory=list)
     # The native prefill kernel's view of ``prefills``: every chunk, cold or not, read from
@@ -184,6 +188,7 @@ def paged_attention(
             meta.decode_context_lens,
             scale,
             window,
+            meta.decode_seq_starts,
         )
         if not meta.prefills:
             # A decode-only step, the steady state of streaming: the kernel's output is the

@@ -176,11 +176,21 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    seq_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]; ``window``: only
-    the last ``window`` keys of each context (None: all)."""
+    the last ``window`` keys of each context (None: all). ``seq_starts`` [S + 1]: rows
+    ``seq_starts[s]:seq_starts[s + 1]`` are one sequence's, read once through the block table
+    of its first row, each row with its own context length (None: one row a sequence)."""
     out: torch.Tensor = module.paged_decode_attention(
-        query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale, window or 0
+        query.contiguous(),
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        scale,
+        window or 0,
+        seq_starts,
     )
     return out
 

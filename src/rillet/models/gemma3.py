@@ -148,7 +148,7 @@ class Gemma3ForCausalLM(CausalLM):
         if stack is not None and stack.covers(x.shape[0], kv_caches, meta):
             tables, lens = meta.decode_block_ids, meta.decode_context_lens
             hidden: torch.Tensor = stack.native_stack.forward(
-                x, meta.positions, meta.slot_mapping, tables, lens
+                x, meta.positions, meta.slot_mapping, tables, lens, meta.decode_seq_starts
             )
             return hidden
         layers: list[Gemma3DecoderLayer] = list(self.layers)  # type: ignore[arg-type]

@@ -173,7 +173,7 @@ class LlamaForCausalLM(CausalLM):
         if stack is not None and stack.covers(x.shape[0], kv_caches, meta):
             tables, lens = meta.decode_block_ids, meta.decode_context_lens
             hidden: torch.Tensor = stack.native_stack.forward(
-                x, meta.positions, meta.slot_mapping, tables, lens
+                x, meta.positions, meta.slot_mapping, tables, lens, meta.decode_seq_starts
             )
             return hidden
         residual: torch.Tensor | None = None

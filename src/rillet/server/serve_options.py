@@ -214,14 +214,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "speculative",
         help="speculative decoding: ngram drafts tokens by prompt lookup (the last tokens "
         "matched in the prompt and output so far) and the model verifies them in one forward; "
-        "greedy requests only, output unchanged (default: off)",
+        "greedy and seeded outputs unchanged, sampled ones from the model's distribution; "
+        "drafts only where the measured acceptance pays for them at the step's batch size "
+        "(default: off)",
         engine="speculative",
         choices=SPECULATIVE_METHODS,
     ),
     Option(
         "num_speculative_tokens",
         int,
-        "draft tokens per step and request under --speculative (default: 4)",
+        "most draft tokens per step and request under --speculative (default: 4)",
         engine="num_speculative_tokens",
     ),
     Option(

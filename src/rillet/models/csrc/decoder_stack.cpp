@@ -46,7 +46,8 @@ void DecoderStack::add_layer(at::Tensor input_norm, QuantizedWeight qkv,
 }
 
 at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor positions, at::Tensor slot_mapping,
-                                 at::Tensor block_tables, at::Tensor context_lens) const {
+                                 at::Tensor block_tables, at::Tensor context_lens,
+                                 c10::optional<at::Tensor> seq_starts) const {
   TORCH_CHECK(!layers_.empty(), "no layers added");
   const int64_t rows = hidden.size(0);
   const int64_t head_dim = cache_head_dim(layers_[0].key_cache);
@@ -65,7 +66,7 @@ at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor positions, at::Te
                      num_heads_, num_kv_heads_);
     at::Tensor q = qkv.slice(1, 0, q_width).view({rows, num_heads_, head_dim}).contiguous();
     at::Tensor attended = paged_decode_attention(q, layer.key_cache, layer.value_cache, block_tables,
-                                                 context_lens, scale_, /*window=*/0);
+                                                 context_lens, scale_, /*window=*/0, seq_starts);
     at::Tensor o = linear(attended.reshape({rows, q_width}).contiguous(), layer.o);
     at::Tensor mlp_in = add_rms_norm(o, residual, layer.post_norm, eps_);
     x = linear(silu_and_mul(linear(mlp_in, layer.gate_up)), layer.down);
@@ -97,7 +98,8 @@ void Gemma3DecoderStack::add_layer(at::Tensor input_norm, QuantizedWeight qkv, a
 
 at::Tensor Gemma3DecoderStack::forward(at::Tensor hidden, at::Tensor positions,
                                        at::Tensor slot_mapping, at::Tensor block_tables,
-                                       at::Tensor context_lens) const {
+                                       at::Tensor context_lens,
+                                       c10::optional<at::Tensor> seq_starts) const {
   TORCH_CHECK(!layers_.empty(), "no layers added");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
   const int64_t head_dim = cache_head_dim(layers_[0].key_cache);
@@ -111,8 +113,9 @@ at::Tensor Gemma3DecoderStack::forward(at::Tensor hidden, at::Tensor positions,
     rotary_and_cache(qkv, positions, layer.cos, layer.sin, layer.key_cache, layer.value_cache,
                      slot_mapping, num_heads_, num_kv_heads_);
     at::Tensor q = qkv.slice(1, 0, q_width).view({rows, num_heads_, head_dim}).contiguous();
-    at::Tensor attended = paged_decode_attention(q, layer.key_cache, layer.value_cache,
-                                                 block_tables, context_lens, scale_, layer.window);
+    at::Tensor attended =
+        paged_decode_attention(q, layer.key_cache, layer.value_cache, block_tables, context_lens,
+                               scale_, layer.window, seq_starts);
     at::Tensor h = linear(attended.reshape({rows, q_width}).contiguous(), layer.o);
     x = x + scaled_rms_norm(h, layer.post_attention_norm, eps_, width, false);
     h = scaled_rms_norm(x, layer.pre_feedforward_norm, eps_, width, false);

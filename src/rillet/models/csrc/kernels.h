@@ -19,10 +19,12 @@
 namespace rillet {
 
 // query [D, H, d], caches [blocks, block_size, Hkv, d] -> [D, H, d]; window > 0: only the
-// last `window` keys of each context (a sliding window), 0: all.
+// last `window` keys of each context (a sliding window), 0: all. seq_starts [S + 1]: rows
+// seq_starts[s] .. seq_starts[s + 1] are one sequence's (read through the block table of
+// its first row, each row with its own context length); none: one row a sequence.
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
                                   at::Tensor block_tables, at::Tensor context_lens, double scale,
-                                  int64_t window);
+                                  int64_t window, c10::optional<at::Tensor> seq_starts);
 
 // query [P, H, d]: the rows of prefill chunks, chunk c at rows [starts[c], starts[c] + lens[c])
 // and positions from positions[c], each attending causally to its own context through its
@@ -76,9 +78,10 @@ class DecoderStack {
                  QuantizedWeight o, at::Tensor post_norm, QuantizedWeight gate_up,
                  QuantizedWeight down, at::Tensor key_cache, at::Tensor value_cache);
   // hidden [T, n] (the embeddings; used as the residual stream and overwritten), one decode
-  // token per row -> the final norm's output [T, n].
+  // token per row -> the final norm's output [T, n]. seq_starts: as paged_decode_attention's.
   at::Tensor forward(at::Tensor hidden, at::Tensor positions, at::Tensor slot_mapping,
-                     at::Tensor block_tables, at::Tensor context_lens) const;
+                     at::Tensor block_tables, at::Tensor context_lens,
+                     c10::optional<at::Tensor> seq_starts) const;
 
  private:
   struct Layer {
@@ -111,7 +114,8 @@ class Gemma3DecoderStack {
                  at::Tensor post_feedforward_norm, at::Tensor cos, at::Tensor sin, int64_t window,
                  at::Tensor key_cache, at::Tensor value_cache);
   at::Tensor forward(at::Tensor hidden, at::Tensor positions, at::Tensor slot_mapping,
-                     at::Tensor block_tables, at::Tensor context_lens) const;
+                     at::Tensor block_tables, at::Tensor context_lens,
+                     c10::optional<at::Tensor> seq_starts) const;
 
  private:
   struct Layer {

@@ -1,10 +1,17 @@
 // Decode attention straight from the paged KV cache, for CPUs.
 //
-// One query token per sequence. Each (sequence, kv head) pair is one task: it reads the
+// One query token per row. Each (sequence, kv head) pair is one task: it reads the
 // sequence's K rows block by block through its block table (no gathered copy of the
 // context), scores the `group` query heads that share this kv head, softmaxes in fp32,
 // then accumulates V. The order of work inside a task never depends on the rest of the
 // batch, so a sequence's result is the same alone or among many.
+//
+// Several consecutive rows may belong to one sequence (`seq_starts`): speculative
+// decoding's verification, the last known token and k drafts at positions p .. p + k, each
+// row with its own context length. They are one task: the rows are folded into the query
+// group (R rows x `group` heads), so the context is read once for all of them, and each
+// row's softmax covers only its own keys (the keys past it score 0). Without a window, a
+// row's result is bit-identical to the same row decoded alone.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -98,9 +105,44 @@ inline const auto* row_values(const C* row, int64_t head_dim, float* buffer) {
 
 // Portable task: any head_dim, any CPU. `qf` holds the group's queries in fp32, scaled.
 // C: the cache's element type.
+// Each query head's keys, [lo, hi) relative to the task's first row, or all when null.
+struct HeadRanges {
+  const int64_t* lo;
+  const int64_t* hi;
+};
+
+// Softmax of each head's scores over its own range; the rest of its row becomes 0.
+template <typename Softmax>
+inline void softmax_heads(float* scores, int64_t group, int64_t len, const HeadRanges& ranges,
+                          Softmax&& softmax) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * len;
+    if (ranges.lo == nullptr) {
+      softmax(row, len);
+      continue;
+    }
+    const int64_t lo = ranges.lo[g], hi = ranges.hi[g];
+    softmax(row + lo, hi - lo);
+    std::fill(row, row + lo, 0.f);
+    std::fill(row + hi, row + len, 0.f);
+  }
+}
+
+inline void softmax_row_scalar(float* row, int64_t len) {
+  float m = row[0];
+  for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
+  float sum = 0.f;
+  for (int64_t t = 0; t < len; ++t) {
+    row[t] = std::exp(row[t] - m);
+    sum += row[t];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+}
+
 template <typename C>
 void attend_generic(const float* qf, int64_t group, int64_t head_dim, const C* kc, const C* vc,
-                    const TaskView& view, float* scores, float* acc) {
+                    const TaskView& view, const HeadRanges& ranges, float* scores, float* acc) {
   const int64_t len = view.count();
   const int64_t row_bytes = cache_row_width<C>(head_dim) * static_cast<int64_t>(sizeof(C));
   std::vector<float> wide(head_dim);
@@ -108,18 +150,7 @@ void attend_generic(const float* qf, int64_t group, int64_t head_dim, const C* k
     const auto* k = row_values(kc + row, head_dim, wide.data());
     for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * head_dim, k, head_dim);
   });
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * len;
-    float m = row[0];
-    for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
-    float sum = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      row[t] = std::exp(row[t] - m);
-      sum += row[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-  }
+  softmax_heads(scores, group, len, ranges, softmax_row_scalar);
   std::fill(acc, acc + group * head_dim, 0.f);
   for_each_row(view, vc, row_bytes, [&](int64_t t, int64_t row) {
     const auto* v = row_values(vc + row, head_dim, wide.data());
@@ -171,7 +202,7 @@ inline void load_row(const C* row, __m512 (&out)[VEC]) {
 
 template <typename C, int VEC, int GC>
 void attend_avx512(const float* qf, int64_t group, const C* kc, const C* vc,
-                   const TaskView& view, float* scores, float* acc) {
+                   const TaskView& view, const HeadRanges& ranges, float* scores, float* acc) {
   constexpr int D = VEC * 16;
   constexpr int64_t kRowBytes = cache_row_width<C>(D) * static_cast<int64_t>(sizeof(C));
   const int64_t len = view.count();
@@ -189,7 +220,7 @@ void attend_avx512(const float* qf, int64_t group, const C* kc, const C* vc,
       }
     });
   }
-  for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * len, len);
+  softmax_heads(scores, group, len, ranges, softmax_row);
   for (int64_t g0 = 0; g0 < group; g0 += GC) {
     __m512 a[GC][VEC];
     for (int g = 0; g < GC; ++g)
@@ -208,7 +239,8 @@ void attend_avx512(const float* qf, int64_t group, const C* kc, const C* vc,
 }
 
 template <typename T>
-using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&, float*, float*);
+using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&,
+                        const HeadRanges&, float*, float*);
 
 // The fast task for this head size and group, or nullptr for the portable one. Heads per
 // pass: the largest of 4/3/2/1 dividing the group that keeps the pass in registers.
@@ -228,7 +260,8 @@ TaskFn<T> pick_fast_task(int64_t head_dim, int64_t group) {
 }
 #else
 template <typename T>
-using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&, float*, float*);
+using TaskFn = void (*)(const float*, int64_t, const T*, const T*, const TaskView&,
+                        const HeadRanges&, float*, float*);
 template <typename T>
 TaskFn<T> pick_fast_task(int64_t, int64_t) { return nullptr; }
 #endif
@@ -240,8 +273,8 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
                       const at::Tensor& value_cache,  // [NB, bs, Hkv, d]
                       const at::Tensor& block_tables, // [D, max_blocks] int64
                       const at::Tensor& context_lens, // [D] int64
-                      double scale, int64_t window, at::Tensor& out) {
-  const int64_t num_seqs = query.size(0);
+                      const int64_t* seq_starts,      // [S + 1] or null: one row a sequence
+                      int64_t num_seqs, double scale, int64_t window, at::Tensor& out) {
   const int64_t num_heads = query.size(1);
   const int64_t head_dim = query.size(2);
   const int64_t block_size = key_cache.size(1);
@@ -262,26 +295,56 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
   const TaskFn<C> fast = pick_fast_task<C>(head_dim, group);
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+    std::vector<float> qf, acc, scores;
+    std::vector<int64_t> lo, hi;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kvh = task % num_kv_heads;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[seq] - window) : 0;
-      const TaskView view{tables + seq * max_blocks, lens[seq], block_size,
+      const int64_t row0 = seq_starts ? seq_starts[seq] : seq;
+      const int64_t rows = seq_starts ? seq_starts[seq + 1] - row0 : 1;
+      int64_t shortest = lens[row0], longest = lens[row0];
+      for (int64_t r = 1; r < rows; ++r) {
+        shortest = std::min(shortest, lens[row0 + r]);
+        longest = std::max(longest, lens[row0 + r]);
+      }
+      const int64_t first = window > 0 ? std::max<int64_t>(0, shortest - window) : 0;
+      const TaskView view{tables + row0 * max_blocks, longest, block_size,
                           token_stride, block_stride, kvh * row_width, first};
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = q + (seq * num_heads + kvh * group + g) * head_dim;
-        for (int64_t i = 0; i < head_dim; ++i) qf[g * head_dim + i] = to_float(src[i]) * fscale;
+      const int64_t heads = rows * group;  // the rows folded into the query group
+      qf.resize(heads * head_dim);
+      acc.resize(heads * head_dim);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const T* src = q + ((row0 + r) * num_heads + kvh * group + g) * head_dim;
+          float* dst = qf.data() + (r * group + g) * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) dst[i] = to_float(src[i]) * fscale;
+        }
+      HeadRanges ranges{nullptr, nullptr};
+      if (rows > 1) {
+        lo.resize(heads);
+        hi.resize(heads);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t len = lens[row0 + r];
+          const int64_t from = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+          for (int64_t g = 0; g < group; ++g) {
+            lo[r * group + g] = from - first;
+            hi[r * group + g] = len - first;
+          }
+        }
+        ranges = HeadRanges{lo.data(), hi.data()};
       }
-      if (static_cast<int64_t>(scores.size()) < group * view.count())
-        scores.resize(group * view.count());
+      if (static_cast<int64_t>(scores.size()) < heads * view.count())
+        scores.resize(heads * view.count());
       if (fast != nullptr)
-        fast(qf.data(), group, kc, vc, view, scores.data(), acc.data());
+        fast(qf.data(), heads, kc, vc, view, ranges, scores.data(), acc.data());
       else
-        attend_generic(qf.data(), group, head_dim, kc, vc, view, scores.data(), acc.data());
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = o + (seq * num_heads + kvh * group + g) * head_dim;
-        for (int64_t i = 0; i < head_dim; ++i) store(dst + i, acc[g * head_dim + i]);
-      }
+        attend_generic(qf.data(), heads, head_dim, kc, vc, view, ranges, scores.data(),
+                       acc.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          T* dst = o + ((row0 + r) * num_heads + kvh * group + g) * head_dim;
+          const float* src = acc.data() + (r * group + g) * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) store(dst + i, src[i]);
+        }
     }
   });
 }
@@ -289,21 +352,22 @@ void decode_attention(const at::Tensor& query,        // [D, H, d]
 template <typename T>
 void decode_attention_on(const at::Tensor& query, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& block_tables,
-                         const at::Tensor& context_lens, double scale, int64_t window,
-                         at::Tensor& out) {
+                         const at::Tensor& context_lens, const int64_t* seq_starts,
+                         int64_t num_seqs, double scale, int64_t window, at::Tensor& out) {
   if (is_int8_cache(key_cache))
-    decode_attention<T, int8_t>(query, key_cache, value_cache, block_tables, context_lens, scale,
-                                window, out);
+    decode_attention<T, int8_t>(query, key_cache, value_cache, block_tables, context_lens,
+                                seq_starts, num_seqs, scale, window, out);
   else
-    decode_attention<T, T>(query, key_cache, value_cache, block_tables, context_lens, scale,
-                           window, out);
+    decode_attention<T, T>(query, key_cache, value_cache, block_tables, context_lens,
+                           seq_starts, num_seqs, scale, window, out);
 }
 
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
                                      at::Tensor value_cache, at::Tensor block_tables,
-                                     at::Tensor context_lens, double scale, int64_t window) {
+                                     at::Tensor context_lens, double scale, int64_t window,
+                                     c10::optional<at::Tensor> seq_starts) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "inputs must be contiguous");
@@ -314,9 +378,26 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
   TORCH_CHECK(cache_head_dim(key_cache) == query.size(2), "cache rows do not match the head size");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
+  TORCH_CHECK(lens.size(0) == query.size(0) && tables.size(0) == query.size(0),
+              "one block table and context length per query row");
+  const int64_t* starts = nullptr;
+  int64_t num_seqs = query.size(0);
+  at::Tensor starts_tensor;
+  if (seq_starts.has_value() && seq_starts->defined()) {
+    starts_tensor = seq_starts->contiguous();
+    TORCH_CHECK(starts_tensor.scalar_type() == at::kLong && starts_tensor.dim() == 1 &&
+                    starts_tensor.size(0) >= 1,
+                "seq_starts must be int64 [S + 1]");
+    num_seqs = starts_tensor.size(0) - 1;
+    starts = starts_tensor.data_ptr<int64_t>();
+    TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == query.size(0),
+                "seq_starts must run from 0 to the number of rows");
+    for (int64_t s = 0; s < num_seqs; ++s)
+      TORCH_CHECK(starts[s + 1] > starts[s], "every sequence needs a row");
+  }
   auto out = at::empty_like(query);
   RILLET_DISPATCH(query.scalar_type(), decode_attention_on, query, key_cache, value_cache, tables,
-                  lens, scale, window, out);
+                  lens, starts, num_seqs, scale, window, out);
   return out;
 }
 
