@@ -31,6 +31,7 @@ from rillet.engine.grammar import (
 )
 from rillet.engine.sampler import Sampler, SamplingRow
 from rillet.errors import GenerationError, ValidationError
+from rillet.models import cpu_kernels
 from rillet.models.loader import load_model_files
 from rillet.protocol import FinishReason
 from rillet.tokenizer import Tokenizer
@@ -128,6 +129,31 @@ def test_a_mask_of_many_rows_split_over_two_threads_masks_exactly_its_rows() -> 
         else:
             finite = torch.isfinite(masked[r]).nonzero().flatten().tolist()
             assert finite == ids and torch.equal(masked[r, ids], logits[r, ids])
+
+
+@pytest.mark.parametrize("vocab", [1000, 49152, 50021])
+def test_the_native_kernel_masks_as_xgrammar_does(vocab: int) -> None:
+    """rillet's CPU mask kernel (csrc/token_mask.cpp) against xgrammar's: whole words
+    allowed, whole words refused, mixed words, a vocabulary that is not a multiple of 32,
+    and rows left out of ``rows`` untouched."""
+    native = cpu_kernels.load()
+    if native is None:
+        pytest.skip("the CPU kernels do not build on this machine")
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=generator)
+    bits = torch.randint(-(2**31), 2**31 - 1, (9, (vocab + 31) // 32), generator=generator)
+    bits = bits.to(torch.int32)
+    bits[1] = -1  # every token allowed
+    bits[2] = 0  # none
+    bits[3, ::2] = -1
+    mask = TokenBitmask(bits, rows=[0, 1, 2, 3, 5, 8])
+    ours, theirs = logits.clone(), logits.clone()
+    apply_token_bitmask(ours, mask, native)
+    apply_token_bitmask(theirs, mask)
+    assert torch.equal(ours, theirs)
+    for r in (4, 6, 7):
+        assert torch.equal(ours[r], logits[r])
+    assert torch.isinf(ours[2]).all() and torch.equal(ours[1], logits[1])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

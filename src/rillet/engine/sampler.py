@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -222,8 +223,15 @@ def _typical_filter(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Chooses the next token of every row; stateless apart from the shared generator."""
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        seed: int | None = None,
+        native: ModuleType | None = None,
+    ) -> None:
+        """``native``: the compiled CPU kernels (``cpu_kernels.load()``), for grammar masks."""
         self.device = torch.device(device)
+        self.native = native
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
@@ -248,7 +256,7 @@ class Sampler:
         """
         if allowed is not None and allowed.rows:
             logits = logits.float()
-            apply_token_bitmask(logits, allowed)
+            apply_token_bitmask(logits, allowed, self.native)
         params = [r.params for r in rows]
         want_lp = any(p.logprobs or p.top_logprobs > 0 for p in params)
         out = SamplerOutput(token_ids=[])

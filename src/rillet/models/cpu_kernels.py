@@ -70,6 +70,7 @@ _SOURCES = [
         "bf16_linear.cpp",
         "quantized_linear.cpp",
         "decoder_stack.cpp",
+        "token_mask.cpp",
     )
 ]
 _lock = threading.Lock()

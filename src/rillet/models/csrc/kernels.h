@@ -136,4 +136,7 @@ class Gemma3DecoderStack {
   std::vector<Layer> layers_;
 };
 
+// Sets to -inf the logits of `rows` whose bit in `bits` ([B, ceil(V / 32)] int32) is clear.
+void apply_token_bitmask(at::Tensor logits, at::Tensor bits, at::Tensor rows);
+
 }  // namespace rillet

@@ -36,4 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "a decode-only step through every Gemma 3 layer and the final norm");
   m.def("bf16_linear_supported", &rillet::bf16_linear_supported,
         "whether this build has the bf16 linear kernel (needs AVX512-BF16)");
+  m.def("apply_token_bitmask", &rillet::apply_token_bitmask, nogil,
+        "grammar masks: the disallowed logits of some rows to -inf, in place");
 }
