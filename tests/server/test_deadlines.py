@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 from app_server import Door, door, grpc_door
 from fake_engine import engine_stats
 from polling import poll_until
+from sse_text import data_events, named_events
 from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(30)
@@ -33,12 +34,6 @@ BUSY = engine_stats(num_queued_prompt_tokens=1000, prefill_tokens_per_s=100.0)
 TGI = {"inputs": "Hi", "parameters": {"max_new_tokens": 5}}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
 QUEUE_1S = {"x-rillet-max-queue-ms": "1000"}
-
-
-def events(text: str) -> list[Any]:
-    return [
-        json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e.startswith("data: {")
-    ]
 
 
 async def test_a_request_the_queue_cannot_serve_in_time_is_429_with_the_drain_time() -> None:
@@ -93,7 +88,7 @@ async def test_no_first_token_in_time_is_overloaded_in_band_or_429() -> None:
     async with door() as d:
         response = await _held_before_first_token(d, "/generate_stream", TGI)
         assert response.status_code == 200
-        [error] = events(response.text)
+        [error] = data_events(response.text)
         assert (
             error["error_type"] == "overloaded" and "no first token within 50 ms" in error["error"]
         )
@@ -101,7 +96,7 @@ async def test_no_first_token_in_time_is_overloaded_in_band_or_429() -> None:
         response = await _held_before_first_token(
             d, "/v1/chat/completions", CHAT | {"stream": True}
         )
-        assert events(response.text)[-1]["error"]["type"] == "overloaded"
+        assert data_events(response.text)[-1]["error"]["type"] == "overloaded"
         assert response.text.endswith("data: [DONE]\n\n")
     async with door() as d:
         response = await _held_before_first_token(d, "/generate", TGI)
@@ -114,7 +109,7 @@ async def test_a_timeout_ends_the_stream_with_what_it_has() -> None:
         d.engine.pause()  # after each request's first token
         body = {"inputs": "Hi", "parameters": {"max_new_tokens": 5, "details": True}}
         response = await d.http.post("/generate_stream", json=body, headers=timeout)
-        first, last = events(response.text)
+        first, last = data_events(response.text)
         assert first["token"]["text"] == "H" and first["generated_text"] is None
         assert last["token"] == {"id": 0, "text": "", "logprob": None, "special": True}
         assert last["generated_text"] == "H" and last["index"] == 2
@@ -125,7 +120,7 @@ async def test_a_timeout_ends_the_stream_with_what_it_has() -> None:
         response = await d.http.post(
             "/v1/chat/completions", json=CHAT | {"stream": True}, headers=timeout
         )
-        chunks = events(response.text)
+        chunks = data_events(response.text)
         assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "H", ""]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert chunks[-1]["rillet_finish_detail"] == "timeout"
@@ -184,15 +179,6 @@ RESPONSES = {"model": "m", "input": "Hi", "max_output_tokens": 5}
 TRITON_STREAM = {"text_input": "Hi", "stream": True, "parameters": {"max_tokens": 5}}
 
 
-def named_data(text: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
-
-
 async def test_anthropic_responses_and_completions_refuse_in_their_own_shape() -> None:
     async with door() as d:
         d.engine.queue = BUSY
@@ -214,18 +200,20 @@ async def test_anthropic_responses_and_completions_refuse_in_their_own_shape() -
 async def test_no_first_token_in_time_is_in_band_on_anthropic_responses_and_triton() -> None:
     async with door() as d:
         response = await _held_before_first_token(d, "/v1/messages", MESSAGES | {"stream": True})
-        names = [name for name, _ in named_data(response.text)]
+        names = [name for name, _ in named_events(response.text)]
         assert names == ["message_start", "error"]
-        assert named_data(response.text)[-1][1]["error"]["type"] == "overloaded_error"
+        assert named_events(response.text)[-1][1]["error"]["type"] == "overloaded_error"
     async with door() as d:
         response = await _held_before_first_token(d, "/v1/responses", RESPONSES | {"stream": True})
-        got = named_data(response.text)
+        got = named_events(response.text)
         assert [name for name, _ in got][-2:] == ["error", "response.failed"]
         assert got[-1][1]["response"]["error"]["code"] == "overloaded"
     async with door() as d:
         route = "/v2/models/fake-model/generate_stream"
         response = await _held_before_first_token(d, route, TRITON_STREAM)
-        assert events(response.text) == [{"error": "no first token within 50 ms (max_queue_ms)"}]
+        assert data_events(response.text) == [
+            {"error": "no first token within 50 ms (max_queue_ms)"}
+        ]
 
 
 async def test_a_timeout_ends_every_other_door_with_what_it_has_and_says_so() -> None:
@@ -240,7 +228,7 @@ async def test_a_timeout_ends_every_other_door_with_what_it_has_and_says_so() ->
         assert answer["rillet_finish_detail"] == "timeout"
 
         stream = MESSAGES | {"stream": True}
-        got = named_data((await d.http.post("/v1/messages", json=stream, headers=timeout)).text)
+        got = named_events((await d.http.post("/v1/messages", json=stream, headers=timeout)).text)
         [delta] = [e for name, e in got if name == "message_delta"]
         assert delta["delta"]["stop_reason"] == "max_tokens"
         assert delta["rillet_finish_detail"] == "timeout" and got[-1][0] == "message_stop"
@@ -248,7 +236,7 @@ async def test_a_timeout_ends_every_other_door_with_what_it_has_and_says_so() ->
         for body in (RESPONSES, RESPONSES | {"stream": True}):
             response = await d.http.post("/v1/responses", json=body, headers=timeout)
             if body.get("stream"):
-                name, event = named_data(response.text)[-1]
+                name, event = named_events(response.text)[-1]
                 assert name == "response.incomplete"
                 answer = event["response"]
             else:
@@ -259,14 +247,14 @@ async def test_a_timeout_ends_every_other_door_with_what_it_has_and_says_so() ->
 
         completion = {"prompt": "Hi", "max_tokens": 5, "stream": True}
         response = await d.http.post("/v1/completions", json=completion, headers=timeout)
-        chunks = events(response.text)
+        chunks = data_events(response.text)
         assert [c["choices"][0]["text"] for c in chunks] == ["H", ""]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert chunks[-1]["rillet_finish_detail"] == "timeout"
 
         route = "/v2/models/fake-model/generate_stream"
         response = await d.http.post(route, json=TRITON_STREAM, headers=timeout)
-        *_, last = events(response.text)
+        *_, last = data_events(response.text)
         assert last["rillet_finish_detail"] == "timeout"
 
         response = await d.http.post("/?prompt=Hi", headers=timeout)

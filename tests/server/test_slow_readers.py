@@ -40,6 +40,7 @@ from rillet.engine.async_engine import AsyncEngine
 from rillet.server.config import ServerConfig
 from rillet.server.http.app import create_app
 from rillet.server.service import GenerationService
+from sse_text import data_events, named_events
 from stepped_engine import STALLED_BYTES, SteppedBackend, stall, stepped_engine
 from triton_inputs import vllm_inputs
 
@@ -66,12 +67,6 @@ async def http_door(
         yield engine, backend, app.state.rillet, http
 
 
-def events(text: str) -> list[Any]:
-    return [
-        json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e.startswith("data: {")
-    ]
-
-
 async def test_tgi_a_stalled_reader_gets_every_token_when_it_reads_again() -> None:
     async with http_door() as (engine, backend, service, http):
         async with http.stream("POST", "/generate_stream", json=TGI) as response:
@@ -82,7 +77,7 @@ async def test_tgi_a_stalled_reader_gets_every_token_when_it_reads_again() -> No
             await poll_until(lambda: engine.buffered_bytes(rid) > STALLED_BYTES + 500 * 65)
             made = backend.num_steps
             body = (await response.aread()).decode()
-        got = events(body)
+        got = data_events(body)
         assert len(got) == made and [e["index"] for e in got] == list(range(1, made + 1))
         assert got[-1]["generated_text"] == "x" * made
         assert backend.aborted == [] and service.in_flight == 0
@@ -94,7 +89,7 @@ async def test_tgi_a_stream_past_the_bound_ends_with_one_error_and_frees_its_per
             rid = await stall(engine, backend)
             assert backend.aborted == [rid]  # at once, while the reader still stalls
             body = (await response.aread()).decode()
-        *tokens, error = events(body)
+        *tokens, error = data_events(body)
         assert all("token" in e for e in tokens) and len(tokens) < backend.num_steps
         assert error["error_type"] == "incomplete_generation"
         assert "--max-stream-buffer-bytes" in error["error"]
@@ -117,7 +112,7 @@ async def test_openai_a_stalled_reader(bound: int | None) -> None:
             body = (await response.aread()).decode()
         await poll_until(lambda: service.in_flight == 0)
     assert body.endswith("data: [DONE]\n\n")
-    chunks = events(body)
+    chunks = data_events(body)
     if bound is None:
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
         assert text == "x" * backend.num_steps and backend.aborted == []
@@ -199,16 +194,6 @@ async def test_grpc_a_stalled_reader(bound: int | None) -> None:
         assert error is not None and "incomplete_generation" in str(error)
 
 
-def named_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(event name, data)`` of each named SSE event (Anthropic's, Responses')."""
-    out = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
-
-
 def anthropic_outcome(body: str) -> tuple[str, str | None, int | None]:
     """(text, the in-band error's type, the usage's output tokens) of a Messages stream."""
     got = named_events(body)
@@ -231,7 +216,7 @@ def responses_outcome(body: str) -> tuple[str, str | None, int | None]:
 
 def triton_outcome(body: str) -> tuple[str, str | None, int | None]:
     """Triton HTTP's events: text pieces, or ``{"error": message}`` (no type: the message)."""
-    got = events(body)
+    got = data_events(body)
     errors = [e["error"] for e in got if "error" in e]
     assert len(errors) <= 1 and (not errors or "error" in got[-1])
     text = "".join(e.get("text_output", "") for e in got if "error" not in e)

@@ -25,6 +25,7 @@ from fake_engine import FakeEngine
 from polling import poll_until
 from rillet.protocol import GeneratedToken, RequestOutput
 from rillet.server.timing import TIMING_KEY, StreamTiming
+from sse_text import data_events, named_events
 from triton_inputs import vllm_inputs
 
 pytestmark = pytest.mark.timeout(30)
@@ -39,12 +40,6 @@ CHAT = {
 }
 #: How long the first output is held in the fake engine's queue.
 HOLD_S = 0.05
-
-
-def events(text: str) -> list[Any]:
-    return [
-        json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e.startswith("data: {")
-    ]
 
 
 def check(timings: list[dict[str, Any]], num_generated: int) -> None:
@@ -96,10 +91,10 @@ async def test_tgi_events_carry_timing_only_when_asked() -> None:
         async def send() -> Any:
             return await d.http.post("/generate_stream", json=TGI, headers=TIMED)
 
-        timed = events((await held_first(d, send)).text)
+        timed = data_events((await held_first(d, send)).text)
         assert [e[TIMING_KEY]["tokens"] for e in timed] == [1] * 5  # one token per event
         check([e[TIMING_KEY] for e in timed], 5)
-        assert without_timing(timed) == events(plain.text)
+        assert without_timing(timed) == data_events(plain.text)
         assert list(timed[0])[-1] == TIMING_KEY  # after every TGI field
 
 
@@ -111,7 +106,7 @@ async def test_openai_chunks_carry_timing_only_when_asked() -> None:
         async def send() -> Any:
             return await d.http.post("/v1/chat/completions", json=CHAT, headers=TIMED)
 
-        timed = events((await held_first(d, send)).text)
+        timed = data_events((await held_first(d, send)).text)
         *chunks, usage = timed
         assert usage["choices"] == [] and usage[TIMING_KEY]["tokens"] == 0
         assert chunks[0][TIMING_KEY]["tokens"] == 0  # the role chunk
@@ -120,7 +115,9 @@ async def test_openai_chunks_carry_timing_only_when_asked() -> None:
         check([c[TIMING_KEY] for c in chunks], usage["usage"]["completion_tokens"])
         check_emitted = [t[TIMING_KEY]["emitted_at"] for t in timed]
         assert check_emitted == sorted(check_emitted)
-        assert drop_clock_fields(without_timing(timed)) == drop_clock_fields(events(plain.text))
+        assert drop_clock_fields(without_timing(timed)) == drop_clock_fields(
+            data_events(plain.text)
+        )
 
 
 async def test_triton_http_events_carry_timing() -> None:
@@ -131,20 +128,10 @@ async def test_triton_http_events_carry_timing() -> None:
         async def send() -> Any:
             return await d.http.post(route, json=body, headers=TIMED)
 
-        timed = events((await held_first(d, send)).text)
+        timed = data_events((await held_first(d, send)).text)
         check([e[TIMING_KEY] for e in timed], 4)
-        plain = events((await d.http.post(route, json=body)).text)
+        plain = data_events((await d.http.post(route, json=body)).text)
         assert without_timing(timed) == plain
-
-
-def named_data(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(event name, data)`` of each named SSE event (Anthropic's, Responses')."""
-    out = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
 
 
 def without_ids(value: Any) -> Any:
@@ -177,7 +164,7 @@ async def test_anthropic_events_carry_timing_only_when_asked() -> None:
         async def send() -> Any:
             return await d.http.post("/v1/messages", json=body, headers=TIMED)
 
-        timed = named_data((await held_first(d, send)).text)
+        timed = named_events((await held_first(d, send)).text)
         names = [name for name, _ in timed]
         assert "content_block_start" in names and names[-2:] == ["message_delta", "message_stop"]
         assert all(TIMING_KEY in event for _, event in timed)
@@ -186,7 +173,7 @@ async def test_anthropic_events_carry_timing_only_when_asked() -> None:
         assert stop["tokens"] == 0 and "ttft_s" not in stop
         check(through_delta, len(d.engine.reply))
         assert timed[-2][1]["delta"]["stop_reason"] == "tool_use"
-        assert without_ids(timed) == without_ids(named_data(plain.text))
+        assert without_ids(timed) == without_ids(named_events(plain.text))
 
 
 async def test_responses_events_carry_timing_only_when_asked() -> None:
@@ -200,13 +187,13 @@ async def test_responses_events_carry_timing_only_when_asked() -> None:
         async def send() -> Any:
             return await d.http.post("/v1/responses", json=body, headers=TIMED)
 
-        timed = named_data((await held_first(d, send)).text)
+        timed = named_events((await held_first(d, send)).text)
         assert timed[-1][0] == "response.completed"
         assert [e[TIMING_KEY]["tokens"] for _, e in timed[:2]] == [0, 0]  # created, in_progress
         check([e[TIMING_KEY] for _, e in timed], len(d.engine.reply))
         kinds = {name for name, _ in timed}
         assert "response.function_call_arguments.delta" in kinds
-        assert without_ids(timed) == without_ids(named_data(plain.text))
+        assert without_ids(timed) == without_ids(named_events(plain.text))
 
 
 async def test_ws_token_and_done_frames_carry_timing() -> None:
