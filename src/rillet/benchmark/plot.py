@@ -69,12 +69,7 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     ax_ttft.yaxis.set_minor_locator(ticker.NullLocator())
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_ttft_split(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -111,6 +106,11 @@ def plot_ttft_split(rows: Sequence[dict[str, Any]], path: str | Path, title: str
         ax.legend(fontsize="x-small", ncol=2)
     if title:
         fig.suptitle(f"{title}: where TTFT went")
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made) and close it."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
