@@ -35,7 +35,6 @@ import ctypes
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from harness import free_port, wait_ready
 
 GB = 1e9
 
@@ -217,25 +217,6 @@ def step_bytes(names: list[str]) -> list[StepBytes]:
 # 3. Decode tok/s over HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("server did not become ready")
-
-
 def stream_decode_rate(url: str, model: str, max_tokens: int) -> tuple[float, int]:
     """(decode tok/s, tokens) of one greedy chat stream: (tokens - 1) / (last - first)."""
     body = {
@@ -285,7 +266,7 @@ def decode_rates(
     with open(Path(args.log_dir) / f"{served}-{port}.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_ready(url, proc)
+            wait_ready(url, proc, 600.0)
             stream_decode_rate(url, served, args.max_tokens)  # warm-up
             rates = []
             for _ in range(args.decode_reps):

@@ -41,15 +41,14 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import serve_report
+from harness import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 VENVS = ROOT / "bench" / ".venvs"
@@ -220,24 +219,6 @@ def servers(args: argparse.Namespace, hf_dir: Path) -> dict[str, Server]:
             note=f"HF folder written from the GGUF by bench/export_hf.py ({hf_dir.name})",
         ),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Until GET /v1/models answers 200 (vLLM answers only once its engine is up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode} while starting")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2):
-            return
-        time.sleep(1.0)
-    raise RuntimeError(f"not ready after {timeout:.0f}s")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -23,6 +23,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until GET /v1/models answers 200 (vLLM answers only once its engine is up); a server
+    that exits meanwhile, or is not ready in ``timeout`` seconds, is a RuntimeError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} while starting")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"not ready after {timeout:.0f}s")
+
+
 def start_server(
     out: Path, threads: str, extra: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str, str, str]:

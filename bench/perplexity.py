@@ -34,7 +34,6 @@ import json
 import math
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness import free_port
 from quantization_check import PROMPTS, common_prefix
 
 from rillet import LLM, SamplingParams
@@ -118,12 +118,6 @@ def llama_perplexity_scores(
         running,
         time.monotonic() - started,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -24,9 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from harness import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -66,17 +66,6 @@ def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
     return systems
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode} while starting")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2):
-            return
-        time.sleep(1.0)
-    raise SystemExit("server not ready after 300 s")
-
-
 def run_system(name: str, command: list[str], port: int, args: argparse.Namespace) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +74,7 @@ def run_system(name: str, command: list[str], port: int, args: argparse.Namespac
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
         try:
-            wait_ready(url, proc)
+            wait_ready(url, proc, 300.0)
             lines = Path(tmp) / "rows.jsonl"
             workload = ["--code-edit", str(CODE)] if args.workload == "code-edit" else []
             bench = [
