@@ -31,8 +31,10 @@ from harness import wait_ready
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CODE = ROOT / "bench/data/code_edit_block_manager.py"
-LLAMA_SERVER = Path(
-    "/work/peers/venvs/llama-server/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
+#: The llama-server that ``bench/compare.py`` builds (from llama-cpp-python 0.3.36's sdist).
+LLAMA_SERVER = (
+    ROOT
+    / "bench/.venvs/llama-server/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
 )
 
 
