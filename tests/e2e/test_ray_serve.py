@@ -12,14 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import queue
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +23,8 @@ import pytest
 import ray  # the ray extra (scripts/setup.sh --test installs it)
 import requests
 
-from server_process import child_pids, free_port, metric_value
+from ray_replicas import frozen_engines, replica_metrics
+from server_process import free_port, metric_value
 from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -70,48 +67,6 @@ def cluster() -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def replica_pids() -> list[int]:
-    """The replicas' worker processes: Ray titles them ``ray::ServeReplica:<app>:<name>``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "cmdline").read_bytes().startswith(b"ray::ServeReplica:rillet"):
-                    pids.append(int(entry.name))
-    return pids
-
-
-@contextlib.contextmanager
-def frozen_engines() -> Iterator[None]:
-    """SIGSTOP every replica's engine process until the block exits: their requests can
-    neither advance nor finish, while Serve's proxies and the replicas' Python keep going."""
-    pids = [child for pid in replica_pids() for child in child_pids(pid)]
-    assert pids, "each replica runs its engine in a child process"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-
-def replica_metrics(cluster: Cluster, replica: str, predicate: Any) -> str:
-    """/metrics of ``replica`` once ``predicate(text)`` holds (Serve routes each scrape to
-    either replica; 120 s bound the wait, and the last scrape is shown if it runs out)."""
-    deadline, last = time.monotonic() + 120, ""
-    while time.monotonic() < deadline:
-        response = httpx.get(cluster.url + "/metrics", timeout=30)
-        if response.headers["x-rillet-replica"] == replica:
-            last = response.text
-            if predicate(last):
-                return last
-        time.sleep(0.05)
-    running = [line for line in last.splitlines() if line.startswith("rillet_requests_")]
-    raise AssertionError(f"replica {replica} never got there: {running}")
 
 
 LONG_TGI = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
@@ -177,9 +132,9 @@ def test_a_disconnect_aborts_in_the_replica(cluster: Cluster) -> None:
             replica = response.headers["x-rillet-replica"]
             next(line for line in response.iter_lines() if line.startswith("data:"))
             thaw.enter_context(frozen_engines())  # running, and it stays so until the abort
-        before = replica_metrics(cluster, replica, lambda text: True)
+        before = replica_metrics(cluster.url, replica, lambda text: True)
     after = replica_metrics(
-        cluster,
+        cluster.url,
         replica,
         lambda text: (
             metric_value(text, "rillet_requests_running") == 0
