@@ -11,6 +11,7 @@ table (aten ops only: the native kernels are not aten ops and do not show there)
     .venv/bin/python bench/profile_step.py 1 --small-batch-tokens 4   # one thread, as served
     .venv/bin/python bench/profile_step.py 16 --prefill-chunk 128      # + a 128-token chunk
     .venv/bin/python bench/profile_step.py 64 --prompt-tokens 1024     # long contexts
+    .venv/bin/python bench/profile_step.py 1 --json-schema             # a grammar per row
 
 ``--prefill-chunk P`` then adds one ``--prefill-prompt``-token prompt and times the steps
 that carry it, ``P`` tokens at a time, beside the N decodes: what a prefilling prompt costs
@@ -29,6 +30,8 @@ import time
 import torch
 
 from rillet import LLM, SamplingParams
+from rillet.benchmark.constraint import LONG_SCHEMA
+from rillet.constraint import Constraint
 from rillet.engine.inputs import build_request
 
 
@@ -47,6 +50,11 @@ def main() -> None:
         "--no-decoder-stack", action="store_true", help="decode steps through the Python layers"
     )
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    parser.add_argument(
+        "--json-schema",
+        action="store_true",
+        help="hold every request to `rillet bench`'s built-in schema (a grammar per row)",
+    )
     args = parser.parse_args()
 
     llm = LLM(
@@ -60,6 +68,11 @@ def main() -> None:
         core.runner.model.decoder_stack = None
     rng = random.Random(0)
     params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    if args.json_schema:
+        # A grammar's end cannot be ignored; the schema (64+ people) outlasts the steps.
+        params = dataclasses.replace(
+            params, ignore_eos=False, constraint=Constraint.json_schema(LONG_SCHEMA)
+        )
     running = []
     for _ in range(args.requests):
         prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
