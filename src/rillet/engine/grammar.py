@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -396,7 +396,7 @@ class Grammars:
             # vocabulary where a loop of fill_next_token_bitmask took 1.87 ms.
             self._batch.batch_fill_next_token_bitmask(matchers, bits, ready)
         # numpy, not torch: at one row, torch's indexing and any() cost more than the fill.
-        any_allowed: list[bool] = bits.numpy()[ready].any(axis=1).tolist()
+        any_allowed = cast(list[bool], bits.numpy()[ready].any(axis=1).tolist())
         masked: list[int] = []
         for i, allowed in zip(ready, any_allowed, strict=True):
             if allowed:
