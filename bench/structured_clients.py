@@ -10,7 +10,8 @@ unless ``--url`` names a running server, then, greedy:
 3. streamed tool calls with ``tool_choice`` naming the tool, and ``"required"``, assemble
    into arguments that validate against the tool's schema (``jsonschema``);
 4. a tool result round trip (the assistant's ``tool_calls``, then a ``role: "tool"``
-   message) gets an answer in ``content``;
+   message) gets an answer in ``content`` with ``tool_choice: "none"`` (what ``"auto"``
+   returns is printed too);
 5. ``tool_choice: "auto"`` with a question that needs the tool gives a well-formed call.
 
     .venv/bin/python bench/structured_clients.py                  # qwen2.5-coder-1.5b
@@ -215,11 +216,26 @@ class Checks:
                 "content": json.dumps({"temperature_c": 18, "sky": "light rain"}),
             },
         ]
-        answer = self.client.chat.completions.create(**self._fields(messages=messages, tools=TOOLS))
+        # With the tools still offered ("auto"), Qwen2.5-Coder-1.5B repeats the call (greedy,
+        # and so does its unconstrained output); "none" keeps them out of the prompt, and
+        # asks for the answer, as a client that wants the final text does.
+        auto = self.client.chat.completions.create(**self._fields(messages=messages, tools=TOOLS))
+        answer = self.client.chat.completions.create(
+            **self._fields(messages=messages, tools=TOOLS, tool_choice="none")
+        )
         message = answer.choices[0].message
         if not message.content or message.tool_calls:
             raise AssertionError(f"answer {message}")
-        return f"call {call.function.name}({call.function.arguments}) -> {message.content!r}"
+        again = auto.choices[0].message
+        auto_said = (
+            f"calls {[(c.function.name, c.function.arguments) for c in again.tool_calls]}"
+            if again.tool_calls
+            else repr(again.content)
+        )
+        return (
+            f"call {call.function.name}({call.function.arguments}) -> tool_choice none: "
+            f"{message.content!r}; auto: {auto.choices[0].finish_reason}, {auto_said}"
+        )
 
     def auto_tool(self) -> str:
         done = self.client.chat.completions.create(
