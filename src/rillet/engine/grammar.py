@@ -305,8 +305,9 @@ def apply_token_bitmask(
 
 #: Constrained rows from which one ``BatchGrammarMatcher`` call fills their masks on two
 #: threads; fewer are filled in a loop on the engine's thread. At c=1 the batch call cost
-#: 193 us a token where the loop's fill took 8 us (bench/RESULTS.md, "Constrained decoding
-#: at c = 1"): the hand-off to the library's pool waits for its thread to be scheduled.
+#: 80-193 us a token where the loop's fill took 7-8 us (bench/RESULTS.md, "Constrained
+#: decoding at c = 1"): the hand-off to the library's pool waits for its thread to get a
+#: core. At 16 and 64 rows the two gave the same engine step within the noise.
 BATCH_FILL_ROWS = 16
 
 
