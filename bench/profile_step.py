@@ -11,6 +11,7 @@ table (aten ops only: the native kernels are not aten ops and do not show there)
     .venv/bin/python bench/profile_step.py 1 --small-batch-tokens 4   # one thread, as served
     .venv/bin/python bench/profile_step.py 16 --prefill-chunk 128      # + a 128-token chunk
     .venv/bin/python bench/profile_step.py 64 --prompt-tokens 1024     # long contexts
+    .venv/bin/python bench/profile_step.py 1 --json-schema             # a grammar per row
 
 ``--prefill-chunk P`` then adds one ``--prefill-prompt``-token prompt and times the steps
 that carry it, ``P`` tokens at a time, beside the N decodes: what a prefilling prompt costs
@@ -29,6 +30,8 @@ import time
 import torch
 
 from rillet import LLM, SamplingParams
+from rillet.benchmark.constraint import LONG_SCHEMA
+from rillet.constraint import Constraint
 from rillet.engine.inputs import build_request
 
 
@@ -47,6 +50,11 @@ def main() -> None:
         "--no-decoder-stack", action="store_true", help="decode steps through the Python layers"
     )
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    parser.add_argument(
+        "--json-schema",
+        action="store_true",
+        help="hold every request to `rillet bench`'s built-in schema (a grammar per row)",
+    )
     args = parser.parse_args()
 
     llm = LLM(
@@ -60,6 +68,11 @@ def main() -> None:
         core.runner.model.decoder_stack = None
     rng = random.Random(0)
     params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    if args.json_schema:
+        # A grammar's end cannot be ignored; the schema (64+ people) outlasts the steps.
+        params = dataclasses.replace(
+            params, ignore_eos=False, constraint=Constraint.json_schema(LONG_SCHEMA)
+        )
     running = []
     for _ in range(args.requests):
         prompt = [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
@@ -73,13 +86,17 @@ def main() -> None:
             break
     for _ in range(5):
         core.step()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         core.step()
     step = (time.perf_counter() - start) / args.steps
+    # CPU time of every thread of the process (the grammar library's too): on a busy shared
+    # machine it moves far less than wall time, whose waits for a core it does not count.
+    cpu = (time.process_time() - cpu_start) / args.steps
     print(
         f"{args.requests} running: decode step {step * 1e3:.2f} ms, "
-        f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads"
+        f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads, "
+        f"{cpu * 1e3:.2f} ms of CPU a step"
     )
     if args.prefill_chunk:
         # Set now, not at start: under the cap the N prompts above would still be prefilling.

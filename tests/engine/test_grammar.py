@@ -11,6 +11,8 @@ import json
 import pickle
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import jsonschema
 import pytest
@@ -21,6 +23,7 @@ from rillet.config import EngineConfig
 from rillet.constraint import Constraint, ConstraintKind
 from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.grammar import (
+    BATCH_FILL_ROWS,
     SPLIT_APPLY_ROWS,
     GrammarCache,
     Grammars,
@@ -29,6 +32,7 @@ from rillet.engine.grammar import (
     apply_token_bitmask,
     check_constraint,
 )
+from rillet.engine.request import Request
 from rillet.engine.sampler import Sampler, SamplingRow
 from rillet.errors import GenerationError, ValidationError
 from rillet.models import cpu_kernels
@@ -231,6 +235,49 @@ def test_matcher_follows_committed_tokens_and_rolls_back(tokenizer: Tokenizer) -
     with pytest.raises(GenerationError):
         grammar.sync([*ids, ids[0]])  # a token the grammar does not allow
     assert cache.num_compiles == 1
+
+
+def test_step_bitmask_matches_each_matcher_in_a_loop_and_in_one_batch_call(
+    tokenizer: Tokenizer,
+) -> None:
+    """Fewer than BATCH_FILL_ROWS rows are filled in a loop, more in one library call, into
+    buffers reused from step to step: every path gives each row its own matcher's mask."""
+    constraint = Constraint.json_schema(SCHEMA)
+    ids = tokenizer.encode(
+        '{"name": "Ada", "age": 36, "role": "admin", "tags": ["x"], "ok": true}',
+        add_special_tokens=False,
+    )
+    reference = RequestGrammar(GrammarCache(tokenizer, tokenizer.vocab_size).get(constraint))
+    bits = torch.zeros((1, (tokenizer.vocab_size + 31) // 32), dtype=torch.int32)
+    expected = []
+    for n in range(len(ids) + 1):
+        reference.sync(ids[:n])
+        reference.fill(bits, 0)
+        expected.append(_allowed(bits))
+
+    grammars = Grammars(tokenizer, tokenizer.vocab_size)
+    requests = []
+    for k in range(2 * BATCH_FILL_ROWS + 3):  # every third one unconstrained
+        request = SimpleNamespace(request_id=f"r{k}", output_token_ids=[])
+        if k % 3:
+            grammars.add(request.request_id, constraint)
+        requests.append(request)
+    done = requests[-1]  # its grammar accepted EOS: nothing may follow
+    done.output_token_ids = [*ids, min(tokenizer.eos_token_ids)]
+
+    for batch in (requests[:4], requests, requests[1:5], requests[:-1]):
+        for k, request in enumerate(batch):
+            if request is not done:
+                request.output_token_ids = ids[: (k * 7 + len(batch)) % (len(ids) + 1)]
+        mask, failed = grammars.bitmask(cast(list[Request], batch))
+        assert mask is not None and mask.row_index is not None
+        constrained = [k for k, r in enumerate(batch) if r.request_id in grammars]
+        live = [k for k in constrained if batch[k] is not done]
+        assert mask.rows == live and mask.row_index.tolist() == live
+        assert list(failed) == ([done.request_id] if any(r is done for r in batch) else [])
+        assert mask.bits.shape[0] == len(batch)
+        for k in live:
+            assert _allowed(mask.bits, k) == expected[len(batch[k].output_token_ids)], k
 
 
 def test_cache_is_bounded(tokenizer: Tokenizer) -> None:

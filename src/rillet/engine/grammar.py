@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -261,6 +261,9 @@ class TokenBitmask:
 
     bits: torch.Tensor  # [B, ceil(V / 32)] int32
     rows: list[int]
+    #: ``rows`` as an int64 tensor, when the maker has one at hand (the native kernel's
+    #: input); built from ``rows`` otherwise.
+    row_index: torch.Tensor | None = None
 
 
 #: Masked rows from which the mask is applied on two threads. The library's CPU kernel
@@ -281,7 +284,9 @@ def apply_token_bitmask(
     xgrammar's 7.7-18.5 ms); elsewhere xgrammar's."""
     global _apply_pool
     if native is not None and logits.device.type == "cpu":
-        rows = torch.tensor(mask.rows, dtype=torch.int64)
+        rows = mask.row_index
+        if rows is None:
+            rows = torch.tensor(mask.rows, dtype=torch.int64)
         native.apply_token_bitmask(logits, mask.bits.contiguous(), rows)
         return
     bits = mask.bits.to(logits.device)
@@ -298,8 +303,21 @@ def apply_token_bitmask(
     helper.result()
 
 
+#: Constrained rows from which one ``BatchGrammarMatcher`` call fills their masks on two
+#: threads; fewer are filled in a loop on the engine's thread. At c=1 the batch call cost
+#: 80-193 us a token where the loop's fill took 7-8 us (bench/RESULTS.md, "Constrained
+#: decoding at c = 1"): the hand-off to the library's pool waits for its thread to get a
+#: core. At 16 and 64 rows the two gave the same engine step within the noise.
+BATCH_FILL_ROWS = 16
+
+
 class Grammars:
-    """The model runner's request grammars, and the step's bitmask."""
+    """The model runner's request grammars, and the step's bitmask.
+
+    The bitmask and its row index live in buffers kept from step to step (grown when a
+    batch outgrows them): a :class:`TokenBitmask` is valid until the next :meth:`bitmask`
+    call, which the engine makes only after the step's sampling has used it.
+    """
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int) -> None:
         """Without a tokenizer (a bare runner in tests), constraints are refused."""
@@ -307,7 +325,9 @@ class Grammars:
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
         self._requests: dict[str, RequestGrammar] = {}
-        self._batch: Any = None  # fills the rows' masks on two threads
+        self._batch: Any = None  # fills many rows' masks on two threads
+        self._bits = torch.empty((0, (vocab_size + 31) // 32), dtype=torch.int32)
+        self._index = torch.empty(0, dtype=torch.int64)
 
     @property
     def cache(self) -> GrammarCache:
@@ -333,6 +353,14 @@ class Grammars:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
+    def _buffers(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bitmask [batch, words] and row-index buffers, grown to hold ``batch`` rows."""
+        if self._bits.shape[0] < batch:
+            size = max(batch, 2 * self._bits.shape[0], 8)
+            self._bits = torch.empty((size, self._bits.shape[1]), dtype=torch.int32)
+            self._index = torch.empty(size, dtype=torch.int64)
+        return self._bits[:batch], self._index
+
     def bitmask(
         self, requests: Sequence[Request]
     ) -> tuple[TokenBitmask | None, dict[str, RilletError]]:
@@ -341,7 +369,7 @@ class Grammars:
         rows = [i for i, r in enumerate(requests) if r.request_id in self._requests]
         if not rows:
             return None, {}
-        bits = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        bits, index = self._buffers(len(requests))
         ready: list[int] = []
         failed: dict[str, RilletError] = {}
         for i in rows:
@@ -356,20 +384,28 @@ class Grammars:
                 ready.append(i)
             else:
                 failed[request.request_id] = _no_token()
-        if ready:
+        if not ready:
+            return TokenBitmask(bits, []), failed
+        matchers = [self._requests[requests[i].request_id].matcher for i in ready]
+        if len(ready) < BATCH_FILL_ROWS:
+            for i, matcher in zip(ready, matchers, strict=True):
+                matcher.fill_next_token_bitmask(bits, i)
+        else:
             if self._batch is None:
                 self._batch = _xgr().BatchGrammarMatcher(max_threads=2)
             # One call for every row, on two threads: 0.84 ms for 64 rows of SmolLM2's
             # vocabulary where a loop of fill_next_token_bitmask took 1.87 ms.
-            matchers = [self._requests[requests[i].request_id].matcher for i in ready]
             self._batch.batch_fill_next_token_bitmask(matchers, bits, ready)
+        # numpy, not torch: at one row, torch's indexing and any() cost more than the fill.
+        any_allowed = cast(list[bool], bits.numpy()[ready].any(axis=1).tolist())
         masked: list[int] = []
-        for i, any_allowed in zip(ready, bits[ready].any(dim=1).tolist(), strict=True):
-            if any_allowed:
+        for i, allowed in zip(ready, any_allowed, strict=True):
+            if allowed:
                 masked.append(i)
             else:
                 failed[requests[i].request_id] = _no_token()
-        return TokenBitmask(bits, masked), failed
+        index.numpy()[: len(masked)] = masked
+        return TokenBitmask(bits, masked, index[: len(masked)]), failed
 
 
 def _no_token() -> GenerationError:
