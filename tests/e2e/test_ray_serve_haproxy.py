@@ -16,7 +16,10 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +27,7 @@ import ray  # the ray extra (scripts/setup.sh --test installs it)
 
 from ray_replicas import frozen_engines, replica_metrics
 from server_process import free_port, metric_value
+from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -31,23 +35,40 @@ HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 LONG_TGI = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
 
 
+@dataclass
+class Cluster:
+    url: str
+    grpc_target: str
+    model: str
+
+
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
+def cluster() -> Iterator[Cluster]:
     from ray import serve
 
     from rillet.deploy.ray import RayAppArgs, app
 
     # Serve reads it when its controller starts: the local cluster's processes inherit it.
     os.environ[HAPROXY_FLAG] = "1"
-    http_port = free_port()
+    http_port, grpc_port = free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={
+                "port": grpc_port,
+                "grpc_servicer_functions": [
+                    "rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server"
+                ],
+            },
+        )
         args = RayAppArgs(
             num_replicas=1, threads=1, max_concurrent_requests=2, max_queued_requests=2
         )
         serve.run(app(args), name="rillet", route_prefix="/")
-        yield f"http://127.0.0.1:{http_port}"
+        url = f"http://127.0.0.1:{http_port}"
+        model = httpx.get(url + "/info", timeout=30).json()["model_id"]
+        yield Cluster(url, f"127.0.0.1:{grpc_port}", model)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -67,7 +88,8 @@ def haproxy_pids() -> list[int]:
     return pids
 
 
-def test_streams_arrive_event_by_event_through_haproxy(url: str) -> None:
+def test_streams_arrive_event_by_event_through_haproxy(cluster: Cluster) -> None:
+    url = cluster.url
     assert haproxy_pids(), "Serve runs HAProxy as its ingress"
     tgi = {"inputs": "The sea is", "parameters": {"max_new_tokens": 12}}
     chat = {
@@ -106,7 +128,8 @@ def test_streams_arrive_event_by_event_through_haproxy(url: str) -> None:
     assert choices[-1]["finish_reason"] == "length"
 
 
-def test_a_disconnect_aborts_in_the_replica(url: str) -> None:
+def test_a_disconnect_aborts_in_the_replica(cluster: Cluster) -> None:
+    url = cluster.url
     with contextlib.ExitStack() as thaw:
         with httpx.stream("POST", url + "/generate_stream", json=LONG_TGI, timeout=60) as response:
             replica = response.headers["x-rillet-replica"]
@@ -125,9 +148,39 @@ def test_a_disconnect_aborts_in_the_replica(url: str) -> None:
     assert metric_value(after, cancelled) >= max(1, metric_value(before, cancelled))
 
 
-async def test_past_the_queue_a_request_is_refused_at_once(url: str) -> None:
-    """Engine frozen: its 2 streams held, the replica queues 2 more and Serve refuses the
-    other 2 at once with 429 and retry-after, as Serve's own proxy does."""
+def test_tritonclient_streams_through_haproxy(cluster: Cluster) -> None:
+    """Serve's HAProxy fronts gRPC too: stock tritonclient streams, and the text is the one
+    the same request gets from the HTTP door."""
+    import tritonclient.grpc as tc
+
+    inputs = vllm_inputs("The sea is", sampling={"max_tokens": 16, "temperature": 0})
+    results: queue.Queue[Any] = queue.Queue()
+    text, responses = "", 0
+    with tc.InferenceServerClient(cluster.grpc_target) as client:
+        assert client.is_server_live() and client.is_model_ready(cluster.model)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(cluster.model, inputs, request_id="r")
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            text += result.as_numpy("text_output")[0].decode()
+            responses += 1
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    completion = httpx.post(
+        cluster.url + "/v1/completions",
+        json={"prompt": "The sea is", "max_tokens": 16, "temperature": 0},
+        timeout=60,
+    ).json()
+    assert text == completion["choices"][0]["text"] and responses > 5
+
+
+async def test_past_the_queue_a_request_is_refused_at_once(cluster: Cluster) -> None:
+    """Last in the module: it fills every slot. Engine frozen: its 2 streams held, the
+    replica queues 2 more and Serve refuses the other 2 at once with 429 and retry-after,
+    as Serve's own proxy does."""
+    url = cluster.url
     async with (
         httpx.AsyncClient(base_url=url, timeout=120) as client,
         contextlib.AsyncExitStack() as held,

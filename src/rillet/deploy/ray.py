@@ -2,11 +2,15 @@
 
     serve run rillet.deploy.ray:app num_replicas=2 threads=1
     serve run examples/ray/serve.yaml            # with Serve's gRPC proxy for tritonclient
+    RAY_SERVE_ENABLE_HA_PROXY=1 serve run rillet.deploy.ray:app   # HAProxy as the ingress
 
 Each replica owns one engine (in a process of its own, as ``rillet serve`` runs it) and one
 generation service, and serves every HTTP door through Serve's HTTP proxy (TGI, OpenAI,
 plain text, the WebSocket chat and ``/ws``, the page, Triton HTTP), with an
-``x-rillet-replica`` header naming it. Through Serve's gRPC proxy (``grpc_options`` with
+``x-rillet-replica`` header naming it. With Serve's HAProxy ingress (a cluster setting:
+``RAY_SERVE_ENABLE_HA_PROXY=1`` where the cluster starts) each replica serves HTTP itself
+and HAProxy forwards connections to it, so no Python proxy relays a stream's events: the
+setting for streaming (``bench/RESULTS.md``). Through Serve's gRPC proxy (``grpc_options`` with
 ``rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server``) it serves Triton's
 ``GRPCInferenceService``, so stock tritonclient streams through Ray: the replica is the
 servicer of ``rillet serve``'s gRPC door (``rillet.server.kserve.servicer``).
