@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures_models import write_tiny_model
+from target_distribution import chi_square_p_value, three_token_distribution
 from rillet import LLM, ModelLoadError, SamplingParams
 from rillet.engine.draft_model import DraftModelProposer
 from rillet.engine.inputs import build_request
@@ -52,7 +53,7 @@ def near_draft(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return folder
 
 
-def always_draft(llm: LLM, k: int = 4) -> Speculator:
+def always_draft(llm: LLM, k: int = 4, max_num_seqs: int = 16) -> Speculator:
     """Replace the engine's speculator by one whose every draft pays (costs zeroed)."""
     spec = llm.core.scheduler.speculator
     assert spec is not None and spec.drafts_in_runner
@@ -62,8 +63,8 @@ def always_draft(llm: LLM, k: int = 4) -> Speculator:
         row_cost=0.0,
         row_cost_per_1k=0.0,
         draft_cost=0.0,
-        max_num_seqs=16,
-        max_step_rows=1 << 10,
+        max_num_seqs=max_num_seqs,
+        max_step_rows=1 << 20,
     )
     llm.core.scheduler.speculator = fresh = Speculator(config)
     return fresh
@@ -108,9 +109,7 @@ def test_greedy_output_is_unchanged(tiny_model_dir: Path, near_draft: Path) -> N
         assert_same(outputs(plain, capped), outputs(spec, capped))
     for (_, text, _, _), prompt in zip(expected, PROMPTS, strict=True):
         assert isinstance(text, str) and len(text) > 8
-        stop = SamplingParams(
-            max_new_tokens=40, temperature=0.0, stop=[text[len(text) // 2 :][:3]]
-        )
+        stop = SamplingParams(max_new_tokens=40, temperature=0.0, stop=[text[len(text) // 2 :][:3]])
         (want,) = plain.generate([prompt], stop)
         (got,) = spec.generate([prompt], stop)
         assert (got.token_ids, got.text, got.finish_reason) == (
@@ -131,12 +130,40 @@ def test_seeded_sampled_rows_draw_the_same_tokens(tiny_model_dir: Path, near_dra
     speculator = always_draft(spec)
     for i, prompt in enumerate(PROMPTS):
         params = SamplingParams(
-            max_new_tokens=24, temperature=0.8, seed=i, logprobs=True, ignore_eos=True
+            max_new_tokens=24, temperature=0.8, top_k=3, seed=i, logprobs=True, ignore_eos=True
         )
         ((want,), (got,)) = plain.generate([prompt], params), spec.generate([prompt], params)
         assert got.token_ids == want.token_ids
     assert speculator.counters.num_accepted_tokens["draft"] > 0
     assert drafter_of(spec).num_used_blocks == 0
+
+
+def test_sampled_outputs_follow_the_targets_distribution(
+    tiny_model_dir: Path, near_draft: Path
+) -> None:
+    """3 tokens at temperature 1 and top-k 4 (64 outcomes), 2,000 times, the second and
+    third drafted by the draft model (its argmax: a point-mass proposal, so keeping a
+    draft while the target's own draw equals it is exact rejection sampling). Their joint
+    counts against the exact distribution, from transformers."""
+    llm = LLM(str(tiny_model_dir), speculative=f"draft:{near_draft}", **OPTIONS)
+    spec = always_draft(llm, k=2, max_num_seqs=1 << 16)
+    prompt = llm.tokenizer.encode("the cat sat on", add_special_tokens=False)
+    expected, _ = three_token_distribution(tiny_model_dir, prompt)
+    n = 2000
+    # A 4th token leaves room for 2 drafts after the first (it is not counted).
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4, ignore_eos=True)
+    counts: dict[tuple[int, int, int], int] = {}
+    for c in llm.generate([prompt] * n, params):
+        key = (c.token_ids[0], c.token_ids[1], c.token_ids[2])
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(expected)
+    drafted = spec.counters.num_draft_tokens["draft"]
+    accepted = spec.counters.num_accepted_tokens["draft"]
+    # 2 drafts after the first token; a 3rd token left to make is drafted again.
+    assert drafted >= 2 * n and 0.2 * drafted < accepted < 0.9 * drafted, (drafted, accepted)
+    assert chi_square_p_value(counts, expected, n) > 0.001
+    # The test can fail: accepting every draft would give the draft's argmax far too often.
+    assert drafter_of(llm).num_used_blocks == 0
 
 
 def test_a_draft_of_the_target_itself_accepts_everything(tiny_model_dir: Path) -> None:
@@ -227,6 +254,7 @@ def test_a_draft_with_another_tokenizer_is_refused(
     assert "\n" not in message and "<|draft_only|>" in message
 
 
+@pytest.mark.slow
 def test_serve_refuses_it_in_one_line(tiny_model_dir: Path, other_tokenizer_model: Path) -> None:
     done = subprocess.run(
         [
@@ -253,3 +281,20 @@ def test_serve_refuses_it_in_one_line(tiny_model_dir: Path, other_tokenizer_mode
     assert len(lines) == 1 and "its tokenizer differs" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     json.dumps(lines)  # plain text
+
+
+@pytest.mark.slow
+def test_bundled_model_drafting_for_itself() -> None:
+    """The bundled model as its own draft: every proposal is the target's argmax, so
+    nearly all are accepted, and the output is the plain run's."""
+    plain = LLM(None, **OPTIONS)
+    spec = LLM(None, speculative="draft:smollm2-135m", **OPTIONS)
+    speculator = always_draft(spec)
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True, logprobs=True)
+    assert_same(outputs(plain, params), outputs(spec, params))
+    stops = SamplingParams(max_new_tokens=11, temperature=0.0, stop=[" the", "\n"])
+    assert_same(outputs(plain, stops), outputs(spec, stops))
+    counters = speculator.counters
+    assert counters.num_accepted_tokens["draft"] > 0.9 * counters.num_draft_tokens["draft"] > 0
+    assert spec.core.scheduler.block_manager.num_used_blocks == 0
+    assert drafter_of(spec).num_used_blocks == 0
