@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures_models import write_tiny_model
-from target_distribution import chi_square_p_value, three_token_distribution
 from rillet import LLM, ModelLoadError, SamplingParams
 from rillet.engine.draft_model import DraftModelProposer
 from rillet.engine.inputs import build_request
 from rillet.engine.speculation import Speculator
 from rillet.protocol import FinishReason
+from target_distribution import chi_square_p_value, three_token_distribution
 
 PROMPTS = [
     "1, 2, 3, 4, 1, 2, 3, 4, 1, 2,",
