@@ -176,6 +176,13 @@ def test_a_draft_of_the_target_itself_accepts_everything(tiny_model_dir: Path) -
     assert counters.num_accepted_tokens["draft"] == counters.num_draft_tokens["draft"] > 0
     # 1 token from the prompt's step, then 4 a step: 5 steps of drafts per request.
     assert counters.num_draft_tokens["draft"] == len(PROMPTS) * 5 * 3
+    # A request asking for fewer drafts (OpenAI's "speculative.n_max") gets them: 1 a step
+    # makes 2 tokens a step, 10 steps after the first token; 0 turns drafting off.
+    for wanted, num_drafts in ((1, 10), (0, 0)):
+        before = counters.num_draft_tokens["draft"]
+        fewer = dataclasses.replace(params, num_speculative_tokens=wanted)
+        assert_same(outputs(plain, params), outputs(spec, fewer))
+        assert counters.num_draft_tokens["draft"] - before == len(PROMPTS) * num_drafts
 
 
 def test_under_preemption_and_a_small_draft_cache(tiny_model_dir: Path, near_draft: Path) -> None:
@@ -195,6 +202,7 @@ def test_under_preemption_and_a_small_draft_cache(tiny_model_dir: Path, near_dra
     speculator = always_draft(tight)
     starved = tight.generate(prompts, params)
     assert tight.core.counters.num_preemptions > 0
+    assert drafter_of(tight).num_evictions > 0
     assert speculator.counters.num_accepted_tokens["draft"] > 0
     assert [c.token_ids for c in ample] == [c.token_ids for c in starved]
     assert tight.core.scheduler.block_manager.num_used_blocks == 0

@@ -67,8 +67,9 @@ class DraftModelProposer:
         #: Shadows in least recently drafted order (the first is evicted when blocks run out).
         self._shadows: OrderedDict[str, Request] = OrderedDict()
         self._step_shadows: list[Request] = []  # never evicted: they draft in this step
-        #: Draft-model forwards run, and their seconds (a statistic).
+        #: Draft-model forwards run, their seconds, and shadows evicted for room (statistics).
         self.num_forwards = 0
+        self.num_evictions = 0
         self.forward_seconds = 0.0
 
     @property
@@ -179,6 +180,7 @@ class DraftModelProposer:
             if victim is None:
                 return False
             self.release(victim.request_id)
+            self.num_evictions += 1
         bm.allocate(shadow, num_tokens, [])
         return True
 
