@@ -3,8 +3,9 @@ the bundled tokenizer: greedy output identical with and without it (stop strings
 max_tokens inside accepted runs included), seeded and sampled rows, every KV block back in
 both caches, and a draft of another tokenizer refused in one line.
 
-The policy's costs are zeroed (:func:`always_draft`): two tiny models of one size would
-never pay for each other, and these tests are about correctness.
+The policy's costs are zeroed (:func:`always_draft`, ``tests/support/free_drafts.py``): two
+tiny models of one size would never pay for each other, and these tests are about
+correctness.
 
 float32, where a row's result does not depend on the batch's shape.
 """
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures_models import write_tiny_model
+from free_drafts import free_speculator
 from rillet import LLM, ModelLoadError, SamplingParams
 from rillet.engine.draft_model import DraftModelProposer
 from rillet.engine.inputs import build_request
@@ -54,19 +56,14 @@ def near_draft(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def always_draft(llm: LLM, k: int = 4, max_num_seqs: int = 16) -> Speculator:
-    """Replace the engine's speculator by one whose every draft pays (costs zeroed)."""
-    spec = llm.core.scheduler.speculator
-    assert spec is not None and spec.drafts_in_runner
-    config = dataclasses.replace(
-        spec.config,
+    """Replace the engine's speculator by one whose every draft pays."""
+    fresh = free_speculator(
+        llm.core.scheduler.speculator,
         num_speculative_tokens=k,
-        row_cost=0.0,
-        row_cost_per_1k=0.0,
-        draft_cost=0.0,
         max_num_seqs=max_num_seqs,
         max_step_rows=1 << 20,
     )
-    llm.core.scheduler.speculator = fresh = Speculator(config)
+    llm.core.scheduler.speculator = fresh
     return fresh
 
 

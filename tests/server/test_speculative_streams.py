@@ -4,13 +4,13 @@ OpenAI's stream merges a step's tokens into one delta, and both carry the plain 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app_server import serving
+from free_drafts import free_speculator
 from rillet import LLM, SamplingParams
 from rillet.config import EngineConfig
 from rillet.engine.async_engine import AsyncEngine
@@ -39,10 +39,8 @@ def drafting_engine(tiny_model_dir: Path) -> tuple[AsyncEngine, Speculator]:
         **OPTIONS,  # type: ignore[arg-type]
     )
     engine = AsyncEngine.from_config(config)
-    spec = engine.core.scheduler.speculator
-    assert spec is not None
-    free = dataclasses.replace(spec.config, row_cost=0.0, row_cost_per_1k=0.0, draft_cost=0.0)
-    engine.core.scheduler.speculator = speculator = Speculator(free)
+    speculator = free_speculator(engine.core.scheduler.speculator)
+    engine.core.scheduler.speculator = speculator
     return engine, speculator
 
 

@@ -38,11 +38,15 @@ from rillet.engine.block_manager import BlockManager
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.request import Request
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.engine.speculation import DraftTiming
 from rillet.errors import ModelLoadError
 from rillet.sampling import SamplingParams
 from rillet.tokenizer import Tokenizer
 
 _GREEDY = SamplingParams(max_new_tokens=None, temperature=0.0)
+#: Forwards of at most this many tokens a row time what a draft costs the policy: catching
+#: up after a rejection or a bonus token is; a prompt seen for the first time is not.
+_DECODE_LIKE = 8
 
 
 class DraftModelProposer:
@@ -71,10 +75,20 @@ class DraftModelProposer:
         self.num_forwards = 0
         self.num_evictions = 0
         self.forward_seconds = 0.0
+        # Since the last take_timing(): every forward's seconds, and the decode-like ones'.
+        self._seconds = 0.0
+        self._decode_forwards = 0
+        self._decode_seconds = 0.0
 
     @property
     def num_used_blocks(self) -> int:
         return self.block_manager.num_used_blocks
+
+    def take_timing(self) -> DraftTiming:
+        """The draft model's time since the last call (the policy's measured cost)."""
+        timing = DraftTiming(self._seconds, self._decode_forwards, self._decode_seconds)
+        self._seconds, self._decode_forwards, self._decode_seconds = 0.0, 0, 0.0
+        return timing
 
     def release(self, request_id: str) -> None:
         """Forget a finished request: its draft blocks go back."""
@@ -154,8 +168,13 @@ class DraftModelProposer:
         """Run the draft model on ``batch``; each row that samples takes one more draft."""
         started = time.perf_counter()
         result = self.runner.execute(SchedulerOutput([s for _, s in batch], []))
-        self.forward_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.forward_seconds += seconds
         self.num_forwards += 1
+        self._seconds += seconds
+        if all(s.num_new_tokens <= _DECODE_LIKE for _, s in batch):
+            self._decode_forwards += 1
+            self._decode_seconds += seconds
         for row, s in batch:
             shadow = row.shadow
             shadow.num_computed_tokens += s.num_new_tokens

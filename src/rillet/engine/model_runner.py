@@ -25,6 +25,7 @@ from rillet.engine.grammar import Grammars
 from rillet.engine.request import Request
 from rillet.engine.sampler import MIN_TEMPERATURE, Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.engine.speculation import DraftTiming
 from rillet.errors import RilletError
 from rillet.models.attention import (
     AttentionMetadata,
@@ -60,6 +61,8 @@ class Drafter(Protocol):
     def propose(self, scheduled: list[ScheduledRequest]) -> None: ...
 
     def release(self, request_id: str) -> None: ...
+
+    def take_timing(self) -> DraftTiming: ...
 
 
 class InjectedFault(RuntimeError):

@@ -37,9 +37,12 @@ step's time), so it pays when ``a^i > c * B``. Its cost:
   step at 128 tokens, 0.27 at 3,000: decode attention over a long context is compute, not
   reads, so a row's share grows with it);
 - with a draft model, one draft-model forward per draft token as well: ``draft_cost``, a
-  draft step's time as a fraction of the target's (the builder takes the ratio of the two
-  models' weight bytes, what a memory-bound decode step reads). Conservatively the whole
-  forward is charged to each request, though one forward serves every row of the step.
+  draft forward's time as a fraction of the target's decode step. It starts at the ratio of
+  the two models' weight bytes (what a memory-bound decode step reads: 0.44 for
+  Qwen2.5-Coder 0.5B drafting for 1.5B) and then follows what the engine measures
+  (:meth:`Speculator.observe_draft_forwards`), so a draft model slower than its bytes say
+  stops being used. Conservatively the whole forward is charged to each request, though one
+  forward serves every row of the step.
 
 So draft ``i`` is proposed while ``a^i > (row_cost(n) + draft_cost) * B``. A request gets
 the longest run of drafts that pays; a step's rows stay within ``max_step_rows`` (past
@@ -107,9 +110,10 @@ class SpeculationConfig:
         """The proposer's name in counters and metrics: ``ngram`` or ``draft``."""
         return "draft" if self.uses_draft_model else self.method
 
-    def draft_cost_at(self, context_len: int) -> float:
-        """What one draft costs, as a fraction of a decode step, at ``context_len`` tokens."""
-        return self.row_cost + self.row_cost_per_1k * context_len / 1000 + self.draft_cost
+    def row_cost_at(self, context_len: int) -> float:
+        """What one verification row costs, as a fraction of a decode step, at
+        ``context_len`` tokens of context."""
+        return self.row_cost + self.row_cost_per_1k * context_len / 1000
 
 
 class NgramIndex:
@@ -158,6 +162,16 @@ class _RequestStats:
         return self.accepted / self.judged
 
 
+@dataclass(frozen=True)
+class DraftTiming:
+    """A draft model's seconds over some steps: all its forwards', and the count and
+    seconds of its decode-like ones (what a draft costs; not a first prompt's catch-up)."""
+
+    seconds: float
+    num_decode_forwards: int
+    decode_seconds: float
+
+
 @dataclass
 class SpeculationCounters:
     """Monotonic counters since start, per proposer (``/metrics`` reads them)."""
@@ -177,6 +191,9 @@ class Speculator:
         name = config.proposer
         self.counters = SpeculationCounters({name: 0}, {name: 0})
         self._requests: dict[str, _RequestStats] = {}
+        #: A draft-model forward's time as a fraction of a decode step: the configured prior,
+        #: then a moving average of the measured ratio.
+        self.draft_cost = config.draft_cost
         self._batch = 0
         self._rows_left = 0
 
@@ -199,7 +216,7 @@ class Speculator:
     def num_worth_proposing(self, acceptance: float, limit: int, context_len: int = 0) -> int:
         """The longest run of drafts, at most ``limit``, whose every draft pays this step at
         a context of ``context_len`` tokens."""
-        threshold = self.config.draft_cost_at(context_len) * self._batch
+        threshold = (self.config.row_cost_at(context_len) + self.draft_cost) * self._batch
         k, chance = 0, acceptance
         while k < limit and chance > threshold:
             k += 1
@@ -263,6 +280,18 @@ class Speculator:
         judged = num_accepted + (num_accepted < num_drafts)
         stats.accepted = self._DECAY * stats.accepted + num_accepted
         stats.judged = self._DECAY * stats.judged + judged
+
+    def observe_draft_forwards(
+        self, seconds_per_forward: float, verify_seconds: float, num_drafts: int, context_len: int
+    ) -> None:
+        """Record a step's measured costs: the draft model's decode-like forwards took
+        ``seconds_per_forward`` each, and the target's verifying forward ``verify_seconds``
+        for ``num_drafts`` draft rows at a mean context of ``context_len`` tokens. A decode
+        step is the verifying one less its draft rows (``row_cost_at``)."""
+        decode = verify_seconds / (1 + self.config.row_cost_at(context_len) * num_drafts)
+        if decode > 0:
+            ratio = seconds_per_forward / decode
+            self.draft_cost = self._DECAY * self.draft_cost + (1 - self._DECAY) * ratio
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
