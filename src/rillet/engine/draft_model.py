@@ -71,6 +71,7 @@ class DraftModelProposer:
         #: Shadows in least recently drafted order (the first is evicted when blocks run out).
         self._shadows: OrderedDict[str, Request] = OrderedDict()
         self._step_shadows: list[Request] = []  # never evicted: they draft in this step
+        self._num_committed: dict[str, int] = {}  # the target's tokens at each last sync
         #: Draft-model forwards run, their seconds, and shadows evicted for room (statistics).
         self.num_forwards = 0
         self.num_evictions = 0
@@ -93,6 +94,7 @@ class DraftModelProposer:
     def release(self, request_id: str) -> None:
         """Forget a finished request: its draft blocks go back."""
         shadow = self._shadows.pop(request_id, None)
+        self._num_committed.pop(request_id, None)
         if shadow is not None:
             self.block_manager.free(shadow)
             self.runner.release(request_id)
@@ -124,13 +126,16 @@ class DraftModelProposer:
         # The shadow's tokens (and so its KV) are valid up to the first that differs from
         # the target's committed ones: drafts the target rejected, and what followed them.
         # all_token_ids is the shadow's whole record: it has no prompt/output split.
+        # Its first tokens were the target's committed ones at the last sync, and those never
+        # change: the comparison starts after them (not a scan of a long context each step).
         theirs, mine = request.all_token_ids, shadow.all_token_ids
-        valid = 0
         limit = min(len(theirs), len(mine))
+        valid = min(self._num_committed.get(rid, 0), limit)
         while valid < limit and theirs[valid] == mine[valid]:
             valid += 1
         del mine[valid:]
         mine.extend(theirs[valid:])
+        self._num_committed[rid] = len(theirs)
         # At least the last token runs again: its logits are draft 1's.
         shadow.num_computed_tokens = min(shadow.num_computed_tokens, valid, len(theirs) - 1)
         self.block_manager.trim(shadow, shadow.num_computed_tokens)
