@@ -146,12 +146,14 @@ def _draft_model(
     dtype: torch.dtype,
     kv_dtype: torch.dtype,
     native: ModuleType | None,
+    max_cache_tokens: int,
 ) -> _Draft | None:
     """The draft model of ``--speculative draft:NAME``, with its own KV cache, or None.
 
     Refused (ModelLoadError) when its tokenizer differs from the target's or its context is
     shorter than the served one. Its cache holds ``speculative_max_num_seqs + 1`` full
-    contexts (only steps of that many requests draft), at most the target's tokens.
+    contexts (only steps of that many requests draft), at most ``max_cache_tokens`` (the
+    target's); when it is full, the least recently drafting request's part is evicted.
     """
     name = draft_model_of(config.speculative)
     if name is None or config.num_speculative_tokens == 0:
@@ -165,7 +167,7 @@ def _draft_model(
             f"the served context of {max_model_len}; lower --max-model-len"
         )
     ready = prepare_model(files, config, device, dtype, native)
-    tokens = (config.speculative_max_num_seqs + 1) * max_model_len
+    tokens = min((config.speculative_max_num_seqs + 1) * max_model_len, max_cache_tokens)
     num_blocks = -(-tokens // config.block_size) + config.num_speculative_tokens + 1
     runner = ModelRunner(
         ready.model,
@@ -231,7 +233,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
 
     ready = prepare_model(files, config, device, dtype, native)
     model = ready.model
-    draft = _draft_model(config, files, max_model_len, device, dtype, kv_dtype, native)
+    tokens = num_blocks * config.block_size
+    draft = _draft_model(config, files, max_model_len, device, dtype, kv_dtype, native, tokens)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
