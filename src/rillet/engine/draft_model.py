@@ -45,8 +45,10 @@ from rillet.tokenizer import Tokenizer
 
 _GREEDY = SamplingParams(max_new_tokens=None, temperature=0.0)
 #: Forwards of at most this many tokens a row time what a draft costs the policy: catching
-#: up after a rejection or a bonus token is; a prompt seen for the first time is not.
-_DECODE_LIKE = 8
+#: up after a rejection or a bonus token is, and so is a probe's after the policy paused
+#: (cooldown_steps tokens: without them a cost measured high would never be measured
+#: again); a prompt seen for the first time is not.
+_DECODE_LIKE = 32
 
 
 class DraftModelProposer:

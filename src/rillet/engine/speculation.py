@@ -185,6 +185,8 @@ class Speculator:
 
     #: Weight kept by the past at each verification (about the last 5 count).
     _DECAY = 0.8
+    #: Measured draft costs ignored at the start (see observe_draft_forwards).
+    _WARMUP_OBSERVATIONS = 8
 
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
@@ -194,6 +196,7 @@ class Speculator:
         #: A draft-model forward's time as a fraction of a decode step: the configured prior,
         #: then a moving average of the measured ratio.
         self.draft_cost = config.draft_cost
+        self._num_cost_observations = 0
         self._batch = 0
         self._rows_left = 0
 
@@ -289,7 +292,10 @@ class Speculator:
         for ``num_drafts`` draft rows at a mean context of ``context_len`` tokens. A decode
         step is the verifying one less its draft rows (``row_cost_at``)."""
         decode = verify_seconds / (1 + self.config.row_cost_at(context_len) * num_drafts)
-        if decode > 0:
+        self._num_cost_observations += 1
+        # The first forwards of a fresh start fault the weights in from their mapping (3-5x
+        # slower, bench/draft_cost.py): the prior stands until they are past.
+        if decode > 0 and self._num_cost_observations > self._WARMUP_OBSERVATIONS:
             ratio = seconds_per_forward / decode
             self.draft_cost = self._DECAY * self.draft_cost + (1 - self._DECAY) * ratio
 
