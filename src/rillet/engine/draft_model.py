@@ -45,10 +45,11 @@ from rillet.tokenizer import Tokenizer
 
 _GREEDY = SamplingParams(max_new_tokens=None, temperature=0.0)
 #: Forwards of at most this many tokens a row time what a draft costs the policy: catching
-#: up after a rejection or a bonus token is, and so is a probe's after the policy paused
-#: (cooldown_steps tokens: without them a cost measured high would never be measured
-#: again); a prompt seen for the first time is not.
-_DECODE_LIKE = 32
+#: up after a rejection or a bonus token is. A prompt seen for the first time is not, nor is
+#: a probe's catch-up after the policy paused (16+ tokens): counted, it made a paused draft
+#: model look 1.8x a target step on Qwen2.5-Coder (bench/draft_cost.py), which kept it
+#: paused; its cost is that of pausing, not of a draft.
+_DECODE_LIKE = 8
 
 
 class DraftModelProposer:
