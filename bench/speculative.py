@@ -1,4 +1,5 @@
-"""Speculative decoding, served: rillet with and without ``--speculative ngram``, and
+"""Speculative decoding, served: rillet with and without ``--speculative ngram`` (or
+``draft:NAME``, system ``rillet-draft``), and
 llama-server with and without its own n-gram speculation, on the code-editing workload at
 c = 1 (``rillet bench --code-edit``), and rillet's chat workload at higher concurrency.
 
@@ -11,6 +12,8 @@ over ``--repeats`` runs.
     PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \\
         --systems rillet-off,rillet-ngram,llama-plain,llama-ngram,llama-ngram-mod
     PYTHONPATH=src .venv/bin/python bench/speculative.py --workload chat --concurrency 16,64
+    PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \
+        --workload chat --systems rillet-off,rillet-draft --draft qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
     model = ["--model", args.model] if args.model else []
     rillet = [PYTHON, "-m", "rillet", "serve", "--port", str(port), *model]
     k = str(args.num_speculative_tokens)
+    draft = ["--speculative", f"draft:{args.draft}", "--num-speculative-tokens", k]
     systems = {
         "rillet-off": rillet,
         "rillet-ngram": [*rillet, "--speculative", "ngram", "--num-speculative-tokens", k],
+        "rillet-draft": [*rillet, *draft],
     }
     if any(name.startswith("llama") for name in args.systems.split(",")):
         llama = [
@@ -113,6 +118,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--requests", type=int, default=3, help="requests per level")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument(
+        "--draft", default="qwen2.5-coder-0.5b", help="rillet-draft's draft model (catalogue name)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     port = 18600 + os.getpid() % 1000

@@ -15,8 +15,17 @@ from rillet.errors import ModelLoadError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: ``EngineConfig.kv_cache_dtype``'s choices.
 KV_CACHE_DTYPES = ("auto", "int8")
-#: ``EngineConfig.speculative``'s choices.
+#: ``EngineConfig.speculative``'s choices, besides ``draft:NAME`` (:data:`DRAFT_PREFIX`).
 SPECULATIVE_METHODS = ("off", "ngram")
+#: ``speculative="draft:NAME"`` drafts with the model NAME (a catalogue name or a path).
+DRAFT_PREFIX = "draft:"
+
+
+def draft_model_of(speculative: str) -> str | None:
+    """The draft model named by a ``speculative`` value (``draft:NAME``), else None."""
+    if speculative.startswith(DRAFT_PREFIX):
+        return speculative[len(DRAFT_PREFIX) :]
+    return None
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class EngineConfig:
     a greedy or seeded request's output is unchanged, a sampled one's follows the model's
     distribution. How many drafts a request gets follows its measured acceptance and the
     batch size, in steps of at most ``speculative_max_num_seqs`` running requests.
+    ``speculative="draft:NAME"`` drafts with a smaller model of the same tokenizer (a
+    catalogue name or a path; ``engine/draft_model.py``), refused at start-up when its
+    tokenizer differs from the target's.
     ``weight_cache`` keeps the weights ready to serve (dequantized, quantized, packed) on
     disk after the first start and maps them on later ones (``models.weight_cache``, under
     :func:`weight_cache_dir`); ``RILLET_WEIGHT_CACHE=0`` turns it off.
@@ -101,9 +113,12 @@ class EngineConfig:
             raise ModelLoadError(
                 f"kv_cache_dtype must be one of {choices}, not {self.kv_cache_dtype!r}"
             )
-        if self.speculative not in SPECULATIVE_METHODS:
+        if self.speculative not in SPECULATIVE_METHODS and not draft_model_of(self.speculative):
             choices = ", ".join(SPECULATIVE_METHODS)
-            raise ModelLoadError(f"speculative must be one of {choices}, not {self.speculative!r}")
+            raise ModelLoadError(
+                f"speculative must be one of {choices} or {DRAFT_PREFIX}NAME, "
+                f"not {self.speculative!r}"
+            )
         if self.num_speculative_tokens < 0 or self.speculative_max_num_seqs < 0:
             raise ModelLoadError("num_speculative_tokens and speculative_max_num_seqs must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

@@ -31,6 +31,8 @@ class SamplingParams:
     ``include_stop_str_in_output`` picks TGI's behaviour (True) or OpenAI's (False).
     ``constraint`` restricts every generated token to those its grammar allows next (the
     engine masks the rest; see ``rillet.engine.grammar``).
+    ``num_speculative_tokens`` caps this request's draft tokens per step below the server's
+    ``--num-speculative-tokens`` (None: the server's; 0: no speculation for this request).
     """
 
     max_new_tokens: int | None = 16
@@ -53,6 +55,7 @@ class SamplingParams:
     prompt_logprobs: bool = False
     skip_special_tokens: bool = True
     constraint: Constraint | None = None
+    num_speculative_tokens: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -86,6 +89,10 @@ class SamplingParams:
             raise ValidationError("`stop` sequences must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValidationError("`stop_token_ids` must be non-negative integers")
+        if self.num_speculative_tokens is not None and not (
+            isinstance(self.num_speculative_tokens, int) and self.num_speculative_tokens >= 0
+        ):
+            raise ValidationError("`num_speculative_tokens` must be a non-negative integer")
         if self.constraint is not None and self.ignore_eos:
             # A finished grammar allows only EOS: ignoring it would leave nothing to sample.
             raise ValidationError("`ignore_eos` cannot be combined with a grammar constraint")

@@ -8,6 +8,7 @@ prefix cache fails the run.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -185,3 +186,52 @@ def test_policy_drafts_only_what_pays_at_the_batch_size() -> None:
     assert drafted == [6, 2, 0, 0]  # the match has 6 tokens after it; 2 rows were left
     assert not spec.step_allows(12)  # the batch alone fills the step
     assert not Speculator(SpeculationConfig()).step_allows(1)  # "off"
+
+
+def test_a_request_may_ask_for_fewer_drafts() -> None:
+    """``SamplingParams.num_speculative_tokens`` caps a request's drafts under the server's."""
+    spec = Speculator(spec_config(num_speculative_tokens=4, row_cost=0.0, row_cost_per_1k=0.0))
+    assert spec.step_allows(1)
+    tokens = [1, 2, 3, 4, 5, 6, 1, 2]
+    assert spec.propose(make_request("a", tokens, temperature=0.0), 8) == [3, 4, 5, 6]
+    capped = make_request("b", tokens, temperature=0.0, num_speculative_tokens=2)
+    assert spec.propose(capped, 8) == [3, 4]
+    above = make_request("c", tokens, temperature=0.0, num_speculative_tokens=9)
+    assert spec.propose(above, 8) == [3, 4, 5, 6]  # the server's bound holds
+    none = make_request("d", tokens, temperature=0.0, num_speculative_tokens=0)
+    assert spec.propose(none, 8) == []
+    assert spec.num_to_draft(capped, 8) == 2 and spec.num_to_draft(none, 8) == 0
+
+
+def test_a_draft_model_pays_for_its_forwards() -> None:
+    """With a draft model, draft i pays when a^i > (row_cost(n) + draft_cost) * B."""
+    cfg = spec_config(
+        method="draft:tiny", num_speculative_tokens=8, row_cost=0.1, row_cost_per_1k=0.05
+    )
+    spec = Speculator(dataclasses.replace(cfg, draft_cost=0.4))
+    assert spec.drafts_in_runner and spec.step_allows(1)
+    assert spec.config.row_cost_at(2000) + spec.draft_cost == pytest.approx(0.6)
+    assert spec.num_worth_proposing(0.8, 8, context_len=0) == 3  # 0.512 > 0.5 > 0.41
+    assert spec.num_worth_proposing(0.8, 8, context_len=2000) == 2  # 0.64 > 0.6 > 0.512
+    assert spec.num_worth_proposing(0.45, 8) == 0  # a draft model that rarely agrees: never
+    assert spec.step_allows(2) and spec.num_worth_proposing(0.8, 8) == 0  # 0.8 < 0.5 * 2
+    # Without the draft model's forwards the same acceptance pays more drafts.
+    without = Speculator(cfg)
+    assert without.step_allows(1) and without.num_worth_proposing(0.8, 8) == 8
+    assert spec.step_allows(1)
+    r = make_request("a", list(range(10)), temperature=0.0)
+    assert spec.num_to_draft(r, 8) == 3  # the prior acceptance, 0.8, at 10 tokens
+    assert spec.counters.num_draft_tokens == {"draft": 0}
+    # Measured: draft forwards of 30 ms against a 60 ms verification of 2 drafts at no
+    # context (a 50 ms decode step): the cost moves from 0.4 toward 0.6, and stays there.
+    for _ in range(8):  # a fresh start's first forwards are slow: ignored
+        spec.observe_draft_forwards(0.500, 0.060, 2, 0)
+    assert spec.draft_cost == 0.4
+    for _ in range(40):
+        spec.observe_draft_forwards(0.030, 0.060, 2, 0)
+    assert spec.draft_cost == pytest.approx(0.6, abs=1e-3)
+    assert spec.num_worth_proposing(0.8, 8) == 1  # 0.8 > 0.7 > 0.64
+    # A draft model slower than the target step it saves: the rule never drafts.
+    for _ in range(40):
+        spec.observe_draft_forwards(0.060, 0.060, 2, 0)
+    assert spec.num_worth_proposing(0.95, 8) == 0

@@ -15,6 +15,7 @@ import pytest
 from rillet import LLM, SamplingParams
 from rillet.engine.request import Request
 from rillet.engine.speculation import SpeculationConfig, Speculator
+from target_distribution import chi_square_p_value, three_token_distribution
 
 #: Prompts whose continuations repeat what came before, so prompt lookup finds drafts.
 PROMPTS = [
@@ -140,30 +141,9 @@ def test_sampled_outputs_follow_the_targets_distribution(tiny_model_dir: Path) -
     """3 tokens at temperature 1 and top-k 4 (64 outcomes), 4,000 times under speculation:
     the second and third come from verified positions (drafted: the most likely token
     there). Their joint counts against the exact distribution, from transformers."""
-    import torch
-    import transformers
-
-    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     llm = LLM(str(tiny_model_dir), **OPTIONS)
     prompt = llm.tokenizer.encode("the cat sat on", add_special_tokens=False)
-
-    def top4(ids: list[int]) -> dict[int, float]:
-        with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0, -1]
-        values, tokens = logits.topk(4)
-        return dict(zip(tokens.tolist(), values.softmax(0).tolist(), strict=True))
-
-    expected: dict[tuple[int, int, int], float] = {}
-    table: dict[int, list[int]] = {}
-    for t1, p1 in top4(prompt).items():
-        second = top4([*prompt, t1])
-        best2 = max(second, key=second.__getitem__)
-        for t2, p2 in second.items():
-            third = top4([*prompt, t1, t2])
-            if t2 == best2:
-                table[t1] = [t2, max(third, key=third.__getitem__)]
-            for t3, p3 in third.items():
-                expected[(t1, t2, t3)] = p1 * p2 * p3
+    expected, table = three_token_distribution(tiny_model_dir, prompt)
 
     spec = TableDrafts(table)
     llm.core.scheduler.speculator = spec
@@ -179,17 +159,8 @@ def test_sampled_outputs_follow_the_targets_distribution(tiny_model_dir: Path) -
     accepted = spec.counters.num_accepted_tokens["ngram"]
     assert drafted == 2 * n and 0.2 * drafted < accepted < 0.9 * drafted
 
-    # Pearson's chi-square over the outcomes expected at least 5 times, the rest pooled.
-    big = [k for k, p in expected.items() if p * n >= 5]
-    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    means = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
-    if means[-1] < 5:
-        observed[-2] += observed.pop()
-        means[-2] += means.pop()
-    statistic = sum((o - m) ** 2 / m for o, m in zip(observed, means, strict=True))
-    df = len(means) - 1
-    p_value = float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
-    assert p_value > 0.001, (statistic, df, p_value)
+    p_value = chi_square_p_value(counts, expected, n)
+    assert p_value > 0.001, p_value
     # The test can fail: accepting every draft gives the drafted outcomes far too often.
     drafted_share = sum(counts.get((t1, *d), 0) for t1, d in table.items()) / n
     assert drafted_share < 0.9

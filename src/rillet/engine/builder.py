@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
-from rillet.config import EngineConfig, auto_kv_cache_bytes
+from rillet.config import EngineConfig, auto_kv_cache_bytes, draft_model_of
+from rillet.engine.block_manager import BlockManager
 from rillet.engine.core import EngineCore
+from rillet.engine.draft_model import DraftModelProposer, check_same_tokenizer
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.model_setup import prepare_model
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
@@ -21,7 +23,7 @@ from rillet.errors import ModelLoadError
 from rillet.models import cpu_kernels
 from rillet.models.attention import kv_row_width
 from rillet.models.config import ModelConfig
-from rillet.models.loader import load_model_files
+from rillet.models.loader import LoadedModel, load_model_files
 from rillet.tokenizer import Tokenizer
 
 log = logging.getLogger("rillet.engine")
@@ -112,14 +114,84 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * row_bytes
 
 
-def speculator_for(config: EngineConfig) -> Speculator | None:
-    """The scheduler's speculator, or None when speculation is off."""
+def speculator_for(config: EngineConfig, draft_cost: float = 0.0) -> Speculator | None:
+    """The scheduler's speculator, or None when speculation is off. ``draft_cost``: a draft
+    model's forward as a fraction of a target decode step (``engine/speculation.py``)."""
     spec = SpeculationConfig(
         method=config.speculative,
         num_speculative_tokens=config.num_speculative_tokens,
         max_num_seqs=config.speculative_max_num_seqs,
+        draft_cost=draft_cost,
     )
     return Speculator(spec) if spec.enabled else None
+
+
+def weight_bytes(files: LoadedModel) -> int:
+    """Bytes of a model's weight files: what a memory-bound decode step reads, about."""
+    return sum(f.stat().st_size for f in files.weight_files if f.suffix != ".json")
+
+
+@dataclass
+class _Draft:
+    proposer: DraftModelProposer
+    #: Its forward's time as a fraction of the target's decode step (weight bytes' ratio).
+    cost: float
+
+
+def _draft_model(
+    config: EngineConfig,
+    target: LoadedModel,
+    max_model_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    native: ModuleType | None,
+    max_cache_tokens: int,
+) -> _Draft | None:
+    """The draft model of ``--speculative draft:NAME``, with its own KV cache, or None.
+
+    Refused (ModelLoadError) when its tokenizer differs from the target's or its context is
+    shorter than the served one. Its cache holds ``speculative_max_num_seqs + 1`` full
+    contexts (only steps of that many requests draft), at most ``max_cache_tokens`` (the
+    target's); when it is full, the least recently drafting request's part is evicted.
+    """
+    name = draft_model_of(config.speculative)
+    if name is None or config.num_speculative_tokens == 0:
+        return None
+    files = load_model_files(name)
+    check_same_tokenizer(target.tokenizer, files.tokenizer, name)
+    cfg = files.config
+    if cfg.max_position_embeddings < max_model_len:
+        raise ModelLoadError(
+            f"draft model {name!r} has {cfg.max_position_embeddings} positions, fewer than "
+            f"the served context of {max_model_len}; lower --max-model-len"
+        )
+    ready = prepare_model(files, config, device, dtype, native)
+    tokens = min((config.speculative_max_num_seqs + 1) * max_model_len, max_cache_tokens)
+    num_blocks = -(-tokens // config.block_size) + config.num_speculative_tokens + 1
+    runner = ModelRunner(
+        ready.model,
+        num_blocks,
+        config.block_size,
+        device,
+        kv_dtype=kv_dtype,
+        native=native,
+        small_batch_tokens=config.small_batch_tokens,
+    )
+    cost = max(0.05, weight_bytes(files) / max(1, weight_bytes(target)))
+    log.info(
+        "draft model %s: %d layers, %d KV blocks of %d tokens, a forward ~%.2f of a step",
+        files.name,
+        cfg.num_layers,
+        num_blocks,
+        config.block_size,
+        cost,
+    )
+    block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
+    proposer = DraftModelProposer(
+        runner, block_manager, config.max_num_batched_tokens, target.config.vocab_size
+    )
+    return _Draft(proposer, cost)
 
 
 def build_engine(config: EngineConfig) -> EngineParts:
@@ -161,6 +233,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
 
     ready = prepare_model(files, config, device, dtype, native)
     model = ready.model
+    tokens = num_blocks * config.block_size
+    draft = _draft_model(config, files, max_model_len, device, dtype, kv_dtype, native, tokens)
 
     eos_ids = frozenset(files.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
     scheduler = Scheduler(
@@ -174,7 +248,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             enable_prefix_caching=config.enable_prefix_caching,
         ),
         eos_token_ids=eos_ids,
-        speculator=speculator_for(config),
+        speculator=speculator_for(config, draft.cost if draft is not None else 0.0),
     )
     runner = ModelRunner(
         model,
@@ -188,6 +262,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         small_batch_tokens=config.small_batch_tokens,
         fail_at_batch_size=config.fail_forward_at_batch_size,
         tokenizer=files.tokenizer,
+        drafter=draft.proposer if draft is not None else None,
     )
     runner.grammars.warm()
     log.info(

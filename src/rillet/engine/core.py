@@ -13,7 +13,7 @@ from rillet.engine.inputs import check_prompt_length
 from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.rates import EngineRates
 from rillet.engine.request import Request
-from rillet.engine.scheduler import ScheduledRequest, Scheduler
+from rillet.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rillet.errors import RilletError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
 
@@ -95,6 +95,7 @@ class EngineCore:
             self.scheduler.finish_request(request_id, FinishReason.ABORT)
             self.runner.release(request_id)
             self._failed.append((request_id, error))
+        self._observe_draft_cost(scheduled, duration)
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
         self.counters.num_generated_tokens += sum(r.num_step_tokens for r in updated)
         num_prefill = self._count(scheduled.scheduled)
@@ -105,6 +106,23 @@ class EngineCore:
         """The requests steps have ended with an error since the last call."""
         failed, self._failed = self._failed, []
         return failed
+
+    def _observe_draft_cost(self, scheduled: SchedulerOutput, duration: float) -> None:
+        """Tell the speculator what the draft model's forwards cost against the target's,
+        from a step of decode rows only (a prompt chunk would lengthen the target's part)."""
+        drafter, spec = self.runner.drafter, self.scheduler.speculator
+        if drafter is None or spec is None:
+            return
+        timing = drafter.take_timing()
+        rows = scheduled.scheduled
+        if not timing.num_decode_forwards or not all(s.is_decode for s in rows):
+            return
+        spec.observe_draft_forwards(
+            timing.decode_seconds / timing.num_decode_forwards,
+            duration - timing.seconds,
+            sum(len(s.draft_token_ids) for s in rows),
+            sum(s.request.num_tokens for s in rows) // len(rows),
+        )
 
     def _count(self, scheduled: list[ScheduledRequest]) -> int:
         """Count the step; returns the prompt tokens it computed."""

@@ -7,7 +7,8 @@ k draft tokens) is k + 1 decode rows of one sequence, at positions p .. p + k, e
 own context length (``AttentionMetadata.decode_seq_starts``): it runs on the decode kernel,
 which reads the context once for all of them, and the linear layers see k + 1 more rows of
 a small batch (on a memory-bound CPU step, nearly free). It samples at its last known token
-and at every draft: the scheduler compares those choices with the drafts.
+and at every draft: the scheduler compares those choices with the drafts. With a draft
+model, its drafts are made first, in the same step (``engine/draft_model.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate
 from types import ModuleType
+from typing import Protocol
 
 import torch
 
@@ -23,6 +25,7 @@ from rillet.engine.grammar import Grammars
 from rillet.engine.request import Request
 from rillet.engine.sampler import MIN_TEMPERATURE, Sampler, SamplingRow
 from rillet.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rillet.engine.speculation import DraftTiming
 from rillet.errors import RilletError
 from rillet.models.attention import (
     AttentionMetadata,
@@ -52,6 +55,16 @@ class StepResult:
     failed: dict[str, RilletError] = field(default_factory=dict)
 
 
+class Drafter(Protocol):
+    """What fills a step's pending draft slots before the forward (``engine/draft_model.py``)."""
+
+    def propose(self, scheduled: list[ScheduledRequest]) -> None: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    def take_timing(self) -> DraftTiming: ...
+
+
 class InjectedFault(RuntimeError):
     """What ``fail_forward_at_batch_size`` raises (tests of the engine's fault handling)."""
 
@@ -72,9 +85,11 @@ class ModelRunner:
         small_batch_tokens: int = 0,
         fail_at_batch_size: int | None = None,
         tokenizer: Tokenizer | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         """``tokenizer`` enables grammar constraints (their masks are built from its
-        vocabulary); without one, a constrained request is refused."""
+        vocabulary); without one, a constrained request is refused. ``drafter`` fills the
+        draft slots a draft model's rows carry (``--speculative draft:NAME``)."""
         cfg = model.config
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.model = model
@@ -101,6 +116,7 @@ class ModelRunner:
         # prompt logprobs work across chunked prefill.
         self._prompt_logprob_parts: dict[str, list[float | None]] = {}
         self.grammars = Grammars(tokenizer, cfg.vocab_size)
+        self.drafter = drafter
 
     def add_request(self, request: Request) -> None:
         """Per-request state that is worth starting early: a constraint's compile."""
@@ -112,9 +128,13 @@ class ModelRunner:
         self._generators.pop(request_id, None)
         self._prompt_logprob_parts.pop(request_id, None)
         self.grammars.release(request_id)
+        if self.drafter is not None:
+            self.drafter.release(request_id)
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
+        if self.drafter is not None:
+            self.drafter.propose(step.scheduled)  # the draft model's tokens, in this step
         # Decode rows go first (speculative ones included): attention batches them in one call.
         scheduled = sorted(step.scheduled, key=lambda s: not s.is_decode)
         self._pick_threads(step.num_batched_tokens)

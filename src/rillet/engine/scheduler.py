@@ -16,9 +16,10 @@ request is preempted by recompute: its blocks are freed and it goes back to the 
 queue with its tokens intact.
 
 Speculation (``engine/speculation.py``) is the same rule with guessed tokens: a decode row
-may carry draft tokens after its last token, scheduled only where budget and free blocks
-allow without preempting anyone. :meth:`Scheduler.update_from_output` keeps the drafts the
-model agreed with (and the model's next token), and gives back the slots of the rest.
+may carry draft tokens after its last token (or slots a draft model fills in the runner),
+scheduled only where budget and free blocks allow without preempting anyone.
+:meth:`Scheduler.update_from_output` keeps the drafts the model agreed with (and the
+model's next token), and gives back the slots of the rest.
 """
 
 from __future__ import annotations
@@ -78,31 +79,46 @@ class ScheduledRequest:
     """One request's share of a step: positions ``start_position`` .. ``+ num_new_tokens``.
 
     A speculative row ends with ``draft_token_ids`` (counted in ``num_new_tokens``): guesses
-    of the tokens after the request's last one, for the model to verify.
+    of the tokens after the request's last one, for the model to verify. With a draft model
+    they are not known when the row is scheduled: ``num_pending_drafts`` slots are counted
+    instead, and the model runner fills them (:meth:`fill_drafts`) before its forward.
     """
 
     request: Request
     num_new_tokens: int
     start_position: int
     draft_token_ids: list[int] = field(default_factory=list)
+    num_pending_drafts: int = 0
     # Fixed at schedule time: after update_from_output appends the sampled token, the
     # request's num_tokens moves on, but this chunk still was the sampling one.
     _samples: bool = field(init=False, repr=False)
+    #: Draft slots the row was given (its blocks cover them until verification trims them).
+    num_draft_slots: int = field(init=False)
 
     def __post_init__(self) -> None:
-        end = self.start_position + self.num_new_tokens - len(self.draft_token_ids)
+        self.num_draft_slots = len(self.draft_token_ids) + self.num_pending_drafts
+        end = self.start_position + self.num_new_tokens - self.num_draft_slots
         self._samples = end == self.request.num_tokens
+
+    def fill_drafts(self, token_ids: list[int]) -> None:
+        """The pending drafts' tokens; fewer than were pending shortens the row."""
+        if len(token_ids) > self.num_pending_drafts:
+            raise ValueError(f"{len(token_ids)} drafts for {self.num_pending_drafts} slots")
+        self.num_new_tokens -= self.num_pending_drafts - len(token_ids)
+        self.draft_token_ids = [*self.draft_token_ids, *token_ids]
+        self.num_pending_drafts = 0
 
     @property
     def token_ids(self) -> list[int]:
         """The row's input ids: known tokens, then drafts."""
+        assert self.num_pending_drafts == 0, "the draft model has not filled this row"
         known = self.request.all_token_ids[self.start_position :]
         return (known + self.draft_token_ids)[: self.num_new_tokens]
 
     @property
     def is_decode(self) -> bool:
         """One known token (and maybe drafts after it): decode rows, one per position."""
-        return self.num_new_tokens == 1 + len(self.draft_token_ids)
+        return self.num_new_tokens == 1 + len(self.draft_token_ids) + self.num_pending_drafts
 
     @property
     def samples(self) -> bool:
@@ -256,14 +272,14 @@ class Scheduler:
                 budget = min(budget, prefill_bound)
                 prefill_bound = None
             num_new = min(left, budget)
-            drafts = self._drafts(request, budget) if speculate and left == 1 else []
-            if drafts:
-                num_new += len(drafts)
+            drafts, pending = self._drafts(request, budget) if speculate and left == 1 else ([], 0)
+            if drafts or pending:
+                num_new += len(drafts) + pending
             elif not self._make_room(request, num_new, done, preempted):
                 continue
             bm.allocate(request, num_new, [])
             scheduled.append(
-                ScheduledRequest(request, num_new, request.num_computed_tokens, drafts)
+                ScheduledRequest(request, num_new, request.num_computed_tokens, drafts, pending)
             )
             done.add(request.request_id)
             budget -= num_new
@@ -309,19 +325,27 @@ class Scheduler:
         scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first
         return SchedulerOutput(scheduled, preempted)
 
-    def _drafts(self, request: Request, budget: int) -> list[int]:
-        """Draft tokens for a decode row: as many as the budget, the request's token cap and
-        context, and the free blocks allow (never at the cost of a preemption)."""
-        assert self.speculator is not None
+    def _drafts(self, request: Request, budget: int) -> tuple[list[int], int]:
+        """Draft tokens for a decode row, or the number of slots the runner's draft model
+        fills: as many as the budget, the request's token cap and context, and the free
+        blocks allow (never at the cost of a preemption)."""
+        spec = self.speculator
+        assert spec is not None
         room = min(
             budget - 1,
             request.max_new_tokens - request.num_output_tokens - 1,
             self.config.max_model_len - request.num_tokens - 1,
         )
-        drafts = self.speculator.propose(request, room)
-        while drafts and not self.block_manager.can_allocate(request, 1 + len(drafts), []):
+        fits = self.block_manager.can_allocate
+        if spec.drafts_in_runner:
+            k = spec.num_to_draft(request, room)
+            while k and not fits(request, 1 + k, []):
+                k -= 1
+            return [], k
+        drafts = spec.propose(request, room)
+        while drafts and not fits(request, 1 + len(drafts), []):
             drafts.pop()
-        return drafts
+        return drafts, 0
 
     def _make_room(
         self, request: Request, num_new: int, done: set[str], preempted: list[Request]
@@ -375,8 +399,9 @@ class Scheduler:
                 reason = self._check_stop(request, token_id)
                 if reason is not None:
                     break
-            if drafts:
-                # The KV of every kept draft is computed; rejected ones' slots are given back.
+            if item.num_draft_slots:
+                # The KV of every kept draft is computed; rejected ones' slots are given back
+                # (and those a draft model reserved but did not fill).
                 request.num_computed_tokens += request.num_step_tokens - 1
                 self.block_manager.trim(request, request.num_computed_tokens)
                 assert self.speculator is not None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rillet.config import KV_CACHE_DTYPES, SPECULATIVE_METHODS, EngineConfig
+from rillet.config import KV_CACHE_DTYPES, EngineConfig
 from rillet.server.config import ServerConfig
 
 _SERVER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
@@ -213,17 +213,19 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "speculative",
         help="speculative decoding: ngram drafts tokens by prompt lookup (the last tokens "
-        "matched in the prompt and output so far) and the model verifies them in one forward; "
-        "greedy and seeded outputs unchanged, sampled ones from the model's distribution; "
-        "drafts only where the measured acceptance pays for them at the step's batch size "
-        "(default: off)",
+        "matched in the prompt and output so far), draft:NAME by a smaller model of the same "
+        "tokenizer (a catalogue name or a path, e.g. draft:qwen2.5-coder-0.5b for "
+        "qwen2.5-coder-1.5b); the model verifies them in one forward; greedy and seeded "
+        "outputs unchanged, sampled ones from the model's distribution; drafts only where the "
+        "measured acceptance pays for them at the step's batch size (default: off)",
         engine="speculative",
-        choices=SPECULATIVE_METHODS,
+        metavar="{off,ngram,draft:NAME}",
     ),
     Option(
         "num_speculative_tokens",
         int,
-        "most draft tokens per step and request under --speculative (default: 4)",
+        "most draft tokens per step and request under --speculative (default: 4); an OpenAI "
+        'request may ask for fewer with llama-server\'s "speculative.n_max"',
         engine="num_speculative_tokens",
     ),
     Option(

@@ -74,6 +74,13 @@ def test_defaults_and_vllm_extras() -> None:
     assert completion(echo=True, prompt=[46, 21]).echo == "Hi"
 
 
+def test_llama_servers_per_request_draft_cap() -> None:
+    """``speculative.n_max`` as llama-server reads it: this request's draft tokens per step."""
+    assert chat().spec.params.num_speculative_tokens is None
+    assert chat(**{"speculative.n_max": 2}).spec.params.num_speculative_tokens == 2
+    assert completion(**{"speculative.n_max": 0}).spec.params.num_speculative_tokens == 0
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

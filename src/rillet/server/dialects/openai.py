@@ -4,7 +4,9 @@ Defaults are OpenAI's: ``temperature`` 1.0 (sampling; 0 is greedy), ``top_p`` 1.
 ``max_completion_tokens``/``max_tokens`` up to the context, completions ``max_tokens`` 16.
 vLLM's extras that benchmark tools send are honoured (``ignore_eos``, ``min_tokens``,
 ``top_k`` with -1 = off, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``). What we cannot do is refused with a
+``skip_special_tokens``, ``include_stop_str_in_output``), and llama-server's per-request
+``speculative.n_max`` (draft tokens per step, capped by ``--num-speculative-tokens``). What
+we cannot do is refused with a
 400 rather than silently ignored: ``n``/``best_of`` > 1, several prompts, ``suffix``, a
 non-empty ``logit_bias``, non-text content parts. ``response_format`` (json_object,
 json_schema), vLLM's ``structured_outputs`` and its older ``guided_*`` fields constrain the
@@ -88,6 +90,10 @@ class SamplingFields(Lenient):
     guided_regex: str | None = None
     guided_choice: list[str] | str | None = None
     guided_grammar: str | None = None
+    # llama-server's per-request cap on draft tokens (its /completion and OpenAI routes take
+    # it; vLLM and TGI have no per-request field): at most the server's
+    # --num-speculative-tokens, 0 for none.
+    speculative_n_max: int | None = Field(default=None, alias="speculative.n_max", ge=0)
 
 
 class OpenAICommon(SamplingFields):
@@ -254,4 +260,5 @@ def sampling_params(
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens is not False,
         constraint=body_constraint(dict(body)),
+        num_speculative_tokens=body.speculative_n_max,
     )
