@@ -4,7 +4,9 @@ Starts N requests of ``--prompt-tokens`` (128) random prompt tokens (greedy,
 ``ignore_eos``), steps until every prompt is in and the batch is decoding, then times
 ``--steps`` decode steps and prints the mean. ``--profile torch`` adds torch.profiler's op
 table (aten ops only: the native kernels are not aten ops and do not show there);
-``--profile python`` adds a cProfile table, which does show them.
+``--profile python`` adds a cProfile table, which does show them. The step's CPU time (all
+threads) is printed beside its wall time: on a shared machine, ``OMP_NUM_THREADS=1`` and the
+CPU time measure the work with far less noise from others' jobs.
 
     .venv/bin/python bench/profile_step.py 1 --profile torch
     .venv/bin/python bench/profile_step.py 64 --profile python
@@ -73,13 +75,15 @@ def main() -> None:
             break
     for _ in range(5):
         core.step()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         core.step()
     step = (time.perf_counter() - start) / args.steps
+    cpu = (time.process_time() - cpu_start) / args.steps
     print(
         f"{args.requests} running: decode step {step * 1e3:.2f} ms, "
-        f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads"
+        f"{args.requests / step:.1f} tok/s, {torch.get_num_threads()} torch threads; "
+        f"{cpu * 1e3:.2f} ms of CPU time a step (all threads, spinning ones too)"
     )
     if args.prefill_chunk:
         # Set now, not at start: under the cap the N prompts above would still be prefilling.
