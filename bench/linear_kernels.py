@@ -17,6 +17,16 @@ kernel and rillet's quantized kernel (4-bit layers and 8-bit LM head, groups of 
 ``csrc/quantized_linear.cpp``; the serving default for 4-bit checkpoints):
 
     .venv/bin/python bench/linear_kernels.py --whole-model 1 4 16 64 512
+
+``--qwen`` instead times the quantized kernel on Qwen2.5 1.5B Q4_K_M's matmuls, each in the
+mode it is served in (mode 41 for Q4_K, 6 bits for Q6_K, 8 bits for the QKV layers whose V
+is Q6_K and Q/K Q4_K), random codes, and prints G multiply-adds/s per shape and mode and
+the step's total (28 layers + the LM head), best of ``--repeats`` timings. On a shared
+machine ``--threads 1 --thread-time`` counts this thread's CPU time instead of wall time
+(one thread, so the kernel runs on the calling thread), which others' work moves far less:
+
+    .venv/bin/python bench/linear_kernels.py --qwen 1 16 64
+    .venv/bin/python bench/linear_kernels.py --qwen --threads 1 --thread-time 16 64
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 HEAD_SHAPE = (49152, 576)
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+def seconds_per_call(
+    fn: Callable[[], object], calls: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     fn()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def whole_model_passes(native: ModuleType, rows_list: list[int]) -> None:
@@ -81,14 +93,93 @@ def whole_model_passes(native: ModuleType, rows_list: list[int]) -> None:
         print(", ".join(line))
 
 
+#: Qwen2.5 1.5B Q4_K_M: (name, out_features, in_features, kernel mode, matmuls a step).
+QWEN_SHAPES = [
+    ("qkv", 2048, 1536, group_quantization.K4, 14),
+    ("qkv", 2048, 1536, 8, 14),
+    ("o", 1536, 1536, group_quantization.K4, 28),
+    ("gate_up", 17920, 1536, group_quantization.K4, 28),
+    ("down", 1536, 8960, group_quantization.K4, 14),
+    ("down", 1536, 8960, 6, 14),
+    ("lm_head", 151936, 1536, 6, 1),
+]
+
+
+def random_packed(n: int, k: int, mode: int, gen: torch.Generator) -> torch.Tensor:
+    """A packed ``[n, k]`` weight of random codes and scales in kernel ``mode``."""
+    groups = k // group_quantization.GROUP
+    top = {group_quantization.K4: 16, 6: 64, 8: 256}[mode]
+    u = torch.randint(0, top, (n, groups, group_quantization.GROUP), generator=gen)
+    u = u.to(torch.uint8)
+    per_group = group_quantization.scales_per_group(mode)
+    d = (torch.rand(n, groups * per_group, generator=gen) * 1e-3).half()
+    if mode == group_quantization.K4:
+        supers = k // 256
+        scale = torch.randint(0, 64, (n, groups), generator=gen).to(torch.uint8)
+        low = torch.randint(0, 64, (n, groups), generator=gen).to(torch.uint8)
+        neg_dmin = -(torch.rand(n, supers, generator=gen) * 1e-3).half()
+        return group_quantization.pack_k4(u, d[:, :supers].contiguous(), neg_dmin, scale, low)
+    return group_quantization.pack(u, d, -(top // 2) * d, mode)
+
+
+def qwen_matmuls(
+    native: ModuleType, rows_list: list[int], repeats: int, clock: Callable[[], float]
+) -> None:
+    """The quantized kernel on Qwen2.5 1.5B's shapes, in G multiply-adds/s of ``clock``."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [(*shape, random_packed(*shape[1:4], gen)) for shape in QWEN_SHAPES]
+    for rows in rows_list:
+        total_s, total_macs = 0.0, 0
+        by_mode: dict[int, list[float]] = {}
+        for name, n, k, mode, count, packed in weights:
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            calls = max(1, int(2e9 // (rows * n * k)))
+            took = min(
+                seconds_per_call(partial(native.quantized_linear, x, packed, mode), calls, clock)
+                for _ in range(repeats)
+            )
+            macs = rows * n * k
+            total_s += took * count
+            total_macs += macs * count
+            seconds_macs = by_mode.setdefault(mode, [0.0, 0.0])
+            seconds_macs[0] += took * count
+            seconds_macs[1] += macs * count
+            print(
+                f"rows={rows:3d} {name:8s} {n:6d}x{k:4d} mode {mode:2d}: "
+                f"{took * 1e3:7.3f} ms, {macs / took / 1e9:6.1f} G multiply-adds/s"
+            )
+        modes = ", ".join(
+            f"mode {mode} {s * 1e3:.1f} ms ({m / s / 1e9:.0f} G/s)"
+            for mode, (s, m) in sorted(by_mode.items())
+        )
+        print(
+            f"rows={rows}: one step's matmuls {total_s * 1e3:.1f} ms, "
+            f"{total_macs / total_s / 1e9:.0f} G multiply-adds/s; {modes}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="*", type=int, default=[1, 4, 16, 64, 512])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole-model", action="store_true", help="weights from memory")
+    parser.add_argument("--qwen", action="store_true", help="Qwen2.5 1.5B's quantized matmuls")
+    parser.add_argument("--repeats", type=int, default=5, help="--qwen: timings, best kept")
+    parser.add_argument(
+        "--thread-time", action="store_true", help="--qwen: this thread's CPU time (--threads 1)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     native = cpu_kernels.load()
+    if args.qwen:
+        if native is None or not native.quantized_linear_supported():
+            raise SystemExit("rillet's quantized kernel is not available on this machine")
+        if args.thread_time and args.threads != 1:
+            raise SystemExit("--thread-time counts one thread: give --threads 1")
+        clock = time.thread_time if args.thread_time else time.perf_counter
+        print(f"# torch {torch.__version__}, {args.threads} threads, {clock.__name__}")
+        qwen_matmuls(native, args.rows, args.repeats, clock)
+        return
     if native is None or not native.bf16_linear_supported():
         raise SystemExit("rillet's bf16 kernel is not available on this machine")
     print(f"# torch {torch.__version__}, {args.threads} threads")

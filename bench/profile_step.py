@@ -4,7 +4,9 @@ Starts N requests of ``--prompt-tokens`` (128) random prompt tokens (greedy,
 ``ignore_eos``), steps until every prompt is in and the batch is decoding, then times
 ``--steps`` decode steps and prints the mean. ``--profile torch`` adds torch.profiler's op
 table (aten ops only: the native kernels are not aten ops and do not show there);
-``--profile python`` adds a cProfile table, which does show them.
+``--profile python`` adds a cProfile table, which does show them. The step's CPU time (all
+threads) is printed beside its wall time: on a shared machine, ``OMP_NUM_THREADS=1`` and the
+CPU time measure the work with far less noise from others' jobs.
 
     .venv/bin/python bench/profile_step.py 1 --profile torch
     .venv/bin/python bench/profile_step.py 64 --profile python

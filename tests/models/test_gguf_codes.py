@@ -85,20 +85,28 @@ def _need_quantized_kernel(native) -> None:  # type: ignore[no-untyped-def]
 def test_kernel_on_codes_equals_fp32_math_on_the_files_numbers(native, qtype: Q) -> None:  # type: ignore[no-untyped-def]
     """Inputs whose 8-bit rounding is exact (integers, 127 in every group), so the kernel's
     result must equal fp32 math on the dequantized weight up to the order of sums; and
-    each row alone equals it in a batch of 9."""
+    each row alone equals it in a batch of 37 (>= 32 rows: Q6_K's batches of many rows take
+    the kernel's unpacked path, one row its small-step path; 37 leaves a 1-row tile)."""
     _need_quantized_kernel(native)
     codes, reference = _codes(qtype, seed=1)
     packed = group_quantization.pack(codes.u, codes.d, codes.m, codes.bits)
     gen = torch.Generator().manual_seed(int(qtype))
-    x = torch.randint(-127, 128, (9, COLS), generator=gen).float()
-    x.view(9, -1, 32)[..., 3] = 127
+    rows = 37
+    x = torch.randint(-127, 128, (rows, COLS), generator=gen).float()
+    x.view(rows, -1, 32)[..., 3] = 127
     got = native.quantized_linear(x, packed, codes.bits)
-    exact = x @ group_quantization.dequantize(codes.u, codes.d, codes.m).T
-    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-3)  # fp32 sums in another order
+    # The first 9 rows against fp32 math (more rows meet a near-cancelling sum, where the
+    # order of fp32 sums shows above these tolerances), all 37 alone against the batch.
+    exact = x[:9] @ group_quantization.dequantize(codes.u, codes.d, codes.m).T
+    torch.testing.assert_close(got[:9], exact, rtol=1e-4, atol=1e-3)  # sums in another order
     # The file's own numbers, not a re-quantization of them: as close to gguf's as fp16 allows.
-    assert (got - x @ reference.T).norm() < 1e-3 * exact.norm()
-    for i in range(9):
+    assert (got[:9] - x[:9] @ reference.T).norm() < 1e-3 * exact.norm()
+    xb = x.to(torch.bfloat16)  # the same integers, as a served step's activations
+    got_bf16 = native.quantized_linear(xb, packed, codes.bits)
+    for i in range(rows):
         assert torch.equal(native.quantized_linear(x[i : i + 1], packed, codes.bits)[0], got[i])
+        alone = native.quantized_linear(xb[i : i + 1], packed, codes.bits)[0]
+        assert torch.equal(alone, got_bf16[i])
 
 
 @torch.no_grad()
