@@ -16,18 +16,15 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
 import ray  # the ray extra (scripts/setup.sh --test installs it)
 
-from ray_replicas import frozen_engines, replica_metrics
+from ray_replicas import assert_tritonclient_streams, frozen_engines, replica_metrics
 from server_process import free_port, metric_value
-from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -151,29 +148,7 @@ def test_a_disconnect_aborts_in_the_replica(cluster: Cluster) -> None:
 def test_tritonclient_streams_through_haproxy(cluster: Cluster) -> None:
     """Serve's HAProxy fronts gRPC too: stock tritonclient streams, and the text is the one
     the same request gets from the HTTP door."""
-    import tritonclient.grpc as tc
-
-    inputs = vllm_inputs("The sea is", sampling={"max_tokens": 16, "temperature": 0})
-    results: queue.Queue[Any] = queue.Queue()
-    text, responses = "", 0
-    with tc.InferenceServerClient(cluster.grpc_target) as client:
-        assert client.is_server_live() and client.is_model_ready(cluster.model)
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(cluster.model, inputs, request_id="r")
-        while True:
-            result, error = results.get(timeout=120)
-            assert error is None, error
-            text += result.as_numpy("text_output")[0].decode()
-            responses += 1
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
-        client.stop_stream()
-    completion = httpx.post(
-        cluster.url + "/v1/completions",
-        json={"prompt": "The sea is", "max_tokens": 16, "temperature": 0},
-        timeout=60,
-    ).json()
-    assert text == completion["choices"][0]["text"] and responses > 5
+    assert_tritonclient_streams(cluster.url, cluster.grpc_target, cluster.model)
 
 
 async def test_past_the_queue_a_request_is_refused_at_once(cluster: Cluster) -> None:

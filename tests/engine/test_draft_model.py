@@ -29,7 +29,7 @@ from rillet.engine.draft_model import DraftModelProposer
 from rillet.engine.inputs import build_request
 from rillet.engine.speculation import Speculator
 from rillet.protocol import FinishReason
-from target_distribution import chi_square_p_value, three_token_distribution
+from target_distribution import chi_square_p_value, three_token_counts, three_token_distribution
 
 PROMPTS = [
     "1, 2, 3, 4, 1, 2, 3, 4, 1, 2,",
@@ -147,12 +147,7 @@ def test_sampled_outputs_follow_the_targets_distribution(
     prompt = llm.tokenizer.encode("the cat sat on", add_special_tokens=False)
     expected, _ = three_token_distribution(tiny_model_dir, prompt)
     n = 2000
-    # A 4th token leaves room for 2 drafts after the first (it is not counted).
-    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4, ignore_eos=True)
-    counts: dict[tuple[int, int, int], int] = {}
-    for c in llm.generate([prompt] * n, params):
-        key = (c.token_ids[0], c.token_ids[1], c.token_ids[2])
-        counts[key] = counts.get(key, 0) + 1
+    counts = three_token_counts(llm, prompt, n)
     assert set(counts) <= set(expected)
     drafted = spec.counters.num_draft_tokens["draft"]
     accepted = spec.counters.num_accepted_tokens["draft"]

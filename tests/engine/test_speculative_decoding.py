@@ -15,7 +15,7 @@ import pytest
 from rillet import LLM, SamplingParams
 from rillet.engine.request import Request
 from rillet.engine.speculation import SpeculationConfig, Speculator
-from target_distribution import chi_square_p_value, three_token_distribution
+from target_distribution import chi_square_p_value, three_token_counts, three_token_distribution
 
 #: Prompts whose continuations repeat what came before, so prompt lookup finds drafts.
 PROMPTS = [
@@ -148,12 +148,7 @@ def test_sampled_outputs_follow_the_targets_distribution(tiny_model_dir: Path) -
     spec = TableDrafts(table)
     llm.core.scheduler.speculator = spec
     n = 4000
-    # A 4th token leaves room for 2 drafts after the first (it is not counted).
-    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4, ignore_eos=True)
-    counts: dict[tuple[int, int, int], int] = {}
-    for c in llm.generate([prompt] * n, params):
-        key = (c.token_ids[0], c.token_ids[1], c.token_ids[2])
-        counts[key] = counts.get(key, 0) + 1
+    counts = three_token_counts(llm, prompt, n)
     assert set(counts) <= set(expected)
     drafted = spec.counters.num_draft_tokens["ngram"]
     accepted = spec.counters.num_accepted_tokens["ngram"]

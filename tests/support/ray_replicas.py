@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 
 from server_process import child_pids
+from triton_inputs import vllm_inputs
 
 
 def replica_pids() -> list[int]:
@@ -56,3 +58,31 @@ def replica_metrics(url: str, replica: str, predicate: Any) -> str:
         time.sleep(0.05)
     running = [line for line in last.splitlines() if line.startswith("rillet_requests_")]
     raise AssertionError(f"replica {replica} never got there: {running}")
+
+
+def assert_tritonclient_streams(url: str, grpc_target: str, model: str) -> None:
+    """Stock tritonclient streams 16 greedy tokens over gRPC, in more than 5 responses, and
+    their text is what ``/v1/completions`` answers the same request over HTTP."""
+    import tritonclient.grpc as tc
+
+    inputs = vllm_inputs("The sea is", sampling={"max_tokens": 16, "temperature": 0})
+    results: queue.Queue[Any] = queue.Queue()
+    text, responses = "", 0
+    with tc.InferenceServerClient(grpc_target) as client:
+        assert client.is_server_live() and client.is_model_ready(model)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, inputs, request_id="r")
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            text += result.as_numpy("text_output")[0].decode()
+            responses += 1
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    completion = httpx.post(
+        url + "/v1/completions",
+        json={"prompt": "The sea is", "max_tokens": 16, "temperature": 0},
+        timeout=60,
+    ).json()
+    assert text == completion["choices"][0]["text"] and responses > 5

@@ -5,6 +5,7 @@ against it: the statistical tests that speculation keeps the target's distributi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,3 +52,17 @@ def chi_square_p_value(counts: dict[Outcome, int], expected: dict[Outcome, float
     statistic = sum((o - m) ** 2 / m for o, m in zip(observed, means, strict=True))
     df = len(means) - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
+
+
+def three_token_counts(llm: Any, prompt: list[int], n: int) -> dict[Outcome, int]:
+    """How often each first three tokens came out of ``n`` samples of ``prompt`` at
+    temperature 1, top-k 4 (a 4th token leaves room for 2 drafts after the first; it is
+    not counted)."""
+    from rillet import SamplingParams
+
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4, ignore_eos=True)
+    counts: dict[Outcome, int] = {}
+    for c in llm.generate([prompt] * n, params):
+        key = (c.token_ids[0], c.token_ids[1], c.token_ids[2])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
