@@ -92,7 +92,9 @@ def test_the_ray_builder_and_the_command_line_give_the_same_configs() -> None:
             value = {int: "3", float: "0.75", str: "text"}[option.type]
             if option.choices:  # the last choice, never the default
                 value = option.choices[-1]
-            value = {"dtype": "float16", "kv_cache_dtype": "int8"}.get(option.name, value)
+            # Options whose values are checked past their type: a valid one, not the default.
+            valid = {"dtype": "float16", "kv_cache_dtype": "int8", "speculative": "ngram"}
+            value = valid.get(option.name, value)
             argv += [option.flag, value]
             args[option.name] = value
     cli = vars(build_parser().parse_args(argv))
