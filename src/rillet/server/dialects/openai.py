@@ -6,12 +6,12 @@ vLLM's extras that benchmark tools send are honoured (``ignore_eos``, ``min_toke
 ``top_k`` with -1 = off, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``), and llama-server's per-request
 ``speculative.n_max`` (draft tokens per step, capped by ``--num-speculative-tokens``). What
-we cannot do is refused with a
-400 rather than silently ignored: ``n``/``best_of`` > 1, several prompts, ``suffix``, a
-non-empty ``logit_bias``, non-text content parts. ``response_format`` (json_object,
-json_schema), vLLM's ``structured_outputs`` and its older ``guided_*`` fields constrain the
-output on chat and completions alike (``structured.py``). Chat takes ``tools``,
-``tool_choice`` and ``parallel_tool_calls`` (``tools.py``), and tool turns in ``messages``.
+we cannot do is refused with a 400 rather than silently ignored: ``n``/``best_of`` > 1,
+several prompts, ``suffix``, a non-empty ``logit_bias``, non-text content parts.
+``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and its older
+``guided_*`` fields constrain the output on chat and completions alike (``structured.py``).
+Chat takes ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (``tools.py``), and tool
+turns in ``messages``.
 
 The response side (chunks, answers, errors) is in ``openai_render.py``.
 """
