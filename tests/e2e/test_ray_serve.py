@@ -15,58 +15,33 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import ray  # the ray extra (scripts/setup.sh --test installs it)
 import requests
 
-from ray_replicas import assert_tritonclient_streams, frozen_engines, replica_metrics
-from server_process import free_port, metric_value
+from ray_replicas import (
+    Cluster,
+    assert_tritonclient_streams,
+    frozen_engines,
+    replica_metrics,
+    serve_cluster,
+)
+from server_process import metric_value
 from triton_inputs import vllm_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-@dataclass
-class Cluster:
-    url: str
-    grpc_target: str
-    model: str
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    from ray import serve
-
-    from rillet.deploy.ray import RayAppArgs, app
-
-    http_port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={
-                "port": grpc_port,
-                "grpc_servicer_functions": [
-                    "rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server"
-                ],
-            },
-        )
-        # 2 queued, not 1: two requests that arrive together may both count as queued for
-        # a moment while Serve's router picks replicas (the tutorial test sends two at once).
-        args = RayAppArgs(
-            num_replicas=2, threads=1, max_concurrent_requests=2, max_queued_requests=2
-        )
-        serve.run(app(args), name="rillet", route_prefix="/")
-        url = f"http://127.0.0.1:{http_port}"
-        model = httpx.get(url + "/info", timeout=30).json()["model_id"]
-        yield Cluster(url, f"127.0.0.1:{grpc_port}", model)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    # 2 queued, not 1: two requests that arrive together may both count as queued for a
+    # moment while Serve's router picks replicas (the tutorial test sends two at once).
+    with serve_cluster(
+        num_replicas=2, threads=1, max_concurrent_requests=2, max_queued_requests=2
+    ) as running:
+        yield running
 
 
 LONG_TGI = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}

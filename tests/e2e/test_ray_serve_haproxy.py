@@ -17,59 +17,30 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
-import ray  # the ray extra (scripts/setup.sh --test installs it)
 
-from ray_replicas import assert_tritonclient_streams, frozen_engines, replica_metrics
-from server_process import free_port, metric_value
+from ray_replicas import (
+    Cluster,
+    assert_tritonclient_streams,
+    frozen_engines,
+    replica_metrics,
+    serve_cluster,
+)
+from server_process import metric_value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 LONG_TGI = {"inputs": "Count: one, two,", "parameters": {"max_new_tokens": 4000}}
-
-
-@dataclass
-class Cluster:
-    url: str
-    grpc_target: str
-    model: str
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    from ray import serve
-
-    from rillet.deploy.ray import RayAppArgs, app
-
-    # Serve reads it when its controller starts: the local cluster's processes inherit it.
-    os.environ[HAPROXY_FLAG] = "1"
-    http_port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={
-                "port": grpc_port,
-                "grpc_servicer_functions": [
-                    "rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server"
-                ],
-            },
-        )
-        args = RayAppArgs(
-            num_replicas=1, threads=1, max_concurrent_requests=2, max_queued_requests=2
-        )
-        serve.run(app(args), name="rillet", route_prefix="/")
-        url = f"http://127.0.0.1:{http_port}"
-        model = httpx.get(url + "/info", timeout=30).json()["model_id"]
-        yield Cluster(url, f"127.0.0.1:{grpc_port}", model)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop(HAPROXY_FLAG, None)
+    with serve_cluster(
+        haproxy=True, num_replicas=1, threads=1, max_concurrent_requests=2, max_queued_requests=2
+    ) as running:
+        yield running
 
 
 def haproxy_pids() -> list[int]:

@@ -9,13 +9,59 @@ import queue
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from server_process import child_pids
+from server_process import child_pids, free_port
 from triton_inputs import vllm_inputs
+
+
+@dataclass
+class Cluster:
+    """A local Serve app of rillet: its HTTP address, its gRPC target, its model's name."""
+
+    url: str
+    grpc_target: str
+    model: str
+
+
+@contextlib.contextmanager
+def serve_cluster(haproxy: bool = False, **args: Any) -> Iterator[Cluster]:
+    """A local Ray cluster (2 CPUs) serving ``rillet.deploy.ray:app`` with these builder
+    arguments over HTTP and gRPC, on free loopback ports; with ``haproxy``, behind Serve's
+    HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``, which Serve reads when its controller
+    starts: the local cluster's processes inherit it from this one)."""
+    import ray
+    from ray import serve
+
+    from rillet.deploy.ray import RayAppArgs, app
+
+    flag = "RAY_SERVE_ENABLE_HA_PROXY"
+    if haproxy:
+        os.environ[flag] = "1"
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={
+                "port": grpc_port,
+                "grpc_servicer_functions": [
+                    "rillet.kserve.rpc.add_GRPCInferenceServiceServicer_to_server"
+                ],
+            },
+        )
+        serve.run(app(RayAppArgs(**args)), name="rillet", route_prefix="/")
+        url = f"http://127.0.0.1:{http_port}"
+        model = httpx.get(url + "/info", timeout=30).json()["model_id"]
+        yield Cluster(url, f"127.0.0.1:{grpc_port}", model)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop(flag, None)
 
 
 def replica_pids() -> list[int]:
