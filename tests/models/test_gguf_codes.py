@@ -156,6 +156,46 @@ def test_q4_k_rows_run_on_their_own_two_levels_of_scale(native) -> None:  # type
     torch.testing.assert_close(layer(x), x @ reference[permutation].T, rtol=1e-4, atol=1e-3)
 
 
+def _quantized_per(x: torch.Tensor, inputs: int) -> torch.Tensor:
+    """``x`` as the kernel rounds it to int8 with one scale per ``inputs`` (fp32 math, ties
+    to even as ``cvtps_epi32``), times that scale."""
+    pieces = x.float().reshape(x.shape[0], -1, inputs)
+    amax = pieces.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(pieces * inverse) * (amax / 127)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+@torch.no_grad()
+def test_q4_k_inputs_take_one_scale_per_super_block(native, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """Mode 41 quantizes each row's inputs to int8 with one scale per 256 (llama.cpp's
+    Q8_K) and sums the groups' products in integers: the result is fp32 math on those
+    quantized inputs and gguf's own weights, up to the order of sums, for float inputs
+    whose groups' magnitudes differ by 100x (where a scale per 32 would round them far
+    differently), in f32 and bf16, each row alone as in the batch."""
+    _need_quantized_kernel(native)
+    codes, reference = _codes(Q.Q4_K, seed=5)
+    assert codes.k_scales is not None
+    k = codes.k_scales
+    packed = group_quantization.pack_k4(codes.u, k.d, k.neg_dmin, k.scale, k.min)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, COLS, generator=gen)
+    x.view(rows, -1, 32)[:, ::3] *= 100  # every third group 100x the others
+    x[0, 256:] = 0  # an all-zero super-block: scale 0, no division by it
+    for inputs in (x, x.to(torch.bfloat16)):
+        got = native.quantized_linear(inputs, packed, group_quantization.K4).float()
+        per_super = _quantized_per(inputs, 256) @ reference.T
+        per_group = _quantized_per(inputs, 32) @ reference.T
+        if inputs.dtype == torch.float32:  # sums in another order
+            assert (got - per_super).norm() < 1e-5 * per_super.norm()
+            assert (per_group - per_super).norm() > 1e-3 * per_super.norm()  # it is per 256
+        else:  # the output's bf16 rounding: half an ulp, 2^-9 of each value
+            assert (got - per_super).norm() < 2.0**-8 * per_super.norm()
+        for i in range(rows):
+            alone = native.quantized_linear(inputs[i : i + 1], packed, group_quantization.K4)
+            assert torch.equal(alone[0].float(), got[i])
+
+
 def test_the_loader_yields_codes_in_hf_row_order(tmp_path: Path) -> None:
     """The tiny GGUF has q/k rows permuted as llama.cpp stores them (blk.1.attn_q is Q8_0):
     each matrix's codes must dequantize to exactly the float weights the loader reads."""

@@ -147,7 +147,8 @@ def pack_k4(
 ) -> torch.Tensor:
     """Mode 41 (``csrc/quantized_linear.cpp``): ``u`` [N, K/32, 32] 4-bit codes, ``d`` and
     ``neg_dmin`` [N, K/256] fp16, ``scale`` and ``low`` [N, K/32] bytes ->
-    ``[N/16, K/256, K4_SUPER_RECORD]`` uint8."""
+    ``[N/16, K/256, K4_SUPER_RECORD]`` uint8: the 8 groups' 4-bit lines, the scales as
+    [group][column] bytes, the mins as [group pair][column][2] bytes, d and -dmin."""
     n, g, _ = u.shape
     blocks, supers = n // LANES, g // 8
     lines = pack(u, d.new_zeros(n, g), d.new_zeros(n, g), 4)[..., : 4 * 64]
@@ -156,9 +157,15 @@ def pack_k4(
     def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, G] bytes -> [B, S, 8 x 16]
         return t.reshape(blocks, LANES, supers, 8).permute(0, 2, 3, 1).reshape(blocks, supers, -1)
 
+    def in_pairs(t: torch.Tensor) -> torch.Tensor:  # [N, G] bytes -> [B, S, 4 x 16 x 2]
+        # Byte 32j + 2i + p: group 2j + p of column i, so widening 32 bytes to int16 gives
+        # each column's lane the pair vpdpwssd multiplies by groups 2j, 2j + 1's input sums.
+        pairs = t.reshape(blocks, LANES, supers, 4, 2).permute(0, 2, 3, 1, 4)
+        return pairs.reshape(blocks, supers, -1)
+
     def per_super(t: torch.Tensor) -> torch.Tensor:  # [N, S] fp16 -> [B, S, 16 x 2] bytes
         lanes = t.reshape(blocks, LANES, supers).permute(0, 2, 1).contiguous()
         return lanes.view(torch.uint8).reshape(blocks, supers, -1)
 
-    parts = [payload, per_group(scale), per_group(low), per_super(d), per_super(neg_dmin)]
+    parts = [payload, per_group(scale), in_pairs(low), per_super(d), per_super(neg_dmin)]
     return torch.cat(parts, dim=-1).contiguous()

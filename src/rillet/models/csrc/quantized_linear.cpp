@@ -23,8 +23,13 @@
 //   Mode 41 (llama.cpp's Q4_K with its own scales): 4-bit codes under two levels of scale,
 //   w = d[col] * sc[g, col] * u - dmin[col] * mn[g, col] over a super-block of 8 groups.
 //   One super-record per (16 columns, 256 inputs): the 8 groups' 4-bit lines (8 x 256
-//   bytes), sc[8][16] and mn[8][16] as bytes, then d[16] and -dmin[16] as fp16
-//   (2368 bytes: 4.625 bits a weight against 5 with an fp16 d and m per group).
+//   bytes), sc[8][16] as bytes, mn as [4 group pairs][16][2] bytes, then d[16] and
+//   -dmin[16] as fp16 (2368 bytes: 4.625 bits a weight against 5 with an fp16 d and m per
+//   group). Its inputs are quantized per 256 (one scale s per row and super-block, as
+//   llama.cpp's Q8_K) with each group's sum of int8 values b_g, so a super-block's dot is
+//       d s sum_g sc_g sum_k(u q) - dmin s sum_g mn_g b_g
+//   with both sums over g in int32 and two fp32 multiply-adds per super-block: the per-group
+//   fp32 scale arithmetic of a scale per 32 inputs was mode 41's bound (see micro_tile_k4).
 // A line is exactly vpdpbusd's weight operand for 16 columns; the input operand is one
 // int32 (4 input bytes) broadcast to every lane.
 #include <ATen/ATen.h>
@@ -33,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -107,10 +113,137 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   return q;
 }
 
-// 16 bytes as 16 fp32 lanes.
-inline __m512 load_u8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+// Mode 41's inputs: each row quantized per super-block of 256 (one scale) with each group of
+// 32's sum of int8 values, which the mins multiply.
+struct SuperQuantizedRows {
+  std::vector<int8_t> values;  // [M, K]
+  std::vector<float> scales;   // [M, K / 256]
+  std::vector<int16_t> sums;   // [M, K / 32]: |sum| <= 32 x 127
+};
+
+constexpr int64_t kSuperInputs = kSuperGroups * kGroup;
+
+template <typename T>
+void quantize_row_super(const T* row, int64_t K, int64_t m, SuperQuantizedRows& q) {
+  const int64_t S = K / kSuperInputs, G = K / kGroup;
+  for (int64_t s = 0; s < S; ++s) {
+    const T* src = row + s * kSuperInputs;
+    __m512 v[kSuperInputs / kLanes];
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kSuperInputs / kLanes; ++i) {
+      v[i] = load16(src + i * kLanes);
+      top = _mm512_max_ps(top, _mm512_abs_ps(v[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(top);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    int8_t* dst = q.values.data() + m * K + s * kSuperInputs;
+    for (int64_t g = 0; g < kSuperGroups; ++g) {
+      // cvtps_epi32 rounds to nearest even; |value| <= 127 so the narrowing is exact.
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(v[2 * g], inv));
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(v[2 * g + 1], inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + g * kGroup), _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + g * kGroup + kLanes),
+                       _mm512_cvtepi32_epi8(qb));
+      q.sums[m * G + s * kSuperGroups + g] =
+          static_cast<int16_t>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    }
+    q.scales[m * S + s] = amax / 127.f;
+  }
+}
+
+template <typename T>
+SuperQuantizedRows quantize_rows_super(const T* x, int64_t M, int64_t K) {
+  SuperQuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * K / kSuperInputs),
+                       std::vector<int16_t>(M * K / kGroup)};
+  at::parallel_for(0, M, kQuantizeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row_super(x + m * K, K, m, q);
+  });
+  return q;
+}
+
+// Mode 41, MR rows x NB column blocks over all super-blocks. Per (row, block, group) the
+// products' int32 sums take one vpmulld by the group's byte scales and one vpaddd, against
+// a cvt, a mul and two fmas on the fp32 pipes with an input scale per 32 (removing those
+// made this loop 23 % faster, bench/RESULTS.md); the mins are 4 vpdpwssd of (mn_2j,
+// mn_2j+1) pairs by the input sums per (row, block, super-block). Integer sums up to
+// 8 x 63 x 32 x 15 x 127 < 2^25 (scales) and 8 x 63 x 4064 (mins): no overflow.
+template <int MR, int NB, typename T>
+void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
+                   int64_t block_stride, T* y, int64_t N) {
+  constexpr int64_t kShare = kSuperRecord / kSuperGroups;  // prefetched per group
+  const int64_t S = K / kSuperInputs, G = K / kGroup;
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int64_t s = 0; s < S; ++s) {
+    const uint8_t* super[NB];
+    for (int b = 0; b < NB; ++b) super[b] = w + b * block_stride + s * kSuperRecord;
+    __m512i scaled[MR][NB];
+    for (int m = 0; m < MR; ++m)
+      for (int b = 0; b < NB; ++b) scaled[m][b] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < kSuperGroups; ++g) {
+      // The next super-record into L2, a group's share at a time.
+      for (int b = 0; b < NB; ++b)
+        for (int64_t off = 0; off < kShare; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(super[b] + kSuperRecord + g * kShare + off),
+                       _MM_HINT_T1);
+      const int32_t* xq[MR];
+      for (int m = 0; m < MR; ++m)
+        xq[m] = reinterpret_cast<const int32_t*>(q.values.data() + (m0 + m) * K +
+                                                 s * kSuperInputs + g * kGroup);
+      __m512i dot[MR][NB];
+      for (int m = 0; m < MR; ++m)
+        for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_setzero_si512();
+      for (int t = 0; t < 4; ++t) {
+        __m512i lo[NB], hi[NB];
+        for (int b = 0; b < NB; ++b) {
+          const __m512i v = _mm512_loadu_si512(super[b] + g * 256 + t * 64);
+          lo[b] = _mm512_and_si512(v, low_nibbles);
+          hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
+          const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
+          for (int b = 0; b < NB; ++b) {
+            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], lo[b], xlo);
+            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], hi[b], xhi);
+          }
+        }
+      }
+      for (int b = 0; b < NB; ++b) {
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(super[b] + kSuperGroups * 256 + g * kLanes)));
+        for (int m = 0; m < MR; ++m)
+          scaled[m][b] = _mm512_add_epi32(scaled[m][b], _mm512_mullo_epi32(dot[m][b], sc));
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* mins = super[b] + kSuperGroups * 256 + kSuperGroups * kLanes;
+      const auto* halves = reinterpret_cast<const c10::Half*>(mins + kSuperGroups * kLanes);
+      const __m512 d = load16(halves), neg_dmin = load16(halves + kLanes);
+      __m512i pairs[kSuperGroups / 2];
+      for (int j = 0; j < kSuperGroups / 2; ++j)
+        pairs[j] = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + j * 2 * kLanes)));
+      for (int m = 0; m < MR; ++m) {
+        const int16_t* sums = q.sums.data() + (m0 + m) * G + s * kSuperGroups;
+        __m512i low = _mm512_setzero_si512();
+        for (int j = 0; j < kSuperGroups / 2; ++j) {
+          int32_t pair;  // groups 2j and 2j + 1's sums as vpdpwssd's int16 pair
+          std::memcpy(&pair, sums + 2 * j, sizeof(pair));
+          low = _mm512_dpwssd_epi32(low, pairs[j], _mm512_set1_epi32(pair));
+        }
+        const __m512 scale = _mm512_set1_ps(q.scales[(m0 + m) * S + s]);
+        acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[m][b]), _mm512_mul_ps(d, scale),
+                                    acc[m][b]);
+        acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(neg_dmin, scale),
+                                    acc[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) store16(y + (m0 + m) * N + b * kLanes, acc[m][b]);
 }
 
 // MR rows x NB column blocks, over all groups.
@@ -130,20 +263,10 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
       for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_setzero_si512();
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) {
-      if constexpr (BITS == kK4) {
-        const uint8_t* super = w + b * block_stride + (g / kSuperGroups) * kSuperRecord;
-        rec[b] = super + (g % kSuperGroups) * 256;
-        // The next super-record into L2, a group's share at a time (as far ahead as the
-        // other modes' eight records).
-        const uint8_t* ahead = super + kSuperRecord + (g % kSuperGroups) * kRecord;
-        for (int64_t off = 0; off < kRecord; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T1);
-      } else {
-        rec[b] = w + b * block_stride + g * kRecord;
-        // Eight records ahead into L2, so each stream keeps a few lines in flight.
-        for (int64_t off = 0; off < kRecord; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
-      }
+      rec[b] = w + b * block_stride + g * kRecord;
+      // Eight records ahead into L2, so each stream keeps a few lines in flight.
+      for (int64_t off = 0; off < kRecord; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
     }
     const int32_t* xq[MR];
     for (int m = 0; m < MR; ++m)
@@ -203,7 +326,7 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
           for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], wv[b], xv);
         }
       }
-    } else {  // 4 bits (modes 4 and 41)
+    } else {  // 4 bits
       for (int t = 0; t < 4; ++t) {
         __m512i lo[NB], hi[NB];
         for (int b = 0; b < NB; ++b) {
@@ -222,18 +345,8 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
       }
     }
     for (int b = 0; b < NB; ++b) {
-      __m512 d, mn;
-      if constexpr (BITS == kK4) {
-        const uint8_t* scales = rec[b] - (g % kSuperGroups) * 256 + kSuperGroups * 256;
-        const uint8_t* supers = scales + 2 * kSuperGroups * kLanes;
-        const int64_t at = (g % kSuperGroups) * kLanes;
-        d = _mm512_mul_ps(load16(reinterpret_cast<const c10::Half*>(supers)), load_u8(scales + at));
-        mn = _mm512_mul_ps(load16(reinterpret_cast<const c10::Half*>(supers + 2 * kLanes)),
-                           load_u8(scales + kSuperGroups * kLanes + at));
-      } else {
-        d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
-        mn = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload + 2 * kLanes));
-      }
+      const __m512 d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
+      const __m512 mn = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload + 2 * kLanes));
       for (int m = 0; m < MR; ++m) {
         const int64_t at = (m0 + m) * G + g;
         const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(q.scales[at]));
@@ -373,10 +486,55 @@ MicroFn<T> pick(int64_t rows, int64_t blocks) {
   }
 }
 
+template <typename T>
+using K4Fn = void (*)(const SuperQuantizedRows&, int64_t, int64_t, const uint8_t*, int64_t, T*,
+                      int64_t);
+
+template <int NB, typename T>
+K4Fn<T> pick_k4_rows(int64_t rows) {
+  switch (rows) {
+    case 1: return micro_tile_k4<1, NB, T>;
+    case 2: return micro_tile_k4<2, NB, T>;
+    case 3: return micro_tile_k4<3, NB, T>;
+    default: return micro_tile_k4<4, NB, T>;
+  }
+}
+
+template <typename T>
+K4Fn<T> pick_k4(int64_t rows, int64_t blocks) {
+  switch (blocks) {
+    case 1: return pick_k4_rows<1, T>(rows);
+    case 2: return pick_k4_rows<2, T>(rows);
+    case 3: return pick_k4_rows<3, T>(rows);
+    default: return pick_k4_rows<4, T>(rows);
+  }
+}
+
 // Column blocks per work item: four independent accumulator chains per row hide
 // vpdpbusd's latency at one or two rows; more rows bring chains of their own and need
 // the registers.
 int64_t blocks_per_tile(int64_t M) { return M <= 2 ? 4 : 2; }
+
+template <typename T>
+void run_k4(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks, T* y) {
+  const SuperQuantizedRows q = quantize_rows_super(x, M, K);
+  const int64_t N = num_blocks * kLanes;
+  const int64_t block_stride = (K / kSuperInputs) * kSuperRecord;
+  const int64_t per_tile = blocks_per_tile(M);
+  const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * per_tile;
+      const int64_t blocks = std::min(per_tile, num_blocks - b0);
+      const uint8_t* wt = w + b0 * block_stride;
+      T* yt = y + b0 * kLanes;
+      int64_t m = 0;
+      for (; m + kMaxRowsPerTile <= M; m += kMaxRowsPerTile)
+        pick_k4<T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N);
+      if (m < M) pick_k4<T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N);
+    }
+  });
+}
 
 template <int BITS, typename T>
 void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks, T* y) {
@@ -457,14 +615,14 @@ at::Tensor quantized_linear(at::Tensor x, at::Tensor packed, int64_t bits) {
     auto* yp = y.data_ptr<c10::BFloat16>();
     bits == 4     ? run<4>(xp, M, K, wp, num_blocks, yp)
     : bits == 6   ? run<6>(xp, M, K, wp, num_blocks, yp)
-    : bits == kK4 ? run<kK4>(xp, M, K, wp, num_blocks, yp)
+    : bits == kK4 ? run_k4(xp, M, K, wp, num_blocks, yp)
                   : run<8>(xp, M, K, wp, num_blocks, yp);
   } else {
     const auto* xp = x.data_ptr<float>();
     auto* yp = y.data_ptr<float>();
     bits == 4     ? run<4>(xp, M, K, wp, num_blocks, yp)
     : bits == 6   ? run<6>(xp, M, K, wp, num_blocks, yp)
-    : bits == kK4 ? run<kK4>(xp, M, K, wp, num_blocks, yp)
+    : bits == kK4 ? run_k4(xp, M, K, wp, num_blocks, yp)
                   : run<8>(xp, M, K, wp, num_blocks, yp);
   }
   return y;
