@@ -23,7 +23,6 @@ from rillet.config import EngineConfig
 from rillet.constraint import Constraint, ConstraintKind
 from rillet.engine.async_engine import AsyncEngine
 from rillet.engine.grammar import (
-    BATCH_FILL_ROWS,
     SPLIT_APPLY_ROWS,
     GrammarCache,
     Grammars,
@@ -237,11 +236,9 @@ def test_matcher_follows_committed_tokens_and_rolls_back(tokenizer: Tokenizer) -
     assert cache.num_compiles == 1
 
 
-def test_step_bitmask_matches_each_matcher_in_a_loop_and_in_one_batch_call(
-    tokenizer: Tokenizer,
-) -> None:
-    """Fewer than BATCH_FILL_ROWS rows are filled in a loop, more in one library call, into
-    buffers reused from step to step: every path gives each row its own matcher's mask."""
+def test_step_bitmask_gives_each_row_its_own_matchers_mask(tokenizer: Tokenizer) -> None:
+    """Batches of 4 to 35 rows, constrained and not, into buffers reused (and grown) from
+    step to step: every constrained row gets its own matcher's mask, in its own row."""
     constraint = Constraint.json_schema(SCHEMA)
     ids = tokenizer.encode(
         '{"name": "Ada", "age": 36, "role": "admin", "tags": ["x"], "ok": true}',
@@ -257,7 +254,7 @@ def test_step_bitmask_matches_each_matcher_in_a_loop_and_in_one_batch_call(
 
     grammars = Grammars(tokenizer, tokenizer.vocab_size)
     requests = []
-    for k in range(2 * BATCH_FILL_ROWS + 3):  # every third one unconstrained
+    for k in range(35):  # every third one unconstrained
         request = SimpleNamespace(request_id=f"r{k}", output_token_ids=[])
         if k % 3:
             grammars.add(request.request_id, constraint)

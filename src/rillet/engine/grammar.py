@@ -303,14 +303,6 @@ def apply_token_bitmask(
     helper.result()
 
 
-#: Constrained rows from which one ``BatchGrammarMatcher`` call fills their masks on two
-#: threads; fewer are filled in a loop on the engine's thread. At c=1 the batch call cost
-#: 80-193 us a token where the loop's fill took 7-8 us (bench/RESULTS.md, "Constrained
-#: decoding at c = 1"): the hand-off to the library's pool waits for its thread to get a
-#: core. At 16 and 64 rows the two gave the same engine step within the noise.
-BATCH_FILL_ROWS = 16
-
-
 class Grammars:
     """The model runner's request grammars, and the step's bitmask.
 
@@ -325,7 +317,6 @@ class Grammars:
         self.vocab_size = vocab_size
         self._cache: GrammarCache | None = None
         self._requests: dict[str, RequestGrammar] = {}
-        self._batch: Any = None  # fills many rows' masks on two threads
         self._bits = torch.empty((0, (vocab_size + 31) // 32), dtype=torch.int32)
         self._index = torch.empty(0, dtype=torch.int64)
 
@@ -386,16 +377,16 @@ class Grammars:
                 failed[request.request_id] = _no_token()
         if not ready:
             return TokenBitmask(bits, []), failed
-        matchers = [self._requests[requests[i].request_id].matcher for i in ready]
-        if len(ready) < BATCH_FILL_ROWS:
-            for i, matcher in zip(ready, matchers, strict=True):
-                matcher.fill_next_token_bitmask(bits, i)
-        else:
-            if self._batch is None:
-                self._batch = _xgr().BatchGrammarMatcher(max_threads=2)
-            # One call for every row, on two threads: 0.84 ms for 64 rows of SmolLM2's
-            # vocabulary where a loop of fill_next_token_bitmask took 1.87 ms.
-            self._batch.batch_fill_next_token_bitmask(matchers, bits, ready)
+        # Every row is filled here, on the engine's thread, one after another; not by
+        # xgrammar's BatchGrammarMatcher on its thread pool: on two cores the pool's threads
+        # wait for cores that torch's OpenMP threads hold (most likely still spinning after
+        # the forward). 64 rows of `rillet bench`'s schema took 1.1-2.0 ms a step in one batch
+        # call and 0.5 ms in this loop (~8 us a row), and the whole decode step went from
+        # 49.0-54.6 ms to 47.8 ms against 46.8 ms unconstrained (bench/profile_step.py 64
+        # --json-schema, bench/RESULTS.md "Constrained decoding at c = 64"). At c = 1 the
+        # pool's hand-off had cost 80-190 us a token against the loop's 7-8 us.
+        for i in ready:
+            self._requests[requests[i].request_id].matcher.fill_next_token_bitmask(bits, i)
         # numpy, not torch: at one row, torch's indexing and any() cost more than the fill.
         any_allowed = cast(list[bool], bits.numpy()[ready].any(axis=1).tolist())
         masked: list[int] = []
