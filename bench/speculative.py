@@ -139,6 +139,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    # A SIGTERM (``timeout``, a killed lock holder) unwinds through run_system's ``finally``,
+    # so the server it started (a session of its own) is stopped too, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     port = 18600 + os.getpid() % 1000
     every = commands(args, port)
     names = args.systems.split(",")
