@@ -11,6 +11,12 @@ prompts (same process, same weights: alternating, so drift hits both).
     PYTHONPATH=src .venv/bin/python bench/draft_cost.py
     PYTHONPATH=src .venv/bin/python bench/draft_cost.py --model qwen2.5-coder-1.5b \\
         --draft qwen2.5-coder-0.5b --max-tokens 96
+    PYTHONPATH=src .venv/bin/python bench/draft_cost.py --prompts workload
+
+``--prompts workload`` takes the first three of ``rillet bench``'s chat prompts (what
+``bench/speculative.py --workload chat`` sends) instead of the three coding questions here.
+``policy`` counts the verifications by how many drafts the policy gave them, with the drafts
+accepted at each count, so what the policy decided is seen beside what it cost.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import time
 
 from rillet import LLM, SamplingParams
+from rillet.benchmark.workload import PROMPTS as WORKLOAD_PROMPTS
 from rillet.engine.draft_model import DraftModelProposer
 
 PROMPTS = [
@@ -34,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--prompts", choices=("coding", "workload"), default="coding")
     args = parser.parse_args()
     llm = LLM(args.model, speculative=f"draft:{args.draft}")
     core = llm.core
@@ -41,13 +49,23 @@ def main() -> None:
     drafter = core.runner.drafter
     assert spec is not None and isinstance(drafter, DraftModelProposer)
     prior = spec.draft_cost
+    # Each verification's (drafts, accepted), through the policy's own hook.
+    verifications: list[tuple[int, int]] = []
+    observe = spec.observe
+
+    def recording(request_id: str, num_drafts: int, num_accepted: int) -> None:
+        verifications.append((num_drafts, num_accepted))
+        observe(request_id, num_drafts, num_accepted)
+
+    spec.observe = recording  # type: ignore[method-assign]
+    prompts = PROMPTS if args.prompts == "coding" else list(WORKLOAD_PROMPTS[:3])
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     chats = [
         llm.tokenizer.encode(
             llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]),
             add_special_tokens=False,
         )
-        for p in PROMPTS
+        for p in prompts
     ]
     # Untimed: the first forwards fault the mapped weights in (3-5x slower).
     llm.generate([chats[0]], SamplingParams(max_new_tokens=16, temperature=0.0))
@@ -58,6 +76,11 @@ def main() -> None:
             started = time.perf_counter()
             (out,) = llm.generate([prompt], params)
             rates[mode].append(len(out.token_ids) / (time.perf_counter() - started))
+    policy: dict[int, list[int]] = {}
+    for num_drafts, num_accepted in verifications:
+        count = policy.setdefault(num_drafts, [0, 0])
+        count[0] += 1
+        count[1] += num_accepted
     drafts = spec.counters.num_draft_tokens["draft"]
     accepted = spec.counters.num_accepted_tokens["draft"]
     print(
@@ -71,6 +94,9 @@ def main() -> None:
                 "draft_forwards": drafter.num_forwards,
                 "drafts": drafts,
                 "acceptance": round(accepted / drafts, 3) if drafts else None,
+                "policy": {
+                    f"k={k}": {"rows": n, "accepted": a} for k, (n, a) in sorted(policy.items())
+                },
                 "tok_s_off": [round(r, 2) for r in rates["off"]],
                 "tok_s_draft": [round(r, 2) for r in rates["draft"]],
             }

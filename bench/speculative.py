@@ -10,7 +10,7 @@ over ``--repeats`` runs.
 
     PYTHONPATH=src .venv/bin/python bench/speculative.py --systems rillet-off,rillet-ngram
     PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \\
-        --systems rillet-off,rillet-ngram,llama-plain,llama-ngram,llama-ngram-mod
+        --systems rillet-off,rillet-ngram,llama-plain,llama-ngram,llama-ngram-mod,llama-draft
     PYTHONPATH=src .venv/bin/python bench/speculative.py --workload chat --concurrency 16,64
     PYTHONPATH=src .venv/bin/python bench/speculative.py --model qwen2.5-coder-1.5b \
         --workload chat --systems rillet-off,rillet-draft --draft qwen2.5-coder-0.5b
@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -59,6 +60,13 @@ def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
         "rillet-ngram": [*rillet, "--speculative", "ngram", "--num-speculative-tokens", k],
         "rillet-draft": [*rillet, *draft],
     }
+    # ``rillet-ngram-k8``, ``rillet-draft-k2``: the same with k fixed by the name, so one run
+    # can set several k side by side.
+    for name in args.systems.split(","):
+        match = re.fullmatch(r"rillet-(ngram|draft)-k(\d+)", name)
+        if match:
+            method = "ngram" if match[1] == "ngram" else f"draft:{args.draft}"
+            systems[name] = [*rillet, "--speculative", method, "--num-speculative-tokens", match[2]]
     if any(name.startswith("llama") for name in args.systems.split(",")):
         llama = [
             *(str(LLAMA_SERVER), "--model", str(gguf_of(args.model)), "--port", str(port)),
@@ -70,6 +78,14 @@ def commands(args: argparse.Namespace, port: int) -> dict[str, list[str]]:
         # ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod and ngram-cache).
         systems["llama-ngram"] = [*llama, "--spec-type", "ngram-simple"]
         systems["llama-ngram-mod"] = [*llama, "--spec-type", "ngram-mod"]
+        # Its draft-model speculation with the same draft GGUF rillet-draft uses, on the
+        # same 2 threads, with its default draft length (--spec-draft-n-max 3).
+        draft_gguf = str(gguf_of(args.draft))
+        systems["llama-draft"] = [
+            *llama,
+            *("--model-draft", draft_gguf, "--spec-type", "draft-simple"),
+            *("--threads-draft", "2", "--threads-batch-draft", "2"),
+        ]
     return systems
 
 
@@ -123,6 +139,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    # A SIGTERM (``timeout``, a killed lock holder) unwinds through run_system's ``finally``,
+    # so the server it started (a session of its own) is stopped too, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     port = 18600 + os.getpid() % 1000
     every = commands(args, port)
     names = args.systems.split(",")

@@ -224,8 +224,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "num_speculative_tokens",
         int,
-        "most draft tokens per step and request under --speculative (default: 4); an OpenAI "
-        'request may ask for fewer with llama-server\'s "speculative.n_max"',
+        "most draft tokens per step and request under --speculative (default: 4); a request "
+        'may ask for fewer with llama-server\'s "speculative.n_max" (OpenAI, Responses, /ws and '
+        "KServe bodies)",
         engine="num_speculative_tokens",
     ),
     Option(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pydantic
 import pytest
 
 from rillet.constraint import Constraint
@@ -154,6 +155,16 @@ def test_tools_are_planned_as_chats_a_constraint_and_the_templates_tools(
 def test_what_cannot_be_served_is_a_validation_error(body: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         plan(**body)
+
+
+def test_llama_servers_per_request_draft_cap() -> None:
+    """``speculative.n_max`` as on chat (llama-server keeps it when it turns a Responses
+    body into a chat body): this request's draft tokens per step."""
+    assert plan().spec.params.num_speculative_tokens is None
+    assert plan(**{"speculative.n_max": 2}).spec.params.num_speculative_tokens == 2
+    assert plan(**{"speculative.n_max": 0}).spec.params.num_speculative_tokens == 0
+    with pytest.raises(pydantic.ValidationError, match=r"speculative\.n_max"):
+        plan(**{"speculative.n_max": -1})
 
 
 def output(text: str, reason: FinishReason | None = None) -> RequestOutput:

@@ -38,6 +38,7 @@ SAMPLING_FIELDS = [
     "guided_json",
     "guided_choice",
     "guided_regex",
+    "speculative.n_max",
 ]
 messages = st.lists(
     st.fixed_dictionaries({}, optional={"role": json_values, "content": json_values}) | json_values,
@@ -74,3 +75,11 @@ def test_a_generate_frame_takes_the_openai_and_vllm_constraints() -> None:
         )
     plan = ws.plan_generate({**frame, "guided_json": schema})
     assert plan.spec.params.constraint == Constraint.json_schema(schema)
+
+
+def test_a_generate_frame_takes_the_per_request_draft_cap() -> None:
+    """llama-server's ``speculative.n_max``, as on the OpenAI routes."""
+    frame = {"type": "generate", "id": 1, "prompt": "Hi"}
+    assert ws.plan_generate(frame).spec.params.num_speculative_tokens is None
+    plan = ws.plan_generate({**frame, "speculative.n_max": 3})
+    assert plan.spec.params.num_speculative_tokens == 3

@@ -38,6 +38,18 @@ def test_sampling_parameters_are_vllm_names_and_strings_are_cast() -> None:
     assert kserve.plan(from_parameters).spec.params.max_new_tokens == kserve.DEFAULT_MAX_TOKENS
 
 
+def test_the_per_request_draft_cap_is_read_as_the_other_sampling_fields() -> None:
+    """llama-server's ``speculative.n_max`` among the OpenAI names, cast from a string as
+    they are, in the tensor or the request's parameters."""
+    tensor = request(text_input=b"Hi", sampling_parameters=b'{"speculative.n_max": "2"}')
+    assert kserve.plan(tensor).spec.params.num_speculative_tokens == 2
+    parameters = kserve.KServeRequest("2", "m", {"text_input": [b"Hi"]}, {"speculative.n_max": 0})
+    assert kserve.plan(parameters).spec.params.num_speculative_tokens == 0
+    assert kserve.plan(request(text_input=b"Hi")).spec.params.num_speculative_tokens is None
+    with pytest.raises(ValidationError, match=r"speculative\.n_max"):
+        kserve.plan(request(text_input=b"Hi", sampling_parameters=b'{"speculative.n_max": -1}'))
+
+
 def test_streaming_excludes_the_prompt_and_refuses_to_include_it() -> None:
     assert kserve.plan(request(text_input=b"Hi", stream=True)).echo == ""
     with pytest.raises(ValidationError, match="exclude_input_in_output"):

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from rillet.errors import ValidationError
 
@@ -52,6 +52,23 @@ def json_loads(raw: str | bytes) -> Any:
 
 class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class SpeculativeCap(Lenient):
+    """llama-server's per-request cap on draft tokens, ``"speculative.n_max"``: at most the
+    server's ``--num-speculative-tokens`` a step for this request, 0 for none
+    (``SamplingParams.num_speculative_tokens``).
+
+    Declared here once for the bodies that take it: OpenAI chat and completions (where
+    llama-server reads it) and what reads OpenAI's sampling fields (``/ws``'s ``generate``
+    frames, KServe's ``sampling_parameters``), and Responses (llama-server turns a Responses
+    body into a chat body with every other field kept, so the cap travels with it). Not on
+    the doors whose peers have no such field: TGI (no per-request speculation), Anthropic
+    (llama-server's Messages route copies only the fields it knows), and the plain-text and
+    tutorial WebSocket doors, which take no sampling options at all.
+    """
+
+    speculative_n_max: int | None = Field(default=None, alias="speculative.n_max", ge=0)
 
 
 Stop = str | list[str] | None

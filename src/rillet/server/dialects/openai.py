@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
-from rillet.server.dialects.fields import Lenient, Stop, stop_list
+from rillet.server.dialects.fields import Lenient, SpeculativeCap, Stop, stop_list
 from rillet.server.dialects.structured import body_constraint
 from rillet.server.dialects.tools import ToolPlan, check_history, plan_tools
 from rillet.server.limits import FieldNames
@@ -61,8 +61,9 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class SamplingFields(Lenient):
-    """OpenAI's sampling fields with vLLM's extras; the WebSocket's frames use them too."""
+class SamplingFields(SpeculativeCap):
+    """OpenAI's sampling fields with vLLM's extras and llama-server's ``speculative.n_max``;
+    the WebSocket's frames use them too."""
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -90,10 +91,6 @@ class SamplingFields(Lenient):
     guided_regex: str | None = None
     guided_choice: list[str] | str | None = None
     guided_grammar: str | None = None
-    # llama-server's per-request cap on draft tokens (its /completion and OpenAI routes take
-    # it; vLLM and TGI have no per-request field): at most the server's
-    # --num-speculative-tokens, 0 for none.
-    speculative_n_max: int | None = Field(default=None, alias="speculative.n_max", ge=0)
 
 
 class OpenAICommon(SamplingFields):

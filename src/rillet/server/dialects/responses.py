@@ -6,7 +6,8 @@
 first), ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (``text``,
 ``json_object``, ``json_schema`` with ``schema`` flat beside ``name``: the same constraint as
 chat's ``response_format``), function ``tools`` (flat ``{"type": "function", "name",
-"parameters"}``), ``tool_choice``, ``parallel_tool_calls``, ``stream``. Tools map to the
+"parameters"}``), ``tool_choice``, ``parallel_tool_calls``, ``stream``, and llama-server's
+``speculative.n_max`` (this request's draft tokens per step, as on chat). Tools map to the
 door-neutral :class:`~rillet.server.dialects.tool_request.ToolRequest` and are planned as
 OpenAI chat's (grammar-constrained calls; ``none`` keeps them out of the prompt);
 ``function_call``/``function_call_output`` items are tool turns for the chat template.
@@ -23,7 +24,7 @@ from typing import Any
 
 from rillet.errors import ValidationError
 from rillet.sampling import SamplingParams
-from rillet.server.dialects.fields import Lenient
+from rillet.server.dialects.fields import SpeculativeCap
 from rillet.server.dialects.structured import response_format_constraint
 from rillet.server.dialects.tool_request import (
     ToolRequest,
@@ -44,7 +45,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-class ResponsesRequest(Lenient):
+class ResponsesRequest(SpeculativeCap):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -104,6 +105,7 @@ def plan_response(body: ResponsesRequest) -> ResponsesPlan:
         max_new_tokens=body.max_output_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        num_speculative_tokens=body.speculative_n_max,
     )
     params = replace(params, constraint=_constraint(text_format))
     tools, params = plan_tool_request(request, params, "text.format")
