@@ -171,45 +171,6 @@ def test_policy_batch_size_and_low_acceptance() -> None:
     assert [spec.propose(r, 8) for _ in range(4)] == [[], [], [3], []]
 
 
-def test_probes_that_do_not_bring_drafting_back_come_less_often() -> None:
-    """A rejected probe doubles the wait for the next (up to the max); a request that
-    agrees again drafts at once and waits the shortest cooldown after that."""
-    spec = Speculator(spec_config(cooldown_steps=2, max_cooldown_steps=8, row_cost=0.1))
-    r = make_request("a", [1, 2, 3, 1, 2], temperature=0.0)
-    assert spec.step_allows(1)
-    assert spec.propose(r, 8) == [3, 1, 2]
-    for _ in range(6):
-        spec.observe("a", 3, 0)
-    probes = []
-    for n in range(1, 31):
-        if spec.propose(r, 8):
-            probes.append(n)
-            spec.observe("a", 1, 0)  # rejected
-    assert probes == [2, 6, 14, 22, 30]  # waits of 2, 4, 8, then 8 (the max)
-    for _ in range(20):
-        spec.observe("a", 3, 3)  # it agrees again
-    assert spec.propose(r, 8) == [3, 1, 2]
-    for _ in range(20):
-        spec.observe("a", 3, 0)
-    assert [len(spec.propose(r, 8)) for _ in range(3)] == [0, 1, 0]  # back to a wait of 2
-
-
-def test_a_short_run_of_agreement_after_a_long_disagreement_does_not_draft() -> None:
-    """Acceptance is the lower of a fast and a slow estimate: three agreeing verifications
-    lift the fast one over the cost (0.79 > 0.68) but not the slow one (0.51)."""
-    spec = Speculator(spec_config(row_cost=0.68, row_cost_per_1k=0.0, cooldown_steps=100))
-    r = make_request("a", [1, 2, 3, 1, 2], temperature=0.0)
-    assert spec.step_allows(1) and spec.propose(r, 8) == [3]  # the prior: 0.8 > 0.68
-    for _ in range(20):
-        spec.observe("a", 1, 0)
-    for _ in range(3):
-        spec.observe("a", 4, 4)
-    assert spec.propose(r, 8) == []
-    for _ in range(30):
-        spec.observe("a", 4, 4)  # agreement that lasts: both estimates over the cost
-    assert spec.propose(r, 8) == [3, 1, 2]
-
-
 def test_policy_drafts_only_what_pays_at_the_batch_size() -> None:
     """Draft i pays when acceptance^i > row_cost * batch; a step's rows stay bounded."""
     spec = Speculator(spec_config(num_speculative_tokens=8, row_cost=0.05, max_step_rows=12))

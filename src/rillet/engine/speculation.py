@@ -27,11 +27,7 @@ p, keep d if the draw is d", and the output follows the target's distribution.
 Policy (``SpeculationConfig``), per step and per request, so speculation never makes a
 loaded engine slower. A request's acceptance ``a`` is the chance a draft is accepted given
 the ones before it were: accepted / (accepted + first rejections), decayed so it follows
-the generation (a copied passage ends, another begins), and no higher than the same count
-decayed slowly: a request drafts after a run of agreement, when the fast estimate is at its
-highest, and on chat the agreement did not last (Qwen2.5-Coder 0.5B for 1.5B: drafts made
-on the fast estimate alone were accepted 60-64 % of the time against a cost of ~0.68 a
-draft, served 0.90-0.94x of no speculation, bench/speculative.py). With ``k`` drafts at ``a`` a row
+the generation (a copied passage ends, another begins). With ``k`` drafts at ``a`` a row
 yields ``1 + a + ... + a^k`` tokens a step, while the step makes about ``B`` tokens (``B``
 decode rows). Draft ``i`` adds ``a^i`` tokens for its cost ``c`` (a fraction of a decode
 step's time), so it pays when ``a^i > c * B``. Its cost:
@@ -52,13 +48,8 @@ So draft ``i`` is proposed while ``a^i > (row_cost(n) + draft_cost) * B``. A req
 the longest run of drafts that pays; a step's rows stay within ``max_step_rows`` (past
 that, a CPU step stops being bound by reading the weights and every row costs nearly a full
 token) and speculates only while at most ``max_num_seqs`` requests run. A request whose
-first draft does not pay stops proposing and probes with one draft after ``cooldown_steps``
-steps; each probe that does not bring drafting back doubles the wait for the next, up to
-``max_cooldown_steps``. A probe costs a verification row and, with a draft model, a
-catch-up forward over every token since the last draft, for an expected gain of ``a``
-tokens: on chat, Qwen2.5-Coder 0.5B drafting for 1.5B measured a ~0.6 and a draft forward
-~0.58 of a decode step (bench/draft_cost.py), so a probe every 16 steps cost ~1 step of 16
-for ~0.6 of a token back. A request may ask for fewer drafts than ``num_speculative_tokens``
+first draft does not pay stops proposing and probes with one draft every ``cooldown_steps``
+steps. A request may ask for fewer drafts than ``num_speculative_tokens``
 (``SamplingParams.num_speculative_tokens``; 0 turns speculation off for it).
 
 No torch here: this runs inside the scheduler.
@@ -92,10 +83,8 @@ class SpeculationConfig:
     row_cost_per_1k: float = 0.056
     #: A draft-model forward's time as a fraction of a target decode step (0: no draft model).
     draft_cost: float = 0.0
-    #: A request whose first draft does not pay probes with one draft after this many steps,
-    #: twice as many after each probe that did not bring drafting back, at most the max.
+    #: A request whose first draft does not pay probes with one draft this often.
     cooldown_steps: int = 16
-    max_cooldown_steps: int = 256
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS and not draft_model_of(self.method):
@@ -166,18 +155,11 @@ class _RequestStats:
     # The prior (a = 0.8 over 1.25 judged drafts) lets a new request try a full run.
     accepted: float = 1.0
     judged: float = 1.25
-    # The same, decayed slowly (about the last 20 count).
-    slow_accepted: float = 1.0
-    slow_judged: float = 1.25
     idle_steps: int = 0
-    #: Steps to wait before the next probe, and whether the last draft was a probe.
-    cooldown: int = 0
-    probed: bool = False
 
     @property
     def acceptance(self) -> float:
-        """The lower of the fast and slow estimates."""
-        return min(self.accepted / self.judged, self.slow_accepted / self.slow_judged)
+        return self.accepted / self.judged
 
 
 @dataclass(frozen=True)
@@ -201,10 +183,8 @@ class SpeculationCounters:
 class Speculator:
     """Proposes draft tokens for eligible rows and learns each request's acceptance."""
 
-    #: Weight kept by the past at each verification (about the last 5 count), and by the
-    #: slow estimate's.
+    #: Weight kept by the past at each verification (about the last 5 count).
     _DECAY = 0.8
-    _SLOW_DECAY = 0.95
     #: Measured draft costs ignored at the start (see observe_draft_forwards).
     _WARMUP_OBSERVATIONS = 8
 
@@ -247,8 +227,7 @@ class Speculator:
         return k
 
     def _plan(self, request: Request, max_tokens: int) -> tuple[_RequestStats, int] | None:
-        """The request's stats and how many drafts it gets this step (None: none; -1: one,
-        as a probe)."""
+        """The request's stats and how many drafts it gets this step (None: none)."""
         cfg = self.config
         wanted = request.params.num_speculative_tokens
         limit = min(cfg.num_speculative_tokens, max_tokens, self._rows_left)
@@ -258,21 +237,15 @@ class Speculator:
             return None
         stats = self._requests.get(request.request_id)
         if stats is None:
-            stats = _RequestStats(
-                NgramIndex(cfg.min_ngram, cfg.max_ngram), cooldown=cfg.cooldown_steps
-            )
+            stats = _RequestStats(NgramIndex(cfg.min_ngram, cfg.max_ngram))
             self._requests[request.request_id] = stats
         k = self.num_worth_proposing(stats.acceptance, limit, request.num_tokens)
-        if k > 0:
-            stats.cooldown, stats.probed = cfg.cooldown_steps, False
-            return stats, k
-        if stats.probed:  # the last probe did not bring drafting back: wait longer
-            stats.cooldown = min(2 * stats.cooldown, cfg.max_cooldown_steps)
-            stats.probed = False
-        stats.idle_steps += 1
-        if stats.idle_steps < stats.cooldown:
-            return None
-        return stats, -1  # a probe of one: has this request started agreeing again?
+        if k == 0:
+            stats.idle_steps += 1
+            if stats.idle_steps < cfg.cooldown_steps:
+                return None
+            k = 1  # a probe: has this request started agreeing again?
+        return stats, k
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:
         """Draft tokens for ``request``'s next step by prompt lookup, at most ``max_tokens``
@@ -281,9 +254,9 @@ class Speculator:
         if plan is None:
             return []
         stats, k = plan
-        drafts = stats.index.propose(request.all_token_ids, max(k, 1))
+        drafts = stats.index.propose(request.all_token_ids, k)
         if drafts:
-            stats.idle_steps, stats.probed = 0, k < 0
+            stats.idle_steps = 0
             self._rows_left -= len(drafts)
         return drafts
 
@@ -294,8 +267,7 @@ class Speculator:
         if plan is None:
             return 0
         stats, k = plan
-        stats.idle_steps, stats.probed = 0, k < 0
-        k = max(k, 1)
+        stats.idle_steps = 0
         self._rows_left -= k
         return k
 
@@ -311,8 +283,6 @@ class Speculator:
         judged = num_accepted + (num_accepted < num_drafts)
         stats.accepted = self._DECAY * stats.accepted + num_accepted
         stats.judged = self._DECAY * stats.judged + judged
-        stats.slow_accepted = self._SLOW_DECAY * stats.slow_accepted + num_accepted
-        stats.slow_judged = self._SLOW_DECAY * stats.slow_judged + judged
 
     def observe_draft_forwards(
         self, seconds_per_forward: float, verify_seconds: float, num_drafts: int, context_len: int
