@@ -161,6 +161,41 @@ SuperQuantizedRows quantize_rows_super(const T* x, int64_t M, int64_t K) {
   return q;
 }
 
+// Adds the products of two weight lines with an input quad pair to dot: lo[b] and hi[b] hold
+// column block b's weights for the quads 2t and 2t + 1 of every row's inputs xq[m].
+template <int MR, int NB>
+inline __attribute__((always_inline)) void dot_quad_pair(__m512i (&dot)[MR][NB],
+                                                         const __m512i (&lo)[NB],
+                                                         const __m512i (&hi)[NB],
+                                                         const int32_t* const (&xq)[MR], int t) {
+  for (int m = 0; m < MR; ++m) {
+    const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
+    const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
+    for (int b = 0; b < NB; ++b) {
+      dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], lo[b], xlo);
+      dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], hi[b], xhi);
+    }
+  }
+}
+
+// Adds a group of 32 inputs' products to dot, its weights as 4-bit codes: the four 64-byte
+// lines from lines[b] hold column block b's codes, low nibbles for quad 2t, high for 2t + 1.
+template <int MR, int NB>
+inline __attribute__((always_inline)) void dot_nibble_group(__m512i (&dot)[MR][NB],
+                                                            const uint8_t* const (&lines)[NB],
+                                                            const int32_t* const (&xq)[MR]) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int t = 0; t < 4; ++t) {
+    __m512i lo[NB], hi[NB];
+    for (int b = 0; b < NB; ++b) {
+      const __m512i v = _mm512_loadu_si512(lines[b] + t * 64);
+      lo[b] = _mm512_and_si512(v, low_nibbles);
+      hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+    }
+    dot_quad_pair(dot, lo, hi, xq, t);
+  }
+}
+
 // Mode 41, MR rows x NB column blocks over all super-blocks. Per (row, block, group) the
 // products' int32 sums take one vpmulld by the group's byte scales and one vpaddd, against
 // a cvt, a mul and two fmas on the fp32 pipes with an input scale per 32 (removing those
@@ -175,7 +210,6 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
   __m512 acc[MR][NB];
   for (int m = 0; m < MR; ++m)
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   for (int64_t s = 0; s < S; ++s) {
     const uint8_t* super[NB];
     for (int b = 0; b < NB; ++b) super[b] = w + b * block_stride + s * kSuperRecord;
@@ -195,22 +229,9 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
       __m512i dot[MR][NB];
       for (int m = 0; m < MR; ++m)
         for (int b = 0; b < NB; ++b) dot[m][b] = _mm512_setzero_si512();
-      for (int t = 0; t < 4; ++t) {
-        __m512i lo[NB], hi[NB];
-        for (int b = 0; b < NB; ++b) {
-          const __m512i v = _mm512_loadu_si512(super[b] + g * 256 + t * 64);
-          lo[b] = _mm512_and_si512(v, low_nibbles);
-          hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
-          const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
-          for (int b = 0; b < NB; ++b) {
-            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], lo[b], xlo);
-            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], hi[b], xhi);
-          }
-        }
-      }
+      const uint8_t* lines[NB];
+      for (int b = 0; b < NB; ++b) lines[b] = super[b] + g * 256;
+      dot_nibble_group(dot, lines, xq);
       for (int b = 0; b < NB; ++b) {
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
             reinterpret_cast<const __m128i*>(super[b] + kSuperGroups * 256 + g * kLanes)));
@@ -294,14 +315,7 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
             hi[b] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles),
                                     _mm512_and_si512(top_hi, top_bits));
           }
-          for (int m = 0; m < MR; ++m) {
-            const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
-            const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
-            for (int b = 0; b < NB; ++b) {
-              hdot[m][b] = _mm512_dpbusd_epi32(hdot[m][b], lo[b], xlo);
-              hdot[m][b] = _mm512_dpbusd_epi32(hdot[m][b], hi[b], xhi);
-            }
-          }
+          dot_quad_pair(hdot, lo, hi, xq, t);
         }
         // sum_k d (u - 32) x s = d s (sum_k u q - 32 sum_k q), the bracket exact in int32.
         for (int b = 0; b < NB; ++b) {
@@ -327,22 +341,7 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
         }
       }
     } else {  // 4 bits
-      for (int t = 0; t < 4; ++t) {
-        __m512i lo[NB], hi[NB];
-        for (int b = 0; b < NB; ++b) {
-          const __m512i v = _mm512_loadu_si512(rec[b] + t * 64);
-          lo[b] = _mm512_and_si512(v, low_nibbles);
-          hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const __m512i xlo = _mm512_set1_epi32(xq[m][2 * t]);
-          const __m512i xhi = _mm512_set1_epi32(xq[m][2 * t + 1]);
-          for (int b = 0; b < NB; ++b) {
-            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], lo[b], xlo);
-            dot[m][b] = _mm512_dpbusd_epi32(dot[m][b], hi[b], xhi);
-          }
-        }
-      }
+      dot_nibble_group(dot, rec, xq);
     }
     for (int b = 0; b < NB; ++b) {
       const __m512 d = load16(reinterpret_cast<const c10::Half*>(rec[b] + kPayload));
