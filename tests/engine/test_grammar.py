@@ -216,8 +216,10 @@ def test_matcher_follows_committed_tokens_and_rolls_back(tokenizer: Tokenizer) -
     masks = []
     for n in range(len(ids) + 1):
         grammar.sync(ids[:n])  # one committed token at a time
-        assert grammar.fill(bits, 0)
+        assert grammar.can_fill
+        grammar.fill(bits, 0)
         masks.append(_allowed(bits))
+        assert masks[-1]  # some token is allowed
         if n < len(ids):
             assert ids[n] in masks[-1]
     eos = min(tokenizer.eos_token_ids)

@@ -238,16 +238,12 @@ class RequestGrammar:
         """Whether a next token may follow (not once the grammar accepted EOS)."""
         return not self._matcher.is_terminated()
 
-    @property
-    def matcher(self) -> Any:
-        return self._matcher
+    def fill(self, bits: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bits[row]`` (only while :attr:`can_fill`).
 
-    def fill(self, bits: torch.Tensor, row: int) -> bool:
-        """Write the allowed next tokens into ``bits[row]``; False when none is allowed."""
-        if self._matcher.is_terminated():
-            return False  # it accepted EOS: nothing may follow
+        Whether any is allowed is the caller's check: :meth:`Grammars.bitmask` makes it
+        for all its rows at once (64 rows: 31 us in one numpy call, 147 us row by row)."""
         self._matcher.fill_next_token_bitmask(bits, row)
-        return bool(bits[row].any())
 
     @property
     def is_completed(self) -> bool:
@@ -386,7 +382,7 @@ class Grammars:
         # --json-schema, bench/RESULTS.md "Constrained decoding at c = 64"). At c = 1 the
         # pool's hand-off had cost 80-190 us a token against the loop's 7-8 us.
         for i in ready:
-            self._requests[requests[i].request_id].matcher.fill_next_token_bitmask(bits, i)
+            self._requests[requests[i].request_id].fill(bits, i)
         # numpy, not torch: at one row, torch's indexing and any() cost more than the fill.
         any_allowed = cast(list[bool], bits.numpy()[ready].any(axis=1).tolist())
         masked: list[int] = []
