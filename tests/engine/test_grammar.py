@@ -159,6 +159,64 @@ def test_the_native_kernel_masks_as_xgrammar_does(vocab: int) -> None:
     assert torch.isinf(ours[2]).all() and torch.equal(ours[1], logits[1])
 
 
+@pytest.mark.parametrize("vocab", [1000, 49152, 50021])
+def test_the_native_masked_argmax_is_the_argmax_of_the_masked_row(vocab: int) -> None:
+    """``masked_argmax`` (csrc/token_mask.cpp) against ``apply_token_bitmask`` then
+    ``argmax``: random masks, every token allowed, one allowed token in the tail past the
+    last whole word, ties (the lowest id wins, as torch's argmax), allowed logits all -inf
+    (the first allowed id), and rows picked out of order."""
+    native = cpu_kernels.load()
+    if native is None:
+        pytest.skip("the CPU kernels do not build on this machine")
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab, generator=generator)
+    bits = torch.randint(-(2**31), 2**31 - 1, (8, (vocab + 31) // 32), generator=generator)
+    bits = bits.to(torch.int32)
+    bits[1] = -1  # every token allowed
+    bits[2] = 0
+    tail = vocab - 1  # in the last, partial word when vocab % 32 != 0
+    bits[2, tail // 32] = 1 << (tail % 32) if tail % 32 < 31 else -(2**31)
+    logits[3, 100:900:40] = 50.0  # ties: the lowest allowed of them wins
+    bits[3, 100 // 32 : 900 // 32] = -1
+    logits[4] = float("-inf")
+    rows = [7, 0, 1, 2, 3, 4, 5]
+    mask = TokenBitmask(bits, rows)
+    masked = logits.clone()
+    apply_token_bitmask(masked, mask, native)
+    expected = masked[rows].argmax(dim=1).tolist()
+    expected[rows.index(4)] = min(_allowed(bits, 4))  # the first allowed id
+    ours = native.masked_argmax(logits, bits, torch.tensor(rows, dtype=torch.int64)).tolist()
+    assert ours == expected
+    assert ours[rows.index(2)] == tail
+    assert ours[rows.index(3)] == 100
+
+
+def test_the_greedy_masked_step_picks_what_the_general_path_picks() -> None:
+    """The sampler's native greedy path (no sampled row, no penalty, no logprobs) returns the
+    tokens of the mask-then-argmax path, constrained and unconstrained rows alike, and
+    leaves the step's logits unwritten; a row asking for logprobs takes the general path."""
+    native = cpu_kernels.load()
+    if native is None:
+        pytest.skip("the CPU kernels do not build on this machine")
+    vocab = 2000
+    torch.manual_seed(1)
+    logits = torch.randn(6, vocab) * 3
+    allowed: list[list[int] | None] = [None, [5, 17, 1999], None, [0], None, list(range(40, 80))]
+    greedy = [SamplingRow(SamplingParams(temperature=0.0), [1], []) for _ in range(6)]
+    before = logits.clone()
+    fast = Sampler(seed=0, native=native)(logits, greedy, _bitmask(allowed, vocab))
+    assert torch.equal(logits, before)  # read through the mask, not written
+    general = Sampler(seed=0)(logits.clone(), greedy, _bitmask(allowed, vocab))
+    assert fast.token_ids == general.token_ids
+    for r, ids in enumerate(allowed):
+        assert fast.token_ids[r] == (
+            int(before[r].argmax()) if ids is None else max(ids, key=lambda t: before[r, t])
+        )
+    asking = [*greedy[:5], SamplingRow(SamplingParams(temperature=0.0, logprobs=True), [1], [])]
+    out = Sampler(seed=0, native=native)(logits.clone(), asking, _bitmask(allowed, vocab))
+    assert out.token_ids == general.token_ids and out.logprobs is not None
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_mixed_batch_unconstrained_rows_are_unchanged(temperature: float) -> None:
     vocab = 1000

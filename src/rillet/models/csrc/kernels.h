@@ -139,4 +139,9 @@ class Gemma3DecoderStack {
 // Sets to -inf the logits of `rows` whose bit in `bits` ([B, ceil(V / 32)] int32) is clear.
 void apply_token_bitmask(at::Tensor logits, at::Tensor bits, at::Tensor rows);
 
+// Per row of `rows`, the allowed token (bit set in `bits`) of highest logit, ties to the lowest
+// id: argmax of the masked row without writing it. A row whose allowed logits are all -inf
+// gets its first allowed id; a row with no allowed token, -1. Returns int64 [len(rows)].
+at::Tensor masked_argmax(at::Tensor logits, at::Tensor bits, at::Tensor rows);
+
 }  // namespace rillet

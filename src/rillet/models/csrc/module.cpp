@@ -38,4 +38,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this build has the bf16 linear kernel (needs AVX512-BF16)");
   m.def("apply_token_bitmask", &rillet::apply_token_bitmask, nogil,
         "grammar masks: the disallowed logits of some rows to -inf, in place");
+  m.def("masked_argmax", &rillet::masked_argmax, nogil,
+        "greedy choice under a grammar mask: argmax of some rows over their allowed tokens");
 }
