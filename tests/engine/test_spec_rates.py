@@ -48,7 +48,7 @@ def test_drafting_that_wins_continues_with_a_plain_step_now_and_then() -> None:
 
 
 def test_drafting_that_loses_stops_and_probes_ever_less_often() -> None:
-    rates = StepRates(CONFIG)
+    rates = StepRates(dataclasses.replace(CONFIG, probe_budget=1.0))  # the doubling alone
     # Chat with a slow draft model: 3 tokens for 3.2 plain steps' time (0.94x).
     decisions = run(rates, 6, spec=(3, 3.2))
     assert decisions == [True] * 3 + [False] * 3
@@ -75,6 +75,23 @@ def test_a_probe_into_repetitive_text_brings_drafting_back() -> None:
     decisions = run(rates, 50, spec=(1, 1.7))
     stop = decisions.index(False)
     assert stop <= 6 and not any(decisions[stop : stop + 30])
+
+
+def test_a_costly_probe_pushes_the_next_one_back() -> None:
+    """A draft model's probe catches up on the tokens since its last forward: the next
+    probe waits until that cost is within probe_budget (2 %) of the time."""
+    rates = StepRates(CONFIG)
+    run(rates, 6, spec=(3, 3.2))  # judged: drafting loses
+    waited = 0
+    while not rates.allows(1):  # plain steps until the first probe
+        rates.observe(1, 0, 1, 1.0)
+        waited += 1
+    assert rates.probing and waited == CONFIG.probe_steps - 1
+    # The probe: 1 token in 1.7 s of drafting and 10 s of catch-up, against a 1 s plain step.
+    rates.observe(1, 2, 1, 1.7, catch_up_seconds=10.0)
+    decisions = run(rates, 1000, spec=(3, 3.2))
+    # (1.7 + 10 - 1) / (0.02 * 1) = 535 steps, not the doubled wait (probe_steps, then 64).
+    assert decisions.index(True) + 1 == 535
 
 
 def test_batch_sizes_are_judged_apart() -> None:

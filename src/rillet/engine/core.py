@@ -126,7 +126,7 @@ class EngineCore:
             return
         catch_up = timing.seconds - timing.decode_seconds if timing is not None else 0.0
         num_drafts = sum(len(s.draft_token_ids) for s in rows)
-        spec.observe_step(len(rows), num_drafts, num_tokens, duration - catch_up)
+        spec.observe_step(len(rows), num_drafts, num_tokens, duration - catch_up, catch_up)
 
     def _observe_draft_cost(
         self, scheduled: SchedulerOutput, duration: float

@@ -13,7 +13,13 @@ draft only while drafting steps make more tokens a second than plain ones by ``m
 While drafting loses, a *probe* step every ``probe_steps`` steps drafts anyway, so a
 workload that starts paying (a chat that turns into code repeating the prompt) brings it
 back; each probe that leaves drafting off doubles the wait, up to ``max_probe_steps``, so
-a draft that never pays costs at most one probe step in that many. While drafting wins,
+a draft that never pays costs at most one probe step in that many. A probe also waits long
+enough that what it cost beyond a plain step stays within ``probe_budget`` of the time: a
+draft model's probe first catches up on every token since its last forward (a whole prompt,
+for a request it has not drafted for), many plain steps' worth, and with probes spaced by
+the doubling alone the 0.5B drafting Qwen2.5-Coder-1.5B on chat at c = 1 still ran at ~0.88x
+of no speculation (bench/RESULTS.md); an n-gram probe costs only its verification rows
+(0.11-0.27 of a step each, bench/verify_step.py). While drafting wins,
 every ``refresh_steps`` steps one step is kept plain, so the plain rate it is compared with
 follows the context's growth (a plain step at 3,000 tokens is slower than at 100).
 
@@ -28,6 +34,7 @@ feed it synthetic timings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -67,6 +74,9 @@ class RateGateConfig:
     #: The first probe's wait, in steps, after drafting was judged to lose; it doubles.
     probe_steps: int = 32
     max_probe_steps: int = 512
+    #: A probe's cost beyond a plain step (catch-up included) is at most this share of the
+    #: time until the next probe.
+    probe_budget: float = 0.02
     #: While drafting wins, one plain step this often refreshes the plain rate.
     refresh_steps: int = 256
     #: Drafting steps ignored at the start: a fresh draft model's first forwards fault its
@@ -92,13 +102,23 @@ class StepRates:
         self.num_refused = 0
         self.num_probes = 0
 
-    def observe(self, batch: int, num_drafts: int, num_tokens: int, seconds: float) -> None:
+    def observe(
+        self,
+        batch: int,
+        num_drafts: int,
+        num_tokens: int,
+        seconds: float,
+        catch_up_seconds: float = 0.0,
+    ) -> None:
         """Record a step of ``batch`` decode rows that verified ``num_drafts`` drafts,
-        committed ``num_tokens`` tokens, and took ``seconds`` (less any draft-model catch-up
-        on tokens it had not seen: a cost of having paused, not of drafting)."""
+        committed ``num_tokens`` tokens, and took ``seconds`` besides ``catch_up_seconds``
+        of a draft model catching up on tokens it had not seen (a cost of having paused, not
+        of drafting: left out of the rates, charged to the probe that paid it)."""
         if batch <= 0 or seconds <= 0:
             return
         cfg = self.config
+        if self.probing:
+            self._space_probe(batch, seconds + catch_up_seconds)
         if num_drafts == 0:
             self._plain.setdefault(batch, _Rate()).add(
                 num_tokens, seconds, cfg.plain_decay, self._step
@@ -149,6 +169,18 @@ class StepRates:
         self.probing = True
         self.num_probes += 1
         return self._allow()
+
+    def _space_probe(self, batch: int, seconds: float) -> None:
+        """Push the next probe back so that this one's cost beyond a plain step is at most
+        ``probe_budget`` of the time until then."""
+        plain = self._plain.get(batch)
+        if plain is None or plain.per_second <= 0:
+            return
+        plain_step = batch / plain.per_second
+        extra = seconds - plain_step
+        if extra > 0:
+            wait = math.ceil(extra / (self.config.probe_budget * plain_step))
+            self._next_probe = max(self._next_probe, self._step + wait)
 
     def _allow(self) -> bool:
         self.num_allowed += 1

@@ -302,11 +302,18 @@ class Speculator:
         stats.accepted = self._DECAY * stats.accepted + num_accepted
         stats.judged = self._DECAY * stats.judged + judged
 
-    def observe_step(self, batch: int, num_drafts: int, num_tokens: int, seconds: float) -> None:
+    def observe_step(
+        self,
+        batch: int,
+        num_drafts: int,
+        num_tokens: int,
+        seconds: float,
+        catch_up_seconds: float = 0.0,
+    ) -> None:
         """Record a step of ``batch`` decode rows (no prompt chunk) that verified
-        ``num_drafts`` drafts and committed ``num_tokens`` tokens in ``seconds``, a draft
-        model's catch-up on unseen tokens excluded (:class:`StepRates`)."""
-        self.rates.observe(batch, num_drafts, num_tokens, seconds)
+        ``num_drafts`` drafts and committed ``num_tokens`` tokens in ``seconds``, besides
+        ``catch_up_seconds`` of a draft model's catch-up on unseen tokens (:class:`StepRates`)."""
+        self.rates.observe(batch, num_drafts, num_tokens, seconds, catch_up_seconds)
 
     def observe_draft_forwards(
         self, seconds_per_forward: float, verify_seconds: float, num_drafts: int, context_len: int
