@@ -15,6 +15,8 @@ prompts (same process, same weights: alternating, so drift hits both).
 
 ``--prompts workload`` takes the first three of ``rillet bench``'s chat prompts (what
 ``bench/speculative.py --workload chat`` sends) instead of the three coding questions here.
+``gate`` says how the rate gate (``engine/spec_rates.py``) judged the steps: allowed to
+draft, kept plain, probes, and the measured ratio of tokens a second drafting/plain at c = 1.
 ``policy`` counts the verifications by how many drafts the policy gave them, with the drafts
 accepted at each count, so what the policy decided is seen beside what it cost.
 """
@@ -96,6 +98,13 @@ def main() -> None:
                 "acceptance": round(accepted / drafts, 3) if drafts else None,
                 "policy": {
                     f"k={k}": {"rows": n, "accepted": a} for k, (n, a) in sorted(policy.items())
+                },
+                # The rate gate (engine/spec_rates.py): steps it let draft, kept plain, probed.
+                "gate": {
+                    "allowed": spec.rates.num_allowed,
+                    "refused": spec.rates.num_refused,
+                    "probes": spec.rates.num_probes,
+                    "ratio_c1": spec.rates.ratio(1),
                 },
                 "tok_s_off": [round(r, 2) for r in rates["off"]],
                 "tok_s_draft": [round(r, 2) for r in rates["draft"]],

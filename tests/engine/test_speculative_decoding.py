@@ -8,6 +8,7 @@ positions (decode rows of one sequence) pick what one-token decodes would.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ class KnownContinuation(Speculator):
     exercises acceptance, rejection and the bonus token."""
 
     def __init__(self, outputs: dict[tuple[int, ...], list[int]]) -> None:
-        super().__init__(SpeculationConfig("ngram", 4, max_num_seqs=8))
+        super().__init__(SpeculationConfig("ngram", 4, max_num_seqs=8, judge_by_rates=False))
         self.outputs = outputs
         self.num_calls = 0
 
@@ -120,6 +121,11 @@ def test_tiny_model_under_preemption(tiny_model_dir: Path) -> None:
 def test_bundled_model_with_prompt_lookup() -> None:
     plain = LLM(None, **OPTIONS)
     spec = LLM(None, speculative="ngram", speculative_max_num_seqs=8, **OPTIONS)
+    # The rate gate judges by the clock; this test needs drafts whatever it says.
+    built = spec.core.scheduler.speculator
+    assert built is not None and built.config.judge_by_rates
+    unjudged = dataclasses.replace(built.config, judge_by_rates=False)
+    spec.core.scheduler.speculator = Speculator(unjudged)
     check_engine(plain, spec)
 
 
@@ -128,7 +134,10 @@ class TableDrafts(Speculator):
     it), so every verified position has both accepted and rejected drafts."""
 
     def __init__(self, table: dict[int, list[int]]) -> None:
-        super().__init__(SpeculationConfig("ngram", 2, max_num_seqs=1 << 16, max_step_rows=1 << 16))
+        config = SpeculationConfig(
+            "ngram", 2, max_num_seqs=1 << 16, max_step_rows=1 << 16, judge_by_rates=False
+        )
+        super().__init__(config)
         self.table = table
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:

@@ -10,7 +10,7 @@ from rillet.engine.speculation import Speculator
 
 
 class FreeDrafts(Speculator):
-    """Every draft pays: costs zeroed, and the engine's measurements ignored."""
+    """Every draft pays: costs zeroed, the rate gate off, the engine's measurements ignored."""
 
     def observe_draft_forwards(self, *args: float) -> None:
         pass
@@ -24,6 +24,7 @@ def free_speculator(spec: Speculator | None, **overrides: object) -> FreeDrafts:
         row_cost=0.0,
         row_cost_per_1k=0.0,
         draft_cost=0.0,
+        judge_by_rates=False,
         **overrides,  # type: ignore[arg-type]
     )
     return FreeDrafts(config)

@@ -14,6 +14,7 @@ from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.rates import EngineRates
 from rillet.engine.request import Request
 from rillet.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rillet.engine.speculation import DraftTiming
 from rillet.errors import RilletError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
 
@@ -95,9 +96,11 @@ class EngineCore:
             self.scheduler.finish_request(request_id, FinishReason.ABORT)
             self.runner.release(request_id)
             self._failed.append((request_id, error))
-        self._observe_draft_cost(scheduled, duration)
+        timing = self._observe_draft_cost(scheduled, duration)
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
-        self.counters.num_generated_tokens += sum(r.num_step_tokens for r in updated)
+        num_tokens = sum(r.num_step_tokens for r in updated)
+        self.counters.num_generated_tokens += num_tokens
+        self._observe_step_rate(scheduled, num_tokens, duration, timing)
         num_prefill = self._count(scheduled.scheduled)
         self.rates.observe(num_prefill, duration)
         return [self._delta(request, result) for request in updated]
@@ -107,22 +110,44 @@ class EngineCore:
         failed, self._failed = self._failed, []
         return failed
 
-    def _observe_draft_cost(self, scheduled: SchedulerOutput, duration: float) -> None:
+    def _observe_step_rate(
+        self,
+        scheduled: SchedulerOutput,
+        num_tokens: int,
+        duration: float,
+        timing: DraftTiming | None,
+    ) -> None:
+        """Tell the speculator what a step of decode rows only made and took (the rate
+        gate, ``engine/spec_rates.py``), less the draft model's catch-up on tokens it had
+        not seen (a first prompt, or the tokens since a pause: not what drafting costs)."""
+        spec = self.scheduler.speculator
+        rows = scheduled.scheduled
+        if spec is None or not rows or not all(s.is_decode for s in rows):
+            return
+        catch_up = timing.seconds - timing.decode_seconds if timing is not None else 0.0
+        num_drafts = sum(len(s.draft_token_ids) for s in rows)
+        spec.observe_step(len(rows), num_drafts, num_tokens, duration - catch_up, catch_up)
+
+    def _observe_draft_cost(
+        self, scheduled: SchedulerOutput, duration: float
+    ) -> DraftTiming | None:
         """Tell the speculator what the draft model's forwards cost against the target's,
-        from a step of decode rows only (a prompt chunk would lengthen the target's part)."""
+        from a step of decode rows only (a prompt chunk would lengthen the target's part);
+        returns the draft model's timing of the step (None: no draft model)."""
         drafter, spec = self.runner.drafter, self.scheduler.speculator
         if drafter is None or spec is None:
-            return
+            return None
         timing = drafter.take_timing()
         rows = scheduled.scheduled
         if not timing.num_decode_forwards or not all(s.is_decode for s in rows):
-            return
+            return timing
         spec.observe_draft_forwards(
             timing.decode_seconds / timing.num_decode_forwards,
             duration - timing.seconds,
             sum(len(s.draft_token_ids) for s in rows),
             sum(s.request.num_tokens for s in rows) // len(rows),
         )
+        return timing
 
     def _count(self, scheduled: list[ScheduledRequest]) -> int:
         """Count the step; returns the prompt tokens it computed."""

@@ -52,6 +52,13 @@ first draft does not pay stops proposing and probes with one draft every ``coold
 steps. A request may ask for fewer drafts than ``num_speculative_tokens``
 (``SamplingParams.num_speculative_tokens``; 0 turns speculation off for it).
 
+Above that rule, per batch size, sits the clock (``engine/spec_rates.py``): the engine
+reports every step of decode rows (:meth:`Speculator.observe_step`), and a step drafts only
+while drafting steps have made more committed tokens a second than plain steps at the same
+batch size, with a probe step now and then (waits doubling while drafting keeps losing) so
+drafting comes back when the text turns repetitive. The cost model says which requests and
+how many drafts; the measured rates say whether drafting pays at all.
+
 No torch here: this runs inside the scheduler.
 """
 
@@ -61,6 +68,7 @@ from dataclasses import dataclass, field
 
 from rillet.config import SPECULATIVE_METHODS, draft_model_of
 from rillet.engine.request import Request
+from rillet.engine.spec_rates import RateGateConfig, StepRates
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,10 @@ class SpeculationConfig:
     draft_cost: float = 0.0
     #: A request whose first draft does not pay probes with one draft this often.
     cooldown_steps: int = 16
+    #: Judge drafting by measured step rates too (``engine/spec_rates.py``); off for tests
+    #: that need drafts whatever the clock says.
+    judge_by_rates: bool = True
+    rate_gate: RateGateConfig = field(default_factory=RateGateConfig)
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS and not draft_model_of(self.method):
@@ -199,6 +211,8 @@ class Speculator:
         self._num_cost_observations = 0
         self._batch = 0
         self._rows_left = 0
+        #: Committed tokens a second of drafting steps against plain ones, per batch size.
+        self.rates = StepRates(config.rate_gate)
 
     @property
     def drafts_in_runner(self) -> bool:
@@ -211,6 +225,8 @@ class Speculator:
         step's budget (every running request counts as one decode row)."""
         cfg = self.config
         if not (cfg.enabled and num_running <= cfg.max_num_seqs):
+            return False
+        if cfg.judge_by_rates and not self.rates.allows(num_running):
             return False
         self._batch = num_running
         self._rows_left = cfg.max_step_rows - num_running
@@ -240,7 +256,9 @@ class Speculator:
             stats = _RequestStats(NgramIndex(cfg.min_ngram, cfg.max_ngram))
             self._requests[request.request_id] = stats
         k = self.num_worth_proposing(stats.acceptance, limit, request.num_tokens)
-        if k == 0:
+        if k == 0 and cfg.judge_by_rates and self.rates.probing:
+            k = 1  # the step probes whether drafting pays again: every row tries a draft
+        elif k == 0:
             stats.idle_steps += 1
             if stats.idle_steps < cfg.cooldown_steps:
                 return None
@@ -283,6 +301,19 @@ class Speculator:
         judged = num_accepted + (num_accepted < num_drafts)
         stats.accepted = self._DECAY * stats.accepted + num_accepted
         stats.judged = self._DECAY * stats.judged + judged
+
+    def observe_step(
+        self,
+        batch: int,
+        num_drafts: int,
+        num_tokens: int,
+        seconds: float,
+        catch_up_seconds: float = 0.0,
+    ) -> None:
+        """Record a step of ``batch`` decode rows (no prompt chunk) that verified
+        ``num_drafts`` drafts and committed ``num_tokens`` tokens in ``seconds``, besides
+        ``catch_up_seconds`` of a draft model's catch-up on unseen tokens (:class:`StepRates`)."""
+        self.rates.observe(batch, num_drafts, num_tokens, seconds, catch_up_seconds)
 
     def observe_draft_forwards(
         self, seconds_per_forward: float, verify_seconds: float, num_drafts: int, context_len: int
