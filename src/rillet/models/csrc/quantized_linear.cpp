@@ -268,8 +268,7 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
     for (int b = 0; b < NB; ++b) store16(y + (m0 + m) * N + b * kLanes, acc[m][b]);
 }
 
-// MR rows x NB column blocks, over all groups; ahead: bytes from a record to the one it
-// prefetches (see kStreamAhead).
+// MR rows x NB column blocks, over all groups.
 template <int BITS, int MR, int NB, typename T>
 void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
                 int64_t block_stride, T* y, int64_t N, int64_t ahead) {
@@ -287,6 +286,7 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) {
       rec[b] = w + b * block_stride + g * kRecord;
+      // The record `ahead` bytes on into L2 (see kStreamAhead).
       for (int64_t off = 0; off < kRecord; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(rec[b] + ahead + off), _MM_HINT_T1);
     }
