@@ -27,6 +27,12 @@ machine ``--threads 1 --thread-time`` counts this thread's CPU time instead of w
 
     .venv/bin/python bench/linear_kernels.py --qwen 1 16 64
     .venv/bin/python bench/linear_kernels.py --qwen --threads 1 --thread-time 16 64
+
+``--qwen --whole-model`` builds a step's distinct weights instead (28 layers, 1.04 GB, half
+of the QKV and down projections in their second mode) and times passes through them in a
+layer's order, so they come from memory as in a served step (wall and all threads' CPU time):
+
+    .venv/bin/python bench/linear_kernels.py --qwen --whole-model --repeats 8 16 64
 """
 
 from __future__ import annotations
@@ -158,6 +164,40 @@ def qwen_matmuls(
         )
 
 
+def qwen_whole_step(native: ModuleType, rows_list: list[int], repeats: int) -> None:
+    """Passes through a step's distinct Qwen2.5 1.5B weights (from memory), sorted times."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {(name, mode): (n, k, mode) for name, n, k, mode, _ in QWEN_SHAPES}
+    weights = []
+    for layer in range(28):  # 14 layers each way, as the Q4_K_M file mixes them
+        second = layer % 2
+        for key in (
+            ("qkv", (group_quantization.K4, 8)[second]),
+            ("o", group_quantization.K4),
+            ("gate_up", group_quantization.K4),
+            ("down", (group_quantization.K4, 6)[second]),
+        ):
+            n, k, mode = shapes[key]
+            weights.append((k, mode, random_packed(n, k, mode, gen)))
+    n, k, mode = shapes[("lm_head", 6)]
+    weights.append((k, mode, random_packed(n, k, mode, gen)))
+    print(f"# {sum(w.numel() for _, _, w in weights) / 1e9:.2f} GB of weights")
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (1536, 8960)}
+        walls, cpus = [], []
+        for _ in range(repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for k, mode, packed in weights:
+                native.quantized_linear(xs[k], packed, mode)
+            walls.append((time.perf_counter() - start) * 1e3)
+            cpus.append((time.process_time() - cpu_start) * 1e3)
+        walls.sort()
+        print(
+            f"rows={rows}: a step's matmuls from memory {walls[0]:.1f} ms min, "
+            f"{walls[len(walls) // 2]:.1f} median; CPU {', '.join(f'{c:.0f}' for c in cpus)} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="*", type=int, default=[1, 4, 16, 64, 512])
@@ -178,6 +218,9 @@ def main() -> None:
             raise SystemExit("--thread-time counts one thread: give --threads 1")
         clock = time.thread_time if args.thread_time else time.perf_counter
         print(f"# torch {torch.__version__}, {args.threads} threads, {clock.__name__}")
+        if args.whole_model:
+            qwen_whole_step(native, args.rows, args.repeats)
+            return
         qwen_matmuls(native, args.rows, args.repeats, clock)
         return
     if native is None or not native.bf16_linear_supported():

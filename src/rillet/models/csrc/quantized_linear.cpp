@@ -202,9 +202,10 @@ inline __attribute__((always_inline)) void dot_nibble_group(__m512i (&dot)[MR][N
 // made this loop 23 % faster, bench/RESULTS.md); the mins are 4 vpdpwssd of (mn_2j,
 // mn_2j+1) pairs by the input sums per (row, block, super-block). Integer sums up to
 // 8 x 63 x 32 x 15 x 127 < 2^25 (scales) and 8 x 63 x 4064 (mins): no overflow.
+// ahead: bytes from a super-record to the one its groups prefetch (see kStreamAheadK4).
 template <int MR, int NB, typename T>
 void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
-                   int64_t block_stride, T* y, int64_t N) {
+                   int64_t block_stride, T* y, int64_t N, int64_t ahead) {
   constexpr int64_t kShare = kSuperRecord / kSuperGroups;  // prefetched per group
   const int64_t S = K / kSuperInputs, G = K / kGroup;
   __m512 acc[MR][NB];
@@ -217,10 +218,10 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
     for (int m = 0; m < MR; ++m)
       for (int b = 0; b < NB; ++b) scaled[m][b] = _mm512_setzero_si512();
     for (int64_t g = 0; g < kSuperGroups; ++g) {
-      // The next super-record into L2, a group's share at a time.
+      // A super-record `ahead` into L2, a group's share at a time.
       for (int b = 0; b < NB; ++b)
         for (int64_t off = 0; off < kShare; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(super[b] + kSuperRecord + g * kShare + off),
+          _mm_prefetch(reinterpret_cast<const char*>(super[b] + ahead + g * kShare + off),
                        _MM_HINT_T1);
       const int32_t* xq[MR];
       for (int m = 0; m < MR; ++m)
@@ -270,7 +271,7 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
 // MR rows x NB column blocks, over all groups.
 template <int BITS, int MR, int NB, typename T>
 void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
-                int64_t block_stride, T* y, int64_t N) {
+                int64_t block_stride, T* y, int64_t N, int64_t ahead) {
   constexpr int64_t kPayload = payload_bytes(BITS);
   constexpr int64_t kRecord = record_bytes(BITS);
   const int64_t G = K / kGroup;
@@ -285,9 +286,9 @@ void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) {
       rec[b] = w + b * block_stride + g * kRecord;
-      // Eight records ahead into L2, so each stream keeps a few lines in flight.
+      // The record `ahead` bytes on into L2 (see kStreamAhead).
       for (int64_t off = 0; off < kRecord; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rec[b] + 8 * kRecord + off), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(rec[b] + ahead + off), _MM_HINT_T1);
     }
     const int32_t* xq[MR];
     for (int m = 0; m < MR; ++m)
@@ -463,7 +464,7 @@ UnpackedFn<T> pick_unpacked(int64_t rows, int64_t blocks) {
 
 template <typename T>
 using MicroFn = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, int64_t, T*,
-                         int64_t);
+                         int64_t, int64_t);
 
 template <int BITS, int NB, typename T>
 MicroFn<T> pick_rows(int64_t rows) {
@@ -487,7 +488,7 @@ MicroFn<T> pick(int64_t rows, int64_t blocks) {
 
 template <typename T>
 using K4Fn = void (*)(const SuperQuantizedRows&, int64_t, int64_t, const uint8_t*, int64_t, T*,
-                      int64_t);
+                      int64_t, int64_t);
 
 template <int NB, typename T>
 K4Fn<T> pick_k4_rows(int64_t rows) {
@@ -514,6 +515,16 @@ K4Fn<T> pick_k4(int64_t rows, int64_t blocks) {
 // the registers.
 int64_t blocks_per_tile(int64_t M) { return M <= 2 ? 4 : 2; }
 
+// What a row tile prefetches. A column tile's first row tile streams its weights from memory
+// and prefetches along its own stream: micro_tile 8 records ahead, micro_tile_k4 the next
+// super-record, so each stream keeps a few lines in flight. The later row tiles find those
+// weights in cache and prefetch the same records of the next column tile instead, so the
+// next first row tile reads L2, not memory: a step's weights from memory (bit-identical,
+// only prefetches move), 16 rows, 2 threads, 1.04 GB of Qwen2.5 1.5B's weights: 120.6 ->
+// 108.9 ms (bench/RESULTS.md, issue 27). One row tile (up to 4 rows) keeps its own stream.
+constexpr int64_t kStreamAhead = 8;  // records, micro_tile's first row tile
+constexpr int64_t kStreamAheadK4 = kSuperRecord;  // bytes, micro_tile_k4's first row tile
+
 template <typename T>
 void run_k4(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks, T* y) {
   const SuperQuantizedRows q = quantize_rows_super(x, M, K);
@@ -521,6 +532,7 @@ void run_k4(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_bloc
   const int64_t block_stride = (K / kSuperInputs) * kSuperRecord;
   const int64_t per_tile = blocks_per_tile(M);
   const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
+  const int64_t next_tile = per_tile * block_stride;  // bytes to the next column tile
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * per_tile;
@@ -529,8 +541,11 @@ void run_k4(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_bloc
       T* yt = y + b0 * kLanes;
       int64_t m = 0;
       for (; m + kMaxRowsPerTile <= M; m += kMaxRowsPerTile)
-        pick_k4<T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N);
-      if (m < M) pick_k4<T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N);
+        pick_k4<T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N,
+                                            m == 0 ? kStreamAheadK4 : next_tile);
+      if (m < M)
+        pick_k4<T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N,
+                                  m == 0 ? kStreamAheadK4 : next_tile);
     }
   });
 }
@@ -542,6 +557,8 @@ void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks,
   const int64_t block_stride = (K / kGroup) * record_bytes(BITS);
   const int64_t per_tile = blocks_per_tile(M);
   const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
+  const int64_t stream_ahead = kStreamAhead * record_bytes(BITS);
+  const int64_t next_tile = per_tile * block_stride;  // bytes to the next column tile
   if constexpr (BITS == 6) {
     if (M >= kUnpackMinRows) {
       const int64_t G = K / kGroup;
@@ -575,8 +592,11 @@ void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks,
       T* yt = y + b0 * kLanes;
       int64_t m = 0;
       for (; m + kMaxRowsPerTile <= M; m += kMaxRowsPerTile)
-        pick<BITS, T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N);
-      if (m < M) pick<BITS, T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N);
+        pick<BITS, T>(kMaxRowsPerTile, blocks)(q, m, K, wt, block_stride, yt, N,
+                                               m == 0 ? stream_ahead : next_tile);
+      if (m < M)
+        pick<BITS, T>(M - m, blocks)(q, m, K, wt, block_stride, yt, N,
+                                     m == 0 ? stream_ahead : next_tile);
     }
   });
 }
