@@ -268,6 +268,65 @@ void micro_tile_k4(const SuperQuantizedRows& q, int64_t m0, int64_t K, const uin
     for (int b = 0; b < NB; ++b) store16(y + (m0 + m) * N + b * kLanes, acc[m][b]);
 }
 
+// One row of mode 41, one column block at a time: a thread's blocks are one contiguous run
+// of memory, read as a single sequential stream with a software prefetch kRowAhead bytes
+// ahead of it, where micro_tile_k4<1, 4> reads four streams 14 KB apart (K = 1536) that
+// restart cold at every 4-block tile. The group's 8 vpdpbusd go to two int32 chains added
+// at the end (integer sums: the same int32 in any order), and every fp32 operation is
+// micro_tile_k4's for that block, in its order, so the result is bit-identical to it.
+constexpr int64_t kRowAhead = 4096;
+
+template <typename T>
+void row_blocks_k4(const SuperQuantizedRows& q, int64_t K, const uint8_t* w, int64_t b0,
+                   int64_t b1, T* y) {
+  const int64_t S = K / kSuperInputs;
+  constexpr int64_t kShare = kSuperRecord / kSuperGroups;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const int32_t* x = reinterpret_cast<const int32_t*>(q.values.data());
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* block = w + b * S * kSuperRecord;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* super = block + s * kSuperRecord;
+      __m512i scaled = _mm512_setzero_si512();
+      for (int64_t g = 0; g < kSuperGroups; ++g) {
+        for (int64_t off = 0; off < kShare; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(super + kRowAhead + g * kShare + off),
+                       _MM_HINT_T0);
+        const int32_t* xq = x + (s * kSuperInputs + g * kGroup) / 4;
+        const uint8_t* lines = super + g * 256;
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          const __m512i v = _mm512_loadu_si512(lines + t * 64);
+          even = _mm512_dpbusd_epi32(even, _mm512_and_si512(v, low_nibbles),
+                                     _mm512_set1_epi32(xq[2 * t]));
+          odd = _mm512_dpbusd_epi32(odd, _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles),
+                                    _mm512_set1_epi32(xq[2 * t + 1]));
+        }
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(super + kSuperGroups * 256 + g * kLanes)));
+        scaled = _mm512_add_epi32(scaled, _mm512_mullo_epi32(_mm512_add_epi32(even, odd), sc));
+      }
+      const uint8_t* mins = super + kSuperGroups * 256 + kSuperGroups * kLanes;
+      const auto* halves = reinterpret_cast<const c10::Half*>(mins + kSuperGroups * kLanes);
+      const __m512 d = load16(halves), neg_dmin = load16(halves + kLanes);
+      const int16_t* sums = q.sums.data() + s * kSuperGroups;
+      __m512i low = _mm512_setzero_si512();
+      for (int j = 0; j < kSuperGroups / 2; ++j) {
+        const __m512i pairs = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + j * 2 * kLanes)));
+        int32_t pair;  // groups 2j and 2j + 1's sums as vpdpwssd's int16 pair
+        std::memcpy(&pair, sums + 2 * j, sizeof(pair));
+        low = _mm512_dpwssd_epi32(low, pairs, _mm512_set1_epi32(pair));
+      }
+      const __m512 scale = _mm512_set1_ps(q.scales[s]);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled), _mm512_mul_ps(d, scale), acc);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(neg_dmin, scale), acc);
+    }
+    store16(y + b * kLanes, acc);
+  }
+}
+
 // MR rows x NB column blocks, over all groups.
 template <int BITS, int MR, int NB, typename T>
 void micro_tile(const QuantizedRows& q, int64_t m0, int64_t K, const uint8_t* w,
@@ -528,6 +587,12 @@ constexpr int64_t kStreamAheadK4 = kSuperRecord;  // bytes, micro_tile_k4's firs
 template <typename T>
 void run_k4(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks, T* y) {
   const SuperQuantizedRows q = quantize_rows_super(x, M, K);
+  if (M == 1) {  // each thread one contiguous run of blocks (see row_blocks_k4)
+    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+      row_blocks_k4(q, K, w, begin, end, y);
+    });
+    return;
+  }
   const int64_t N = num_blocks * kLanes;
   const int64_t block_stride = (K / kSuperInputs) * kSuperRecord;
   const int64_t per_tile = blocks_per_tile(M);
@@ -555,6 +620,17 @@ void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks,
   const QuantizedRows q = quantize_rows(x, M, K);
   const int64_t N = num_blocks * kLanes;
   const int64_t block_stride = (K / kGroup) * record_bytes(BITS);
+  if (M == 1) {
+    // Each thread one contiguous run of blocks, one block at a time: a single sequential
+    // stream, which micro_tile's prefetch (8 records ahead) carries across block ends, where
+    // 4-block tiles read four streams that restart cold at every tile (row_blocks_k4). A
+    // block's operations do not depend on the blocks beside it: bit-identical.
+    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        micro_tile<BITS, 1, 1, T>(q, 0, K, w + b * block_stride, block_stride, y + b * kLanes, N);
+    });
+    return;
+  }
   const int64_t per_tile = blocks_per_tile(M);
   const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
   const int64_t stream_ahead = kStreamAhead * record_bytes(BITS);
