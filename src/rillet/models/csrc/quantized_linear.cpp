@@ -620,6 +620,7 @@ void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks,
   const QuantizedRows q = quantize_rows(x, M, K);
   const int64_t N = num_blocks * kLanes;
   const int64_t block_stride = (K / kGroup) * record_bytes(BITS);
+  const int64_t stream_ahead = kStreamAhead * record_bytes(BITS);
   if (M == 1) {
     // Each thread one contiguous run of blocks, one block at a time: a single sequential
     // stream, which micro_tile's prefetch (8 records ahead) carries across block ends, where
@@ -627,13 +628,13 @@ void run(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t num_blocks,
     // block's operations do not depend on the blocks beside it: bit-identical.
     at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        micro_tile<BITS, 1, 1, T>(q, 0, K, w + b * block_stride, block_stride, y + b * kLanes, N);
+        micro_tile<BITS, 1, 1, T>(q, 0, K, w + b * block_stride, block_stride, y + b * kLanes, N,
+                                  stream_ahead);
     });
     return;
   }
   const int64_t per_tile = blocks_per_tile(M);
   const int64_t tiles = (num_blocks + per_tile - 1) / per_tile;
-  const int64_t stream_ahead = kStreamAhead * record_bytes(BITS);
   const int64_t next_tile = per_tile * block_stride;  // bytes to the next column tile
   if constexpr (BITS == 6) {
     if (M >= kUnpackMinRows) {
