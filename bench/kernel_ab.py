@@ -31,8 +31,7 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from linear_kernels import QWEN_SHAPES, random_packed
-from one_row import LAYERS, into_hugepages
+from one_row import LAYERS, into_hugepages, qwen_layers
 
 from rillet.config import kernels_dir
 
@@ -54,14 +53,7 @@ def worker(digest: str) -> None:
     """Times the pass named on each stdin line; prints seconds, one line each."""
     torch.set_num_threads(2)
     native = load_build(digest)
-    gen = torch.Generator().manual_seed(0)
-    layers: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
-    for name, n, k, mode, count in QWEN_SHAPES:
-        per = layers.setdefault(name, [])
-        per.extend((random_packed(n, k, mode, gen), mode, k) for _ in range(count))
-    for per in layers.values():
-        if len(per) == LAYERS:
-            per[:] = [per[i // 2 + (i % 2) * LAYERS // 2] for i in range(LAYERS)]
+    layers, gen = qwen_layers()
     into_hugepages(layers)
     inputs = {k: torch.randn(1, k, generator=gen).to(torch.bfloat16) for k in (1536, 8960)}
     head = layers["lm_head"]

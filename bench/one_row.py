@@ -37,6 +37,20 @@ from rillet.models import cpu_kernels, group_quantization
 LAYERS = 28
 
 
+def qwen_layers() -> tuple[dict[str, list[tuple[torch.Tensor, int, int]]], torch.Generator]:
+    """Kind -> every layer's (packed, mode, in_features) of Qwen 1.5B's shapes, from seed 0,
+    the two modes' layers alternating as Q4_K_M's do; and the generator, to draw inputs on."""
+    gen = torch.Generator().manual_seed(0)
+    layers: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
+    for name, n, k, mode, count in QWEN_SHAPES:
+        per = layers.setdefault(name, [])
+        per.extend((random_packed(n, k, mode, gen), mode, k) for _ in range(count))
+    for per in layers.values():
+        if len(per) == LAYERS:
+            per[:] = [per[i // 2 + (i % 2) * LAYERS // 2] for i in range(LAYERS)]
+    return layers, gen
+
+
 def into_hugepages(layers: dict[str, list[tuple[torch.Tensor, int, int]]]) -> None:
     """Moves every weight into one anonymous mapping advised to take 2 MiB pages."""
     total = sum((p.numel() + 4095) // 4096 * 4096 for per in layers.values() for p, _, _ in per)
@@ -65,15 +79,7 @@ def main() -> None:
     native = cpu_kernels.load()
     if native is None or not native.quantized_linear_supported():
         raise SystemExit("rillet's quantized kernel is not available on this machine")
-    gen = torch.Generator().manual_seed(0)
-    # kind -> 28 (packed, mode, in_features), alternating modes as the GGUF does.
-    layers: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
-    for name, n, k, mode, count in QWEN_SHAPES:
-        per = layers.setdefault(name, [])
-        per.extend((random_packed(n, k, mode, gen), mode, k) for _ in range(count))
-    for per in layers.values():
-        if len(per) == LAYERS:  # mix the two modes' layers, as Q4_K_M's layers alternate
-            per[:] = [per[i // 2 + (i % 2) * LAYERS // 2] for i in range(LAYERS)]
+    layers, gen = qwen_layers()
     if args.hugepages:
         into_hugepages(layers)
     head = layers.pop("lm_head")
