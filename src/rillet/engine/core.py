@@ -13,7 +13,7 @@ from rillet.engine.inputs import check_prompt_length
 from rillet.engine.model_runner import ModelRunner, StepResult
 from rillet.engine.rates import EngineRates
 from rillet.engine.request import Request
-from rillet.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rillet.engine.scheduler import ScheduledRequest, Scheduler
 from rillet.engine.speculation import DraftTiming
 from rillet.errors import RilletError
 from rillet.protocol import EngineRequest, FinishReason, TokenDelta
@@ -96,11 +96,18 @@ class EngineCore:
             self.scheduler.finish_request(request_id, FinishReason.ABORT)
             self.runner.release(request_id)
             self._failed.append((request_id, error))
-        timing = self._observe_draft_cost(scheduled, duration)
+        rows = scheduled.scheduled
+        # Speculation learns from steps of decode rows only: a prompt chunk's time says
+        # nothing about what drafting costs or makes.
+        speculating = self.scheduler.speculator is not None and bool(rows)
+        decode_only = speculating and all(s.is_decode for s in rows)
+        num_drafts = sum(len(s.draft_token_ids) for s in rows) if decode_only else 0
+        timing = self._observe_draft_cost(rows, duration, decode_only, num_drafts)
         updated = self.scheduler.update_from_output(scheduled, result.sampled)
         num_tokens = sum(r.num_step_tokens for r in updated)
         self.counters.num_generated_tokens += num_tokens
-        self._observe_step_rate(scheduled, num_tokens, duration, timing)
+        if decode_only:
+            self._observe_step_rate(len(rows), num_drafts, num_tokens, duration, timing)
         num_prefill = self._count(scheduled.scheduled)
         self.rates.observe(num_prefill, duration)
         return [self._delta(request, result) for request in updated]
@@ -112,7 +119,8 @@ class EngineCore:
 
     def _observe_step_rate(
         self,
-        scheduled: SchedulerOutput,
+        batch: int,
+        num_drafts: int,
         num_tokens: int,
         duration: float,
         timing: DraftTiming | None,
@@ -121,15 +129,17 @@ class EngineCore:
         gate, ``engine/spec_rates.py``), less the draft model's catch-up on tokens it had
         not seen (a first prompt, or the tokens since a pause: not what drafting costs)."""
         spec = self.scheduler.speculator
-        rows = scheduled.scheduled
-        if spec is None or not rows or not all(s.is_decode for s in rows):
+        if spec is None:
             return
         catch_up = timing.seconds - timing.decode_seconds if timing is not None else 0.0
-        num_drafts = sum(len(s.draft_token_ids) for s in rows)
-        spec.observe_step(len(rows), num_drafts, num_tokens, duration - catch_up, catch_up)
+        spec.observe_step(batch, num_drafts, num_tokens, duration - catch_up, catch_up)
 
     def _observe_draft_cost(
-        self, scheduled: SchedulerOutput, duration: float
+        self,
+        rows: list[ScheduledRequest],
+        duration: float,
+        decode_only: bool,
+        num_drafts: int,
     ) -> DraftTiming | None:
         """Tell the speculator what the draft model's forwards cost against the target's,
         from a step of decode rows only (a prompt chunk would lengthen the target's part);
@@ -138,13 +148,12 @@ class EngineCore:
         if drafter is None or spec is None:
             return None
         timing = drafter.take_timing()
-        rows = scheduled.scheduled
-        if not timing.num_decode_forwards or not all(s.is_decode for s in rows):
+        if not timing.num_decode_forwards or not decode_only:
             return timing
         spec.observe_draft_forwards(
             timing.decode_seconds / timing.num_decode_forwards,
             duration - timing.seconds,
-            sum(len(s.draft_token_ids) for s in rows),
+            num_drafts,
             sum(s.request.num_tokens for s in rows) // len(rows),
         )
         return timing
